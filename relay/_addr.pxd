@@ -1,0 +1,77 @@
+# cython: language_level=3
+# Conversions between Python (host, port) tuples and C socket addresses, and the one
+# place errno becomes an OSError. Used at API boundaries, never per datagram.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
+from relay.includes.system cimport (
+    sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t,
+    AF_INET, AF_INET6, inet_pton, inet_ntop, INET6_ADDRSTRLEN,
+    htons, ntohs, memset, memcpy, strerror,
+)
+
+ctypedef union sockaddr_any:
+    sockaddr sa
+    sockaddr_in v4
+    sockaddr_in6 v6
+    sockaddr_storage ss
+
+
+cdef inline int raise_oserror(int err, what=None) except -1:
+    """Raise the OSError subclass matching errno err (PermissionError, BlockingIOError...)."""
+    msg = strerror(err).decode("utf-8", "replace")
+    if what:
+        msg = f"{what}: {msg}"
+    raise OSError(err, msg)
+
+
+cdef inline int sockaddr_from_tuple(object addr, sockaddr_any *out) except -1:
+    """Fill out from (host, port[, flowinfo, scope_id]) where host is an IP literal.
+    Returns the sockaddr length. Raises TypeError/ValueError naming what is wrong."""
+    cdef bytes hb
+    cdef long port
+    if not isinstance(addr, tuple) or len(<tuple>addr) < 2:
+        raise TypeError(f"address must be a (host, port) tuple, not {addr!r}")
+    host = (<tuple>addr)[0]
+    if isinstance(host, str):
+        hb = (<str>host).encode("ascii", "replace")
+    elif isinstance(host, bytes):
+        hb = <bytes>host
+    else:
+        raise TypeError(f"host must be str, not {type(host).__name__}")
+    try:
+        port = (<tuple>addr)[1]
+    except TypeError:
+        raise TypeError(f"port must be an int, not {type((<tuple>addr)[1]).__name__}") from None
+    if port < 0 or port > 65535:
+        raise ValueError(f"port out of range 0-65535: {port}")
+    memset(out, 0, sizeof(sockaddr_any))
+    if inet_pton(AF_INET, hb, &out.v4.sin_addr) == 1:
+        out.v4.sin_family = AF_INET
+        out.v4.sin_port = htons(<uint16_t>port)
+        return sizeof(sockaddr_in)
+    if inet_pton(AF_INET6, hb, &out.v6.sin6_addr) == 1:
+        out.v6.sin6_family = AF_INET6
+        out.v6.sin6_port = htons(<uint16_t>port)
+        if len(<tuple>addr) >= 4:
+            out.v6.sin6_flowinfo = (<tuple>addr)[2]
+            out.v6.sin6_scope_id = (<tuple>addr)[3]
+        return sizeof(sockaddr_in6)
+    raise ValueError(f"not an IPv4 or IPv6 address literal: {host!r}")
+
+
+cdef inline tuple sockaddr_to_tuple(const sockaddr *sa):
+    """(host, port) of an AF_INET or AF_INET6 address; None for anything else."""
+    cdef char buf[INET6_ADDRSTRLEN]
+    if sa.sa_family == AF_INET:
+        inet_ntop(AF_INET, &(<sockaddr_in *>sa).sin_addr, buf, INET6_ADDRSTRLEN)
+        return (buf.decode("ascii"), ntohs((<sockaddr_in *>sa).sin_port))
+    if sa.sa_family == AF_INET6:
+        inet_ntop(AF_INET6, &(<sockaddr_in6 *>sa).sin6_addr, buf, INET6_ADDRSTRLEN)
+        return (buf.decode("ascii"), ntohs((<sockaddr_in6 *>sa).sin6_port))
+    return None
+
+
+cdef inline tuple ip_to_tuple(int is_v6, const uint8_t *ip, uint16_t port):
+    """(host, port) from a raw network-order address as found in a packet header."""
+    cdef char buf[INET6_ADDRSTRLEN]
+    inet_ntop(AF_INET6 if is_v6 else AF_INET, ip, buf, INET6_ADDRSTRLEN)
+    return (buf.decode("ascii"), port)

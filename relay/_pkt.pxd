@@ -1,0 +1,164 @@
+# cython: language_level=3
+# Inline helpers shared by every extension: RFC 1071 checksum, RFC 1624 update,
+# IPv4/IPv6 + UDP header writers. Written into caller-owned buffers, no allocation.
+#
+# Sums are kept in *native* byte order (RFC 1071 section 2(B): the one's complement
+# sum is byte-order independent); csum_finish() returns the checksum in host order,
+# ready for htons().
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from relay.includes.system cimport memcpy, htons, ntohs, htonl
+
+
+cdef enum:
+    IPV4_HDR_LEN = 20
+    IPV6_HDR_LEN = 40
+    UDP_HDR_LEN = 8
+    IPV4_UDP_HDR_LEN = 28
+    IPV6_UDP_HDR_LEN = 48
+    MAX_IPV4_UDP_PAYLOAD = 65507     # 65535 - 20 - 8
+    MAX_IPV6_UDP_PAYLOAD = 65527     # 65535 - 8 (payload length field, no jumbograms)
+
+
+cdef inline uint64_t csum_partial(const uint8_t *p, size_t n, uint64_t s) noexcept nogil:
+    """Add n bytes at p to the running native-order sum s (p's offset must be even
+    relative to the start of the checksummed data, except for the last piece)."""
+    cdef uint32_t w32
+    cdef uint16_t w16 = 0
+    cdef uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0
+    cdef uint32_t a, b, c, d
+    while n >= 16:
+        memcpy(&a, p, 4)
+        memcpy(&b, p + 4, 4)
+        memcpy(&c, p + 8, 4)
+        memcpy(&d, p + 12, 4)
+        s0 += a
+        s1 += b
+        s2 += c
+        s3 += d
+        p += 16
+        n -= 16
+    s += s0 + s1 + s2 + s3
+    while n >= 4:
+        memcpy(&w32, p, 4)
+        s += w32
+        p += 4
+        n -= 4
+    if n >= 2:
+        memcpy(&w16, p, 2)
+        s += w16
+        p += 2
+        n -= 2
+    if n:
+        w16 = 0
+        memcpy(&w16, p, 1)     # the lone byte is the high byte of a zero-padded word
+        s += w16
+    return s
+
+
+cdef inline uint16_t csum_fold(uint64_t s) noexcept nogil:
+    """Fold a native-order 64-bit sum to 16 bits (not complemented), host order."""
+    s = (s & 0xffffffffULL) + (s >> 32)
+    s = (s & 0xffffffffULL) + (s >> 32)
+    s = (s & 0xffffULL) + (s >> 16)
+    s = (s & 0xffffULL) + (s >> 16)
+    s = (s & 0xffffULL) + (s >> 16)
+    return ntohs(<uint16_t>s)
+
+
+cdef inline uint16_t csum_finish(uint64_t s) noexcept nogil:
+    """The Internet checksum (complemented fold) of sum s, in host order."""
+    return <uint16_t>(~csum_fold(s) & 0xffff)
+
+
+cdef inline uint16_t csum_update16(uint16_t csum, uint16_t old, uint16_t new) noexcept nogil:
+    """RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'), all values in host order."""
+    cdef uint32_t s = (~csum & 0xffff) + (~old & 0xffff) + new
+    s = (s & 0xffff) + (s >> 16)
+    s = (s & 0xffff) + (s >> 16)
+    return <uint16_t>(~s & 0xffff)
+
+
+cdef inline uint64_t udp_pseudo_sum(int is_v6, const uint8_t *src, const uint8_t *dst,
+                                    uint32_t udp_len) noexcept nogil:
+    """Native-order sum of the IPv4 or IPv6 pseudo-header (addresses in network order)."""
+    cdef uint64_t s
+    if is_v6:
+        s = csum_partial(src, 16, 0)
+        s = csum_partial(dst, 16, s)
+        s += htonl(udp_len)
+        s += htonl(17)
+    else:
+        s = csum_partial(src, 4, 0)
+        s = csum_partial(dst, 4, s)
+        s += htons(17)
+        s += htons(<uint16_t>udp_len)
+    return s
+
+
+cdef inline void put16(uint8_t *p, uint16_t v) noexcept nogil:
+    p[0] = <uint8_t>(v >> 8)
+    p[1] = <uint8_t>v
+
+
+cdef inline uint16_t get16(const uint8_t *p) noexcept nogil:
+    return <uint16_t>((p[0] << 8) | p[1])
+
+
+cdef inline uint16_t udp_checksum(int is_v6, const uint8_t *src, const uint8_t *dst,
+                                  const uint8_t *udp_hdr, const uint8_t *payload,
+                                  size_t plen) noexcept nogil:
+    """UDP checksum over pseudo-header, the 8-byte UDP header (its checksum field
+    must be zero) and the payload; a computed 0 is returned as 0xFFFF (RFC 768/8200)."""
+    cdef uint64_t s = udp_pseudo_sum(is_v6, src, dst, <uint32_t>(UDP_HDR_LEN + plen))
+    s = csum_partial(udp_hdr, UDP_HDR_LEN, s)
+    s = csum_partial(payload, plen, s)
+    cdef uint16_t c = csum_finish(s)
+    return 0xffff if c == 0 else c
+
+
+cdef inline size_t write_udp_headers(uint8_t *out, int is_v6,
+                                     const uint8_t *src, uint16_t sport,
+                                     const uint8_t *dst, uint16_t dport,
+                                     const uint8_t *payload, size_t plen,
+                                     uint8_t ttl, uint8_t tos, uint16_t ident,
+                                     bint df, uint32_t flowlabel) noexcept nogil:
+    """Write an IPv4 (20 B) or IPv6 (40 B) header and the UDP header (8 B) into out,
+    checksums included; the payload is only read. Addresses are in network order
+    (4 or 16 bytes), ports in host order. The caller checks plen against the
+    family's maximum. Returns the header length (28 or 48)."""
+    cdef uint8_t *udp
+    cdef uint32_t udp_len = <uint32_t>(UDP_HDR_LEN + plen)
+    cdef uint32_t w
+    if is_v6:
+        w = (6u << 28) | (<uint32_t>tos << 20) | (flowlabel & 0xfffffu)
+        out[0] = <uint8_t>(w >> 24)
+        out[1] = <uint8_t>(w >> 16)
+        out[2] = <uint8_t>(w >> 8)
+        out[3] = <uint8_t>w
+        put16(out + 4, <uint16_t>udp_len)
+        out[6] = 17
+        out[7] = ttl
+        memcpy(out + 8, src, 16)
+        memcpy(out + 24, dst, 16)
+        udp = out + IPV6_HDR_LEN
+    else:
+        out[0] = 0x45
+        out[1] = tos
+        put16(out + 2, <uint16_t>(IPV4_HDR_LEN + udp_len))
+        put16(out + 4, ident)
+        put16(out + 6, 0x4000 if df else 0)
+        out[8] = ttl
+        out[9] = 17
+        out[10] = 0
+        out[11] = 0
+        memcpy(out + 12, src, 4)
+        memcpy(out + 16, dst, 4)
+        put16(out + 10, csum_finish(csum_partial(out, IPV4_HDR_LEN, 0)))
+        udp = out + IPV4_HDR_LEN
+    put16(udp, sport)
+    put16(udp + 2, dport)
+    put16(udp + 4, <uint16_t>udp_len)
+    udp[6] = 0
+    udp[7] = 0
+    put16(udp + 6, udp_checksum(is_v6, src, dst, udp, payload, plen))
+    return IPV6_UDP_HDR_LEN if is_v6 else IPV4_UDP_HDR_LEN

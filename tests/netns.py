@@ -1,0 +1,240 @@
+"""Network namespaces for end-to-end tests: client -- router -- server over veth pairs.
+
+Addresses come from the documentation ranges (RFC 5737, RFC 3849):
+
+    cli  cli0 192.0.2.2/24      2001:db8:1::2/64   default via the router
+    rtr  rtr0 192.0.2.1/24      2001:db8:1::1/64   forwarding on
+         rtr1 198.51.100.1/24   2001:db8:2::1/64
+    srv  srv0 198.51.100.2/24   2001:db8:2::2/64   default via the router
+              198.51.100.3/24   2001:db8:2::3/64   (a second remote, for full-cone tests)
+
+Every namespace name carries the pid and a counter, so parallel runs never collide, and
+``Topology.close()`` deletes the namespaces and kills every process started through it.
+``Netns.enter()`` moves the calling thread into the namespace (setns), so a test can open
+sockets there directly; they stay in that namespace after the thread moves back.
+"""
+import contextlib
+import ctypes
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+_counter = itertools.count()
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+CLI4, RTR4_CLI, RTR4_SRV, SRV4, SRV4_B = "192.0.2.2", "192.0.2.1", "198.51.100.1", "198.51.100.2", "198.51.100.3"
+CLI6, RTR6_CLI, RTR6_SRV, SRV6, SRV6_B = "2001:db8:1::2", "2001:db8:1::1", "2001:db8:2::1", "2001:db8:2::2", "2001:db8:2::3"
+
+
+def unavailable_reason():
+    """Why namespaces cannot be used here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "iproute2 (ip) is not installed"
+    name = f"rlprobe{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"ip netns add failed: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return None
+
+
+def sh(*args, check=True, ns=None, **kw):
+    cmd = [str(a) for a in args]
+    if ns is not None:
+        cmd = ["ip", "netns", "exec", ns] + cmd
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
+class Netns:
+    def __init__(self, name, owner):
+        self.name = name
+        self.owner = owner
+
+    def run(self, *args, check=True, **kw):
+        return sh(*args, check=check, ns=self.name, **kw)
+
+    def popen(self, args, **kw):
+        """Start a process in this namespace; it is killed when the topology closes."""
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        p = subprocess.Popen(["ip", "netns", "exec", self.name] + [str(a) for a in args],
+                             start_new_session=True, **kw)
+        self.owner.procs.append(p)
+        return p
+
+    def python(self, code, *args, **kw):
+        return self.popen([sys.executable, "-c", code, *args], **kw)
+
+    @contextlib.contextmanager
+    def enter(self):
+        """Run the body with the calling thread inside this namespace."""
+        own = os.open(f"/proc/self/task/{_gettid()}/ns/net", os.O_RDONLY)
+        target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                yield self
+            finally:
+                _setns(own)
+        finally:
+            os.close(own)
+            os.close(target)
+
+    def socket(self, family, type_=socket.SOCK_DGRAM, proto=0):
+        with self.enter():
+            return socket.socket(family, type_, proto)
+
+
+def _gettid():
+    return _libc.syscall(186) if os.uname().machine == "x86_64" else threading_get_native_id()
+
+
+def threading_get_native_id():
+    import threading
+    return threading.get_native_id()
+
+
+def _setns(fd):
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"setns: {os.strerror(e)}")
+
+
+class Topology:
+    """cli -- rtr -- srv. Use as a context manager, or call close()."""
+
+    def __init__(self):
+        tag = f"rl{os.getpid()}x{next(_counter)}"
+        self.procs = []
+        self.names = []
+        self.cli = self._add(f"{tag}-cli")
+        self.rtr = self._add(f"{tag}-rtr")
+        self.srv = self._add(f"{tag}-srv")
+        try:
+            self._wire()
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, name):
+        sh("ip", "netns", "add", name)
+        self.names.append(name)
+        ns = Netns(name, self)
+        ns.run("ip", "link", "set", "lo", "up")
+        # No duplicate address detection: addresses are usable at once.
+        for key in ("all", "default"):
+            ns.run("sysctl", "-qw", f"net.ipv6.conf.{key}.accept_dad=0")
+        return ns
+
+    def _wire(self):
+        c, r, s = self.cli, self.rtr, self.srv
+        r.run("ip", "link", "add", "rtr0", "type", "veth", "peer", "name", "cli0", "netns", c.name)
+        r.run("ip", "link", "add", "rtr1", "type", "veth", "peer", "name", "srv0", "netns", s.name)
+        for ns, dev, addrs in (
+            (c, "cli0", [f"{CLI4}/24", f"{CLI6}/64"]),
+            (r, "rtr0", [f"{RTR4_CLI}/24", f"{RTR6_CLI}/64"]),
+            (r, "rtr1", [f"{RTR4_SRV}/24", f"{RTR6_SRV}/64"]),
+            (s, "srv0", [f"{SRV4}/24", f"{SRV6}/64", f"{SRV4_B}/24", f"{SRV6_B}/64"]),
+        ):
+            for a in addrs:
+                extra = ["nodad"] if ":" in a else []
+                ns.run("ip", "addr", "add", a, "dev", dev, *extra)
+            ns.run("ip", "link", "set", dev, "up")
+        c.run("ip", "route", "add", "default", "via", RTR4_CLI)
+        c.run("ip", "-6", "route", "add", "default", "via", RTR6_CLI)
+        s.run("ip", "route", "add", "default", "via", RTR4_SRV)
+        s.run("ip", "-6", "route", "add", "default", "via", RTR6_SRV)
+        r.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        r.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        for ns in (c, r, s):
+            # Reverse-path filtering would drop the spoofed replies in some setups.
+            ns.run("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", check=False)
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            for f in (p.stdout, p.stderr, p.stdin):
+                if f:
+                    f.close()
+        for name in self.names:
+            # Processes still holding the namespace keep it alive: kill them too.
+            pids = sh("ip", "netns", "pids", name, check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            sh("ip", "netns", "del", name, check=False)
+        self.names = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def wait_until(pred, timeout=10.0, interval=0.02, what="condition"):
+    """Poll pred() until it is truthy; raise TimeoutError naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+ECHO_SERVER = r"""
+import selectors, socket, sys
+sel = selectors.DefaultSelector()
+for spec in sys.argv[1:]:
+    host, port = spec.rsplit(":", 1)
+    host = host.strip("[]")
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    if fam == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((host, int(port)))
+    sel.register(s, selectors.EVENT_READ)
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        s = key.fileobj
+        try:
+            data, peer = s.recvfrom(65535)
+            s.sendto(data, peer)
+        except OSError:
+            pass
+"""
+
+
+def start_echo(ns, *specs):
+    """Start a UDP echo server in ns on each HOST:PORT spec; returns once it is ready."""
+    p = ns.python(ECHO_SERVER, *specs, text=True)
+    line = p.stdout.readline()
+    if line.strip() != "ready":
+        raise RuntimeError(f"echo server failed: {p.stderr.read()}")
+    return p
