@@ -26,11 +26,14 @@ __all__ = sorted(_FROM) + ["PacketTooBig", "EXTENSIONS"]
 
 
 def __getattr__(name):
-    from relay import _select
+    if name not in _FROM and name != "EXTENSIONS":
+        # Submodules (relay.sockopt, ...) are found by the import system after this.
+        raise AttributeError(f"module 'relay' has no attribute {name!r}")
+    import importlib
+    _select = importlib.import_module("relay._select")
     if name == "EXTENSIONS":
         return {mod: _select.load(mod)[1] for mod in ("_fast", "_rawsock")}
     if name in _FROM:
         value = getattr(_select.load(_FROM[name])[0], name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'relay' has no attribute {name!r}")

@@ -202,3 +202,31 @@ cdef extern from "<arpa/inet.h>" nogil:
     const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
     enum:
         INET6_ADDRSTRLEN
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    enum:
+        POLLIN
+        POLLOUT
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum:
+        IP_RECVERR
+        IPV6_RECVERR
+
+cdef extern from "<sys/socket.h>" nogil:
+    enum:
+        MSG_ERRQUEUE
+
+cdef extern from "<linux/errqueue.h>" nogil:
+    struct sock_extended_err:
+        uint32_t ee_errno
+        uint8_t ee_origin
+        uint8_t ee_type
+        uint8_t ee_code
+        uint32_t ee_info
+        uint32_t ee_data

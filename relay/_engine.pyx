@@ -1,0 +1,780 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The forward / redir data path: one epoll loop per (listener, worker), run without the GIL.
+
+client ──► listen socket ──recvmmsg──► association table (client → upstream socket)
+                                            │ sendmmsg, runs of one socket per call
+remote ──► upstream sockets ──recvmmsg──► reply ring ──► forward: sendmmsg on the listen socket
+                                                    └─► redir: IPv4/IPv6+UDP headers written in
+                                                        front of each payload, sendmmsg on a raw
+                                                        socket (source = the remote: full cone);
+                                                        or sendto on a transparent socket bound to
+                                                        the remote (asked for, or too big for raw)
+
+Nothing here creates a Python object per datagram. Python sets up sockets, calls
+``Engine.run(ms)`` in a loop and reads counters from shared memory.
+"""
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
+from libc.stdlib cimport calloc, free
+
+from relay.includes.system cimport (
+    errno, EAGAIN, EINTR, ENOBUFS, ECONNREFUSED, EMSGSIZE, EMFILE, ENFILE, ENOMEM,
+    EHOSTUNREACH, ENETUNREACH, EADDRNOTAVAIL, EINVAL, EPERM, EACCES,
+    memcpy, memset, close, timespec, clock_gettime, CLOCK_MONOTONIC_COARSE, CLOCK_MONOTONIC,
+    iovec, msghdr, mmsghdr, cmsghdr, CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_DATA,
+    socket, bind, connect, setsockopt, sendmmsg, recvmmsg, sendto, socklen_t, sockaddr,
+    sockaddr_in, sockaddr_in6,
+    AF_INET, AF_INET6, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_CLOEXEC, SOL_SOCKET, SO_REUSEADDR,
+    SO_REUSEPORT, SO_RCVBUF, MSG_DONTWAIT, MSG_TRUNC, IPPROTO_IP, IPPROTO_IPV6, IPV6_V6ONLY,
+    IP_TRANSPARENT, IPV6_TRANSPARENT, IP_ORIGDSTADDR, IPV6_ORIGDSTADDR, SO_MARK,
+    epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLL_CTL_ADD, EPOLL_CTL_DEL,
+    EPOLL_CLOEXEC, htons, ntohs, pollfd, poll, POLLOUT,
+)
+from relay._addr cimport sockaddr_any, sockaddr_from_tuple, raise_oserror
+from relay._pkt cimport write_udp_headers, IPV4_UDP_HDR_LEN, IPV6_UDP_HDR_LEN
+from relay._table cimport (
+    akey_t, entry_t, table_t, table_init, table_free, table_find, table_insert, table_remove,
+    table_touch, akey_from_sockaddr, akey_to_sockaddr,
+)
+from relay._stats cimport *
+
+import os
+
+cdef enum:
+    MODE_FORWARD = 0
+    MODE_REDIR = 1
+    REPLY_RAW = 0
+    REPLY_TRANSPARENT = 1
+    HEADROOM = 64                 # room in front of each reply payload for IPv6+UDP headers
+    MAXDGRAM = 65535
+    SLOT = MAXDGRAM + HEADROOM
+    CTRL = 64                     # enough for one IPV6_ORIGDSTADDR control message
+    K_LISTEN = 1
+    K_ASSOC = 2
+    MAX_EVENTS = 256
+    LISTEN_ROUNDS = 8             # recvmmsg rounds per wake-up before serving replies
+    REPLY_ROUNDS = 4
+    FD_RESERVE = 32               # descriptors kept free for reply sockets and the control plane
+    SEND_RETRIES = 3
+
+
+cdef inline double monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline int wait_writable(int fd) noexcept nogil:
+    cdef pollfd p
+    p.fd = fd
+    p.events = POLLOUT
+    p.revents = 0
+    return poll(&p, 1, 1)
+
+
+cdef class Engine:
+    """The data path of one listener in one worker.
+
+    Engine(listen_fd, mode, *, to=None, raw4_fd=-1, raw6_fd=-1, reply="raw", mark=0,
+           timeout=60.0, max_associations=65536, transparent_cache=1024,
+           transparent_idle=30.0, batch=64, stats=None, upstream_family=AF_INET6)
+
+    ``listen_fd`` is a bound, non-blocking UDP socket (for redir: IP_TRANSPARENT with
+    IP(V6)_RECVORIGDSTADDR). The engine does not own it. ``stats`` is a writable
+    memoryview of N_COUNTERS uint64 counters.
+    """
+    cdef int mode, reply_mode, lfd, lfamily, ep, raw4, raw6, up_family, batch, nfd
+    cdef uint32_t mark
+    cdef sockaddr_any to_addr
+    cdef socklen_t to_len
+    cdef double timeout, tp_idle, next_sweep
+    cdef table_t assoc
+    cdef table_t tp
+    cdef int32_t *by_fd
+    cdef uint64_t *st
+    cdef object stats_ref
+    cdef uint64_t[N_COUNTERS] own_stats
+    cdef volatile int stopping
+    cdef bint closed
+    # client side: receive ring and the upstream send list that points into it
+    cdef uint8_t *rx
+    cdef mmsghdr *rx_msgs
+    cdef iovec *rx_iov
+    cdef sockaddr_any *rx_names
+    cdef uint8_t *rx_ctrl
+    cdef mmsghdr *tx_msgs
+    cdef iovec *tx_iov
+    cdef sockaddr_any *tx_names
+    cdef int *tx_fd
+    cdef int ntx
+    # reply side: receive ring (payload at HEADROOM in each slot), owner client per slot
+    cdef uint8_t *ry
+    cdef mmsghdr *ry_msgs
+    cdef iovec *ry_iov
+    cdef sockaddr_any *ry_names
+    cdef akey_t *ry_client
+    cdef int ry_count
+    cdef mmsghdr *out_msgs
+    cdef iovec *out_iov
+    cdef sockaddr_any *out_names
+    cdef int *out_slot
+    cdef epoll_event[MAX_EVENTS] events
+
+    def __cinit__(self):
+        self.ep = -1
+        self.lfd = -1
+        self.raw4 = -1
+        self.raw6 = -1
+        self.closed = True
+
+    def __init__(self, int listen_fd, str mode, *, to=None, int raw4_fd=-1, int raw6_fd=-1,
+                 str reply="raw", unsigned long mark=0, double timeout=60.0,
+                 int max_associations=65536, int transparent_cache=1024,
+                 double transparent_idle=30.0, int batch=64, stats=None,
+                 int upstream_family=AF_INET6, int listen_family=AF_INET6):
+        cdef epoll_event ev
+        if mode not in ("forward", "redir"):
+            raise ValueError(f"mode must be 'forward' or 'redir', not {mode!r}")
+        if reply not in ("raw", "transparent"):
+            raise ValueError(f"reply must be 'raw' or 'transparent', not {reply!r}")
+        if not 1 <= batch <= 1024:
+            raise ValueError(f"batch must be 1-1024, not {batch}")
+        if max_associations < 1 or transparent_cache < 1:
+            raise ValueError("max_associations and transparent_cache must be at least 1")
+        if timeout <= 0 or transparent_idle <= 0:
+            raise ValueError("timeouts must be positive")
+        self.mode = MODE_FORWARD if mode == "forward" else MODE_REDIR
+        self.reply_mode = REPLY_RAW if reply == "raw" else REPLY_TRANSPARENT
+        if self.mode == MODE_FORWARD:
+            if to is None:
+                raise ValueError("forward needs a destination (to)")
+            self.to_len = sockaddr_from_tuple(to, &self.to_addr)
+            upstream_family = self.to_addr.sa.sa_family
+        elif self.reply_mode == REPLY_RAW and raw4_fd < 0 and raw6_fd < 0:
+            raise ValueError("redir with raw replies needs a raw socket")
+        self.lfd = listen_fd
+        self.lfamily = listen_family
+        self.raw4 = raw4_fd
+        self.raw6 = raw6_fd
+        self.up_family = upstream_family
+        self.mark = <uint32_t>mark
+        self.timeout = timeout
+        self.tp_idle = transparent_idle
+        self.batch = batch
+        if stats is None:
+            memset(self.own_stats, 0, sizeof(self.own_stats))
+            self.st = self.own_stats
+        else:
+            self.stats_ref = memoryview(stats).cast("B").cast("Q")
+            if len(self.stats_ref) < N_COUNTERS or self.stats_ref.readonly:
+                raise ValueError(f"stats must be a writable buffer of {N_COUNTERS} uint64")
+            self.st = self._stats_ptr(self.stats_ref)
+        seed = int.from_bytes(os.urandom(8), "little")
+        if table_init(&self.assoc, max_associations, <uint32_t>(seed & 0xffffffff)) < 0:
+            raise MemoryError("association table")
+        if table_init(&self.tp, transparent_cache if self.mode == MODE_REDIR else 1,
+                      <uint32_t>((seed >> 32) & 0xffffffff)) < 0:
+            raise MemoryError("transparent socket cache")
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY or soft > (1 << 21):
+            soft = 1 << 21
+        self.nfd = soft
+        self.by_fd = <int32_t *>calloc(self.nfd, sizeof(int32_t))
+        self.rx = <uint8_t *>calloc(batch, MAXDGRAM)
+        self.rx_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
+        self.rx_iov = <iovec *>calloc(batch, sizeof(iovec))
+        self.rx_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
+        self.rx_ctrl = <uint8_t *>calloc(batch, CTRL)
+        self.tx_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
+        self.tx_iov = <iovec *>calloc(batch, sizeof(iovec))
+        self.tx_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
+        self.tx_fd = <int *>calloc(batch, sizeof(int))
+        self.ry = <uint8_t *>calloc(batch, SLOT)
+        self.ry_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
+        self.ry_iov = <iovec *>calloc(batch, sizeof(iovec))
+        self.ry_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
+        self.ry_client = <akey_t *>calloc(batch, sizeof(akey_t))
+        self.out_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
+        self.out_iov = <iovec *>calloc(batch, sizeof(iovec))
+        self.out_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
+        self.out_slot = <int *>calloc(batch, sizeof(int))
+        if (self.by_fd == NULL or self.rx == NULL or self.rx_msgs == NULL or self.rx_iov == NULL
+                or self.rx_names == NULL or self.rx_ctrl == NULL or self.tx_msgs == NULL
+                or self.tx_iov == NULL or self.tx_names == NULL or self.tx_fd == NULL
+                or self.ry == NULL or self.ry_msgs == NULL or self.ry_iov == NULL
+                or self.ry_names == NULL or self.ry_client == NULL or self.out_msgs == NULL
+                or self.out_iov == NULL or self.out_names == NULL or self.out_slot == NULL):
+            self._free()
+            raise MemoryError("engine buffers")
+        for i in range(self.nfd):
+            self.by_fd[i] = -1
+        self.ep = epoll_create1(EPOLL_CLOEXEC)
+        if self.ep < 0:
+            e = errno
+            self._free()
+            raise_oserror(e, "epoll_create1")
+        ev.events = EPOLLIN
+        ev.data.u64 = (<uint64_t>K_LISTEN << 32)
+        if epoll_ctl(self.ep, EPOLL_CTL_ADD, listen_fd, &ev) < 0:
+            e = errno
+            self._free()
+            raise_oserror(e, "epoll_ctl(listen socket)")
+        self.closed = False
+        self.next_sweep = monotonic() + 1.0
+        # Open one upstream socket now, so a missing privilege (SO_MARK needs
+        # CAP_NET_ADMIN) is reported at start and not as a drop counter later.
+        fd = self._upstream_socket()
+        if fd < 0:
+            e = -fd
+            self.close()
+            raise_oserror(e, "upstream socket (SO_MARK needs CAP_NET_ADMIN)" if e in (EPERM, EACCES)
+                          else "upstream socket")
+        close(fd)
+
+    cdef uint64_t *_stats_ptr(self, object mv) except NULL:
+        cdef uint64_t[::1] view = mv
+        return &view[0]
+
+    # ---- control ---------------------------------------------------------------------
+
+    def run(self, int max_ms=200):
+        """Move datagrams for up to max_ms milliseconds (or until stop()); releases the GIL."""
+        if self.closed:
+            raise ValueError("engine is closed")
+        with nogil:
+            self._loop(max_ms)
+
+    def stop(self):
+        self.stopping = 1
+
+    def counters(self):
+        """A dict of this engine's counters (the same memory the data path writes)."""
+        from relay.stats import COUNTERS
+        return {name: self.st[i] for i, name in enumerate(COUNTERS)}
+
+    @property
+    def associations(self):
+        return self.assoc.count
+
+    @property
+    def transparent_sockets(self):
+        return self.tp.count
+
+    def close(self):
+        """Close every upstream and reply socket the engine opened (not the listen socket)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._flush_tx()
+        self._flush_replies(monotonic())
+        while self.assoc.count:
+            self._close_assoc(self.assoc.tail, -1)
+        while self.tp.count:
+            self._close_tp(self.tp.tail)
+        self._free()
+
+    cdef void _free(self) noexcept:
+        if self.ep >= 0:
+            close(self.ep)
+            self.ep = -1
+        table_free(&self.assoc)
+        table_free(&self.tp)
+        free(self.by_fd); self.by_fd = NULL
+        free(self.rx); self.rx = NULL
+        free(self.rx_msgs); self.rx_msgs = NULL
+        free(self.rx_iov); self.rx_iov = NULL
+        free(self.rx_names); self.rx_names = NULL
+        free(self.rx_ctrl); self.rx_ctrl = NULL
+        free(self.tx_msgs); self.tx_msgs = NULL
+        free(self.tx_iov); self.tx_iov = NULL
+        free(self.tx_names); self.tx_names = NULL
+        free(self.tx_fd); self.tx_fd = NULL
+        free(self.ry); self.ry = NULL
+        free(self.ry_msgs); self.ry_msgs = NULL
+        free(self.ry_iov); self.ry_iov = NULL
+        free(self.ry_names); self.ry_names = NULL
+        free(self.ry_client); self.ry_client = NULL
+        free(self.out_msgs); self.out_msgs = NULL
+        free(self.out_iov); self.out_iov = NULL
+        free(self.out_names); self.out_names = NULL
+        free(self.out_slot); self.out_slot = NULL
+
+    def __dealloc__(self):
+        if not self.closed:
+            self.closed = True
+            while self.assoc.count and self.assoc.e != NULL:
+                close(self.assoc.e[self.assoc.tail].fd)
+                table_remove(&self.assoc, self.assoc.tail)
+            while self.tp.count and self.tp.e != NULL:
+                close(self.tp.e[self.tp.tail].fd)
+                table_remove(&self.tp, self.tp.tail)
+        self._free()
+
+    # ---- the loop --------------------------------------------------------------------
+
+    cdef void _loop(self, int max_ms) noexcept nogil:
+        cdef double now = monotonic()
+        cdef double deadline = now + max_ms / 1000.0
+        cdef int n, i, wait_ms
+        cdef uint64_t tag
+        cdef int32_t idx
+        cdef int fd
+        while not self.stopping:
+            wait_ms = <int>((deadline - now) * 1000.0)
+            if wait_ms < 0:
+                wait_ms = 0
+            n = epoll_wait(self.ep, self.events, MAX_EVENTS, wait_ms)
+            now = monotonic()
+            for i in range(n):
+                tag = self.events[i].data.u64
+                if (tag >> 32) == K_LISTEN:
+                    self._on_listen(now)
+                else:
+                    idx = <int32_t>(tag & 0xffffffffu)
+                    fd = <int>((tag >> 32) - K_ASSOC)
+                    if idx < self.assoc.cap and self.assoc.e[idx].used and self.assoc.e[idx].fd == fd:
+                        self._on_upstream(idx, now)
+            if self.ry_count:
+                self._flush_replies(now)
+            if now >= self.next_sweep:
+                self._sweep(now)
+            if now >= deadline:
+                break
+
+    cdef void _sweep(self, double now) noexcept nogil:
+        cdef double idle = self.timeout
+        while self.assoc.tail >= 0 and self.assoc.e[self.assoc.tail].last + idle <= now:
+            self._close_assoc(self.assoc.tail, C_ASSOC_EXPIRED)
+        while self.tp.tail >= 0 and self.tp.e[self.tp.tail].last + self.tp_idle <= now:
+            self._close_tp(self.tp.tail)
+        self.next_sweep = now + (1.0 if idle > 4.0 else idle / 4.0)
+
+    # ---- client -> upstream ----------------------------------------------------------
+
+    cdef void _on_listen(self, double now) noexcept nogil:
+        cdef int rounds, n, i, b = self.batch
+        cdef mmsghdr *m
+        cdef akey_t ck, dk
+        cdef int32_t idx
+        cdef socklen_t nl
+        cdef bint got
+        for rounds in range(LISTEN_ROUNDS):
+            for i in range(b):
+                self.rx_iov[i].iov_base = self.rx + <size_t>i * MAXDGRAM
+                self.rx_iov[i].iov_len = MAXDGRAM
+                m = &self.rx_msgs[i]
+                m.msg_hdr.msg_iov = &self.rx_iov[i]
+                m.msg_hdr.msg_iovlen = 1
+                m.msg_hdr.msg_name = &self.rx_names[i]
+                m.msg_hdr.msg_namelen = sizeof(sockaddr_any)
+                if self.mode == MODE_REDIR:
+                    m.msg_hdr.msg_control = self.rx_ctrl + i * CTRL
+                    m.msg_hdr.msg_controllen = CTRL
+                else:
+                    m.msg_hdr.msg_control = NULL
+                    m.msg_hdr.msg_controllen = 0
+                m.msg_hdr.msg_flags = 0
+            n = recvmmsg(self.lfd, self.rx_msgs, b, MSG_DONTWAIT, NULL)
+            if n <= 0:
+                return
+            self.ntx = 0
+            for i in range(n):
+                m = &self.rx_msgs[i]
+                if m.msg_hdr.msg_flags & MSG_TRUNC:
+                    self.st[C_DROP_TOO_BIG] += 1
+                    continue
+                akey_from_sockaddr(&self.rx_names[i], &ck)
+                if ck.family == 0:
+                    self.st[C_DROP_MALFORMED] += 1
+                    continue
+                if self.mode == MODE_REDIR:
+                    got = self._origdst(&m.msg_hdr, &dk)
+                    if not got:
+                        self.st[C_DROP_NO_ROUTE] += 1
+                        continue
+                idx = table_find(&self.assoc, &ck)
+                if idx < 0:
+                    idx = self._new_assoc(&ck, now)
+                    if idx < 0:
+                        continue
+                else:
+                    table_touch(&self.assoc, idx, now)
+                self.tx_iov[self.ntx].iov_base = self.rx_iov[i].iov_base
+                self.tx_iov[self.ntx].iov_len = m.msg_len
+                m = &self.tx_msgs[self.ntx]
+                m.msg_hdr.msg_iov = &self.tx_iov[self.ntx]
+                m.msg_hdr.msg_iovlen = 1
+                m.msg_hdr.msg_control = NULL
+                m.msg_hdr.msg_controllen = 0
+                m.msg_hdr.msg_flags = 0
+                if self.mode == MODE_REDIR:
+                    nl = akey_to_sockaddr(&dk, self.up_family, &self.tx_names[self.ntx])
+                    if nl == 0:
+                        self.st[C_DROP_NO_ROUTE] += 1
+                        continue
+                    m.msg_hdr.msg_name = &self.tx_names[self.ntx]
+                    m.msg_hdr.msg_namelen = nl
+                else:
+                    m.msg_hdr.msg_name = NULL
+                    m.msg_hdr.msg_namelen = 0
+                self.tx_fd[self.ntx] = self.assoc.e[idx].fd
+                self.ntx += 1
+            self._flush_tx()
+            if n < b:
+                return
+
+    cdef bint _origdst(self, msghdr *h, akey_t *out) noexcept nogil:
+        cdef cmsghdr *c = CMSG_FIRSTHDR(h)
+        while c != NULL:
+            if ((c.cmsg_level == IPPROTO_IP and c.cmsg_type == IP_ORIGDSTADDR)
+                    or (c.cmsg_level == IPPROTO_IPV6 and c.cmsg_type == IPV6_ORIGDSTADDR)):
+                akey_from_sockaddr(<sockaddr_any *>CMSG_DATA(c), out)
+                return out.family != 0
+            c = CMSG_NXTHDR(h, c)
+        return False
+
+    cdef void _flush_tx(self) noexcept nogil:
+        """Send the pending upstream datagrams: one sendmmsg per run of the same socket."""
+        cdef int j = 0, k, n = self.ntx
+        self.ntx = 0
+        while j < n:
+            k = j + 1
+            while k < n and self.tx_fd[k] == self.tx_fd[j]:
+                k += 1
+            self._send_counted(self.tx_fd[j], &self.tx_msgs[j], k - j, C_UP_DATAGRAMS)
+            j = k
+
+    cdef int _send_some(self, int fd, mmsghdr *m, int n, int *err) noexcept nogil:
+        """sendmmsg until all n went or one fails for good. Returns how many went; when
+        fewer than n, *err is the errno of message [returned index]. Transient conditions
+        (EINTR, a full buffer, a pending ICMP error) are retried a bounded number of times."""
+        cdef int sent = 0, r, e, tries = 0
+        err[0] = 0
+        while sent < n:
+            r = sendmmsg(fd, m + sent, n - sent, MSG_DONTWAIT)
+            if r > 0:
+                sent += r
+                tries = 0
+                continue
+            e = errno
+            if e == EINTR:
+                continue
+            if (e == EAGAIN or e == ENOBUFS) and tries < SEND_RETRIES:
+                tries += 1
+                wait_writable(fd)
+                continue
+            if e == ECONNREFUSED and tries < SEND_RETRIES:
+                # the error of an earlier datagram (ICMP port unreachable); this one was not sent
+                tries += 1
+                self.st[C_ICMP_ERRORS] += 1
+                continue
+            err[0] = e
+            return sent
+        return sent
+
+    cdef void _count_sent(self, mmsghdr *m, int n, int counter) noexcept nogil:
+        cdef int i
+        cdef uint64_t nbytes = 0
+        for i in range(n):
+            nbytes += m[i].msg_hdr.msg_iov[0].iov_len
+        self.st[counter] += n
+        self.st[counter + 1] += nbytes
+
+    cdef void _count_error(self, int e) noexcept nogil:
+        if e == EAGAIN or e == ENOBUFS:
+            self.st[C_DROP_BUFFER_FULL] += 1
+        elif e == EMSGSIZE:
+            self.st[C_DROP_TOO_BIG] += 1
+        elif e == ENETUNREACH or e == EHOSTUNREACH or e == EADDRNOTAVAIL or e == EINVAL:
+            self.st[C_DROP_NO_ROUTE] += 1
+        elif e == ECONNREFUSED:
+            self.st[C_ICMP_ERRORS] += 1
+            self.st[C_DROP_SEND_ERROR] += 1
+        else:
+            self.st[C_DROP_SEND_ERROR] += 1
+
+    cdef void _send_counted(self, int fd, mmsghdr *m, int n, int counter) noexcept nogil:
+        """Send n messages, counting what went (counter, counter+1 = datagrams, bytes) and
+        each one that could not go (by reason); the rest of the batch is always tried."""
+        cdef int done = 0, r, e
+        while done < n:
+            r = self._send_some(fd, m + done, n - done, &e)
+            self._count_sent(m + done, r, counter)
+            done += r
+            if done < n:
+                self._count_error(e)
+                done += 1
+
+    cdef int _upstream_socket(self) noexcept nogil:
+        """A new non-blocking upstream socket with the mark, or -errno."""
+        cdef int fd = socket(self.up_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        cdef int zero = 0, e
+        if fd < 0:
+            return -errno
+        if self.mark and setsockopt(fd, SOL_SOCKET, SO_MARK, &self.mark, sizeof(self.mark)) < 0:
+            e = errno
+            close(fd)
+            return -e
+        if self.up_family == AF_INET6:
+            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero))
+        if self.mode == MODE_FORWARD:
+            if connect(fd, &self.to_addr.sa, self.to_len) < 0:
+                e = errno
+                close(fd)
+                return -e
+        return fd
+
+    cdef int32_t _new_assoc(self, akey_t *ck, double now) noexcept nogil:
+        cdef int fd
+        cdef int32_t idx
+        cdef epoll_event ev
+        if self.assoc.count >= self.assoc.cap:
+            # Datagrams already queued may use the socket about to be closed: send them first.
+            self._flush_tx()
+            self._close_assoc(self.assoc.tail, C_ASSOC_EVICTED)
+        fd = self._upstream_socket()
+        if fd < 0:
+            if -fd == EMFILE or -fd == ENFILE or -fd == ENOBUFS or -fd == ENOMEM:
+                self.st[C_ASSOC_REFUSED] += 1
+            else:
+                self.st[C_DROP_NO_ROUTE] += 1
+            return -1
+        if fd >= self.nfd - FD_RESERVE:
+            close(fd)
+            self.st[C_ASSOC_REFUSED] += 1
+            return -1
+        idx = table_insert(&self.assoc, ck, now)
+        if idx < 0:
+            close(fd)
+            self.st[C_DROP_TABLE_FULL] += 1
+            return -1
+        ev.events = EPOLLIN
+        ev.data.u64 = ((<uint64_t>(K_ASSOC + fd)) << 32) | <uint32_t>idx
+        if epoll_ctl(self.ep, EPOLL_CTL_ADD, fd, &ev) < 0:
+            close(fd)
+            table_remove(&self.assoc, idx)
+            self.st[C_ASSOC_REFUSED] += 1
+            return -1
+        self.assoc.e[idx].fd = fd
+        self.by_fd[fd] = idx
+        self.st[C_ASSOC_CREATED] += 1
+        self.st[C_ASSOC_OPEN] = self.assoc.count
+        return idx
+
+    cdef void _close_assoc(self, int32_t idx, int counter) noexcept nogil:
+        cdef int fd = self.assoc.e[idx].fd
+        if fd >= 0:
+            epoll_ctl(self.ep, EPOLL_CTL_DEL, fd, NULL)
+            close(fd)
+            if fd < self.nfd:
+                self.by_fd[fd] = -1
+        table_remove(&self.assoc, idx)
+        if counter >= 0:
+            self.st[counter] += 1
+        self.st[C_ASSOC_OPEN] = self.assoc.count
+
+    # ---- upstream -> client ----------------------------------------------------------
+
+    cdef void _on_upstream(self, int32_t idx, double now) noexcept nogil:
+        cdef int rounds, n, i, space, base
+        cdef int fd = self.assoc.e[idx].fd
+        cdef mmsghdr *m
+        cdef akey_t client = self.assoc.e[idx].key
+        for rounds in range(REPLY_ROUNDS):
+            if self.ry_count == self.batch:
+                self._flush_replies(now)
+            base = self.ry_count
+            space = self.batch - base
+            for i in range(base, self.batch):
+                self.ry_iov[i].iov_base = self.ry + <size_t>i * SLOT + HEADROOM
+                self.ry_iov[i].iov_len = MAXDGRAM
+                m = &self.ry_msgs[i]
+                m.msg_hdr.msg_iov = &self.ry_iov[i]
+                m.msg_hdr.msg_iovlen = 1
+                m.msg_hdr.msg_name = &self.ry_names[i]
+                m.msg_hdr.msg_namelen = sizeof(sockaddr_any)
+                m.msg_hdr.msg_control = NULL
+                m.msg_hdr.msg_controllen = 0
+                m.msg_hdr.msg_flags = 0
+            n = recvmmsg(fd, &self.ry_msgs[base], space, MSG_DONTWAIT, NULL)
+            if n <= 0:
+                if n < 0 and errno == ECONNREFUSED:
+                    self.st[C_ICMP_ERRORS] += 1
+                    continue
+                return
+            for i in range(base, base + n):
+                self.ry_client[i] = client
+                self.ry_iov[i].iov_len = self.ry_msgs[i].msg_len
+            self.ry_count += n
+            table_touch(&self.assoc, idx, now)
+            if n < space:
+                return
+
+    cdef void _flush_replies(self, double now) noexcept nogil:
+        cdef int n = self.ry_count
+        self.ry_count = 0
+        if n == 0:
+            return
+        if self.mode == MODE_FORWARD:
+            self._replies_forward(n)
+        elif self.reply_mode == REPLY_RAW:
+            self._replies_raw(n, AF_INET, now)
+            self._replies_raw(n, AF_INET6, now)
+        else:
+            self._replies_transparent(0, n, now)
+
+    cdef void _replies_forward(self, int n) noexcept nogil:
+        cdef int i, k = 0
+        cdef socklen_t nl
+        for i in range(n):
+            nl = akey_to_sockaddr(&self.ry_client[i], self.lfamily, &self.out_names[k])
+            if nl == 0:
+                self.st[C_DROP_NO_ROUTE] += 1
+                continue
+            self._out_msg(k, &self.ry_iov[i], nl)
+            k += 1
+        self._send_counted(self.lfd, self.out_msgs, k, C_DOWN_DATAGRAMS)
+
+    cdef inline void _out_msg(self, int k, iovec *iov, socklen_t namelen) noexcept nogil:
+        cdef mmsghdr *m = &self.out_msgs[k]
+        self.out_iov[k] = iov[0]
+        m.msg_hdr.msg_iov = &self.out_iov[k]
+        m.msg_hdr.msg_iovlen = 1
+        m.msg_hdr.msg_name = &self.out_names[k]
+        m.msg_hdr.msg_namelen = namelen
+        m.msg_hdr.msg_control = NULL
+        m.msg_hdr.msg_controllen = 0
+        m.msg_hdr.msg_flags = 0
+
+    cdef void _replies_raw(self, int n, int family, double now) noexcept nogil:
+        """Build headers in front of each reply of this family and send them raw, spoofed as
+        the remote. A reply the kernel refuses as too big for the route goes out from a
+        transparent socket instead (the kernel fragments that one)."""
+        cdef int i, k = 0, done, r, e
+        cdef int fd = self.raw4 if family == AF_INET else self.raw6
+        cdef akey_t remote
+        cdef uint8_t *payload
+        cdef size_t plen, hl
+        cdef iovec v
+        for i in range(n):
+            akey_from_sockaddr(&self.ry_names[i], &remote)
+            if remote.family != family:
+                continue
+            if remote.family != self.ry_client[i].family:
+                self.st[C_DROP_NO_ROUTE] += 1
+                continue
+            if fd < 0:
+                self._replies_transparent(i, i + 1, now)
+                continue
+            payload = <uint8_t *>self.ry_iov[i].iov_base
+            plen = self.ry_iov[i].iov_len
+            hl = IPV6_UDP_HDR_LEN if family == AF_INET6 else IPV4_UDP_HDR_LEN
+            write_udp_headers(payload - hl, family == AF_INET6, remote.addr, ntohs(remote.port),
+                              self.ry_client[i].addr, ntohs(self.ry_client[i].port), payload,
+                              plen, 64, 0, 0, False, 0)
+            v.iov_base = payload - hl
+            v.iov_len = plen + hl
+            self._out_msg(k, &v, akey_to_sockaddr(&self.ry_client[i], family, &self.out_names[k]))
+            # raw sockets want port 0 in the destination (IPv6: the port is the protocol)
+            if family == AF_INET6:
+                self.out_names[k].v6.sin6_port = 0
+            else:
+                self.out_names[k].v4.sin_port = 0
+            self.out_slot[k] = i
+            k += 1
+        done = 0
+        while done < k:
+            r = self._send_some(fd, self.out_msgs + done, k - done, &e)
+            self._count_raw(done, r)
+            done += r
+            if done < k:
+                if e == EMSGSIZE:
+                    self._fallback_one(self.out_slot[done], now)
+                else:
+                    self._count_error(e)
+                done += 1
+
+    cdef void _count_raw(self, int start, int n) noexcept nogil:
+        cdef int i
+        cdef uint64_t nbytes = 0
+        for i in range(start, start + n):
+            nbytes += self.ry_msgs[self.out_slot[i]].msg_len
+        self.st[C_DOWN_DATAGRAMS] += n
+        self.st[C_DOWN_BYTES] += nbytes
+
+    cdef void _fallback_one(self, int slot, double now) noexcept nogil:
+        self.st[C_REPLY_FALLBACK] += 1
+        self._replies_transparent(slot, slot + 1, now)
+
+    cdef void _replies_transparent(self, int start, int stop, double now) noexcept nogil:
+        cdef int i, fd, e
+        cdef akey_t remote
+        cdef sockaddr_any dst
+        cdef socklen_t nl
+        cdef ssize_t r
+        for i in range(start, stop):
+            akey_from_sockaddr(&self.ry_names[i], &remote)
+            fd = self._tp_socket(&remote, now)
+            if fd < 0:
+                continue
+            nl = akey_to_sockaddr(&self.ry_client[i], remote.family, &dst)
+            if nl == 0:
+                self.st[C_DROP_NO_ROUTE] += 1
+                continue
+            r = sendto(fd, self.ry_iov[i].iov_base, self.ry_iov[i].iov_len, MSG_DONTWAIT,
+                       &dst.sa, nl)
+            if r < 0:
+                e = errno
+                if (e == EAGAIN or e == ENOBUFS) and wait_writable(fd) >= 0:
+                    r = sendto(fd, self.ry_iov[i].iov_base, self.ry_iov[i].iov_len,
+                               MSG_DONTWAIT, &dst.sa, nl)
+                    e = errno
+                if r < 0:
+                    self._count_error(e)
+                    continue
+            self.st[C_DOWN_DATAGRAMS] += 1
+            self.st[C_DOWN_BYTES] += <uint64_t>r
+
+    cdef int _tp_socket(self, akey_t *remote, double now) noexcept nogil:
+        """The transparent socket bound to remote (from the LRU cache, or new), or -1."""
+        cdef int32_t idx = table_find(&self.tp, remote)
+        cdef int fd, one = 1, small = 4096, e
+        cdef sockaddr_any sa
+        cdef socklen_t nl
+        if idx >= 0:
+            table_touch(&self.tp, idx, now)
+            return self.tp.e[idx].fd
+        if self.tp.count >= self.tp.cap:
+            self._close_tp(self.tp.tail)
+        fd = socket(remote.family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        if fd < 0:
+            self.st[C_DROP_SEND_ERROR] += 1
+            return -1
+        if remote.family == AF_INET6:
+            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one))
+            e = setsockopt(fd, IPPROTO_IPV6, IPV6_TRANSPARENT, &one, sizeof(one))
+        else:
+            e = setsockopt(fd, IPPROTO_IP, IP_TRANSPARENT, &one, sizeof(one))
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one))
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one))
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small))
+        if self.mark:
+            setsockopt(fd, SOL_SOCKET, SO_MARK, &self.mark, sizeof(self.mark))
+        nl = akey_to_sockaddr(remote, remote.family, &sa)
+        if e < 0 or bind(fd, &sa.sa, nl) < 0:
+            close(fd)
+            self.st[C_DROP_SEND_ERROR] += 1
+            return -1
+        idx = table_insert(&self.tp, remote, now)
+        if idx < 0:
+            close(fd)
+            self.st[C_DROP_SEND_ERROR] += 1
+            return -1
+        self.tp.e[idx].fd = fd
+        self.st[C_TRANSPARENT_OPEN] = self.tp.count
+        return fd
+
+    cdef void _close_tp(self, int32_t idx) noexcept nogil:
+        close(self.tp.e[idx].fd)
+        table_remove(&self.tp, idx)
+        self.st[C_TRANSPARENT_OPEN] = self.tp.count

@@ -1,0 +1,33 @@
+# cython: language_level=3
+# Counter slots shared with relay/stats.py (COUNTERS there lists the same names in the
+# same order). The data path bumps them with plain stores: each slot belongs to exactly one
+# worker process, so no locks are needed; readers sum over slots.
+from libc.stdint cimport uint64_t
+
+cdef enum:
+    C_UP_DATAGRAMS = 0        # client -> upstream
+    C_UP_BYTES
+    C_DOWN_DATAGRAMS          # upstream -> client
+    C_DOWN_BYTES
+    C_ASSOC_OPEN              # gauge
+    C_ASSOC_CREATED
+    C_ASSOC_EXPIRED
+    C_ASSOC_EVICTED
+    C_ASSOC_REFUSED
+    C_DROP_MALFORMED
+    C_DROP_BUFFER_FULL
+    C_DROP_SEND_ERROR
+    C_DROP_TABLE_FULL
+    C_DROP_TOO_BIG
+    C_DROP_NO_ROUTE
+    C_DROP_DENIED
+    C_REPLY_FALLBACK          # replies sent the transparent way because raw could not
+    C_TRANSPARENT_OPEN        # gauge: transparent reply sockets open
+    C_CONN_OPEN               # gauge: tunnel / SOCKS5 TCP connections
+    C_CONN_ACCEPTED
+    C_CONN_REJECTED
+    C_CONN_RECONNECTS
+    C_FRAMES_BAD
+    C_QUEUE_DROPS
+    C_ICMP_ERRORS
+    N_COUNTERS

@@ -1,0 +1,56 @@
+"""`forward` and `redir`: the UDP redirection services (data path in relay._engine)."""
+import socket
+
+from relay import sockopt
+from relay.engine.base import Service
+
+
+class UdpService(Service):
+    def __init__(self, cfg, ctx):
+        from relay._engine import Engine
+
+        self.cfg = cfg
+        self.ctx = ctx
+        self.socks = []
+        redir = cfg.mode == "redir"
+        try:
+            self.listen = sockopt.udp_listen(cfg.listen, transparent=redir, reuseport=ctx.reuseport)
+            self.socks.append(self.listen)
+            raw4 = raw6 = -1
+            if redir and cfg.reply == "raw":
+                r4 = sockopt.raw_socket(socket.AF_INET, cfg.mark)
+                self.socks.append(r4)
+                raw4 = r4.fileno()
+                if sockopt.ipv6_available():
+                    r6 = sockopt.raw_socket(socket.AF_INET6, cfg.mark)
+                    self.socks.append(r6)
+                    raw6 = r6.fileno()
+            up_family = socket.AF_INET6 if sockopt.ipv6_available() else socket.AF_INET
+            self.engine = Engine(
+                self.listen.fileno(), cfg.mode, to=cfg.to, raw4_fd=raw4, raw6_fd=raw6,
+                reply=cfg.reply, mark=cfg.mark, timeout=cfg.timeout,
+                max_associations=cfg.max_associations, transparent_cache=cfg.transparent_cache,
+                transparent_idle=cfg.transparent_idle, batch=cfg.batch, stats=ctx.stats,
+                upstream_family=up_family, listen_family=self.listen.family,
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self):
+        stop = self.ctx.stop
+        engine = self.engine
+        while not stop.is_set():
+            engine.run(100)
+
+    def close(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+        for s in self.socks:
+            s.close()
+        self.socks = []
+
+
+def create(cfg, ctx):
+    return UdpService(cfg, ctx)

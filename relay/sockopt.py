@@ -1,0 +1,113 @@
+"""Socket options a router relay needs, set in one place with errors that say why."""
+import socket
+
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = 75
+IP_RECVORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)
+IPV6_RECVORIGDSTADDR = 74
+SO_MARK = getattr(socket, "SO_MARK", 36)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+IPPROTO_RAW = getattr(socket, "IPPROTO_RAW", 255)
+
+
+def family_of(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _need(what, cap, err):
+    return PermissionError(err.errno, f"{what} needs {cap} (run as root or grant {cap}): {err.strerror}")
+
+
+def set_buffers(sock, size):
+    """Large kernel buffers absorb bursts; FORCE variants bypass rmem_max when privileged."""
+    for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+def set_transparent(sock):
+    try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        # IP_TRANSPARENT is also accepted on AF_INET6 sockets (IPv4-mapped traffic).
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+    except PermissionError as e:
+        raise _need("IP_TRANSPARENT", "CAP_NET_ADMIN", e) from None
+
+
+def set_mark(sock, mark):
+    if not mark:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except PermissionError as e:
+        raise _need("SO_MARK", "CAP_NET_ADMIN", e) from None
+
+
+def udp_listen(addr, *, transparent=False, reuseport=True, bufsize=4 << 20):
+    """A bound non-blocking UDP socket on (host, port).
+
+    An IPv6 wildcard ("::") listens on IPv4 too (dual stack). With transparent=True the
+    socket accepts TPROXY'd datagrams and reports each one's original destination.
+    """
+    host, port = addr
+    fam = family_of(host)
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if fam == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        if transparent:
+            set_transparent(s)
+            s.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
+            if fam == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+        set_buffers(s, bufsize)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(e.errno, f"cannot listen on {format_addr(addr)}: {e.strerror}") from None
+        s.setblocking(False)
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+def raw_socket(family, mark=0, bufsize=4 << 20):
+    """An IPPROTO_RAW socket (header included) for spoofed replies."""
+    try:
+        s = socket.socket(family, socket.SOCK_RAW, IPPROTO_RAW)
+    except PermissionError as e:
+        raise _need("a raw socket", "CAP_NET_RAW", e) from None
+    try:
+        if family == socket.AF_INET:
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+        set_mark(s, mark)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, bufsize)
+        except OSError:
+            pass
+        s.setblocking(False)
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+def ipv6_available():
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
+        return True
+    except OSError:
+        return False
+
+
+def format_addr(addr):
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,98 @@
+"""Shared-memory counters: one slot of N_COUNTERS uint64 per (listener, worker).
+
+The supervisor maps one anonymous shared region before it forks workers; a worker's data
+path writes its own slot without locks (one writer per slot), and readers sum slots. The
+names below match the ``Counter`` enum in ``relay/_stats.pxd`` one for one.
+"""
+import json
+import mmap
+import struct
+
+COUNTERS = (
+    "up_datagrams", "up_bytes", "down_datagrams", "down_bytes",
+    "assoc_open", "assoc_created", "assoc_expired", "assoc_evicted", "assoc_refused",
+    "drop_malformed", "drop_buffer_full", "drop_send_error", "drop_table_full",
+    "drop_too_big", "drop_no_route", "drop_denied",
+    "reply_fallback", "transparent_open",
+    "conn_open", "conn_accepted", "conn_rejected", "conn_reconnects", "frames_bad",
+    "queue_drops", "icmp_errors",
+)
+N_COUNTERS = len(COUNTERS)
+INDEX = {name: i for i, name in enumerate(COUNTERS)}
+GAUGES = frozenset({"assoc_open", "transparent_open", "conn_open"})
+SLOT_BYTES = N_COUNTERS * 8
+
+HELP = {
+    "up_datagrams": "datagrams relayed from clients towards upstream",
+    "up_bytes": "payload bytes relayed from clients towards upstream",
+    "down_datagrams": "datagrams relayed from upstream back to clients",
+    "down_bytes": "payload bytes relayed from upstream back to clients",
+    "assoc_open": "associations (client flows) open now",
+    "assoc_created": "associations created",
+    "assoc_expired": "associations closed after the idle timeout",
+    "assoc_evicted": "associations evicted (least recently used) at the cap",
+    "assoc_refused": "new flows refused (file descriptors or memory short)",
+    "drop_malformed": "datagrams or frames dropped as malformed",
+    "drop_buffer_full": "datagrams dropped because a send buffer or queue was full",
+    "drop_send_error": "datagrams dropped on a send error",
+    "drop_table_full": "datagrams dropped because no association could be made",
+    "drop_too_big": "datagrams dropped as too big for any way out",
+    "drop_no_route": "datagrams dropped for lack of a route or destination",
+    "drop_denied": "datagrams dropped by the destination access list",
+    "reply_fallback": "replies sent from a transparent socket because the raw way could not",
+    "transparent_open": "transparent reply sockets open now",
+    "conn_open": "tunnel or SOCKS5 TCP connections open now",
+    "conn_accepted": "tunnel or SOCKS5 TCP connections accepted",
+    "conn_rejected": "tunnel or SOCKS5 connections rejected (handshake, auth, limits)",
+    "conn_reconnects": "tunnel client reconnections",
+    "frames_bad": "tunnel or SOCKS5 frames rejected as malformed",
+    "queue_drops": "datagrams dropped from a bounded queue (e.g. while reconnecting)",
+    "icmp_errors": "ICMP errors (unreachable, refused) seen on upstream sockets",
+}
+assert set(HELP) == set(COUNTERS)
+
+
+class StatsRegion:
+    """A shared anonymous mapping of ``slots`` counter slots (create before forking)."""
+
+    def __init__(self, slots=256):
+        self.slots = slots
+        self.mem = mmap.mmap(-1, slots * SLOT_BYTES)
+
+    def slot(self, i):
+        """A writable memoryview (uint64 format) of slot i, for the data path."""
+        if not 0 <= i < self.slots:
+            raise IndexError(f"stats slot {i} out of range 0-{self.slots - 1}")
+        return memoryview(self.mem)[i * SLOT_BYTES:(i + 1) * SLOT_BYTES].cast("Q")
+
+    def read(self, i):
+        return dict(zip(COUNTERS, struct.unpack_from(f"{N_COUNTERS}Q", self.mem, i * SLOT_BYTES)))
+
+    def clear(self, i):
+        self.mem[i * SLOT_BYTES:(i + 1) * SLOT_BYTES] = bytes(SLOT_BYTES)
+
+
+def total(dicts):
+    out = dict.fromkeys(COUNTERS, 0)
+    for d in dicts:
+        for k, v in d.items():
+            out[k] += v
+    return out
+
+
+def prometheus(per_listener):
+    """Prometheus text exposition of {listener_name: counters}."""
+    lines = []
+    for name in COUNTERS:
+        metric = f"relay_{name}" + ("" if name in GAUGES else "_total")
+        lines.append(f"# HELP {metric} {HELP[name]}")
+        lines.append(f"# TYPE {metric} {'gauge' if name in GAUGES else 'counter'}")
+        for listener, counters in sorted(per_listener.items()):
+            label = listener.replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'{metric}{{listener="{label}"}} {counters[name]}')
+    return "\n".join(lines) + "\n"
+
+
+def to_json(per_listener):
+    return json.dumps({"listeners": per_listener, "total": total(per_listener.values())},
+                      indent=2, sort_keys=True)
