@@ -1,0 +1,387 @@
+"""The supervisor: forks the workers, restarts the ones that die, serves statistics.
+
+Signals: SIGTERM / SIGINT stop everything cleanly; SIGHUP reloads the configuration file
+(``relay run -c``) and keeps the listeners that did not change.
+"""
+import errno
+import json
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import threading
+import time
+
+from relay import stats as stats_mod
+from relay.worker import worker_main
+
+log = logging.getLogger("relay")
+
+MAX_SLOTS = 4096
+RESTART_BACKOFF_MAX = 5.0
+
+
+class StartError(RuntimeError):
+    """The relay could not start (a worker could not open its sockets, ...)."""
+
+
+def describe_status(status):
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by signal {name}"
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    return f"status {status}"
+
+
+class WorkerHandle:
+    def __init__(self, index):
+        self.index = index
+        self.pid = None
+        self.chan = None
+        self.started = 0.0
+        self.failures = 0
+        self.restart_at = None
+        self.buf = b""
+
+
+class Supervisor:
+    def __init__(self, config, *, config_path=None, loader=None):
+        self.config = config
+        self.config_path = config_path
+        self.loader = loader
+        self.nworkers = max(1, config.global_.workers or os.cpu_count() or 1)
+        self.stats = stats_mod.StatsRegion(MAX_SLOTS)
+        self.slots = {}
+        self.next_slot = 0
+        self._assign_slots(config)
+        self.workers = [WorkerHandle(i) for i in range(self.nworkers)]
+        self.stopping = False
+        self.reload_requested = False
+        self.control = None
+        self.metrics_server = None
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+
+    # ---- slots -----------------------------------------------------------------------
+
+    def _assign_slots(self, config):
+        for lc in config.listeners:
+            if lc.name not in self.slots:
+                if self.next_slot + self.nworkers > MAX_SLOTS:
+                    raise StartError(f"too many listeners over the relay's lifetime (max {MAX_SLOTS} slots)")
+                self.slots[lc.name] = self.next_slot
+                self.next_slot += self.nworkers
+
+    def counters(self):
+        """{listener name: summed counters} for the listeners configured now."""
+        out = {}
+        for lc in self.config.listeners:
+            base = self.slots[lc.name]
+            out[lc.name] = stats_mod.total(self.stats.read(base + i) for i in range(self.nworkers))
+        return out
+
+    # ---- workers ---------------------------------------------------------------------
+
+    def _spawn(self, w):
+        parent, child = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            parent.close()
+            if self.control:
+                self.control.close()
+            worker_main(w.index, self.config, self.stats, dict(self.slots), child,
+                        pin=self.config.global_.pin)
+        child.close()
+        w.pid = pid
+        w.chan = parent
+        w.buf = b""
+        w.started = time.monotonic()
+        w.restart_at = None
+        return w
+
+    def _read_msg(self, w, timeout):
+        deadline = time.monotonic() + timeout
+        while b"\n" not in w.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StartError(f"worker {w.index} did not answer within {timeout:.0f}s")
+            r, _, _ = select.select([w.chan], [], [], left)
+            if r:
+                data = w.chan.recv(65536)
+                if not data:
+                    _, status = os.waitpid(w.pid, 0)
+                    w.pid = None
+                    raise StartError(f"worker {w.index} {describe_status(status)} during start")
+                w.buf += data
+        line, w.buf = w.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def start(self):
+        """Start every worker and wait until each has opened its sockets."""
+        try:
+            for w in self.workers:
+                self._spawn(w)
+                msg = self._read_msg(w, 30)
+                if "error" in msg:
+                    raise StartError(msg["error"])
+        except BaseException:
+            self._terminate_all()
+            raise
+        log.info("relay started: %d worker(s), listeners: %s", self.nworkers,
+                 ", ".join(f"{lc.name} ({lc.mode})" for lc in self.config.listeners))
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for w in self.workers:
+                if w.pid == pid:
+                    w.pid = None
+                    if w.chan:
+                        w.chan.close()
+                        w.chan = None
+                    if self.stopping:
+                        break
+                    lived = time.monotonic() - w.started
+                    w.failures = w.failures + 1 if lived < 5 else 1
+                    delay = min(RESTART_BACKOFF_MAX, 0.1 * (2 ** (w.failures - 1))) if w.failures > 1 else 0
+                    w.restart_at = time.monotonic() + delay
+                    log.warning("worker %d (pid %d) %s; restarting%s", w.index, pid,
+                                describe_status(status), f" in {delay:.1f}s" if delay else "")
+                    break
+
+    def _restart_due(self):
+        now = time.monotonic()
+        for w in self.workers:
+            if w.pid is None and w.restart_at is not None and now >= w.restart_at:
+                try:
+                    self._spawn(w)
+                    msg = self._read_msg(w, 30)
+                    if "error" in msg:
+                        log.error("worker %d could not restart: %s", w.index, msg["error"])
+                        self._kill(w)
+                        w.restart_at = time.monotonic() + RESTART_BACKOFF_MAX
+                    else:
+                        log.info("worker %d restarted (pid %d)", w.index, w.pid)
+                except StartError as e:
+                    log.error("%s", e)
+                    w.restart_at = time.monotonic() + RESTART_BACKOFF_MAX
+
+    def _kill(self, w, sig=signal.SIGKILL):
+        if w.pid:
+            try:
+                os.kill(w.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _terminate_all(self, grace=5.0):
+        self.stopping = True
+        for w in self.workers:
+            self._kill(w, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for w in self.workers:
+            while w.pid:
+                try:
+                    pid, _ = os.waitpid(w.pid, os.WNOHANG)
+                except ChildProcessError:
+                    pid = w.pid
+                if pid:
+                    w.pid = None
+                    break
+                if time.monotonic() > deadline:
+                    self._kill(w)
+                    os.waitpid(w.pid, 0)
+                    w.pid = None
+                    break
+                time.sleep(0.02)
+            if w.chan:
+                w.chan.close()
+                w.chan = None
+
+    # ---- reload ----------------------------------------------------------------------
+
+    def reload(self):
+        if not self.loader or not self.config_path:
+            log.warning("SIGHUP: no configuration file to reload")
+            return
+        try:
+            new = self.loader(self.config_path)
+        except Exception as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            return
+        if new.global_.workers and new.global_.workers != self.nworkers:
+            log.warning("reload: the number of workers cannot change without a restart; keeping %d",
+                        self.nworkers)
+        try:
+            self._assign_slots(new)
+        except StartError as e:
+            log.error("reload refused: %s", e)
+            return
+        self.config = new
+        blob = pickle.dumps(new).hex()
+        for w in self.workers:
+            if w.chan:
+                try:
+                    w.chan.sendall((json.dumps({"config": blob, "slots": self.slots}) + "\n").encode())
+                    msg = self._read_msg(w, 30)
+                    for err in msg.get("errors", []):
+                        log.error("reload: worker %d: %s", w.index, err)
+                except (OSError, StartError) as e:
+                    log.error("reload: worker %d: %s", w.index, e)
+        log.info("configuration reloaded from %s", self.config_path)
+
+    # ---- control socket and metrics ----------------------------------------------------
+
+    def open_control(self, path):
+        if not path:
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                probe.close()
+                raise StartError(f"another relay is already serving the control socket {path}")
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)
+            finally:
+                probe.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        os.chmod(path, 0o660)
+        s.listen(16)
+        self.control = s
+        self.control_path = path
+        threading.Thread(target=self._serve_control, daemon=True, name="control").start()
+
+    def _serve_control(self):
+        while not self.stopping:
+            try:
+                conn, _ = self.control.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(2)
+                    req = conn.recv(256).decode(errors="replace").strip() or "stats"
+                    if req == "stats":
+                        body = stats_mod.to_json(self.counters())
+                    elif req == "metrics":
+                        body = stats_mod.prometheus(self.counters())
+                    else:
+                        body = json.dumps({"error": f"unknown request {req!r}"})
+                    conn.sendall(body.encode())
+                except OSError:
+                    pass
+
+    def open_metrics(self, addr):
+        if not addr:
+            return
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        sup = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path.split("?")[0] not in ("/metrics", "/"):
+                    self.send_error(404)
+                    return
+                body = stats_mod.prometheus(sup.counters()).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        host, port = addr
+        server_cls = ThreadingHTTPServer
+        if ":" in host:
+            class V6(ThreadingHTTPServer):
+                address_family = socket.AF_INET6
+            server_cls = V6
+        self.metrics_server = server_cls((host, port), Handler)
+        threading.Thread(target=self.metrics_server.serve_forever, daemon=True, name="metrics").start()
+
+    # ---- main loop -------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame):
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+        else:
+            self.stopping = True
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass
+
+    def run(self):
+        """Start, then supervise until SIGTERM/SIGINT. Returns the exit code."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+        try:
+            self.open_control(self.config.global_.control_socket)
+            self.open_metrics(self.config.global_.metrics)
+            self.start()
+            while not self.stopping:
+                try:
+                    select.select([self.wake_r], [], [], 0.2)
+                except InterruptedError:
+                    pass
+                try:
+                    while os.read(self.wake_r, 4096):
+                        if not select.select([self.wake_r], [], [], 0)[0]:
+                            break
+                except BlockingIOError:
+                    pass
+                self._reap()
+                if self.stopping:
+                    break
+                if self.reload_requested:
+                    self.reload_requested = False
+                    self.reload()
+                self._restart_due()
+            log.info("stopping")
+            return 0
+        finally:
+            self._terminate_all()
+            if self.metrics_server:
+                self.metrics_server.shutdown()
+            if self.control:
+                self.control.close()
+                try:
+                    os.unlink(self.control_path)
+                except OSError:
+                    pass
+
+
+def query(path, request="stats", timeout=5.0):
+    """Ask a running relay's control socket; returns the response text."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        raise RuntimeError(f"no relay is running with control socket {path} ({e.strerror})") from None
+    with s:
+        s.sendall(request.encode() + b"\n")
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            chunks.append(d)
+    return b"".join(chunks).decode()

@@ -1,0 +1,168 @@
+"""A worker process: runs one data-path service per listener, each in its own thread.
+
+The supervisor forks workers and talks to each over a socketpair with one JSON line per
+message: the worker answers ``{"ready": true}`` or ``{"error": "..."}`` after opening its
+sockets, and accepts ``{"config": <pickled-config hex>}`` to reload (services whose listener
+is unchanged keep running on the same sockets, so they lose nothing).
+"""
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+
+from relay.engine import create_service
+from relay.engine.base import WorkerContext
+
+log = logging.getLogger("relay")
+
+
+class RunningService:
+    def __init__(self, cfg, service, ctx):
+        self.cfg = cfg
+        self.service = service
+        self.ctx = ctx
+        self.thread = threading.Thread(target=self._run, name=f"svc-{cfg.name}", daemon=True)
+        self.failed = None
+
+    def _run(self):
+        try:
+            self.service.run()
+        except BaseException as e:  # a data-path bug must not go unnoticed
+            self.failed = e
+            log.exception("worker %d: listener %s stopped: %s", self.ctx.index, self.cfg.name, e)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def stop(self, timeout=5.0):
+        self.ctx.stop.set()
+        self.thread.join(timeout)
+        self.service.close()
+
+
+class Worker:
+    def __init__(self, index, config, stats, slots, chan):
+        self.index = index
+        self.config = config
+        self.stats = stats
+        self.slots = slots          # listener name -> base slot (slot = base + worker index)
+        self.chan = chan
+        self.services = {}
+        self.stopping = threading.Event()
+
+    def _start(self, lc):
+        ctx = WorkerContext(index=self.index, stats=self.stats.slot(self.slots[lc.name] + self.index))
+        self.stats.clear(self.slots[lc.name] + self.index)
+        svc = create_service(lc, ctx)
+        rs = RunningService(lc, svc, ctx)
+        self.services[lc.name] = rs
+        return rs
+
+    def open_all(self):
+        started = []
+        try:
+            for lc in self.config.listeners:
+                started.append(self._start(lc))
+        except BaseException:
+            for rs in started:
+                rs.service.close()
+            self.services.clear()
+            raise
+        for rs in started:
+            rs.thread.start()
+
+    def reload(self, config, slots):
+        """Apply a new configuration: keep unchanged listeners, restart changed ones."""
+        self.slots = slots
+        new = {lc.name: lc for lc in config.listeners}
+        for name in list(self.services):
+            if name not in new or new[name] != self.services[name].cfg:
+                self.services.pop(name).stop()
+        errors = []
+        for name, lc in new.items():
+            if name not in self.services:
+                try:
+                    self._start(lc).thread.start()
+                except Exception as e:
+                    errors.append(f"{name}: {e}")
+        self.config = config
+        return errors
+
+    def send(self, msg):
+        try:
+            self.chan.sendall((json.dumps(msg) + "\n").encode())
+        except OSError:
+            pass
+
+    def serve(self):
+        buf = b""
+        self.chan.settimeout(0.5)
+        while not self.stopping.is_set():
+            try:
+                data = self.chan.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not data:
+                break       # the supervisor is gone: stop
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                msg = json.loads(line)
+                if "config" in msg:
+                    config = pickle.loads(bytes.fromhex(msg["config"]))
+                    errors = self.reload(config, msg["slots"])
+                    self.send({"reloaded": True, "errors": errors})
+        self.shutdown()
+
+    def shutdown(self):
+        for rs in self.services.values():
+            rs.ctx.stop.set()
+        for rs in self.services.values():
+            rs.stop()
+        self.services.clear()
+
+
+def worker_main(index, config, stats, slots, chan, pin=False):
+    """Entry point in the forked child. Never returns."""
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if pin:
+            _pin(index)
+        w = Worker(index, config, stats, slots, chan)
+
+        def on_term(signum, frame):
+            w.stopping.set()
+        signal.signal(signal.SIGTERM, on_term)
+        try:
+            w.open_all()
+        except Exception as e:
+            w.send({"error": str(e)})
+            os._exit(3)
+        if config.global_.user:
+            from relay.privileges import drop_privileges
+            try:
+                drop_privileges(config.global_.user)
+            except Exception as e:
+                w.send({"error": f"dropping privileges to {config.global_.user}: {e}"})
+                os._exit(3)
+        w.send({"ready": True})
+        w.serve()
+    except BaseException:
+        logging.getLogger("relay").exception("worker %d failed", index)
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _pin(index):
+    import psutil
+    cpus = sorted(psutil.Process().cpu_affinity() or range(os.cpu_count() or 1))
+    psutil.Process().cpu_affinity([cpus[index % len(cpus)]])
