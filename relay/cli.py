@@ -14,8 +14,15 @@ DEFAULT_CONTROL = "/run/relay/relay.sock"
 LOG_FORMAT = "%(asctime)s relay[%(process)d] %(levelname)s %(message)s"
 
 
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, unless there is none or the help already names it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" not in text and action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
 
 
 def _runtime_options(p):
@@ -53,7 +60,7 @@ def _flow_options(p):
 
 
 def _listener_from_args(args, mode):
-    lc = {"name": args.name or f"{mode}-{args.listen}", "mode": mode, "listen": args.listen,
+    lc = {"name": args.name or mode, "mode": mode, "listen": args.listen,
           "timeout": args.timeout, "max_associations": args.max_associations,
           "mark": args.mark, "batch": args.batch}
     if args.upstream:
@@ -132,7 +139,8 @@ def _cmd_stats(args):
         return 0
     data = json.loads(text)
     names = sorted(data["listeners"])
-    rows = [(k, [data["listeners"][n][k] for n in names], data["total"][k]) for k in data["total"]]
+    from relay.stats import COUNTERS
+    rows = [(k, [data["listeners"][n][k] for n in names], data["total"][k]) for k in COUNTERS]
     width = max(len(r[0]) for r in rows)
     cols = [max(12, len(n)) for n in names]
     print(" " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols)) + "  " + "total".rjust(14))
@@ -158,7 +166,7 @@ def build_parser():
     f.add_argument("--listen", required=True, metavar="HOST:PORT",
                    help="address to listen on; [::]:PORT listens on IPv6 and IPv4")
     f.add_argument("--to", required=True, metavar="HOST:PORT", help="destination")
-    f.add_argument("--name", default=None, help="listener name in stats (default: forward-LISTEN)")
+    f.add_argument("--name", default=None, help="listener name in stats and metrics (default: forward)")
     _flow_options(f)
     _runtime_options(f)
     f.set_defaults(func=_cmd_mode, mode="forward")
@@ -179,7 +187,7 @@ def build_parser():
                    help="transparent reply sockets kept open per worker (LRU)")
     r.add_argument("--transparent-idle", type=float, default=30.0, metavar="SECONDS",
                    help="idle time after which a transparent reply socket is closed")
-    r.add_argument("--name", default=None, help="listener name in stats (default: redir-LISTEN)")
+    r.add_argument("--name", default=None, help="listener name in stats and metrics (default: redir)")
     _flow_options(r)
     _runtime_options(r)
     r.set_defaults(func=_cmd_mode, mode="redir")
@@ -207,9 +215,13 @@ def build_parser():
 
     from relay import rules
     rules.add_cli(sub)
-    from relay.engine import socks5, tunnel
-    tunnel.add_cli(sub)
-    socks5.add_cli(sub)
+    import importlib
+    for mod in ("relay.engine.tunnel", "relay.engine.socks5"):
+        try:
+            importlib.import_module(mod).add_cli(sub)
+        except ModuleNotFoundError as e:   # TEMP until the tunnel modules land
+            if e.name != mod:
+                raise
     return p
 
 
@@ -219,7 +231,11 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:        # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class Supervisor:
         self.nworkers = max(1, config.global_.workers or os.cpu_count() or 1)
         self.stats = stats_mod.StatsRegion(MAX_SLOTS)
         self.slots = {}
+        self.retired = {}           # listener -> counters of workers that died (not gauges)
         self.next_slot = 0
         self._assign_slots(config)
         self.workers = [WorkerHandle(i) for i in range(self.nworkers)]
@@ -84,8 +85,19 @@ class Supervisor:
         out = {}
         for lc in self.config.listeners:
             base = self.slots[lc.name]
-            out[lc.name] = stats_mod.total(self.stats.read(base + i) for i in range(self.nworkers))
+            out[lc.name] = stats_mod.total([*(self.stats.read(base + i) for i in range(self.nworkers)),
+                                            self.retired.get(lc.name, {})])
         return out
+
+    def _retire_slots(self, index):
+        """Keep a dead worker's counts (gauges excepted) and clear its slots for the next one."""
+        for name, base in self.slots.items():
+            counts = self.stats.read(base + index)
+            acc = self.retired.setdefault(name, {})
+            for k, v in counts.items():
+                if k not in stats_mod.GAUGES:
+                    acc[k] = acc.get(k, 0) + v
+            self.stats.clear(base + index)
 
     # ---- workers ---------------------------------------------------------------------
 
@@ -153,6 +165,7 @@ class Supervisor:
                         w.chan = None
                     if self.stopping:
                         break
+                    self._retire_slots(w.index)
                     lived = time.monotonic() - w.started
                     w.failures = w.failures + 1 if lived < 5 else 1
                     delay = min(RESTART_BACKOFF_MAX, 0.1 * (2 ** (w.failures - 1))) if w.failures > 1 else 0
@@ -243,6 +256,19 @@ class Supervisor:
 
     # ---- control socket and metrics ----------------------------------------------------
 
+    def _check_control(self, path):
+        """Refuse to start when another relay serves this control socket; remove a stale one."""
+        if not path or not os.path.exists(path):
+            return
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            raise StartError(f"another relay is already serving the control socket {path}")
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+        finally:
+            probe.close()
+
     def open_control(self, path):
         if not path:
             return
@@ -320,7 +346,7 @@ class Supervisor:
     def _on_signal(self, signum, frame):
         if signum == signal.SIGHUP:
             self.reload_requested = True
-        else:
+        elif signum in (signal.SIGTERM, signal.SIGINT):
             self.stopping = True
         try:
             os.write(self.wake_w, b"x")
@@ -332,9 +358,11 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
         try:
+            self._check_control(self.config.global_.control_socket)
+            self.start()
+            # Only now: a control socket that answers means every worker's sockets are bound.
             self.open_control(self.config.global_.control_socket)
             self.open_metrics(self.config.global_.metrics)
-            self.start()
             while not self.stopping:
                 try:
                     select.select([self.wake_r], [], [], 0.2)

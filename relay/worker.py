@@ -54,16 +54,20 @@ class Worker:
 
     def _start(self, lc):
         ctx = WorkerContext(index=self.index, stats=self.stats.slot(self.slots[lc.name] + self.index))
-        self.stats.clear(self.slots[lc.name] + self.index)
         svc = create_service(lc, ctx)
         rs = RunningService(lc, svc, ctx)
         self.services[lc.name] = rs
         return rs
 
+    def mine(self, config):
+        """The listeners this worker runs (a listener may ask for fewer workers)."""
+        return {lc.name: lc for lc in config.listeners
+                if lc.workers is None or self.index < lc.workers}
+
     def open_all(self):
         started = []
         try:
-            for lc in self.config.listeners:
+            for lc in self.mine(self.config).values():
                 started.append(self._start(lc))
         except BaseException:
             for rs in started:
@@ -76,7 +80,7 @@ class Worker:
     def reload(self, config, slots):
         """Apply a new configuration: keep unchanged listeners, restart changed ones."""
         self.slots = slots
-        new = {lc.name: lc for lc in config.listeners}
+        new = self.mine(config)
         for name in list(self.services):
             if name not in new or new[name] != self.services[name].cfg:
                 self.services.pop(name).stop()

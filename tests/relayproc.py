@@ -1,0 +1,106 @@
+"""Start the `relay` command in a namespace (or on the host) and talk to its control socket."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from tests.netns import wait_until
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def relay_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+class RelayProcess:
+    """`relay ARGS...` with its own control socket; stopped (SIGTERM, then SIGKILL) on close."""
+
+    def __init__(self, args, ns=None, workers=1):
+        self.dir = tempfile.mkdtemp(prefix="relay-test-")
+        self.control = os.path.join(self.dir, "control.sock")
+        self.args = [sys.executable, "-m", "relay", *map(str, args)]
+        if "run" not in args[:1]:
+            self.args += ["--control", self.control, "--workers", str(workers), "--log-level", "debug"]
+        self.stderr_path = os.path.join(self.dir, "stderr.log")
+        self.stderr = open(self.stderr_path, "w+")
+        popen_kw = dict(stdout=subprocess.DEVNULL, stderr=self.stderr, env=relay_env())
+        if ns is not None:
+            self.proc = ns.popen(self.args, **popen_kw)
+        else:
+            self.proc = subprocess.Popen(self.args, start_new_session=True, **popen_kw)
+
+    def log(self):
+        self.stderr.flush()
+        with open(self.stderr_path) as f:
+            return f.read()
+
+    def wait_ready(self, timeout=20):
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                self.stats()
+                return True
+            except OSError:
+                return False
+        wait_until(ready, timeout, what="relay control socket")
+        return self
+
+    def stats(self, listener=None):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        with s:
+            s.connect(self.control)
+            s.sendall(b"stats\n")
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while True:
+                d = s.recv(65536)
+                if not d:
+                    break
+                data += d
+        doc = json.loads(data)
+        return doc["total"] if listener is None else doc["listeners"][listener]
+
+    def worker_pids(self):
+        import psutil
+        return sorted(c.pid for c in psutil.Process(self._main_pid()).children())
+
+    def _main_pid(self):
+        import psutil
+        p = psutil.Process(self.proc.pid)
+        # `ip netns exec` execs the command, so the pid is the relay's own
+        for c in [p] + p.children(recursive=True):
+            if "relay" in " ".join(c.cmdline()) and c.cmdline()[:1] == [sys.executable]:
+                return c.pid
+        return p.pid
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.stderr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def udp_roundtrip(sock, dst, payload, timeout=2.0):
+    """Send payload to dst and return (data, source) of the reply."""
+    sock.settimeout(timeout)
+    sock.sendto(payload, dst)
+    data, src = sock.recvfrom(65535)
+    return data, src[:2]

@@ -1,0 +1,150 @@
+"""`relay redir` end to end: TPROXY rules from `relay rules apply`, client -- router -- server."""
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.netns import CLI4, CLI6, SRV4, SRV4_B, SRV6, SRV6_B, start_echo, wait_until
+from tests.relayproc import RelayProcess, relay_env, udp_roundtrip
+
+pytestmark = pytest.mark.netns
+
+PORT = 7000
+FAMILIES = {4: (socket.AF_INET, SRV4, SRV4_B), 6: (socket.AF_INET6, SRV6, SRV6_B)}
+
+# Answers every datagram from its own socket, then a second time from another address and
+# port (a different remote replying to the same association: full cone).
+CONE_SERVER = r"""
+import selectors, socket, sys
+pairs = []
+for spec in sys.argv[1:]:
+    a, b = spec.split(",")
+    ha, pa = a.rsplit(":", 1); hb, pb = b.rsplit(":", 1)
+    fam = socket.AF_INET6 if ":" in ha else socket.AF_INET
+    sa = socket.socket(fam, socket.SOCK_DGRAM); sa.bind((ha.strip("[]"), int(pa)))
+    sb = socket.socket(fam, socket.SOCK_DGRAM); sb.bind((hb.strip("[]"), int(pb)))
+    pairs.append((sa, sb))
+sel = selectors.DefaultSelector()
+for sa, sb in pairs:
+    sel.register(sa, selectors.EVENT_READ, sb)
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        data, peer = key.fileobj.recvfrom(65535)
+        key.fileobj.sendto(data, peer)
+        key.data.sendto(b"cone:" + data, peer)
+"""
+
+
+def rules(topo, action):
+    return subprocess.run(
+        ["ip", "netns", "exec", topo.rtr.name, sys.executable, "-m", "relay", "rules", action,
+         "--port", str(PORT), "--iface", "rtr0"],
+        capture_output=True, text=True, env=relay_env(), timeout=30)
+
+
+def snapshot(topo):
+    """Ruleset, policy rules and routes of the router. Routes the kernel adds by itself
+    (proto kernel: link-local ones appear a moment after a link comes up) are left out."""
+    out = []
+    for cmd in (["nft", "list", "ruleset"], ["ip", "rule"], ["ip", "-6", "rule"],
+                ["ip", "route", "show", "table", "all"], ["ip", "-6", "route", "show", "table", "all"]):
+        text = topo.rtr.run(*cmd).stdout
+        out.append("\n".join(l for l in text.splitlines() if "proto kernel" not in l))
+    return out
+
+
+@pytest.fixture
+def router(topo):
+    r = rules(topo, "apply")
+    assert r.returncode == 0, r.stderr
+    yield topo
+
+
+def start_redir(topo, reply, *extra, workers=1):
+    return RelayProcess(["redir", "--listen", f"[::]:{PORT}", "--reply", reply, *extra],
+                        ns=topo.rtr, workers=workers).wait_ready()
+
+
+@pytest.mark.parametrize("reply", ["raw", "transparent"])
+@pytest.mark.parametrize("fam", [4, 6])
+def test_echo_every_size_from_the_servers_own_address(router, fam, reply):
+    topo = router
+    family, srv, _ = FAMILIES[fam]
+    start_echo(topo.srv, f"{SRV4}:5000", f"[{SRV6}]:5000")
+    with start_redir(topo, reply) as relay:
+        c = topo.cli.socket(family)
+        for size in (0, 1, 1472, 3000):
+            payload = bytes((i * 7 + size) & 0xff for i in range(size))
+            data, src = udp_roundtrip(c, (srv, 5000), payload)
+            assert data == payload, f"size {size}"
+            assert src == (srv, 5000), f"size {size}: reply came from {src}"
+        st = relay.stats()
+        assert st["up_datagrams"] == 4 and st["down_datagrams"] == 4, (st, relay.log()[-3000:])
+        assert st["assoc_created"] == 1
+        if reply == "raw":
+            # 3000 bytes exceed the 1500-byte MTU: those replies took the transparent way
+            assert st["reply_fallback"] >= 1
+        assert relay.proc.poll() is None
+
+
+@pytest.mark.parametrize("reply", ["raw", "transparent"])
+@pytest.mark.parametrize("fam", [4, 6])
+def test_full_cone_second_remote_is_delivered_as_itself(router, fam, reply):
+    topo = router
+    family, srv, srv_b = FAMILIES[fam]
+    fmt = (lambda h, p: f"[{h}]:{p}") if fam == 6 else (lambda h, p: f"{h}:{p}")
+    p = topo.srv.python(CONE_SERVER, f"{fmt(srv, 5000)},{fmt(srv_b, 5001)}", text=True)
+    assert p.stdout.readline().strip() == "ready"
+    with start_redir(topo, reply):
+        c = topo.cli.socket(family)
+        c.settimeout(3)
+        c.sendto(b"ping", (srv, 5000))
+        got = {c.recvfrom(100)[0:2][1][:2]: None for _ in range(2)}
+        assert set(got) == {(srv, 5000), (srv_b, 5001)}
+
+
+def test_both_families_share_one_listener_and_count_flows(router):
+    topo = router
+    start_echo(topo.srv, f"{SRV4}:5000", f"[{SRV6}]:5000")
+    with start_redir(topo, "raw") as relay:
+        c4 = topo.cli.socket(socket.AF_INET)
+        c6 = topo.cli.socket(socket.AF_INET6)
+        for i in range(20):
+            assert udp_roundtrip(c4, (SRV4, 5000), b"v4-%d" % i)[0] == b"v4-%d" % i
+            assert udp_roundtrip(c6, (SRV6, 5000), b"v6-%d" % i)[0] == b"v6-%d" % i
+        st = relay.stats()
+        assert st["assoc_created"] == 2 and st["assoc_open"] == 2
+        assert st["up_datagrams"] == 40 and st["down_datagrams"] == 40
+        assert st["drop_send_error"] == 0 and st["drop_no_route"] == 0
+
+
+def test_raw_replies_open_no_descriptor_per_remote(router):
+    """Replies from 40 different remote ports: the raw path opens no socket per remote."""
+    import psutil
+    topo = router
+    specs = [f"{SRV4}:{5100 + i}" for i in range(40)]
+    start_echo(topo.srv, *specs)
+    with start_redir(topo, "raw") as relay:
+        c = topo.cli.socket(socket.AF_INET)
+        udp_roundtrip(c, (SRV4, 5100), b"warm")
+        worker = psutil.Process(relay.worker_pids()[0])
+        before = worker.num_fds()
+        for i in range(40):
+            data, src = udp_roundtrip(c, (SRV4, 5100 + i), b"x")
+            assert src == (SRV4, 5100 + i)
+        assert worker.num_fds() == before
+        assert relay.stats()["transparent_open"] == 0
+
+
+def test_rules_remove_leaves_no_trace(topo):
+    before = snapshot(topo)
+    r = rules(topo, "apply")
+    assert r.returncode == 0, r.stderr
+    applied = snapshot(topo)
+    assert applied != before
+    assert "tproxy" in applied[0]
+    r = rules(topo, "remove")
+    assert r.returncode == 0, r.stderr
+    assert snapshot(topo) == before
