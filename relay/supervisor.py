@@ -361,8 +361,8 @@ class Supervisor:
             self._check_control(self.config.global_.control_socket)
             self.start()
             # Only now: a control socket that answers means every worker's sockets are bound.
-            self.open_control(self.config.global_.control_socket)
             self.open_metrics(self.config.global_.metrics)
+            self.open_control(self.config.global_.control_socket)
             while not self.stopping:
                 try:
                     select.select([self.wake_r], [], [], 0.2)

@@ -68,6 +68,20 @@ class RelayProcess:
         doc = json.loads(data)
         return doc["total"] if listener is None else doc["listeners"][listener]
 
+    def settled_stats(self, pred, timeout=5.0, listener=None):
+        """Counters once pred(counters) holds. A reply reaches the client a moment before
+        the worker has counted it, so tests wait for the counters rather than read once."""
+        last = {}
+
+        def check():
+            last.update(self.stats(listener))
+            return pred(last)
+        try:
+            wait_until(check, timeout, what="counters")
+        except TimeoutError:
+            raise AssertionError(f"counters never matched: { {k: v for k, v in last.items() if v} }")
+        return dict(last)
+
     def worker_pids(self):
         import psutil
         return sorted(c.pid for c in psutil.Process(self._main_pid()).children())

@@ -1,0 +1,151 @@
+"""`relay forward` end to end, plus the control plane: timeouts, the cap, workers, stats."""
+import os
+import signal
+import socket
+import urllib.request
+
+import pytest
+
+from tests.netns import RTR4_CLI, RTR6_CLI, SRV4, SRV6, start_echo, wait_until
+from tests.relayproc import RelayProcess, udp_roundtrip
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def echo(topo):
+    start_echo(topo.srv, f"{SRV4}:5000", f"[{SRV6}]:5000")
+    return topo
+
+
+def start_forward(topo, to, *extra, workers=1, port=6000):
+    return RelayProcess(["forward", "--listen", f"[::]:{port}", "--to", to, *extra],
+                        ns=topo.rtr, workers=workers).wait_ready()
+
+
+@pytest.mark.parametrize("client_fam,target", [
+    (socket.AF_INET, f"{SRV4}:5000"), (socket.AF_INET6, f"[{SRV6}]:5000"),
+    (socket.AF_INET6, f"{SRV4}:5000"), (socket.AF_INET, f"[{SRV6}]:5000"),
+])
+def test_echo_every_size_returns_from_the_listen_address(echo, client_fam, target):
+    listen = (RTR4_CLI if client_fam == socket.AF_INET else RTR6_CLI, 6000)
+    with start_forward(echo, target) as relay:
+        c = echo.cli.socket(client_fam)
+        # the largest datagram both families can carry (IPv6 carries 65527 bytes, IPv4 65507)
+        v6_only = client_fam == socket.AF_INET6 and target.startswith("[")
+        sizes = (0, 1, 1472, 3000, 65527 if v6_only else 65507)
+        for size in sizes:
+            payload = os.urandom(size)
+            data, src = udp_roundtrip(c, listen, payload)
+            assert data == payload, f"size {size}"
+            assert src == listen
+        relay.settled_stats(lambda st: st["up_datagrams"] == len(sizes) == st["down_datagrams"]
+                            and st["up_bytes"] == sum(sizes) == st["down_bytes"]
+                            and st["assoc_created"] == 1)
+
+
+def test_each_client_gets_its_own_association(echo):
+    with start_forward(echo, f"{SRV4}:5000") as relay:
+        clients = [echo.cli.socket(socket.AF_INET) for _ in range(30)]
+        for rnd in range(3):
+            for i, c in enumerate(clients):
+                msg = b"%d:%d" % (i, rnd)
+                assert udp_roundtrip(c, (RTR4_CLI, 6000), msg)[0] == msg
+        relay.settled_stats(lambda st: st["assoc_created"] == 30 and st["assoc_open"] == 30
+                            and st["up_datagrams"] == 90 == st["down_datagrams"])
+
+
+def test_idle_timeout_frees_associations(echo):
+    with start_forward(echo, f"{SRV4}:5000", "--timeout", "0.5") as relay:
+        for _ in range(5):
+            udp_roundtrip(echo.cli.socket(socket.AF_INET), (RTR4_CLI, 6000), b"x")
+        assert relay.stats()["assoc_open"] == 5
+        wait_until(lambda: relay.stats()["assoc_open"] == 0, 10, what="idle associations to expire")
+        assert relay.stats()["assoc_expired"] == 5
+
+
+def test_traffic_refreshes_the_idle_timer(echo):
+    import time
+    with start_forward(echo, f"{SRV4}:5000", "--timeout", "1.0") as relay:
+        c = echo.cli.socket(socket.AF_INET)
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:
+            udp_roundtrip(c, (RTR4_CLI, 6000), b"keep")
+            time.sleep(0.2)
+        st = relay.stats()
+        assert st["assoc_created"] == 1 and st["assoc_expired"] == 0
+
+
+def test_cap_evicts_the_least_recently_used(echo):
+    with start_forward(echo, f"{SRV4}:5000", "--max-associations", "3") as relay:
+        c = [echo.cli.socket(socket.AF_INET) for _ in range(4)]
+
+        def hit(i):
+            assert udp_roundtrip(c[i], (RTR4_CLI, 6000), b"%d" % i)[0] == b"%d" % i
+
+        for i in (0, 1, 2, 3):          # 3 arrives at the cap: 0 (least recent) is evicted
+            hit(i)
+        for i in (3, 1, 2):             # all still there: nothing created
+            hit(i)
+        st = relay.stats()
+        assert (st["assoc_created"], st["assoc_evicted"], st["assoc_open"]) == (4, 1, 3)
+        hit(0)                          # back: evicts 3, now the least recently used
+        st = relay.stats()
+        assert (st["assoc_created"], st["assoc_evicted"]) == (5, 2)
+        hit(1)
+        hit(2)
+        assert relay.stats()["assoc_created"] == 5
+        hit(3)
+        assert relay.stats()["assoc_created"] == 6
+
+
+def test_killed_worker_is_replaced_and_traffic_continues(echo):
+    with start_forward(echo, f"{SRV4}:5000", workers=2) as relay:
+        pids = relay.worker_pids()
+        assert len(pids) == 2
+        clients = [echo.cli.socket(socket.AF_INET) for _ in range(10)]
+        for c in clients:
+            udp_roundtrip(c, (RTR4_CLI, 6000), b"before")
+        before = relay.stats()["up_datagrams"]
+        os.kill(pids[0], signal.SIGKILL)
+        wait_until(lambda: len(relay.worker_pids()) == 2 and relay.worker_pids() != pids, 5,
+                   what="a replacement worker")
+        for c in clients:
+            assert udp_roundtrip(c, (RTR4_CLI, 6000), b"after")[0] == b"after"
+        # the dead worker's counts are kept
+        relay.settled_stats(lambda st: st["up_datagrams"] == before + 10)
+        assert "killed by signal SIGKILL" in relay.log()
+
+
+def test_too_big_for_the_upstream_family_is_counted(echo):
+    with start_forward(echo, f"{SRV4}:5000") as relay:
+        c = echo.cli.socket(socket.AF_INET6)
+        c.sendto(b"z" * 65527, (RTR6_CLI, 6000))   # fits IPv6, not IPv4
+        assert udp_roundtrip(c, (RTR6_CLI, 6000), b"small")[0] == b"small"
+        assert relay.stats()["drop_too_big"] == 1
+
+
+def test_unreachable_upstream_is_counted_not_fatal(echo):
+    # Nothing listens on port 5999 of the server: ICMP port unreachable comes back. (An
+    # error that lands in the middle of a sendmmsg batch is dropped by the kernel, which
+    # sends the rest anyway; spaced datagrams let the errors arrive between batches.)
+    import time
+    with start_forward(echo, f"{SRV4}:5999") as relay:
+        c = echo.cli.socket(socket.AF_INET)
+        for _ in range(20):
+            c.sendto(b"x", (RTR4_CLI, 6000))
+            time.sleep(0.02)
+        wait_until(lambda: relay.stats()["icmp_errors"] > 0, 5, what="ICMP errors counted")
+        assert relay.proc.poll() is None
+        assert relay.stats()["up_datagrams"] >= 10
+
+
+def test_metrics_endpoint_serves_prometheus_text(echo):
+    with start_forward(echo, f"{SRV4}:5000", "--metrics", "127.0.0.1:9464") as relay:
+        udp_roundtrip(echo.cli.socket(socket.AF_INET), (RTR4_CLI, 6000), b"m")
+        relay.settled_stats(lambda st: st["down_datagrams"] == 1)
+        with echo.rtr.enter():
+            body = urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=5).read().decode()
+        assert '# TYPE relay_up_datagrams_total counter' in body
+        assert 'relay_up_datagrams_total{listener="forward"} 1' in body
+        assert 'relay_assoc_open{listener="forward"} 1' in body
