@@ -215,13 +215,9 @@ def build_parser():
 
     from relay import rules
     rules.add_cli(sub)
-    import importlib
-    for mod in ("relay.engine.tunnel", "relay.engine.socks5"):
-        try:
-            importlib.import_module(mod).add_cli(sub)
-        except ModuleNotFoundError as e:   # TEMP until the tunnel modules land
-            if e.name != mod:
-                raise
+    from relay.engine import socks5, tunnel
+    tunnel.add_cli(sub)
+    socks5.add_cli(sub)
     return p
 
 

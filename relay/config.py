@@ -1,0 +1,519 @@
+"""``relay run -c relay.toml``: the TOML config, typed and validated.
+
+Layout::
+
+    [global]
+    workers = 2
+    log_level = "info"
+
+    [[listener]]
+    name = "dns"
+    mode = "forward"
+    listen = "[::]:5353"
+    to = "198.51.100.2:53"
+
+``load_config(path)`` / ``parse_config(text_or_dict)`` return a frozen ``Config``. Every
+problem raises ``ConfigError`` (a ValueError) whose message reads ``FILE: KEY: REASON``,
+e.g. ``relay.toml: listener[1].listen: port out of range 1-65535: 70000``. Addresses are
+parsed here: ``listen`` is an IP literal, ``to``/``server``/``upstream`` may be host names,
+resolved once at load time. docs/config.md lists every key.
+"""
+import difflib
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from relay.addr import Upstream, format_hostport, parse_cidr, parse_hostport, parse_upstream
+
+__all__ = [
+    "ConfigError", "Config", "GlobalConfig", "ListenerConfig", "ConfigDiff",
+    "load_config", "parse_config", "parse_listener",
+    "MODES", "LOG_LEVELS", "REPLY_MODES", "MODE_KEYS",
+]
+
+MODES = ("forward", "redir", "tunnel-server", "tunnel-client", "socks5")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+REPLY_MODES = ("raw", "transparent")
+
+MAX_WORKERS = 1024
+MAX_BATCH = 1024            # UIO_MAXIOV: the most messages one recvmmsg/sendmmsg takes
+MAX_ASSOCIATIONS = 1 << 24
+MAX_TRANSPARENT_CACHE = 1 << 20
+MAX_CONNECTIONS = 256
+MAX_TIMEOUT = 7 * 24 * 3600.0
+SUN_PATH_MAX = 107          # sockaddr_un.sun_path is 108 bytes with the final NUL
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A config problem: ``FILE: KEY: REASON``. ``source``, ``key``, ``reason`` hold the parts."""
+
+    def __init__(self, source, key, reason):
+        self.source = source
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
+
+
+@dataclass(frozen=True)
+class GlobalConfig:
+    """The ``[global]`` table."""
+    workers: int = field(default_factory=lambda: max(1, min(os.cpu_count() or 1, MAX_WORKERS)))
+    pin: bool = False
+    log_level: str = "info"
+    control_socket: Optional[str] = "/run/relay/relay.sock"   # None: no control socket
+    metrics: Optional[tuple] = None          # (host, port) serving Prometheus text
+    user: Optional[str] = None               # drop privileges to this user after binding
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """One ``[[listener]]``. Addresses are ``(host, port)`` tuples with IP literal hosts;
+    ``upstream`` is None for direct; ``allow``/``deny`` are tuples of ipaddress networks."""
+    name: str
+    mode: str
+    listen: tuple
+    to: Optional[tuple] = None
+    server: Optional[tuple] = None
+    upstream: Optional[Upstream] = None
+    reply: str = "raw"
+    mark: int = 255
+    timeout: float = 60.0
+    max_associations: int = 65536
+    transparent_cache: int = 1024
+    transparent_idle: float = 30.0
+    batch: int = 64
+    secret: Optional[str] = field(default=None, repr=False)
+    user: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)
+    allow: tuple = ()
+    deny: tuple = ()
+    connections: int = 1
+    insecure: bool = False
+    workers: Optional[int] = None            # None: the global number
+
+    def effective_workers(self, global_):
+        return self.workers if self.workers is not None else global_.workers
+
+
+@dataclass(frozen=True)
+class ConfigDiff:
+    """What a reload changes, by listener name."""
+    added: tuple
+    removed: tuple
+    changed: tuple
+    unchanged: tuple
+
+
+@dataclass(frozen=True)
+class Config:
+    global_: GlobalConfig
+    listeners: tuple
+
+    def listeners_by_name(self):
+        return {lst.name: lst for lst in self.listeners}
+
+    def diff(self, new):
+        """Compare with the config ``new`` (a reload): names of added, removed, changed and
+        unchanged listeners. A listener whose fields are equal but whose effective worker
+        count changed (it inherits ``global.workers``) counts as changed."""
+        old_by, new_by = self.listeners_by_name(), new.listeners_by_name()
+        added = tuple(n for n in new_by if n not in old_by)
+        removed = tuple(n for n in old_by if n not in new_by)
+        changed, unchanged = [], []
+        for n in new_by:
+            if n not in old_by:
+                continue
+            a, b = old_by[n], new_by[n]
+            same = a == b and a.effective_workers(self.global_) == b.effective_workers(new.global_)
+            (unchanged if same else changed).append(n)
+        return ConfigDiff(added, removed, tuple(changed), tuple(unchanged))
+
+
+# --- which keys each mode takes -------------------------------------------------------
+
+_COMMON = {"name", "mode", "listen", "mark", "timeout", "max_associations", "batch", "workers"}
+_TUNNEL_UP = {"secret", "connections"}       # with a tunnel:// upstream
+MODE_KEYS = {
+    "forward": _COMMON | {"to", "upstream"} | _TUNNEL_UP,
+    "redir": _COMMON | {"upstream", "reply", "transparent_cache", "transparent_idle"} | _TUNNEL_UP,
+    "tunnel-server": _COMMON | {"secret", "allow", "deny", "insecure"},
+    "tunnel-client": _COMMON | {"to", "server", "secret", "connections"},
+    "socks5": _COMMON | {"user", "password", "allow", "deny", "insecure"},
+}
+MODE_REQUIRED = {
+    "forward": ("to",),
+    "redir": (),
+    "tunnel-server": (),
+    "tunnel-client": ("server", "to"),
+    "socks5": (),
+}
+LISTENER_KEYS = tuple(f.name for f in fields(ListenerConfig))
+GLOBAL_KEYS = tuple(f.name for f in fields(GlobalConfig))
+TOP_KEYS = ("global", "listener")
+# Which sockets a listen address binds: two listeners may not share one.
+_LISTEN_PROTO = {"forward": "udp", "redir": "udp", "tunnel-client": "udp",
+                 "tunnel-server": "tcp", "socks5": "tcp"}
+
+
+# --- value checking -------------------------------------------------------------------
+
+def _describe(value):
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value!r}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        return 'string "' + shown.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "table"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    if value is None:
+        return "nothing"
+    name = type(value).__name__
+    return {"datetime": "datetime", "date": "date", "time": "time"}.get(name, name)
+
+
+class _Ctx:
+    """Where we are (file and key path) while checking values."""
+
+    def __init__(self, source, resolve):
+        self.source = source
+        self.resolve = resolve
+
+    def error(self, key, reason):
+        return ConfigError(self.source, key, reason)
+
+
+def _get_int(ctx, key, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ctx.error(key, f"expected an integer, got {_describe(value)}")
+    if not low <= value <= high:
+        raise ctx.error(key, f"out of range {low}-{high}: {value}")
+    return value
+
+
+def _get_float(ctx, key, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ctx.error(key, f"expected a number, got {_describe(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ctx.error(key, f"must be a finite number, got {value}")
+    if not low < value <= high:
+        raise ctx.error(key, f"out of range (must be > {low:g} and <= {high:g}): {value:g}")
+    return value
+
+
+def _get_bool(ctx, key, value):
+    if not isinstance(value, bool):
+        raise ctx.error(key, f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _get_str(ctx, key, value, *, nonempty=True):
+    if not isinstance(value, str):
+        raise ctx.error(key, f"expected a string, got {_describe(value)}")
+    if nonempty and not value:
+        raise ctx.error(key, "must not be empty")
+    if "\x00" in value:
+        raise ctx.error(key, "must not contain NUL characters")
+    return value
+
+
+def _get_choice(ctx, key, value, choices, what):
+    value = _get_str(ctx, key, value)
+    low = value.lower()
+    if low in choices:
+        return low
+    hint = _did_you_mean(low, choices)
+    raise ctx.error(key, f"unknown {what} \"{value}\"{hint} (known: {', '.join(choices)})")
+
+
+def _get_addr(ctx, key, value, *, listen):
+    value = _get_str(ctx, key, value)
+    try:
+        return parse_hostport(value, what="address", resolve=(ctx.resolve and not listen))
+    except ValueError as exc:
+        raise ctx.error(key, _strip_what(str(exc), value)) from None
+
+
+def _strip_what(message, value):
+    """Drop the "address '...': " prefix of relay.addr messages (the key already says which
+    address); keep the value at the end when the reason does not quote it already."""
+    prefix = f"address {value!r}: "
+    if message.startswith(prefix):
+        message = message[len(prefix):]
+        if "'" not in message and not message.startswith("port out of range"):
+            message = f"{message}: \"{value}\""
+    return message
+
+
+def _get_cidrs(ctx, key, value):
+    if not isinstance(value, (list, tuple)):
+        raise ctx.error(key, f"expected an array of CIDR strings, got {_describe(value)}")
+    nets = []
+    for i, item in enumerate(value):
+        k = f"{key}[{i}]"
+        item = _get_str(ctx, k, item)
+        try:
+            net = parse_cidr(item)
+        except ValueError as exc:
+            raise ctx.error(k, str(exc)) from None
+        if net not in nets:
+            nets.append(net)
+    return tuple(nets)
+
+
+def _get_credential(ctx, key, value):
+    value = _get_str(ctx, key, value)
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > 255:
+        raise ctx.error(key, f"at most 255 bytes (RFC 1929), got {size}")
+    return value
+
+
+def _did_you_mean(key, known):
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f", did you mean \"{close[0]}\"?" if close else ""
+
+
+def _check_keys(ctx, prefix, table, known):
+    for key in table:
+        if not isinstance(key, str):
+            raise ctx.error(prefix or "(top level)", f"keys must be strings, got {_describe(key)}")
+        if key not in known:
+            path = f"{prefix}.{key}" if prefix else key
+            raise ctx.error(path, f"unknown key{_did_you_mean(key, known)} "
+                                  f"(known: {', '.join(known)})")
+
+
+def _is_loopback(host):
+    return ipaddress.ip_address(host).is_loopback
+
+
+# --- sections -------------------------------------------------------------------------
+
+def _parse_global(ctx, table):
+    if not isinstance(table, dict):
+        raise ctx.error("global", f"expected a table ([global]), got {_describe(table)}")
+    _check_keys(ctx, "global", table, GLOBAL_KEYS)
+    kw = {}
+    g = "global."
+    if "workers" in table:
+        kw["workers"] = _get_int(ctx, g + "workers", table["workers"], 1, MAX_WORKERS)
+    if "pin" in table:
+        kw["pin"] = _get_bool(ctx, g + "pin", table["pin"])
+    if "log_level" in table:
+        kw["log_level"] = _get_choice(ctx, g + "log_level", table["log_level"], LOG_LEVELS,
+                                      "log level")
+    if "control_socket" in table:
+        path = _get_str(ctx, g + "control_socket", table["control_socket"], nonempty=False)
+        size = len(path.encode("utf-8", "surrogatepass"))
+        if size > SUN_PATH_MAX:
+            raise ctx.error(g + "control_socket", f"path too long for a unix socket "
+                                                  f"({size} bytes, at most {SUN_PATH_MAX})")
+        kw["control_socket"] = path or None     # "": no control socket
+    if "metrics" in table:
+        kw["metrics"] = _get_addr(ctx, g + "metrics", table["metrics"], listen=True)
+    if "user" in table:
+        kw["user"] = _get_str(ctx, g + "user", table["user"])
+    return GlobalConfig(**kw)
+
+
+def _parse_listener(ctx, index, table):
+    p = f"listener[{index}]"
+    if not isinstance(table, dict):
+        raise ctx.error(p, f"expected a table ([[listener]]), got {_describe(table)}")
+    _check_keys(ctx, p, table, LISTENER_KEYS)
+    for key in ("name", "mode", "listen"):
+        if key not in table:
+            raise ctx.error(f"{p}.{key}", "missing required key")
+    name = _get_str(ctx, f"{p}.name", table["name"])
+    if not _NAME.match(name):
+        raise ctx.error(f"{p}.name", f"\"{name}\": use 1-64 letters, digits, '_', '.' or '-', "
+                                     f"starting with a letter or digit")
+    mode = _get_choice(ctx, f"{p}.mode", table["mode"], MODES, "mode")
+    allowed = MODE_KEYS[mode]
+    for key in table:
+        if key not in allowed:
+            where = [m for m in MODES if key in MODE_KEYS[m]]
+            raise ctx.error(f"{p}.{key}", f"not allowed for mode \"{mode}\" "
+                                          f"(only for: {', '.join(where)})")
+    for key in MODE_REQUIRED[mode]:
+        if key not in table:
+            raise ctx.error(f"{p}.{key}", f"missing required key for mode \"{mode}\"")
+
+    kw = {"name": name, "mode": mode}
+    k = lambda key: f"{p}.{key}"  # noqa: E731
+    kw["listen"] = _get_addr(ctx, k("listen"), table["listen"], listen=True)
+    for key in ("to", "server"):
+        if key in table:
+            kw[key] = _get_addr(ctx, k(key), table[key], listen=False)
+    if "upstream" in table:
+        text = _get_str(ctx, k("upstream"), table["upstream"])
+        try:
+            up = parse_upstream(text, resolve=ctx.resolve)
+        except ValueError as exc:
+            raise ctx.error(k("upstream"), str(exc)) from None
+        kw["upstream"] = None if up.kind == "direct" else up
+    if "reply" in table:
+        kw["reply"] = _get_choice(ctx, k("reply"), table["reply"], REPLY_MODES, "reply mode")
+    if "mark" in table:
+        kw["mark"] = _get_int(ctx, k("mark"), table["mark"], 0, 0xFFFFFFFF)
+    if "timeout" in table:
+        kw["timeout"] = _get_float(ctx, k("timeout"), table["timeout"], 0, MAX_TIMEOUT)
+    if "max_associations" in table:
+        kw["max_associations"] = _get_int(ctx, k("max_associations"), table["max_associations"],
+                                          1, MAX_ASSOCIATIONS)
+    if "transparent_cache" in table:
+        kw["transparent_cache"] = _get_int(ctx, k("transparent_cache"),
+                                           table["transparent_cache"], 1, MAX_TRANSPARENT_CACHE)
+    if "transparent_idle" in table:
+        kw["transparent_idle"] = _get_float(ctx, k("transparent_idle"), table["transparent_idle"],
+                                            0, MAX_TIMEOUT)
+    if "batch" in table:
+        kw["batch"] = _get_int(ctx, k("batch"), table["batch"], 1, MAX_BATCH)
+    if "secret" in table:
+        kw["secret"] = _get_str(ctx, k("secret"), table["secret"])
+    for key in ("user", "password"):
+        if key in table:
+            kw[key] = _get_credential(ctx, k(key), table[key])
+    for key in ("allow", "deny"):
+        if key in table:
+            kw[key] = _get_cidrs(ctx, k(key), table[key])
+    if "connections" in table:
+        kw["connections"] = _get_int(ctx, k("connections"), table["connections"],
+                                     1, MAX_CONNECTIONS)
+    if "insecure" in table:
+        kw["insecure"] = _get_bool(ctx, k("insecure"), table["insecure"])
+    if "workers" in table:
+        kw["workers"] = _get_int(ctx, k("workers"), table["workers"], 1, MAX_WORKERS)
+
+    # Rules across keys.
+    if ("user" in kw) != ("password" in kw):
+        missing = "password" if "user" in kw else "user"
+        raise ctx.error(k(missing), "user and password go together: both or neither")
+    if mode in ("forward", "redir"):
+        up = kw.get("upstream")
+        for key in ("secret", "connections"):
+            if key in kw and (up is None or up.kind != "tunnel"):
+                raise ctx.error(k(key), f"only applies with a tunnel:// upstream "
+                                        f"(upstream is {str(up) if up else 'direct'})")
+    if mode in ("tunnel-server", "socks5") and not kw.get("insecure", False):
+        host = kw["listen"][0]
+        if not _is_loopback(host):
+            if mode == "tunnel-server" and "secret" not in kw:
+                raise ctx.error(k("secret"), f"required when listening on a non-loopback "
+                                             f"address ({format_hostport(kw['listen'])}); "
+                                             f"set insecure = true to run an open relay")
+            if mode == "socks5" and "user" not in kw:
+                raise ctx.error(k("user"), f"user and password required when listening on a "
+                                           f"non-loopback address "
+                                           f"({format_hostport(kw['listen'])}); set insecure = "
+                                           f"true to run an open relay")
+    return ListenerConfig(**kw)
+
+
+def _overlaps(a, b):
+    """Do two listen addresses collide? Equal, or a wildcard [::] beside 0.0.0.0 on one port
+    ([::] also takes IPv4 on a dual-stack socket)."""
+    if a[1] != b[1]:
+        return False
+    if a[0] == b[0]:
+        return True
+    return {a[0], b[0]} == {"::", "0.0.0.0"}
+
+
+def _build(ctx, doc):
+    if not isinstance(doc, dict):
+        raise ctx.error("", f"expected a TOML document (a table), got {_describe(doc)}")
+    _check_keys(ctx, "", doc, TOP_KEYS)
+    global_ = _parse_global(ctx, doc.get("global", {}))
+    if "listener" not in doc:
+        raise ctx.error("listener", "at least one [[listener]] is required")
+    raw = doc["listener"]
+    if isinstance(raw, dict):
+        raise ctx.error("listener", "expected an array of tables: write [[listener]], "
+                                    "not [listener]")
+    if not isinstance(raw, (list, tuple)):
+        raise ctx.error("listener", f"expected an array of tables ([[listener]]), "
+                                    f"got {_describe(raw)}")
+    if not raw:
+        raise ctx.error("listener", "at least one [[listener]] is required")
+    listeners = []
+    names = {}
+    for i, table in enumerate(raw):
+        lst = _parse_listener(ctx, i, table)
+        if lst.name in names:
+            raise ctx.error(f"listener[{i}].name", f"duplicate name \"{lst.name}\" "
+                                                    f"(also listener[{names[lst.name]}])")
+        for j, other in enumerate(listeners):
+            if _LISTEN_PROTO[other.mode] == _LISTEN_PROTO[lst.mode] and \
+                    _overlaps(other.listen, lst.listen):
+                raise ctx.error(f"listener[{i}].listen",
+                                f"{format_hostport(lst.listen)} is already used by "
+                                f"listener[{j}] \"{other.name}\" ({other.mode}, "
+                                f"{format_hostport(other.listen)})")
+        names[lst.name] = i
+        listeners.append(lst)
+    return Config(global_, tuple(listeners))
+
+
+_TOML_POS = re.compile(r"\(at line (\d+), column (\d+)\)|\(at end of document\)")
+
+
+def parse_config(text_or_dict, source="<string>", *, resolve=True):
+    """Parse TOML text (str or bytes) or an already-parsed dict into a Config.
+
+    ``source`` names the file in messages. With ``resolve=False`` host names in ``to``,
+    ``server`` and ``upstream`` are refused instead of resolved (no DNS lookups at all).
+    """
+    ctx = _Ctx(source, resolve)
+    doc = text_or_dict
+    if isinstance(doc, (bytes, bytearray)):
+        try:
+            doc = bytes(doc).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ctx.error("", f"not valid UTF-8 (byte {exc.start})") from None
+    if isinstance(doc, str):
+        try:
+            doc = tomllib.loads(doc)
+        except RecursionError:
+            raise ctx.error("syntax", "TOML syntax error: nesting too deep") from None
+        except ValueError as exc:      # TOMLDecodeError, or an integer too long to convert
+            msg = str(exc)
+            m = _TOML_POS.search(msg)
+            reason = _TOML_POS.sub("", msg).strip()
+            if m and m.group(1):
+                where = f"line {m.group(1)}, column {m.group(2)}"
+            elif m:
+                where = "end of file"
+            else:
+                where = "syntax"
+            raise ctx.error(where, f"TOML syntax error: {reason}") from None
+    return _build(ctx, doc)
+
+
+def parse_listener(table, source="<command line>", *, resolve=True):
+    """Validate one listener given as a dict (what a subcommand's options amount to) the
+    same way as a [[listener]] of a file; messages read ``SOURCE: listener[0].KEY: REASON``."""
+    return parse_config({"listener": [table]}, source, resolve=resolve).listeners[0]
+
+
+def load_config(path, *, resolve=True):
+    """Read and parse the TOML file at ``path`` (messages name it as given)."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from None
+    return parse_config(data, source, resolve=resolve)

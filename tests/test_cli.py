@@ -1,0 +1,205 @@
+"""The `relay` command: help, configuration errors, `relay run -c` and SIGHUP reload."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tests.netns import wait_until
+from tests.relayproc import REPO, RelayProcess, relay_env, udp_roundtrip
+
+SUBCOMMANDS = ["forward", "redir", "run", "stats", "rules", "tunnel-server", "tunnel-client", "socks5"]
+
+
+def relay(*args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True, text=True,
+                          env=relay_env(), timeout=timeout, cwd=REPO)
+
+
+def test_top_level_help_lists_every_command():
+    r = relay("--help")
+    assert r.returncode == 0
+    for cmd in SUBCOMMANDS:
+        assert cmd in r.stdout
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_every_subcommand_explains_its_options(cmd):
+    r = relay(cmd, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "usage: relay " + cmd in r.stdout
+    assert "--help" in r.stdout
+
+
+def test_defaults_are_shown_in_help():
+    out = " ".join(relay("redir", "--help").stdout.split())    # help text is wrapped
+    for text in ("(default: raw)", "(default: 60.0)", "(default: 65536)", "(default: 255)",
+                 "(default: 1024)", "(default: 64)"):
+        assert text in out
+
+
+def test_no_command_prints_usage_and_fails():
+    r = relay()
+    assert r.returncode == 2
+    assert "usage: relay" in r.stderr
+
+
+def write(tmp_path, text, name="relay.toml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+@pytest.mark.parametrize("body,key,reason", [
+    ('[[listener]]\nmode = "forward"\nlisten = "127.0.0.1:7000"\nto = "127.0.0.1:7001"\ntmeout = 5\n',
+     "listener[0].tmeout", "unknown key"),
+    ('[[listener]]\nmode = "forward"\nlisten = "127.0.0.1:70000"\nto = "127.0.0.1:7001"\n',
+     "listener[0].listen", "70000"),
+    ('[[listener]]\nmode = "forward"\nlisten = "127.0.0.1:7000"\n', "listener[0].to", ""),
+    ('[[listener]]\nmode = "forward"\nlisten = "127.0.0.1:7000"\nto = "127.0.0.1:7001"\ntimeout = "60s"\n',
+     "listener[0].timeout", "60s"),
+    ('[global]\nworkers = "two"\n', "global.workers", "two"),
+    ('[[listener]]\nmode = "teleport"\nlisten = "127.0.0.1:7000"\n', "listener[0].mode", "teleport"),
+])
+def test_malformed_config_is_refused_naming_file_and_key(tmp_path, body, key, reason):
+    path = write(tmp_path, body.replace("[[listener]]\n", '[[listener]]\nname = "t"\n'))
+    for args in (["run", "-c", path, "--check"], ["run", "-c", path]):
+        r = relay(*args)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert path in r.stderr and key in r.stderr and reason in r.stderr, r.stderr
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    r = relay("run", "-c", str(tmp_path / "nope.toml"))
+    assert r.returncode == 2
+    assert "nope.toml" in r.stderr
+
+
+def test_bad_command_line_value_is_refused():
+    r = relay("forward", "--listen", "127.0.0.1:7000", "--to", "2001:db8::1:53")
+    assert r.returncode == 2
+    assert "listener[0].to" in r.stderr and "brackets" in r.stderr
+
+
+def _echo_server():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(0.2)
+    import threading
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            try:
+                d, a = s.recvfrom(65535)
+                s.sendto(d, a)
+            except socket.timeout:
+                pass
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    return s.getsockname(), stop
+
+
+CONFIG = """
+[global]
+workers = 1
+control_socket = "{control}"
+[[listener]]
+name = "keep"
+mode = "forward"
+listen = "127.0.0.1:{p1}"
+to = "127.0.0.1:{echo}"
+[[listener]]
+name = "change"
+mode = "forward"
+listen = "127.0.0.1:{p2}"
+to = "127.0.0.1:{echo}"
+timeout = {t2}
+"""
+
+
+def free_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK on upstream sockets needs root")
+def test_run_config_and_sighup_reload_keeps_unchanged_listeners(tmp_path):
+    (eh, ep), stop = _echo_server()
+    p1, p2, p3 = free_port(), free_port(), free_port()
+    control = str(tmp_path / "ctl.sock")
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(CONFIG.format(control=control, p1=p1, p2=p2, echo=ep, t2=60.0))
+    r = RelayProcess(["run", "-c", str(cfg)])
+    r.control = control
+    try:
+        r.wait_ready()
+        keep = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        change = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        assert udp_roundtrip(keep, ("127.0.0.1", p1), b"a")[0] == b"a"
+        assert udp_roundtrip(change, ("127.0.0.1", p2), b"b")[0] == b"b"
+        # change one listener, add one: the unchanged one keeps its association
+        cfg.write_text(CONFIG.format(control=control, p1=p1, p2=p2, echo=ep, t2=30.0) + textwrap.dedent(f"""
+            [[listener]]
+            name = "new"
+            mode = "forward"
+            listen = "127.0.0.1:{p3}"
+            to = "127.0.0.1:{ep}"
+            """))
+        os.kill(r._main_pid(), signal.SIGHUP)
+        wait_until(lambda: "configuration reloaded" in r.log(), 10, what="reload")
+        assert udp_roundtrip(keep, ("127.0.0.1", p1), b"c")[0] == b"c"
+        assert udp_roundtrip(change, ("127.0.0.1", p2), b"d")[0] == b"d"
+        assert udp_roundtrip(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), ("127.0.0.1", p3), b"e")[0] == b"e"
+        st = r.settled_stats(lambda st: st["down_datagrams"] == 2, listener="keep")
+        assert st["assoc_created"] == 1 and st["assoc_open"] == 1     # same socket as before
+        # a broken file is refused and the running configuration stays
+        cfg.write_text("[[listener]]\nmode = 1\n")
+        os.kill(r._main_pid(), signal.SIGHUP)
+        wait_until(lambda: "reload refused" in r.log(), 10, what="refused reload")
+        assert udp_roundtrip(keep, ("127.0.0.1", p1), b"f")[0] == b"f"
+        assert r.proc.poll() is None
+    finally:
+        r.close()
+        stop.set()
+    assert r.proc.returncode == 0
+    assert not os.path.exists(control)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK on upstream sockets needs root")
+def test_port_in_use_fails_at_start_with_the_reason(tmp_path):
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    blocker.bind(("127.0.0.1", 0))
+    port = blocker.getsockname()[1]
+    r = relay("forward", "--listen", f"127.0.0.1:{port}", "--to", "127.0.0.1:9",
+              "--control", str(tmp_path / "c.sock"), "--workers", "1")
+    assert r.returncode == 1
+    assert f"127.0.0.1:{port}" in r.stderr and "in use" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_stats_command_reads_a_running_relay(tmp_path):
+    (eh, ep), stop = _echo_server()
+    port = free_port()
+    with RelayProcess(["forward", "--listen", f"127.0.0.1:{port}", "--to", f"127.0.0.1:{ep}"]) as r:
+        r.wait_ready()
+        udp_roundtrip(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), ("127.0.0.1", port), b"s")
+        r.settled_stats(lambda st: st["down_datagrams"] == 1)
+        out = relay("stats", "--control", r.control)
+        assert out.returncode == 0
+        assert any(line.split()[:2] == ["up_datagrams", "1"] for line in out.stdout.splitlines())
+        js = relay("stats", "--json", "--control", r.control)
+        import json
+        assert json.loads(js.stdout)["total"]["down_datagrams"] == 1
+        prom = relay("stats", "--prometheus", "--control", r.control)
+        assert 'relay_down_datagrams_total{listener="forward"} 1' in prom.stdout
+    stop.set()
+    gone = relay("stats", "--control", r.control)
+    assert gone.returncode == 1 and "no relay is running" in gone.stderr

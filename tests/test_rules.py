@@ -1,0 +1,465 @@
+"""relay.rules: what the ruleset says, that nft accepts it, and exact apply/remove bookkeeping
+inside a network namespace of our own."""
+import argparse
+import io
+import ipaddress
+import itertools
+import os
+import re
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+from relay import rules
+from relay.rules import (RESERVED4, RESERVED6, RT_PROTO, RulesError, RulesOptions, add_cli,
+                         apply, remove, render_ip, render_nft, render_shell)
+
+_counter = itertools.count()
+needs_nft = pytest.mark.skipif(shutil.which("nft") is None,
+                               reason="nft (nftables) is not installed")
+
+
+def chain_lines(text):
+    """The statement lines of the prerouting chain, in order."""
+    body = text.split("chain prerouting {", 1)[1].split("}\n}", 1)[0]
+    return [ln.strip() for ln in body.splitlines() if ln.strip()]
+
+
+def set_elements(text, name):
+    m = re.search(r"set %s \{(.*?)\n\t\}" % name, text, re.S)
+    assert m, f"set {name} missing"
+    el = re.search(r"elements = \{ (.*) \}", m.group(1))
+    return [] if not el else [e.strip() for e in el.group(1).split(",")]
+
+
+# --- options ----------------------------------------------------------------------------
+
+def test_defaults():
+    o = RulesOptions(5300)
+    assert (o.port, o.mark, o.table, o.ifaces, o.ipv6, o.exclude, o.skip_mark, o.nft_table) == \
+        (5300, 1, 100, (), True, (), 255, "relay")
+
+
+@pytest.mark.parametrize("kw, exc, reason", [
+    (dict(port=0), ValueError, "port out of range 1-65535: 0"),
+    (dict(port=65536), ValueError, "port out of range"),
+    (dict(port=True), TypeError, "port must be an integer"),
+    (dict(port="53"), TypeError, "port must be an integer"),
+    (dict(port=1, mark=0), ValueError, "mark out of range"),
+    (dict(port=1, mark=2 ** 32), ValueError, "mark out of range"),
+    (dict(port=1, mark=255), ValueError, "mark and skip mark must differ"),
+    (dict(port=1, table=254), ValueError, "'main' table"),
+    (dict(port=1, table=255), ValueError, "'local' table"),
+    (dict(port=1, nft_table="bad name"), ValueError, "nft table name 'bad name'"),
+    (dict(port=1, nft_table="x;flush ruleset"), ValueError, "nft table name"),
+    (dict(port=1, ifaces=["eth0", 'e"vil']), ValueError, "interface name 'e\"vil'"),
+    (dict(port=1, ifaces=["a" * 16]), ValueError, "interface name"),
+    (dict(port=1, ifaces=["lo"]), ValueError, "interface 'lo'"),
+    (dict(port=1, exclude=["10.0.0.0/33"]), ValueError, "prefix length out of range"),
+    (dict(port=1, exclude=["2001:db8::/32"], ipv6=False), ValueError, "IPv6 redirection off"),
+    (dict(port=1, ipv6="yes"), TypeError, "ipv6 must be True or False"),
+])
+def test_options_refuse_bad_values(kw, exc, reason):
+    with pytest.raises(exc, match=re.escape(reason)):
+        RulesOptions(**kw)
+
+
+def test_options_normalize():
+    o = RulesOptions(1, ifaces="eth0", exclude=["10.1.2.3/8", "10.0.0.0/8", "192.0.2.1"])
+    assert o.ifaces == ("eth0",)
+    assert o.exclude == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.0.2.1/32"))
+
+
+# --- rendering --------------------------------------------------------------------------
+
+def test_render_structure_defaults():
+    text = render_nft(RulesOptions(5300))
+    # Guarded replacement of our own table, and nothing else.
+    assert "table inet relay\ndelete table inet relay\ntable inet relay {" in text
+    assert len(re.findall(r"^table ", text, re.M)) == 2
+    assert "flush ruleset" not in text
+    lines = chain_lines(text)
+    assert lines[0] == "type filter hook prerouting priority mangle; policy accept;"
+    stmts = lines[1:]
+    # Every rule says what it is for.
+    assert all(re.search(r' comment "[^"]+"$', s) for s in stmts), stmts
+    rules_ = [s.split(" comment ")[0] for s in stmts]
+    assert rules_[0] == "meta l4proto != udp return"
+    assert 'iifname "lo" return' in rules_
+    assert "meta mark 0x000000ff return" in rules_
+    assert "fib daddr type local return" in rules_
+    assert "fib daddr type { broadcast, multicast } return" in rules_
+    for r in ("ip daddr @reserved4 return", "ip daddr @exclude4 return",
+              "ip6 daddr @reserved6 return", "ip6 daddr @exclude6 return"):
+        assert r in rules_
+    # The two TPROXY rules come last, after every exemption.
+    assert rules_[-2:] == ["meta l4proto udp tproxy ip to :5300 meta mark set 0x00000001 accept",
+                           "meta l4proto udp tproxy ip6 to :5300 meta mark set 0x00000001 accept"]
+    assert all(r.endswith("return") for r in rules_[:-2])
+    assert set_elements(text, "reserved4") == list(RESERVED4)
+    assert set_elements(text, "reserved6") == list(RESERVED6)
+    assert set_elements(text, "exclude4") == [] and set_elements(text, "exclude6") == []
+    # Private ranges are not exempt by default: a router redirects LAN traffic anywhere.
+    assert "10.0.0.0/8" not in text and "192.168.0.0/16" not in text
+
+
+def test_render_with_options():
+    o = RulesOptions(40000, mark=0x10, table=77, ifaces=["br-lan", "wg*"], skip_mark=0xabc,
+                     exclude=["192.168.0.0/16", "192.168.1.0/24", "2001:db8::/32"],
+                     nft_table="tp_udp")
+    text = render_nft(o)
+    assert "table inet tp_udp {" in text and "delete table inet tp_udp" in text
+    rules_ = [s.split(" comment ")[0] for s in chain_lines(text)[1:]]
+    assert 'iifname != { "br-lan", "wg*" } return' in rules_
+    assert 'iifname "lo" return' not in rules_
+    assert "meta mark 0x00000abc return" in rules_
+    assert rules_[-1] == "meta l4proto udp tproxy ip6 to :40000 meta mark set 0x00000010 accept"
+    assert set_elements(text, "exclude4") == ["192.168.0.0/16"]     # collapsed
+    assert set_elements(text, "exclude6") == ["2001:db8::/32"]
+
+
+def test_render_no_ipv6():
+    text = render_nft(RulesOptions(5300, ipv6=False, exclude=["198.51.100.0/24"]))
+    assert "ip6" not in text and "reserved6" not in text and "exclude6" not in text
+    assert "tproxy ip to :5300" in text
+    assert set_elements(text, "exclude4") == ["198.51.100.0/24"]
+    assert render_ip(RulesOptions(5300, ipv6=False)) == [
+        ["ip", "-4", "rule", "add", "fwmark", "1", "lookup", "100", "protocol", str(RT_PROTO)],
+        ["ip", "-4", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100",
+         "proto", str(RT_PROTO)],
+    ]
+
+
+def test_render_ip():
+    cmds = render_ip(RulesOptions(5300, mark=7, table=123))
+    assert [c[:4] for c in cmds] == [["ip", "-4", "rule", "add"], ["ip", "-4", "route", "add"],
+                                     ["ip", "-6", "rule", "add"], ["ip", "-6", "route", "add"]]
+    assert cmds[0][4:8] == ["fwmark", "7", "lookup", "123"]
+    assert cmds[1][4:10] == ["local", "0.0.0.0/0", "dev", "lo", "table", "123"]
+    assert cmds[3][4:10] == ["local", "::/0", "dev", "lo", "table", "123"]
+
+
+def test_render_shell_is_a_script():
+    out = render_shell(RulesOptions(5300))
+    assert out.startswith("nft -f - <<'EOF'\n")
+    assert "\nEOF\nip -4 rule add fwmark 1 lookup 100" in out
+    assert out.rstrip().endswith("ip -6 route add local ::/0 dev lo table 100 proto 82")
+
+
+OPTION_SETS = [
+    RulesOptions(5300),
+    RulesOptions(5300, ipv6=False),
+    RulesOptions(1, mark=0xFFFFFFFF, table=0xFFFFFF00, skip_mark=1, nft_table="Relay_2"),
+    RulesOptions(65535, ifaces=["eth0", "wlan*", "br-lan.10"],
+                 exclude=["10.0.0.0/8", "10.1.0.0/16", "2001:db8::/32", "192.0.2.7"]),
+]
+
+
+@needs_nft
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=range(len(OPTION_SETS)))
+def test_nft_accepts_the_ruleset(opts, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("nft -c needs root (CAP_NET_ADMIN)")
+    f = tmp_path / "relay.nft"
+    f.write_text(render_nft(opts))
+    r = subprocess.run(["nft", "-c", "-f", str(f)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@needs_nft
+def test_nft_check_catches_a_broken_ruleset(tmp_path):
+    """The check above can fail: a corrupted ruleset is refused."""
+    if os.geteuid() != 0:
+        pytest.skip("nft -c needs root (CAP_NET_ADMIN)")
+    f = tmp_path / "bad.nft"
+    f.write_text(render_nft(RulesOptions(5300)).replace("tproxy ip to", "tproxy ip too"))
+    r = subprocess.run(["nft", "-c", "-f", str(f)], capture_output=True, text=True)
+    assert r.returncode != 0
+
+
+# --- command line -----------------------------------------------------------------------
+
+def make_parser():
+    parser = argparse.ArgumentParser(prog="relay")
+    add_cli(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_cli_parses_and_prints():
+    # --no-ipv6 with an IPv6 exclude is refused by RulesOptions: exit code 2 with the reason.
+    args = make_parser().parse_args(
+        ["rules", "print", "--port", "5300", "--iface", "eth0", "--iface", "eth1,wg0",
+         "--exclude", "10.0.0.0/8,2001:db8::/32", "--no-ipv6"])
+    err = io.StringIO()
+    assert args.func(args, out=io.StringIO(), err=err) == 2
+    assert "IPv6 redirection off" in err.getvalue()
+
+    args = make_parser().parse_args(
+        ["rules", "print", "--port", "5300", "--iface", "eth0", "--iface", "eth1,wg0",
+         "--exclude", "10.0.0.0/8", "--exclude", "192.0.2.0/24", "--mark", "0x10",
+         "--table", "200", "--skip-mark", "99", "--nft-table", "t1"])
+    assert args.ipv6 is True
+    out = io.StringIO()
+    assert args.func(args, out=out) == 0
+    text = out.getvalue()
+    assert 'iifname != { "eth0", "eth1", "wg0" } return' in text
+    assert "tproxy ip to :5300 meta mark set 0x00000010 accept" in text
+    assert "meta mark 0x00000063 return" in text
+    assert "table inet t1 {" in text
+    assert "ip -4 rule add fwmark 16 lookup 200" in text
+    assert "ip -6 route add local ::/0 dev lo table 200" in text
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["rules", "print"], "--port"),
+    (["rules", "print", "--port", "0"], "port out of range"),
+    (["rules", "print", "--port", "x"], "not a port number"),
+    (["rules", "print", "--port", "1", "--exclude", "10.0.0.0/40"], "prefix length"),
+    (["rules", "print", "--port", "1", "--mark", "-1"], "out of range"),
+    (["rules", "show", "--port", "1"], "invalid choice"),
+])
+def test_cli_refuses_bad_arguments(argv, reason, capsys):
+    with pytest.raises(SystemExit) as e:
+        make_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert reason in capsys.readouterr().err
+
+
+def test_cli_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["rules", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for fragment in ("--mark MARK", "(default: 1)", "(default: 100)", "(default: True)",
+                     "(default: 255)", "(default: relay)", "(default: none;",
+                     "(default: every interface but lo)", "--port PORT", "(required)",
+                     "print,apply,remove"):
+        assert fragment in help_text, fragment
+
+
+# --- apply/remove in a namespace of our own --------------------------------------------
+
+class Namespace:
+    def __init__(self, lo_up=True):
+        self.name = f"rlrules{os.getpid()}x{next(_counter)}"
+        subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
+        if lo_up:
+            self.sh("ip", "link", "set", "lo", "up")
+
+    def runner(self, cmd, **kw):
+        return subprocess.run(["ip", "netns", "exec", self.name, *cmd], **kw)
+
+    def sh(self, *cmd, check=True):
+        r = self.runner(list(cmd), capture_output=True, text=True)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+        return r.stdout
+
+    def snapshot(self):
+        return {c: self.sh(*c.split()) for c in
+                ("nft list ruleset", "ip rule show", "ip -6 rule show",
+                 "ip route show table all", "ip -6 route show table all")}
+
+    def close(self):
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+@pytest.fixture
+def ns(netns_available):
+    if shutil.which("nft") is None:
+        pytest.skip("nft (nftables) is not installed")
+    n = Namespace()
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+def our_rules(ns, fam):
+    return [ln for ln in ns.sh("ip", fam, "rule", "show").splitlines()
+            if "fwmark 0x1 lookup 100 proto 82" in ln]
+
+
+def our_routes(ns, fam):
+    return [ln for ln in ns.sh("ip", fam, "route", "show", "table", "all").splitlines()
+            if ln.startswith("local default dev lo table 100 proto 82")]
+
+
+def test_apply_is_idempotent_and_remove_leaves_no_trace(ns):
+    before = ns.snapshot()
+    opts = RulesOptions(5300, exclude=["203.0.113.0/24", "2001:db8:ff::/48"])
+    apply(opts, runner=ns.runner)
+    listing = ns.sh("nft", "list", "ruleset")
+    assert "table inet relay {" in listing
+    assert "tproxy ip to :5300 meta mark set 0x00000001 accept" in listing
+    assert "tproxy ip6 to :5300 meta mark set 0x00000001 accept" in listing
+    assert "203.0.113.0/24" in listing and "2001:db8:ff::/48" in listing
+    assert len(our_rules(ns, "-4")) == 1 and len(our_rules(ns, "-6")) == 1
+    assert len(our_routes(ns, "-4")) == 1 and len(our_routes(ns, "-6")) == 1
+
+    once = ns.snapshot()
+    apply(opts, runner=ns.runner)
+    assert ns.snapshot() == once            # twice leaves one copy of everything
+
+    remove(opts, runner=ns.runner)
+    assert ns.snapshot() == before
+    remove(opts, runner=ns.runner)          # nothing installed: fine
+    assert ns.snapshot() == before
+
+
+def test_remove_spares_everything_else(ns):
+    # Unrelated things that must survive: another nft table, ip rules with another mark,
+    # with our mark but another selector, with our table, and a route in our table.
+    ns.sh("nft", "add", "table", "inet", "other")
+    ns.sh("nft", "add", "chain", "inet", "other", "c",
+          "{ type filter hook prerouting priority 0; policy accept; }")
+    ns.sh("nft", "add", "rule", "inet", "other", "c", "udp", "dport", "53", "counter")
+    ns.sh("nft", "add", "table", "ip", "relay")               # same name, another family
+    ns.sh("ip", "rule", "add", "fwmark", "7", "lookup", "200")
+    ns.sh("ip", "rule", "add", "from", "10.0.0.0/8", "fwmark", "1", "lookup", "100")
+    ns.sh("ip", "-6", "rule", "add", "fwmark", "1", "lookup", "101")
+    ns.sh("ip", "route", "add", "unreachable", "203.0.113.0/24", "table", "100")
+    before = ns.snapshot()
+
+    opts = RulesOptions(5300)
+    apply(opts, runner=ns.runner)
+    assert "table inet other" in ns.sh("nft", "list", "ruleset")
+    apply(opts, runner=ns.runner)
+    remove(opts, runner=ns.runner)
+    after = ns.snapshot()
+    assert after == before
+    assert "table inet other" in after["nft list ruleset"]
+    assert "table ip relay" in after["nft list ruleset"]
+
+
+def test_an_equivalent_rule_already_there_is_used_and_kept(ns):
+    """Someone set up fwmark 1 -> table 100 by hand: apply adds no duplicate, remove keeps it."""
+    ns.sh("ip", "rule", "add", "fwmark", "1", "lookup", "100")
+    ns.sh("ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+    before = ns.snapshot()
+    opts = RulesOptions(5300, ipv6=False)
+    apply(opts, runner=ns.runner)
+    assert ns.sh("ip", "rule", "show").count("fwmark 0x1 lookup 100") == 1
+    remove(opts, runner=ns.runner)
+    assert ns.snapshot() == before
+
+
+def test_reapply_with_other_options_replaces_the_table(ns):
+    before = ns.snapshot()
+    apply(RulesOptions(5300), runner=ns.runner)
+    apply(RulesOptions(5301, exclude=["198.51.100.0/24"]), runner=ns.runner)
+    listing = ns.sh("nft", "list", "ruleset")
+    assert listing.count("table inet relay {") == 1
+    assert ":5301" in listing and ":5300" not in listing and "198.51.100.0/24" in listing
+    remove(RulesOptions(5301), runner=ns.runner)
+    assert ns.snapshot() == before
+
+
+class FailOn:
+    """Run commands for real, except the one matching ``prefix`` which fails."""
+
+    def __init__(self, ns, prefix):
+        self.ns, self.prefix, self.calls = ns, prefix, []
+
+    def __call__(self, cmd, **kw):
+        self.calls.append(list(cmd))
+        if list(cmd[:len(self.prefix)]) == self.prefix:
+            return subprocess.CompletedProcess(cmd, 2, "", "RTNETLINK answers: injected failure")
+        return self.ns.runner(cmd, **kw)
+
+
+@pytest.mark.parametrize("prefix", [
+    ["nft", "-f", "-"],
+    ["ip", "-4", "rule", "add"],
+    ["ip", "-4", "route", "add"],
+    ["ip", "-6", "rule", "add"],
+    ["ip", "-6", "route", "add"],
+])
+def test_failed_apply_undoes_its_steps(ns, prefix):
+    before = ns.snapshot()
+    runner = FailOn(ns, prefix)
+    with pytest.raises(RulesError) as e:
+        apply(RulesOptions(5300), runner=runner)
+    assert " ".join(prefix) in str(e.value)
+    assert "injected failure" in str(e.value) and e.value.stderr
+    assert ns.snapshot() == before
+
+
+def test_failed_reapply_restores_the_previous_table(netns_available):
+    """A real failure (IPv6 local route on a loopback that is down) after the table was
+    replaced: the previous table and rules come back."""
+    if shutil.which("nft") is None:
+        pytest.skip("nft (nftables) is not installed")
+    n = Namespace(lo_up=False)
+    try:
+        apply(RulesOptions(5300, ipv6=False), runner=n.runner)
+        installed = n.snapshot()
+        with pytest.raises(RulesError) as e:
+            apply(RulesOptions(5301), runner=n.runner)
+        assert "ip -6 route add local ::/0 dev lo table 100" in str(e.value)
+        assert "not up" in str(e.value)             # the kernel's reason, from stderr
+        assert n.snapshot() == installed
+        remove(RulesOptions(5300), runner=n.runner)
+        assert n.sh("nft", "list", "ruleset") == "" and not our_rules(n, "-4")
+    finally:
+        n.close()
+
+
+def test_cli_apply_and_remove(ns):
+    before = ns.snapshot()
+    parser = make_parser()
+    out = io.StringIO()
+    args = parser.parse_args(["rules", "apply", "--port", "5300", "--no-ipv6"])
+    assert rules.run_cli(args, runner=ns.runner, out=out) == 0
+    assert "applied" in out.getvalue()
+    assert len(our_rules(ns, "-4")) == 1 and not our_rules(ns, "-6")
+    args = parser.parse_args(["rules", "remove", "--port", "5300"])
+    assert rules.run_cli(args, runner=ns.runner, out=out) == 0
+    assert ns.snapshot() == before
+    err = io.StringIO()
+    args = parser.parse_args(["rules", "apply", "--port", "5300"])
+    assert rules.run_cli(args, runner=FailOn(ns, ["ip", "-6", "rule", "add"]), out=out,
+                         err=err) == 1
+    assert "injected failure" in err.getvalue()
+    assert ns.snapshot() == before
+
+
+def test_the_rules_redirect_udp(topo):
+    """One datagram per family crosses the router and lands on a transparent socket on the
+    port; a destination in --exclude and one addressed to the router are left alone."""
+    from tests.netns import RTR4_CLI, SRV4, SRV4_B, SRV6
+    rtr = topo.rtr
+
+    def runner(cmd, **kw):
+        return subprocess.run(["ip", "netns", "exec", rtr.name, *cmd], **kw)
+
+    apply(RulesOptions(5300, ifaces=["rtr0"], exclude=[f"{SRV4_B}/32"]), runner=runner)
+    socks = []
+    try:
+        s4 = rtr.socket(socket.AF_INET)
+        socks.append(s4)
+        s4.setsockopt(socket.SOL_IP, 19, 1)                     # IP_TRANSPARENT
+        s4.bind(("0.0.0.0", 5300))
+        s6 = rtr.socket(socket.AF_INET6)
+        socks.append(s6)
+        s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s6.setsockopt(socket.IPPROTO_IPV6, 75, 1)               # IPV6_TRANSPARENT
+        s6.bind(("::", 5300))
+        for s in socks:
+            s.settimeout(3)
+        c4 = topo.cli.socket(socket.AF_INET)
+        c6 = topo.cli.socket(socket.AF_INET6)
+        socks += [c4, c6]
+        c4.sendto(b"four", (SRV4, 9999))
+        assert s4.recvfrom(100)[0] == b"four"
+        c6.sendto(b"six", (f"{SRV6}", 9999))
+        assert s6.recvfrom(100)[0] == b"six"
+        c4.sendto(b"excluded", (SRV4_B, 9999))
+        c4.sendto(b"local", (RTR4_CLI, 9999))
+        c4.sendto(b"again", (SRV4, 9999))
+        assert s4.recvfrom(100)[0] == b"again"      # the two before it were not redirected
+    finally:
+        for s in socks:
+            s.close()
+        remove(RulesOptions(5300), runner=runner)
