@@ -21,10 +21,10 @@ def relay_env():
 class RelayProcess:
     """`relay ARGS...` with its own control socket; stopped (SIGTERM, then SIGKILL) on close."""
 
-    def __init__(self, args, ns=None, workers=1):
+    def __init__(self, args, ns=None, workers=1, prefix=()):
         self.dir = tempfile.mkdtemp(prefix="relay-test-")
         self.control = os.path.join(self.dir, "control.sock")
-        self.args = [sys.executable, "-m", "relay", *map(str, args)]
+        self.args = [*prefix, sys.executable, "-m", "relay", *map(str, args)]
         if "run" not in args[:1]:
             self.args += ["--control", self.control, "--workers", str(workers), "--log-level", "debug"]
         self.stderr_path = os.path.join(self.dir, "stderr.log")

@@ -125,6 +125,41 @@ def test_too_big_for_the_upstream_family_is_counted(echo):
         assert relay.stats()["drop_too_big"] == 1
 
 
+def test_descriptor_shortage_refuses_new_flows_and_keeps_old_ones(echo):
+    """With a tiny RLIMIT_NOFILE, new flows beyond what fits are refused and counted;
+    established flows keep working and nothing crashes."""
+    relay = RelayProcess(["forward", "--listen", "[::]:6000", "--to", f"{SRV4}:5000"],
+                         ns=echo.rtr, prefix=("prlimit", "--nofile=64:64", "--"))
+    with relay:
+        relay.wait_ready()
+        clients = [echo.cli.socket(socket.AF_INET) for _ in range(60)]
+        answered = []
+        for c in clients:
+            c.settimeout(0.3)
+            c.sendto(b"hi", (RTR4_CLI, 6000))
+            try:
+                answered.append(c.recvfrom(10)[0] == b"hi")
+            except socket.timeout:
+                answered.append(False)
+        st = relay.stats()
+        assert 0 < st["assoc_open"] < 60
+        assert st["assoc_refused"] == answered.count(False) > 0
+        assert answered[:st["assoc_open"]] == [True] * st["assoc_open"]
+        for c in clients[:st["assoc_open"]]:            # the established ones still work
+            assert udp_roundtrip(c, (RTR4_CLI, 6000), b"again")[0] == b"again"
+        assert relay.proc.poll() is None
+
+
+def test_pin_puts_worker_i_on_cpu_i(echo):
+    import psutil
+    cpus = sorted(psutil.Process().cpu_affinity())
+    if len(cpus) < 2:
+        pytest.skip("needs at least 2 CPUs to tell pinned workers apart")
+    with start_forward(echo, f"{SRV4}:5000", "--pin", workers=2) as relay:
+        affinities = sorted(tuple(psutil.Process(p).cpu_affinity()) for p in relay.worker_pids())
+        assert affinities == [(cpus[0],), (cpus[1],)]
+
+
 def test_unreachable_upstream_is_counted_not_fatal(echo):
     # Nothing listens on port 5999 of the server: ICMP port unreachable comes back. (An
     # error that lands in the middle of a sendmmsg batch is dropped by the kernel, which
