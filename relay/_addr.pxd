@@ -5,7 +5,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t
 from relay.includes.system cimport (
     sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t,
     AF_INET, AF_INET6, inet_pton, inet_ntop, INET6_ADDRSTRLEN,
-    htons, ntohs, memset, memcpy, strerror,
+    htons, ntohs, htonl, memset, memcpy, strerror,
 )
 
 ctypedef union sockaddr_any:
@@ -37,12 +37,14 @@ cdef inline int sockaddr_from_tuple(object addr, sockaddr_any *out) except -1:
         hb = <bytes>host
     else:
         raise TypeError(f"host must be str, not {type(host).__name__}")
-    try:
-        port = (<tuple>addr)[1]
-    except TypeError:
-        raise TypeError(f"port must be an int, not {type((<tuple>addr)[1]).__name__}") from None
-    if port < 0 or port > 65535:
-        raise ValueError(f"port out of range 0-65535: {port}")
+    if b"\0" in hb:
+        raise ValueError(f"not an IPv4 or IPv6 address literal: {host!r}")
+    pobj = (<tuple>addr)[1]
+    if isinstance(pobj, bool) or not isinstance(pobj, int):
+        raise TypeError(f"port must be an int, not {type(pobj).__name__}")
+    if pobj < 0 or pobj > 65535:
+        raise ValueError(f"port out of range 0-65535: {pobj}")
+    port = pobj
     memset(out, 0, sizeof(sockaddr_any))
     if inet_pton(AF_INET, hb, &out.v4.sin_addr) == 1:
         out.v4.sin_family = AF_INET
@@ -52,8 +54,13 @@ cdef inline int sockaddr_from_tuple(object addr, sockaddr_any *out) except -1:
         out.v6.sin6_family = AF_INET6
         out.v6.sin6_port = htons(<uint16_t>port)
         if len(<tuple>addr) >= 4:
-            out.v6.sin6_flowinfo = (<tuple>addr)[2]
-            out.v6.sin6_scope_id = (<tuple>addr)[3]
+            flow, scope = (<tuple>addr)[2], (<tuple>addr)[3]
+            if not (isinstance(flow, int) and 0 <= flow <= 0xfffff):
+                raise ValueError(f"flowinfo out of range 0-0xFFFFF: {flow!r}")
+            if not (isinstance(scope, int) and 0 <= scope <= 0xffffffff):
+                raise ValueError(f"scope_id out of range 0-0xFFFFFFFF: {scope!r}")
+            out.v6.sin6_flowinfo = htonl(<uint32_t>flow)
+            out.v6.sin6_scope_id = <uint32_t>scope
         return sizeof(sockaddr_in6)
     raise ValueError(f"not an IPv4 or IPv6 address literal: {host!r}")
 

@@ -36,6 +36,7 @@ from relay._table cimport (
     table_touch, akey_from_sockaddr, akey_to_sockaddr,
 )
 from relay._stats cimport *
+from relay._tunnel cimport UpstreamCore
 
 import os
 
@@ -48,6 +49,7 @@ cdef enum:
     MAXDGRAM = 65535
     SLOT = MAXDGRAM + HEADROOM
     CTRL = 64                     # enough for one IPV6_ORIGDSTADDR control message
+    K_CORE = 0                    # the upstream core's own epoll fd
     K_LISTEN = 1
     K_ASSOC = 2
     MAX_EVENTS = 256
@@ -69,6 +71,11 @@ cdef inline int wait_writable(int fd) noexcept nogil:
     p.events = POLLOUT
     p.revents = 0
     return poll(&p, 1, 1)
+
+
+cdef int _core_reply(void *ctx, const sockaddr_any *client, const sockaddr_any *src,
+                     const uint8_t *data, size_t n) except -1:
+    return (<Engine>ctx)._core_reply(client, src, data, n)
 
 
 cdef class Engine:
@@ -95,6 +102,8 @@ cdef class Engine:
     cdef uint64_t[N_COUNTERS] own_stats
     cdef volatile int stopping
     cdef bint closed
+    cdef UpstreamCore core        # tunnel / SOCKS5 upstream instead of direct sockets
+    cdef sockaddr_any *cl_names   # client address of each datagram for the core
     # client side: receive ring and the upstream send list that points into it
     cdef uint8_t *rx
     cdef mmsghdr *rx_msgs
@@ -130,7 +139,8 @@ cdef class Engine:
                  str reply="raw", unsigned long mark=0, double timeout=60.0,
                  int max_associations=65536, int transparent_cache=1024,
                  double transparent_idle=30.0, int batch=64, stats=None,
-                 int upstream_family=AF_INET6, int listen_family=AF_INET6):
+                 int upstream_family=AF_INET6, int listen_family=AF_INET6,
+                 UpstreamCore core=None):
         cdef epoll_event ev
         if mode not in ("forward", "redir"):
             raise ValueError(f"mode must be 'forward' or 'redir', not {mode!r}")
@@ -198,7 +208,8 @@ cdef class Engine:
         self.out_iov = <iovec *>calloc(batch, sizeof(iovec))
         self.out_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
         self.out_slot = <int *>calloc(batch, sizeof(int))
-        if (self.by_fd == NULL or self.rx == NULL or self.rx_msgs == NULL or self.rx_iov == NULL
+        self.cl_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
+        if (self.cl_names == NULL or self.by_fd == NULL or self.rx == NULL or self.rx_msgs == NULL or self.rx_iov == NULL
                 or self.rx_names == NULL or self.rx_ctrl == NULL or self.tx_msgs == NULL
                 or self.tx_iov == NULL or self.tx_names == NULL or self.tx_fd == NULL
                 or self.ry == NULL or self.ry_msgs == NULL or self.ry_iov == NULL
@@ -219,8 +230,20 @@ cdef class Engine:
             e = errno
             self._free()
             raise_oserror(e, "epoll_ctl(listen socket)")
+        if core is not None:
+            ev.events = EPOLLIN
+            ev.data.u64 = <uint64_t>K_CORE << 32
+            if epoll_ctl(self.ep, EPOLL_CTL_ADD, core.epfd, &ev) < 0:
+                e = errno
+                self._free()
+                raise_oserror(e, "epoll_ctl(upstream)")
+            self.core = core
+            core.reply_fn = _core_reply
+            core.reply_ctx = <void *>self
         self.closed = False
         self.next_sweep = monotonic() + 1.0
+        if core is not None:
+            return
         # Open one upstream socket now, so a missing privilege (SO_MARK needs
         # CAP_NET_ADMIN) is reported at start and not as a drop counter later.
         fd = self._upstream_socket()
@@ -241,6 +264,9 @@ cdef class Engine:
         """Move datagrams for up to max_ms milliseconds (or until stop()); releases the GIL."""
         if self.closed:
             raise ValueError("engine is closed")
+        if self.core is not None:
+            self._loop(max_ms)
+            return
         with nogil:
             self._loop(max_ms)
 
@@ -271,6 +297,10 @@ cdef class Engine:
             self._close_assoc(self.assoc.tail, -1)
         while self.tp.count:
             self._close_tp(self.tp.tail)
+        if self.core is not None:
+            self.core.reply_fn = NULL
+            self.core.reply_ctx = NULL
+            self.core = None
         self._free()
 
     cdef void _free(self) noexcept:
@@ -298,6 +328,7 @@ cdef class Engine:
         free(self.out_iov); self.out_iov = NULL
         free(self.out_names); self.out_names = NULL
         free(self.out_slot); self.out_slot = NULL
+        free(self.cl_names); self.cl_names = NULL
 
     def __dealloc__(self):
         if not self.closed:
@@ -329,6 +360,9 @@ cdef class Engine:
                 tag = self.events[i].data.u64
                 if (tag >> 32) == K_LISTEN:
                     self._on_listen(now)
+                elif (tag >> 32) == K_CORE:
+                    with gil:
+                        self._core_call(0, now)
                 else:
                     idx = <int32_t>(tag & 0xffffffffu)
                     fd = <int>((tag >> 32) - K_ASSOC)
@@ -336,6 +370,9 @@ cdef class Engine:
                         self._on_upstream(idx, now)
             if self.ry_count:
                 self._flush_replies(now)
+            if self.core is not None:
+                with gil:
+                    self._core_call(1, now)
             if now >= self.next_sweep:
                 self._sweep(now)
             if now >= deadline:
@@ -392,6 +429,9 @@ cdef class Engine:
                     if not got:
                         self.st[C_DROP_NO_ROUTE] += 1
                         continue
+                if self.core is not None:
+                    self._core_queue(i, &ck, &dk)
+                    continue
                 idx = table_find(&self.assoc, &ck)
                 if idx < 0:
                     idx = self._new_assoc(&ck, now)
@@ -419,9 +459,67 @@ cdef class Engine:
                     m.msg_hdr.msg_namelen = 0
                 self.tx_fd[self.ntx] = self.assoc.e[idx].fd
                 self.ntx += 1
-            self._flush_tx()
+            if self.core is not None:
+                with gil:
+                    self._core_send()
+            else:
+                self._flush_tx()
             if n < b:
                 return
+
+    # ---- through an upstream core (tunnel, SOCKS5) ----------------------------------
+
+    cdef void _core_queue(self, int i, akey_t *ck, akey_t *dk) noexcept nogil:
+        """Note datagram i of the receive ring for the core: client and destination."""
+        cdef mmsghdr *m = &self.tx_msgs[self.ntx]
+        akey_to_sockaddr(ck, ck.family, &self.cl_names[self.ntx])
+        if self.mode == MODE_REDIR:
+            akey_to_sockaddr(dk, dk.family, &self.tx_names[self.ntx])
+        else:
+            self.tx_names[self.ntx] = self.to_addr
+        self.tx_iov[self.ntx].iov_base = self.rx_iov[i].iov_base
+        self.tx_iov[self.ntx].iov_len = self.rx_msgs[i].msg_len
+        self.ntx += 1
+
+    cdef int _core_send(self) except -1:
+        cdef int j, n = self.ntx
+        self.ntx = 0
+        for j in range(n):
+            self.core.c_send(&self.cl_names[j], &self.tx_names[j],
+                             <const uint8_t *>self.tx_iov[j].iov_base, self.tx_iov[j].iov_len)
+        self.core.c_flush()
+        return 0
+
+    cdef void _core_call(self, int what, double now) noexcept:
+        try:
+            if what == 0:
+                self.core.c_process()
+            else:
+                self.core.c_tick(now)
+                self.core.c_flush()
+        except Exception as e:          # a bug in a core must not stop the worker
+            import logging
+            logging.getLogger("relay").exception("upstream: %s", e)
+            self.st[C_DROP_SEND_ERROR] += 1
+
+    cdef int _core_reply(self, const sockaddr_any *client, const sockaddr_any *src,
+                         const uint8_t *data, size_t n) noexcept nogil:
+        """A reply from the core: copy it into the reply ring like one from a socket."""
+        cdef int slot
+        if n > MAXDGRAM:
+            self.st[C_DROP_TOO_BIG] += 1
+            return 0
+        if self.ry_count == self.batch:
+            self._flush_replies(monotonic())
+        slot = self.ry_count
+        memcpy(self.ry + <size_t>slot * SLOT + HEADROOM, data, n)
+        self.ry_iov[slot].iov_base = self.ry + <size_t>slot * SLOT + HEADROOM
+        self.ry_iov[slot].iov_len = n
+        self.ry_msgs[slot].msg_len = <unsigned int>n
+        memcpy(&self.ry_names[slot], src, sizeof(sockaddr_any))
+        akey_from_sockaddr(client, &self.ry_client[slot])
+        self.ry_count += 1
+        return 0
 
     cdef bint _origdst(self, msghdr *h, akey_t *out) noexcept nogil:
         cdef cmsghdr *c = CMSG_FIRSTHDR(h)
@@ -477,8 +575,17 @@ cdef class Engine:
         cdef uint64_t nbytes = 0
         for i in range(n):
             nbytes += m[i].msg_hdr.msg_iov[0].iov_len
-        self.st[counter] += n
-        self.st[counter + 1] += nbytes
+        if counter == C_DOWN_DATAGRAMS:
+            self._count_down(n, nbytes)
+        else:
+            self.st[counter] += n
+            self.st[counter + 1] += nbytes
+
+    cdef inline void _count_down(self, uint64_t n, uint64_t nbytes) noexcept nogil:
+        # An upstream core counts the replies it brings back itself.
+        if self.core is None:
+            self.st[C_DOWN_DATAGRAMS] += n
+            self.st[C_DOWN_BYTES] += nbytes
 
     cdef void _count_error(self, int e) noexcept nogil:
         if e == EAGAIN or e == ENOBUFS:
@@ -699,8 +806,7 @@ cdef class Engine:
         cdef uint64_t nbytes = 0
         for i in range(start, start + n):
             nbytes += self.ry_msgs[self.out_slot[i]].msg_len
-        self.st[C_DOWN_DATAGRAMS] += n
-        self.st[C_DOWN_BYTES] += nbytes
+        self._count_down(n, nbytes)
 
     cdef void _fallback_one(self, int slot, double now) noexcept nogil:
         self.st[C_REPLY_FALLBACK] += 1
@@ -732,8 +838,7 @@ cdef class Engine:
                 if r < 0:
                     self._count_error(e)
                     continue
-            self.st[C_DOWN_DATAGRAMS] += 1
-            self.st[C_DOWN_BYTES] += <uint64_t>r
+            self._count_down(1, <uint64_t>r)
 
     cdef int _tp_socket(self, akey_t *remote, double now) noexcept nogil:
         """The transparent socket bound to remote (from the LRU cache, or new), or -1."""

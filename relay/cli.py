@@ -57,6 +57,11 @@ def _flow_options(p):
     g.add_argument("--upstream", default=None, metavar="URL",
                    help="send through tunnel://HOST:PORT (relay tunnel-server) or "
                         "socks5://[USER:PASS@]HOST:PORT (SOCKS5 UDP ASSOCIATE) instead of directly")
+    g.add_argument("--secret", default=None,
+                   help="with --upstream tunnel://: the tunnel server's secret (proved with an "
+                        "HMAC, never sent)")
+    g.add_argument("--connections", type=int, default=1, metavar="N",
+                   help="with --upstream tunnel://: TCP connections the flows are spread over")
 
 
 def _listener_from_args(args, mode):
@@ -65,6 +70,10 @@ def _listener_from_args(args, mode):
           "mark": args.mark, "batch": args.batch}
     if args.upstream:
         lc["upstream"] = args.upstream
+        if args.upstream.startswith("tunnel://"):
+            lc["connections"] = args.connections
+            if args.secret is not None:
+                lc["secret"] = args.secret
     if mode == "forward":
         lc["to"] = args.to
     if mode == "redir":

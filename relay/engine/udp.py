@@ -26,12 +26,13 @@ class UdpService(Service):
                     self.socks.append(r6)
                     raw6 = r6.fileno()
             up_family = socket.AF_INET6 if sockopt.ipv6_available() else socket.AF_INET
+            self.core = make_core(cfg, ctx)
             self.engine = Engine(
                 self.listen.fileno(), cfg.mode, to=cfg.to, raw4_fd=raw4, raw6_fd=raw6,
                 reply=cfg.reply, mark=cfg.mark, timeout=cfg.timeout,
                 max_associations=cfg.max_associations, transparent_cache=cfg.transparent_cache,
                 transparent_idle=cfg.transparent_idle, batch=cfg.batch, stats=ctx.stats,
-                upstream_family=up_family, listen_family=self.listen.family,
+                upstream_family=up_family, listen_family=self.listen.family, core=self.core,
             )
         except BaseException:
             self.close()
@@ -47,9 +48,28 @@ class UdpService(Service):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.close()
         for s in self.socks:
             s.close()
         self.socks = []
+
+
+def make_core(cfg, ctx):
+    """The upstream core for --upstream tunnel:// or socks5://, or None for direct."""
+    up = cfg.upstream
+    if up is None or up.kind == "direct":
+        return None
+    from relay._tunnel import Socks5Upstream, TunnelUpstream
+    mark = cfg.mark or None
+    if up.kind == "tunnel":
+        return TunnelUpstream((up.host, up.port), secret=cfg.secret, connections=cfg.connections,
+                              mark=mark, stats=ctx.stats, timeout=cfg.timeout, log=ctx.log)
+    if up.kind == "socks5":
+        return Socks5Upstream((up.host, up.port), user=up.user, password=up.password, mark=mark,
+                              stats=ctx.stats, timeout=cfg.timeout, log=ctx.log)
+    raise ValueError(f"unknown upstream kind {up.kind!r}")
 
 
 def create(cfg, ctx):

@@ -230,3 +230,8 @@ cdef extern from "<linux/errqueue.h>" nogil:
         uint8_t ee_code
         uint32_t ee_info
         uint32_t ee_data
+
+cdef extern from "<sys/socket.h>" nogil:
+    enum:
+        SO_DOMAIN
+        SO_TYPE
