@@ -38,8 +38,9 @@ def _runtime_options(p):
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level (logs go to stderr)")
     g.add_argument("--user", default=None,
-                   help="drop worker privileges to this user once the sockets are open, keeping "
-                        "only the capabilities the data path needs")
+                   help="once their sockets are open, workers switch to this user keeping only "
+                        "CAP_NET_ADMIN and CAP_NET_RAW (default: nobody when started as root; "
+                        "'root' keeps root)")
 
 
 def _flow_options(p):

@@ -65,16 +65,19 @@ class Worker:
                 if lc.workers is None or self.index < lc.workers}
 
     def open_all(self):
-        started = []
+        """Open every listener's sockets; threads start later (see start_all)."""
+        opened = []
         try:
             for lc in self.mine(self.config).values():
-                started.append(self._start(lc))
+                opened.append(self._start(lc))
         except BaseException:
-            for rs in started:
+            for rs in opened:
                 rs.service.close()
             self.services.clear()
             raise
-        for rs in started:
+
+    def start_all(self):
+        for rs in self.services.values():
             rs.thread.start()
 
     def reload(self, config, slots):
@@ -148,13 +151,15 @@ def worker_main(index, config, stats, slots, chan, pin=False):
         except Exception as e:
             w.send({"error": str(e)})
             os._exit(3)
-        if config.global_.user:
-            from relay.privileges import drop_privileges
-            try:
-                drop_privileges(config.global_.user)
-            except Exception as e:
-                w.send({"error": f"dropping privileges to {config.global_.user}: {e}"})
-                os._exit(3)
+        # Before any thread exists: capabilities are per thread, new threads inherit them.
+        from relay.privileges import default_user, drop_privileges
+        user = config.global_.user if config.global_.user is not None else default_user()
+        try:
+            drop_privileges(user)
+        except Exception as e:
+            w.send({"error": f"dropping privileges to {user}: {e}"})
+            os._exit(3)
+        w.start_all()
         w.send({"ready": True})
         w.serve()
     except BaseException:

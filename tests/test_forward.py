@@ -184,3 +184,27 @@ def test_metrics_endpoint_serves_prometheus_text(echo):
         assert '# TYPE relay_up_datagrams_total counter' in body
         assert 'relay_up_datagrams_total{listener="forward"} 1' in body
         assert 'relay_assoc_open{listener="forward"} 1' in body
+
+
+def test_workers_run_as_nobody_with_only_the_needed_capabilities(echo):
+    import pwd
+
+    import psutil
+
+    from relay.privileges import CAP_NET_ADMIN, CAP_NET_RAW, effective_capabilities
+    nobody = pwd.getpwnam("nobody")
+    with start_forward(echo, f"{SRV4}:5000", workers=2) as relay:
+        for pid in relay.worker_pids():
+            assert psutil.Process(pid).uids().effective == nobody.pw_uid
+            assert effective_capabilities(pid) == (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW)
+        # new flows still get upstream sockets with SO_MARK (CAP_NET_ADMIN kept)
+        for _ in range(5):
+            assert udp_roundtrip(echo.cli.socket(socket.AF_INET), (RTR4_CLI, 6000), b"p")[0] == b"p"
+        # the supervisor stays root to restart workers
+        assert psutil.Process(relay._main_pid()).uids().effective == 0
+
+
+def test_user_root_keeps_root(echo):
+    import psutil
+    with start_forward(echo, f"{SRV4}:5000", "--user", "root") as relay:
+        assert psutil.Process(relay.worker_pids()[0]).uids().effective == 0

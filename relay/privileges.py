@@ -1,0 +1,93 @@
+"""Dropping root in the workers once their sockets are open.
+
+A worker keeps exactly the capabilities its data path still needs after start:
+CAP_NET_ADMIN (SO_MARK and IP_TRANSPARENT on the sockets it opens per flow) and
+CAP_NET_RAW (raw sockets). Capabilities are per thread on Linux, so this must run before
+the worker starts any thread; threads started afterwards inherit the reduced set.
+"""
+import ctypes
+import os
+import pwd
+
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+KEEP = (CAP_NET_ADMIN, CAP_NET_RAW)
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+PR_SET_KEEPCAPS = 8
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+
+class _Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret, what):
+    if ret != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def default_user():
+    """'nobody' when it exists and we are root, else None (nothing to drop)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("nobody")
+        return "nobody"
+    except KeyError:
+        return None
+
+
+def set_capabilities(caps):
+    """Make caps the whole effective and permitted set of the calling thread."""
+    mask = 0
+    for c in caps:
+        mask |= 1 << c
+    hdr = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_Data * 2)()
+    data[0].effective = data[0].permitted = mask & 0xFFFFFFFF
+    data[1].effective = data[1].permitted = mask >> 32
+    _check(_libc.capset(ctypes.byref(hdr), data), "capset")
+
+
+def drop_privileges(user, keep=KEEP):
+    """Switch to user (name or uid) and its primary group, keeping only the keep caps.
+
+    ``user`` of None, "" or "root" (uid 0) leaves the process as it is."""
+    if user in (None, "", "root", 0):
+        return False
+    try:
+        pw = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+    except KeyError:
+        raise ValueError(f"no such user: {user!r}") from None
+    if pw.pw_uid == 0:
+        return False
+    if os.geteuid() != 0:
+        raise PermissionError(f"cannot switch to user {pw.pw_name}: not running as root")
+    _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    set_capabilities(keep)
+    _check(_libc.prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    return True
+
+
+def effective_capabilities(pid="self"):
+    """The CapEff mask of a process (from /proc), for checks and tests."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    raise RuntimeError("no CapEff line in /proc status")
