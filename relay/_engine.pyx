@@ -17,7 +17,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 from libc.stdlib cimport calloc, free
 
 from relay.includes.system cimport (
-    errno, EAGAIN, EINTR, ENOBUFS, ECONNREFUSED, EMSGSIZE, EMFILE, ENFILE, ENOMEM,
+    errno, EAGAIN, EINTR, ENOBUFS, EIO, ECONNREFUSED, EMSGSIZE, EMFILE, ENFILE, ENOMEM,
     EHOSTUNREACH, ENETUNREACH, EADDRNOTAVAIL, EINVAL, EPERM, EACCES,
     memcpy, memset, close, timespec, clock_gettime, CLOCK_MONOTONIC_COARSE, CLOCK_MONOTONIC,
     iovec, msghdr, mmsghdr, cmsghdr, CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_DATA,
@@ -27,9 +27,11 @@ from relay.includes.system cimport (
     SO_REUSEPORT, SO_RCVBUF, MSG_DONTWAIT, MSG_TRUNC, IPPROTO_IP, IPPROTO_IPV6, IPV6_V6ONLY,
     IP_TRANSPARENT, IPV6_TRANSPARENT, IP_ORIGDSTADDR, IPV6_ORIGDSTADDR, SO_MARK,
     epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLL_CTL_ADD, EPOLL_CTL_DEL,
-    EPOLL_CLOEXEC, htons, ntohs, pollfd, poll, POLLOUT,
+    EPOLL_CLOEXEC, htons, ntohs, pollfd, poll, POLLOUT, SOL_UDP, UDP_GRO, UDP_SEGMENT,
+    CMSG_SPACE,
 )
 from relay._addr cimport sockaddr_any, sockaddr_from_tuple, raise_oserror
+from relay._ring cimport msg_put_gso
 from relay._pkt cimport write_udp_headers, IPV4_UDP_HDR_LEN, IPV6_UDP_HDR_LEN
 from relay._table cimport (
     akey_t, entry_t, table_t, table_init, table_free, table_find, table_insert, table_remove,
@@ -48,7 +50,8 @@ cdef enum:
     HEADROOM = 64                 # room in front of each reply payload for IPv6+UDP headers
     MAXDGRAM = 65535
     SLOT = MAXDGRAM + HEADROOM
-    CTRL = 64                     # enough for one IPV6_ORIGDSTADDR control message
+    CTRL = 128                    # IPV6_ORIGDSTADDR (48) + UDP_GRO (24) control messages
+    GSO_CTRL = 32                 # one UDP_SEGMENT control message (24)
     K_CORE = 0                    # the upstream core's own epoll fd
     K_LISTEN = 1
     K_ASSOC = 2
@@ -71,6 +74,17 @@ cdef inline int wait_writable(int fd) noexcept nogil:
     p.events = POLLOUT
     p.revents = 0
     return poll(&p, 1, 1)
+
+
+cdef inline uint64_t _segments(msghdr *h) noexcept nogil:
+    """Datagrams a message stands for: 1, or its GSO segments."""
+    cdef uint16_t seg
+    cdef size_t n
+    if h.msg_controllen == 0:
+        return 1
+    memcpy(&seg, CMSG_DATA(CMSG_FIRSTHDR(h)), sizeof(uint16_t))
+    n = h.msg_iov[0].iov_len
+    return (n + seg - 1) // seg if seg else 1
 
 
 cdef int _core_reply(void *ctx, const sockaddr_any *client, const sockaddr_any *src,
@@ -103,6 +117,11 @@ cdef class Engine:
     cdef volatile int stopping
     cdef bint closed
     cdef UpstreamCore core        # tunnel / SOCKS5 upstream instead of direct sockets
+    cdef bint gro                 # UDP_GRO on receive, the same segments out as one GSO send
+    cdef uint8_t *tx_ctrl
+    cdef uint8_t *ry_ctrl
+    cdef uint8_t *out_ctrl
+    cdef int *ry_gro
     cdef sockaddr_any *cl_names   # client address of each datagram for the core
     # client side: receive ring and the upstream send list that points into it
     cdef uint8_t *rx
@@ -140,7 +159,7 @@ cdef class Engine:
                  int max_associations=65536, int transparent_cache=1024,
                  double transparent_idle=30.0, int batch=64, stats=None,
                  int upstream_family=AF_INET6, int listen_family=AF_INET6,
-                 UpstreamCore core=None):
+                 UpstreamCore core=None, bint gro=False):
         cdef epoll_event ev
         if mode not in ("forward", "redir"):
             raise ValueError(f"mode must be 'forward' or 'redir', not {mode!r}")
@@ -209,7 +228,12 @@ cdef class Engine:
         self.out_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
         self.out_slot = <int *>calloc(batch, sizeof(int))
         self.cl_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
-        if (self.cl_names == NULL or self.by_fd == NULL or self.rx == NULL or self.rx_msgs == NULL or self.rx_iov == NULL
+        self.tx_ctrl = <uint8_t *>calloc(batch, GSO_CTRL)
+        self.out_ctrl = <uint8_t *>calloc(batch, GSO_CTRL)
+        self.ry_ctrl = <uint8_t *>calloc(batch, CTRL)
+        self.ry_gro = <int *>calloc(batch, sizeof(int))
+        if (self.tx_ctrl == NULL or self.out_ctrl == NULL or self.ry_ctrl == NULL
+                or self.ry_gro == NULL or self.cl_names == NULL or self.by_fd == NULL or self.rx == NULL or self.rx_msgs == NULL or self.rx_iov == NULL
                 or self.rx_names == NULL or self.rx_ctrl == NULL or self.tx_msgs == NULL
                 or self.tx_iov == NULL or self.tx_names == NULL or self.tx_fd == NULL
                 or self.ry == NULL or self.ry_msgs == NULL or self.ry_iov == NULL
@@ -230,6 +254,13 @@ cdef class Engine:
             e = errno
             self._free()
             raise_oserror(e, "epoll_ctl(listen socket)")
+        self.gro = gro
+        if gro:
+            one = 1
+            if setsockopt(listen_fd, SOL_UDP, UDP_GRO, &one, sizeof(int)) < 0:
+                e = errno
+                self._free()
+                raise_oserror(e, "UDP_GRO on the listen socket")
         if core is not None:
             ev.events = EPOLLIN
             ev.data.u64 = <uint64_t>K_CORE << 32
@@ -329,6 +360,10 @@ cdef class Engine:
         free(self.out_names); self.out_names = NULL
         free(self.out_slot); self.out_slot = NULL
         free(self.cl_names); self.cl_names = NULL
+        free(self.tx_ctrl); self.tx_ctrl = NULL
+        free(self.out_ctrl); self.out_ctrl = NULL
+        free(self.ry_ctrl); self.ry_ctrl = NULL
+        free(self.ry_gro); self.ry_gro = NULL
 
     def __dealloc__(self):
         if not self.closed:
@@ -395,6 +430,7 @@ cdef class Engine:
         cdef int32_t idx
         cdef socklen_t nl
         cdef bint got
+        cdef int seg
         for rounds in range(LISTEN_ROUNDS):
             for i in range(b):
                 self.rx_iov[i].iov_base = self.rx + <size_t>i * MAXDGRAM
@@ -404,7 +440,7 @@ cdef class Engine:
                 m.msg_hdr.msg_iovlen = 1
                 m.msg_hdr.msg_name = &self.rx_names[i]
                 m.msg_hdr.msg_namelen = sizeof(sockaddr_any)
-                if self.mode == MODE_REDIR:
+                if self.mode == MODE_REDIR or self.gro:
                     m.msg_hdr.msg_control = self.rx_ctrl + i * CTRL
                     m.msg_hdr.msg_controllen = CTRL
                 else:
@@ -424,9 +460,10 @@ cdef class Engine:
                 if ck.family == 0:
                     self.st[C_DROP_MALFORMED] += 1
                     continue
-                if self.mode == MODE_REDIR:
-                    got = self._origdst(&m.msg_hdr, &dk)
-                    if not got:
+                seg = 0
+                if self.mode == MODE_REDIR or self.gro:
+                    got = self._cmsgs(&m.msg_hdr, &dk, &seg)
+                    if self.mode == MODE_REDIR and not got:
                         self.st[C_DROP_NO_ROUTE] += 1
                         continue
                 if self.core is not None:
@@ -447,6 +484,8 @@ cdef class Engine:
                 m.msg_hdr.msg_control = NULL
                 m.msg_hdr.msg_controllen = 0
                 m.msg_hdr.msg_flags = 0
+                if seg > 0 and <int>self.tx_iov[self.ntx].iov_len > seg:
+                    msg_put_gso(&m.msg_hdr, self.tx_ctrl + self.ntx * GSO_CTRL, <uint16_t>seg)
                 if self.mode == MODE_REDIR:
                     nl = akey_to_sockaddr(&dk, self.up_family, &self.tx_names[self.ntx])
                     if nl == 0:
@@ -516,20 +555,27 @@ cdef class Engine:
         self.ry_iov[slot].iov_base = self.ry + <size_t>slot * SLOT + HEADROOM
         self.ry_iov[slot].iov_len = n
         self.ry_msgs[slot].msg_len = <unsigned int>n
+        self.ry_gro[slot] = 0
         memcpy(&self.ry_names[slot], src, sizeof(sockaddr_any))
         akey_from_sockaddr(client, &self.ry_client[slot])
         self.ry_count += 1
         return 0
 
-    cdef bint _origdst(self, msghdr *h, akey_t *out) noexcept nogil:
+    cdef bint _cmsgs(self, msghdr *h, akey_t *origdst, int *gro) noexcept nogil:
+        """Read the original destination (returns whether there was one) and the GRO
+        segment size (0 when the datagram was not coalesced) from the control messages."""
         cdef cmsghdr *c = CMSG_FIRSTHDR(h)
+        cdef bint got = False
+        gro[0] = 0
         while c != NULL:
             if ((c.cmsg_level == IPPROTO_IP and c.cmsg_type == IP_ORIGDSTADDR)
                     or (c.cmsg_level == IPPROTO_IPV6 and c.cmsg_type == IPV6_ORIGDSTADDR)):
-                akey_from_sockaddr(<sockaddr_any *>CMSG_DATA(c), out)
-                return out.family != 0
+                akey_from_sockaddr(<sockaddr_any *>CMSG_DATA(c), origdst)
+                got = origdst.family != 0
+            elif c.cmsg_level == SOL_UDP and c.cmsg_type == UDP_GRO:
+                memcpy(gro, CMSG_DATA(c), sizeof(int))
             c = CMSG_NXTHDR(h, c)
-        return False
+        return got
 
     cdef void _flush_tx(self) noexcept nogil:
         """Send the pending upstream datagrams: one sendmmsg per run of the same socket."""
@@ -572,13 +618,14 @@ cdef class Engine:
 
     cdef void _count_sent(self, mmsghdr *m, int n, int counter) noexcept nogil:
         cdef int i
-        cdef uint64_t nbytes = 0
+        cdef uint64_t nbytes = 0, ndgrams = 0
         for i in range(n):
             nbytes += m[i].msg_hdr.msg_iov[0].iov_len
+            ndgrams += _segments(&m[i].msg_hdr)
         if counter == C_DOWN_DATAGRAMS:
-            self._count_down(n, nbytes)
+            self._count_down(ndgrams, nbytes)
         else:
-            self.st[counter] += n
+            self.st[counter] += ndgrams
             self.st[counter + 1] += nbytes
 
     cdef inline void _count_down(self, uint64_t n, uint64_t nbytes) noexcept nogil:
@@ -609,13 +656,38 @@ cdef class Engine:
             self._count_sent(m + done, r, counter)
             done += r
             if done < n:
-                self._count_error(e)
+                if m[done].msg_hdr.msg_controllen and (e == EINVAL or e == EMSGSIZE or e == EIO):
+                    self._send_split(fd, &m[done].msg_hdr, counter)
+                else:
+                    self._count_error(e)
                 done += 1
+
+    cdef void _send_split(self, int fd, msghdr *h, int counter) noexcept nogil:
+        """The kernel refused a GSO send (segment larger than the route allows, ...):
+        send its datagrams one by one instead."""
+        cdef uint16_t seg
+        cdef cmsghdr *c = CMSG_FIRSTHDR(h)
+        cdef uint8_t *p = <uint8_t *>h.msg_iov[0].iov_base
+        cdef size_t left = h.msg_iov[0].iov_len, k
+        cdef ssize_t r
+        memcpy(&seg, CMSG_DATA(c), sizeof(uint16_t))
+        while left > 0:
+            k = seg if left > seg else left
+            r = sendto(fd, p, k, MSG_DONTWAIT, <sockaddr *>h.msg_name, h.msg_namelen)
+            if r < 0:
+                self._count_error(errno)
+            elif counter == C_DOWN_DATAGRAMS:
+                self._count_down(1, k)
+            else:
+                self.st[counter] += 1
+                self.st[counter + 1] += k
+            p += k
+            left -= k
 
     cdef int _upstream_socket(self) noexcept nogil:
         """A new non-blocking upstream socket with the mark, or -errno."""
         cdef int fd = socket(self.up_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
-        cdef int zero = 0, e
+        cdef int zero = 0, one = 1, e
         if fd < 0:
             return -errno
         if self.mark and setsockopt(fd, SOL_SOCKET, SO_MARK, &self.mark, sizeof(self.mark)) < 0:
@@ -625,6 +697,8 @@ cdef class Engine:
         if self.up_family == AF_INET6:
             setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero))
         if self.mode == MODE_FORWARD:
+            if self.gro:
+                setsockopt(fd, SOL_UDP, UDP_GRO, &one, sizeof(one))
             if connect(fd, &self.to_addr.sa, self.to_len) < 0:
                 e = errno
                 close(fd)
@@ -686,6 +760,7 @@ cdef class Engine:
         cdef int rounds, n, i, space, base
         cdef int fd = self.assoc.e[idx].fd
         cdef mmsghdr *m
+        cdef akey_t scratch
         cdef akey_t client = self.assoc.e[idx].key
         for rounds in range(REPLY_ROUNDS):
             if self.ry_count == self.batch:
@@ -700,8 +775,12 @@ cdef class Engine:
                 m.msg_hdr.msg_iovlen = 1
                 m.msg_hdr.msg_name = &self.ry_names[i]
                 m.msg_hdr.msg_namelen = sizeof(sockaddr_any)
-                m.msg_hdr.msg_control = NULL
-                m.msg_hdr.msg_controllen = 0
+                if self.gro and self.mode == MODE_FORWARD:
+                    m.msg_hdr.msg_control = self.ry_ctrl + i * CTRL
+                    m.msg_hdr.msg_controllen = CTRL
+                else:
+                    m.msg_hdr.msg_control = NULL
+                    m.msg_hdr.msg_controllen = 0
                 m.msg_hdr.msg_flags = 0
             n = recvmmsg(fd, &self.ry_msgs[base], space, MSG_DONTWAIT, NULL)
             if n <= 0:
@@ -712,6 +791,9 @@ cdef class Engine:
             for i in range(base, base + n):
                 self.ry_client[i] = client
                 self.ry_iov[i].iov_len = self.ry_msgs[i].msg_len
+                self.ry_gro[i] = 0
+                if self.ry_msgs[i].msg_hdr.msg_controllen:
+                    self._cmsgs(&self.ry_msgs[i].msg_hdr, &scratch, &self.ry_gro[i])
             self.ry_count += n
             table_touch(&self.assoc, idx, now)
             if n < space:
@@ -739,6 +821,9 @@ cdef class Engine:
                 self.st[C_DROP_NO_ROUTE] += 1
                 continue
             self._out_msg(k, &self.ry_iov[i], nl)
+            if self.ry_gro[i] > 0 and <int>self.ry_iov[i].iov_len > self.ry_gro[i]:
+                msg_put_gso(&self.out_msgs[k].msg_hdr, self.out_ctrl + k * GSO_CTRL,
+                            <uint16_t>self.ry_gro[i])
             k += 1
         self._send_counted(self.lfd, self.out_msgs, k, C_DOWN_DATAGRAMS)
 

@@ -55,6 +55,9 @@ def _flow_options(p):
                         "is never captured again (0: none)")
     g.add_argument("--batch", type=int, default=64, metavar="N",
                    help="datagrams per recvmmsg/sendmmsg call")
+    g.add_argument("--gro", action="store_true",
+                   help="bulk path: take coalesced datagrams from the kernel (UDP_GRO) and pass "
+                        "each run on as one segmentation-offload send (UDP_SEGMENT)")
     g.add_argument("--upstream", default=None, metavar="URL",
                    help="send through tunnel://HOST:PORT (relay tunnel-server) or "
                         "socks5://[USER:PASS@]HOST:PORT (SOCKS5 UDP ASSOCIATE) instead of directly")
@@ -68,7 +71,7 @@ def _flow_options(p):
 def _listener_from_args(args, mode):
     lc = {"name": args.name or mode, "mode": mode, "listen": args.listen,
           "timeout": args.timeout, "max_associations": args.max_associations,
-          "mark": args.mark, "batch": args.batch}
+          "mark": args.mark, "batch": args.batch, "gro": args.gro}
     if args.upstream:
         lc["upstream"] = args.upstream
         if args.upstream.startswith("tunnel://"):

@@ -87,6 +87,7 @@ class ListenerConfig:
     transparent_cache: int = 1024
     transparent_idle: float = 30.0
     batch: int = 64
+    gro: bool = False                        # UDP_GRO in, GSO out (forward, redir)
     secret: Optional[str] = field(default=None, repr=False)
     user: Optional[str] = None
     password: Optional[str] = field(default=None, repr=False)
@@ -139,8 +140,9 @@ class Config:
 _COMMON = {"name", "mode", "listen", "mark", "timeout", "max_associations", "batch", "workers"}
 _TUNNEL_UP = {"secret", "connections"}       # with a tunnel:// upstream
 MODE_KEYS = {
-    "forward": _COMMON | {"to", "upstream"} | _TUNNEL_UP,
-    "redir": _COMMON | {"upstream", "reply", "transparent_cache", "transparent_idle"} | _TUNNEL_UP,
+    "forward": _COMMON | {"to", "upstream", "gro"} | _TUNNEL_UP,
+    "redir": _COMMON | {"upstream", "reply", "transparent_cache", "transparent_idle", "gro"}
+    | _TUNNEL_UP,
     "tunnel-server": _COMMON | {"secret", "allow", "deny", "insecure"},
     "tunnel-client": _COMMON | {"to", "server", "secret", "connections"},
     "socks5": _COMMON | {"user", "password", "allow", "deny", "insecure"},
@@ -381,6 +383,8 @@ def _parse_listener(ctx, index, table):
                                             0, MAX_TIMEOUT)
     if "batch" in table:
         kw["batch"] = _get_int(ctx, k("batch"), table["batch"], 1, MAX_BATCH)
+    if "gro" in table:
+        kw["gro"] = _get_bool(ctx, k("gro"), table["gro"])
     if "secret" in table:
         kw["secret"] = _get_str(ctx, k("secret"), table["secret"])
     for key in ("user", "password"):

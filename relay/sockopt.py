@@ -9,6 +9,8 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 IPPROTO_RAW = getattr(socket, "IPPROTO_RAW", 255)
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
 
 
 def family_of(host):
@@ -88,6 +90,11 @@ def raw_socket(family, mark=0, bufsize=4 << 20):
     try:
         if family == socket.AF_INET:
             s.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+            # Without IP_RECVERR the kernel reports success for a raw packet that a full
+            # queue dropped; with it, sendmmsg says ENOBUFS and the engine can retry/count.
+            s.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        else:
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
         set_mark(s, mark)
         try:
             s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, bufsize)

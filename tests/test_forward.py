@@ -208,3 +208,21 @@ def test_user_root_keeps_root(echo):
     import psutil
     with start_forward(echo, f"{SRV4}:5000", "--user", "root") as relay:
         assert psutil.Process(relay.worker_pids()[0]).uids().effective == 0
+
+
+@pytest.mark.parametrize("gro", [False, True])
+def test_bulk_path_gso_in_gro_through(echo, gro):
+    """A client sends 40 datagrams as one UDP_SEGMENT send; with --gro the relay takes them
+    coalesced and passes them on as one GSO send. Either way 40 datagrams arrive, in order."""
+    from relay import BatchSocket
+    extra = ["--gro"] if gro else []
+    with start_forward(echo, f"{SRV4}:5000", *extra) as relay:
+        c = echo.cli.socket(socket.AF_INET)
+        c.connect((RTR4_CLI, 6000))
+        c.settimeout(3)
+        payloads = [bytes([i]) * 1000 for i in range(40)]
+        with BatchSocket(c.fileno(), batch=64) as b:
+            assert b.send_gso(b"".join(payloads), 1000) == 40
+        got = [c.recv(65535) for _ in range(40)]
+        assert got == payloads
+        relay.settled_stats(lambda st: st["up_datagrams"] == 40 == st["down_datagrams"])

@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from relay.errors import PacketTooBig
 from relay._pure.rawsock import RawSender as PureRawSender
@@ -155,6 +156,23 @@ def test_close_and_context_manager(RawSender):
         s.send_many([])
 
 
+def test_not_reentrant(RawSender):
+    """A sender in use (here: from inside the items iterator) refuses another call."""
+    s = RawSender()
+
+    def calls(action):
+        action()
+        yield (("192.0.2.1", 1), ("192.0.2.2", 2), b"x")
+    with pytest.raises(RuntimeError, match="in use") as info:
+        s.send_many(calls(lambda: s.send(("192.0.2.1", 1), ("192.0.2.2", 2), b"x")))
+    assert info.value.sent == 0
+    with pytest.raises(RuntimeError, match="while it is sending"):
+        s.send_many(calls(s.close))
+    assert not s.closed
+    assert s.send_many([]) == 0            # usable again
+    s.close()
+
+
 @pytest.mark.parametrize("src,dst,payload,exc,words", [
     (("192.0.2.1", 1), ("2001:db8::1", 2), b"x", ValueError, "same address family"),
     (("2001:db8::1", 1), ("192.0.2.1", 2), b"x", ValueError, "same address family"),
@@ -166,6 +184,8 @@ def test_close_and_context_manager(RawSender):
     (("192.0.2.1", 1), ["192.0.2.2", 2], b"x", TypeError, "(host, port) tuple"),
     (("192.0.2.1", 1.0), ("192.0.2.2", 2), b"x", TypeError, "port must be an int"),
     (("192.0.2.1", 1), ("192.0.2.2", "2"), b"x", TypeError, "port must be an int"),
+    (("192.0.2.1", True), ("192.0.2.2", 2), b"x", TypeError, "port must be an int"),
+    (("192.0.2\0.1", 1), ("192.0.2.2", 2), b"x", ValueError, "address literal"),
     (("192.0.2.1", -1), ("192.0.2.2", 2), b"x", ValueError, "port out of range"),
     (("192.0.2.1", 1), ("192.0.2.2", 65536), b"x", ValueError, "port out of range"),
     (("192.0.2.1", 1), ("192.0.2.2", 1 << 70), b"x", ValueError, "port out of range"),
@@ -227,6 +247,23 @@ def test_pure_headers_match_scapy():
                 ref = IP(src=src, dst=dst, ttl=33, id=0, flags="DF") / UDP(
                     sport=40000 + plen, dport=53) / payload
             assert ours == bytes(ref), (is_v6, plen)
+
+
+@settings(max_examples=150, deadline=None)
+@given(v6=st.booleans(), src=st.binary(min_size=16, max_size=16),
+       dst=st.binary(min_size=16, max_size=16), sport=st.integers(0, 65535),
+       dport=st.integers(0, 65535), ttl=st.integers(1, 255),
+       payload=st.binary(max_size=1500))
+def test_pure_headers_match_scapy_property(v6, src, dst, sport, dport, ttl, payload):
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet6 import IPv6
+    from relay._pure.rawsock import _headers
+    fam = socket.AF_INET6 if v6 else socket.AF_INET
+    src, dst = (src, dst) if v6 else (src[:4], dst[:4])
+    hdr = _headers(v6, src, sport, dst, dport, payload, len(payload), ttl)
+    s, d = socket.inet_ntop(fam, src), socket.inet_ntop(fam, dst)
+    ip = IPv6(src=s, dst=d, hlim=ttl) if v6 else IP(src=s, dst=d, ttl=ttl, id=0, flags="DF")
+    assert hdr + payload == bytes(ip / UDP(sport=sport, dport=dport) / payload)
 
 
 # -- in network namespaces ---------------------------------------------------------
@@ -443,7 +480,8 @@ def test_mark(RawSender, topo, recv_factory):
         pytest.skip("nft is not installed")
     topo.rtr.run("nft", "-f", "-", input=(
         "table inet rawsocktest {\n"
-        " chain out { type filter hook output priority 0; meta l4proto udp meta mark 0x2a counter; }\n"
+        " chain out { type filter hook output priority 0;\n"
+        "  meta l4proto udp meta mark 0x2a counter; }\n"
         "}\n"))
     rcv = recv_factory(topo.cli, socket.AF_INET, CLI4)
     src = (SRV4, 53)

@@ -20,6 +20,7 @@ cdef extern from "<errno.h>" nogil:
         ENETUNREACH
         EADDRNOTAVAIL
         ENOTCONN
+        EIO
 
 cdef extern from "<string.h>" nogil:
     void *memcpy(void *dest, const void *src, size_t n)
