@@ -28,7 +28,7 @@ from relay.includes.system cimport (
     IP_TRANSPARENT, IPV6_TRANSPARENT, IP_ORIGDSTADDR, IPV6_ORIGDSTADDR, SO_MARK,
     epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLL_CTL_ADD, EPOLL_CTL_DEL,
     EPOLL_CLOEXEC, htons, ntohs, pollfd, poll, POLLOUT, SOL_UDP, UDP_GRO, UDP_SEGMENT,
-    CMSG_SPACE,
+    CMSG_SPACE, SO_RXQ_OVFL,
 )
 from relay._addr cimport sockaddr_any, sockaddr_from_tuple, raise_oserror
 from relay._ring cimport msg_put_gso
@@ -59,7 +59,7 @@ cdef enum:
     LISTEN_ROUNDS = 8             # recvmmsg rounds per wake-up before serving replies
     REPLY_ROUNDS = 4
     FD_RESERVE = 32               # descriptors kept free for reply sockets and the control plane
-    SEND_RETRIES = 3
+    SEND_RETRIES = 1              # waits for a full buffer per run: a shared socket must not stall the loop
 
 
 cdef inline double monotonic() noexcept nogil:
@@ -85,6 +85,14 @@ cdef inline uint64_t _segments(msghdr *h) noexcept nogil:
     memcpy(&seg, CMSG_DATA(CMSG_FIRSTHDR(h)), sizeof(uint16_t))
     n = h.msg_iov[0].iov_len
     return (n + seg - 1) // seg if seg else 1
+
+
+cdef inline uint64_t _datagrams(mmsghdr *m, int n) noexcept nogil:
+    cdef uint64_t total = 0
+    cdef int i
+    for i in range(n):
+        total += _segments(&m[i].msg_hdr)
+    return total
 
 
 cdef int _core_reply(void *ctx, const sockaddr_any *client, const sockaddr_any *src,
@@ -118,6 +126,7 @@ cdef class Engine:
     cdef bint closed
     cdef UpstreamCore core        # tunnel / SOCKS5 upstream instead of direct sockets
     cdef bint gro                 # UDP_GRO on receive, the same segments out as one GSO send
+    cdef uint64_t rcvbuf_base     # drop_rcvbuf when this engine started (slots outlive engines)
     cdef uint8_t *tx_ctrl
     cdef uint8_t *ry_ctrl
     cdef uint8_t *out_ctrl
@@ -254,9 +263,11 @@ cdef class Engine:
             e = errno
             self._free()
             raise_oserror(e, "epoll_ctl(listen socket)")
+        self.rcvbuf_base = self.st[C_DROP_RCVBUF]
+        one = 1
+        setsockopt(listen_fd, SOL_SOCKET, SO_RXQ_OVFL, &one, sizeof(int))
         self.gro = gro
         if gro:
-            one = 1
             if setsockopt(listen_fd, SOL_UDP, UDP_GRO, &one, sizeof(int)) < 0:
                 e = errno
                 self._free()
@@ -440,12 +451,8 @@ cdef class Engine:
                 m.msg_hdr.msg_iovlen = 1
                 m.msg_hdr.msg_name = &self.rx_names[i]
                 m.msg_hdr.msg_namelen = sizeof(sockaddr_any)
-                if self.mode == MODE_REDIR or self.gro:
-                    m.msg_hdr.msg_control = self.rx_ctrl + i * CTRL
-                    m.msg_hdr.msg_controllen = CTRL
-                else:
-                    m.msg_hdr.msg_control = NULL
-                    m.msg_hdr.msg_controllen = 0
+                m.msg_hdr.msg_control = self.rx_ctrl + i * CTRL
+                m.msg_hdr.msg_controllen = CTRL
                 m.msg_hdr.msg_flags = 0
             n = recvmmsg(self.lfd, self.rx_msgs, b, MSG_DONTWAIT, NULL)
             if n <= 0:
@@ -460,12 +467,10 @@ cdef class Engine:
                 if ck.family == 0:
                     self.st[C_DROP_MALFORMED] += 1
                     continue
-                seg = 0
-                if self.mode == MODE_REDIR or self.gro:
-                    got = self._cmsgs(&m.msg_hdr, &dk, &seg)
-                    if self.mode == MODE_REDIR and not got:
-                        self.st[C_DROP_NO_ROUTE] += 1
-                        continue
+                got = self._cmsgs(&m.msg_hdr, &dk, &seg)
+                if self.mode == MODE_REDIR and not got:
+                    self.st[C_DROP_NO_ROUTE] += 1
+                    continue
                 if self.core is not None:
                     self._core_queue(i, &ck, &dk)
                     continue
@@ -566,6 +571,7 @@ cdef class Engine:
         segment size (0 when the datagram was not coalesced) from the control messages."""
         cdef cmsghdr *c = CMSG_FIRSTHDR(h)
         cdef bint got = False
+        cdef uint32_t ovfl
         gro[0] = 0
         while c != NULL:
             if ((c.cmsg_level == IPPROTO_IP and c.cmsg_type == IP_ORIGDSTADDR)
@@ -574,6 +580,10 @@ cdef class Engine:
                 got = origdst.family != 0
             elif c.cmsg_level == SOL_UDP and c.cmsg_type == UDP_GRO:
                 memcpy(gro, CMSG_DATA(c), sizeof(int))
+            elif c.cmsg_level == SOL_SOCKET and c.cmsg_type == SO_RXQ_OVFL:
+                # datagrams the kernel dropped on this socket so far (cumulative)
+                memcpy(&ovfl, CMSG_DATA(c), sizeof(uint32_t))
+                self.st[C_DROP_RCVBUF] = self.rcvbuf_base + ovfl
             c = CMSG_NXTHDR(h, c)
         return got
 
@@ -621,7 +631,7 @@ cdef class Engine:
         cdef uint64_t nbytes = 0, ndgrams = 0
         for i in range(n):
             nbytes += m[i].msg_hdr.msg_iov[0].iov_len
-            ndgrams += _segments(&m[i].msg_hdr)
+        ndgrams = _datagrams(m, n)
         if counter == C_DOWN_DATAGRAMS:
             self._count_down(ndgrams, nbytes)
         else:
@@ -656,6 +666,11 @@ cdef class Engine:
             self._count_sent(m + done, r, counter)
             done += r
             if done < n:
+                if e == EAGAIN or e == ENOBUFS:
+                    # Still full after a wait: drop (and count) the rest of this run rather
+                    # than stall every other flow behind this socket.
+                    self.st[C_DROP_BUFFER_FULL] += _datagrams(m + done, n - done)
+                    return
                 if m[done].msg_hdr.msg_controllen and (e == EINVAL or e == EMSGSIZE or e == EIO):
                     self._send_split(fd, &m[done].msg_hdr, counter)
                 else:
@@ -880,6 +895,9 @@ cdef class Engine:
             self._count_raw(done, r)
             done += r
             if done < k:
+                if e == EAGAIN or e == ENOBUFS:
+                    self.st[C_DROP_BUFFER_FULL] += k - done
+                    return
                 if e == EMSGSIZE:
                     self._fallback_one(self.out_slot[done], now)
                 else:

@@ -30,4 +30,5 @@ cdef enum:
     C_FRAMES_BAD
     C_QUEUE_DROPS
     C_ICMP_ERRORS
+    C_DROP_RCVBUF             # the kernel's count for the listen socket (SO_RXQ_OVFL)
     N_COUNTERS

@@ -49,6 +49,12 @@ def set_mark(sock, mark):
         raise _need("SO_MARK", "CAP_NET_ADMIN", e) from None
 
 
+# Replies to clients whose address does not resolve (spoofed sources of a flood) wait in
+# the neighbour queue, charged to the sending socket, for seconds; a large send buffer cap
+# keeps those from blocking replies to everyone else. It is a cap, not an allocation.
+REPLY_SNDBUF = 64 << 20
+
+
 def udp_listen(addr, *, transparent=False, reuseport=True, bufsize=4 << 20):
     """A bound non-blocking UDP socket on (host, port).
 
@@ -70,6 +76,7 @@ def udp_listen(addr, *, transparent=False, reuseport=True, bufsize=4 << 20):
             if fam == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
         set_buffers(s, bufsize)
+        _sndbuf(s, REPLY_SNDBUF)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -81,7 +88,14 @@ def udp_listen(addr, *, transparent=False, reuseport=True, bufsize=4 << 20):
         raise
 
 
-def raw_socket(family, mark=0, bufsize=4 << 20):
+def _sndbuf(sock, size):
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def raw_socket(family, mark=0, bufsize=REPLY_SNDBUF):
     """An IPPROTO_RAW socket (header included) for spoofed replies."""
     try:
         s = socket.socket(family, socket.SOCK_RAW, IPPROTO_RAW)
@@ -96,10 +110,7 @@ def raw_socket(family, mark=0, bufsize=4 << 20):
         else:
             s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
         set_mark(s, mark)
-        try:
-            s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, bufsize)
-        except OSError:
-            pass
+        _sndbuf(s, bufsize)
         s.setblocking(False)
         return s
     except BaseException:

@@ -15,7 +15,7 @@ COUNTERS = (
     "drop_too_big", "drop_no_route", "drop_denied",
     "reply_fallback", "transparent_open",
     "conn_open", "conn_accepted", "conn_rejected", "conn_reconnects", "frames_bad",
-    "queue_drops", "icmp_errors",
+    "queue_drops", "icmp_errors", "drop_rcvbuf",
 )
 N_COUNTERS = len(COUNTERS)
 INDEX = {name: i for i, name in enumerate(COUNTERS)}
@@ -48,6 +48,7 @@ HELP = {
     "frames_bad": "tunnel or SOCKS5 frames rejected as malformed",
     "queue_drops": "datagrams dropped from a bounded queue (e.g. while reconnecting)",
     "icmp_errors": "ICMP errors (unreachable, refused) seen on upstream sockets",
+    "drop_rcvbuf": "datagrams the kernel dropped because a listen socket's receive buffer was full",
 }
 assert set(HELP) == set(COUNTERS)
 
