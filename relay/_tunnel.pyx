@@ -1729,6 +1729,7 @@ cdef class Socks5Upstream(UpstreamCore):
         cdef int32_t i
         cdef aflow_t *a
         cdef size_t hl, need
+        cdef uint32_t ln
         cdef uint8_t *slot
         if n > MAX_PAYLOAD:
             self.st[C_DROP_TOO_BIG] += 1
@@ -1750,7 +1751,8 @@ cdef class Socks5Upstream(UpstreamCore):
             slot = a.queue + a.qlen
             hl = write_udp_req_hdr(slot + 4, dst)
             memcpy(slot + 4 + hl, data, n)
-            (<uint32_t *>slot)[0] = <uint32_t>(hl + n)
+            ln = <uint32_t>(hl + n)
+            memcpy(slot, &ln, 4)
             a.qlen += 4 + hl + n
             return 0
         if self.sb.n and (self.sb.fd != a.udp_fd or self.sb.n == self.sb.cap):
@@ -1775,7 +1777,7 @@ cdef class Socks5Upstream(UpstreamCore):
         cdef uint32_t ln
         cdef ssize_t r
         while pos < a.qlen:
-            ln = (<uint32_t *>(a.queue + pos))[0]
+            memcpy(&ln, a.queue + pos, 4)
             r = sendto(a.udp_fd, a.queue + pos + 4, ln, MSG_DONTWAIT, &a.relay.sa,
                        sa_len(&a.relay))
             if r < 0:

@@ -688,3 +688,1014 @@ class AccessList:
         return [(net.version, net.prefixlen, action,
                  net.network_address.packed.ljust(16, b"\0"))
                 for net, action, _prio in self.rules]
+
+
+# =========================================================================== data path
+# Pure-Python fallback of relay._tunnel's cores, same Python API and counters; used when
+# the extension is missing or RELAY_PURE_PYTHON=1. One Python call per datagram: a
+# reference for behaviour, not for speed.
+
+import errno as _errno  # noqa: E402
+import logging as _logging  # noqa: E402
+import select as _select  # noqa: E402
+import time as _time  # noqa: E402
+
+from relay import stats as _stats  # noqa: E402
+
+_C = _stats.INDEX
+_log = _logging.getLogger("relay.tunnel")
+RX_CAP = 135168
+SO_MARK = 36
+_EPOLLIN, _EPOLLOUT = _select.EPOLLIN, _select.EPOLLOUT
+_BACKOFF_MIN, _BACKOFF_MAX, _CONNECT_TIMEOUT = 0.05, 2.0, 5.0
+
+
+def _stats_view(stats):
+    if stats is None:
+        stats = memoryview(bytearray(8 * _stats.N_COUNTERS)).cast("Q")
+    if not isinstance(stats, memoryview):
+        stats = memoryview(stats)
+    if stats.format != "Q":
+        stats = stats.cast("B").cast("Q")
+    if len(stats) < _stats.N_COUNTERS:
+        raise ValueError(f"stats needs {_stats.N_COUNTERS} uint64 counters, got {len(stats)}")
+    return stats
+
+
+def _unmap(addr):
+    """(host, port) with an IPv4-mapped IPv6 host turned into IPv4."""
+    host = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return (host, addr[1])
+
+
+def _send_error_counter(e):
+    if e in (_errno.EAGAIN, _errno.ENOBUFS):
+        return "drop_buffer_full"
+    if e == _errno.EMSGSIZE:
+        return "drop_too_big"
+    if e in (_errno.ENETUNREACH, _errno.EHOSTUNREACH, _errno.EADDRNOTAVAIL):
+        return "drop_no_route"
+    return "drop_send_error"
+
+
+class Acl:
+    """Matcher over AccessList.table(), like relay._tunnel.Acl."""
+
+    def __init__(self, table=()):
+        self.rules = [(fam, plen, action, int.from_bytes(net[:4 if fam == 4 else 16], "big"))
+                      for fam, plen, action, net in table]
+
+    def allowed(self, host):
+        ip = ipaddress.ip_address(host)
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        fam, bits = (4, 32) if ip.version == 4 else (6, 128)
+        value = int(ip)
+        for rfam, plen, action, net in self.rules:
+            if rfam != fam:
+                continue
+            if plen == 0 or (value ^ net) >> (bits - plen) == 0:
+                return action == ALLOW
+        return True
+
+
+class _Poller:
+    def __init__(self, stats, log):
+        self.ep = _select.epoll()
+        self._stats = _stats_view(stats)
+        self.log = log or _log
+        self.now = _time.monotonic()
+        self._reg = {}              # fd -> (kind, idx); kind None: handed to Python
+
+    @property
+    def stats(self):
+        return self._stats
+
+    def _count(self, name, n=1):
+        self._stats[_C[name]] += n
+
+    def _sent(self, way, data, sock, to, counted=None):
+        """sendto, counted before the call (which lets other threads run) and undone on
+        failure, so a reader never sees a delivered datagram that is not counted yet."""
+        n = len(data) if counted is None else counted
+        self._count(way + "_datagrams")
+        self._count(way + "_bytes", n)
+        try:
+            sock.sendto(data, to)
+        except OSError as e:
+            self._count(way + "_datagrams", -1)
+            self._count(way + "_bytes", -n)
+            self._count(_send_error_counter(e.errno))
+
+    def fileno(self):
+        return self.ep.fileno()
+
+    def watch(self, fd, token, read=True, write=False, modify=False):
+        ev = (_EPOLLIN if read else 0) | (_EPOLLOUT if write else 0)
+        (self.ep.modify if modify else self.ep.register)(fd, ev)
+        self._reg[fd] = (None, token)
+
+    def unwatch(self, fd):
+        try:
+            self.ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        self._reg.pop(fd, None)
+
+    def _add(self, fd, kind, idx, ev=_EPOLLIN):
+        self.ep.register(fd, ev)
+        self._reg[fd] = (kind, idx)
+
+    def _del(self, fd):
+        self.unwatch(fd)
+
+    def poll(self, timeout_ms=100):
+        try:
+            events = self.ep.poll(timeout_ms / 1000.0 if timeout_ms >= 0 else -1, 64)
+        except InterruptedError:
+            return []
+        self.now = _time.monotonic()
+        py = []
+        for fd, ev in events:
+            reg = self._reg.get(fd)
+            if reg is None:
+                continue
+            if reg[0] is None:
+                py.append((reg[1], ev))
+            else:
+                self.on_event(reg[0], reg[1], ev)
+        return py
+
+    def on_event(self, kind, idx, ev):
+        pass
+
+    def close(self):
+        self.ep.close()
+
+
+class _SConn:
+    __slots__ = ("sock", "mux", "rx", "tx", "want_out", "stall_since", "flows", "slot")
+
+
+class _SFlow:
+    __slots__ = ("sock", "conn", "id", "last", "last_dst")
+
+
+class TunnelServer(_Poller):
+    """Pure fallback of relay._tunnel.TunnelServer."""
+
+    def __init__(self, acl_table=(), stats=None, *, max_conns=1024, max_flows=4096,
+                 timeout=60.0, tx_limit=1 << 20, batch=32, mark=None, stall_timeout=5.0,
+                 log=None):
+        if not 1 <= batch <= 256:
+            raise ValueError(f"batch must be 1-256, got {batch}")
+        super().__init__(stats, log)
+        self.acl = acl_table if isinstance(acl_table, Acl) else Acl(acl_table)
+        self.max_conns, self.max_flows, self.batch = max_conns, max_flows, batch
+        self.timeout, self.tx_limit, self.stall_timeout = timeout, tx_limit, stall_timeout
+        self.mark = mark
+        self.conns = {}
+        self.flows = {}             # flow fd -> _SFlow
+        self.next_tick = 0.0
+        self._slot = 0
+
+    @property
+    def connections(self):
+        return len(self.conns)
+
+    @property
+    def flows_open(self):
+        return len(self.flows)
+
+    def add_conn(self, fd, mux, leftover=b""):
+        if len(self.conns) >= self.max_conns:
+            return -1
+        c = _SConn()
+        c.sock = socket.socket(fileno=fd)
+        c.sock.setblocking(False)
+        c.mux, c.rx, c.tx = mux, bytearray(leftover), bytearray()
+        c.want_out, c.stall_since, c.flows = False, 0.0, {}
+        self._slot += 1
+        c.slot = self._slot
+        self.conns[c.slot] = c
+        self._add(fd, "conn", c.slot)
+        if c.rx:
+            self._frames(c)
+        return c.slot
+
+    def close_all(self):
+        for c in list(self.conns.values()):
+            self._close(c, None, None)
+
+    def _close(self, c, why, counter):
+        if self.conns.pop(c.slot, None) is None:
+            return
+        for f in list(c.flows.values()):
+            self._release(f, None)
+        self._del(c.sock.fileno())
+        c.sock.close()
+        self._count("conn_open", -1)
+        if counter:
+            self._count(counter)
+        if why:
+            self.log.warning("tunnel connection closed: %s", why)
+
+    def _release(self, f, counter):
+        c = f.conn
+        c.flows.pop(f.id, None)
+        self.flows.pop(f.sock.fileno(), None)
+        self._del(f.sock.fileno())
+        f.sock.close()
+        self._count("assoc_open", -1)
+        if counter:
+            self._count(counter)
+
+    def _flow(self, c, fid):
+        f = c.flows.get(fid)
+        if f is not None:
+            return f
+        if len(self.flows) >= self.max_flows:
+            self._count("drop_table_full")
+            return None
+        try:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            if self.mark:
+                s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            s.setblocking(False)
+        except OSError:
+            self._count("assoc_refused")
+            return None
+        f = _SFlow()
+        f.sock, f.conn, f.id, f.last, f.last_dst = s, c, fid, self.now, None
+        c.flows[fid] = f
+        self.flows[s.fileno()] = f
+        self._add(s.fileno(), "flow", s.fileno())
+        self._count("assoc_created")
+        self._count("assoc_open")
+        return f
+
+    def on_event(self, kind, idx, ev):
+        if kind == "conn":
+            c = self.conns.get(idx)
+            if c is None:
+                return
+            if ev & _EPOLLOUT:
+                self._write(c)
+                if c.slot not in self.conns:
+                    return
+            if ev & ~_EPOLLOUT:
+                self._read(c)
+        else:
+            f = self.flows.get(idx)
+            if f is not None:
+                self._flow_read(f)
+
+    def _read(self, c):
+        try:
+            data = c.sock.recv(RX_CAP - len(c.rx))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if c.rx:
+                self._close(c, f"truncated frame: stream ended with {len(c.rx)} bytes of an "
+                               f"incomplete frame", "frames_bad")
+            else:
+                self._close(c, None, None)
+            return
+        c.rx += data
+        self._frames(c)
+
+    def _frames(self, c):
+        try:
+            frames, used = parse_frames(c.rx, mux=c.mux)
+        except FrameError as e:
+            frames, used, err = None, 0, e
+        else:
+            err = None
+        if frames is None:
+            # deliver what precedes the bad frame, like the C loop, then close
+            good = []
+            pos = 0
+            while True:
+                try:
+                    r = parse_frame(c.rx, pos, mux=c.mux)
+                except FrameError:
+                    break
+                if r is None:
+                    break
+                good.append(r[0])
+                pos = r[1]
+            self._send_frames(c, good)
+            self._close(c, f"bad frame: {err}", "frames_bad")
+            return
+        del c.rx[:used]
+        self._send_frames(c, frames)
+
+    def _send_frames(self, c, frames):
+        for fr in frames:
+            f = self._flow(c, fr.flow if c.mux else 0)
+            if f is None:
+                continue
+            f.last = self.now
+            if fr.atyp == ATYP_DOMAIN:
+                self._count("drop_no_route")
+                continue
+            dst = (fr.host, fr.port)
+            if dst != f.last_dst:
+                if not self.acl.allowed(fr.host):
+                    self._count("drop_denied")
+                    continue
+                f.last_dst = dst
+            host = "::ffff:" + fr.host if fr.atyp == ATYP_IPV4 else fr.host
+            self._sent("up", fr.data, f.sock, (host, fr.port))
+
+    def _flow_read(self, f):
+        c = f.conn
+        got = False
+        for _ in range(self.batch):
+            try:
+                data, src = f.sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue
+            got = True
+            if not data and not c.mux:
+                self._count("drop_malformed")
+                continue
+            frame = encode_frame(*_unmap(src), data, flow=f.id if c.mux else None)
+            if self.tx_limit - len(c.tx) < len(frame):
+                self._count("drop_buffer_full")
+                if not c.stall_since:
+                    c.stall_since = self.now
+                continue
+            c.tx += frame
+            self._count("down_datagrams")
+            self._count("down_bytes", len(data))
+        if got:
+            f.last = self.now
+            if not c.want_out:
+                self._write(c)
+
+    def _write(self, c):
+        if c.tx:
+            try:
+                n = c.sock.send(c.tx)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                return self._close(c, None, None)
+            if n:
+                del c.tx[:n]
+                c.stall_since = 0.0
+        want = bool(c.tx)
+        if want != c.want_out:
+            c.want_out = want
+            self.ep.modify(c.sock.fileno(), _EPOLLIN | (_EPOLLOUT if want else 0))
+
+    def tick(self, now=0):
+        now = now or _time.monotonic()
+        self.now = now
+        if now < self.next_tick:
+            return
+        self.next_tick = now + 0.5
+        for f in [f for f in self.flows.values() if now - f.last > self.timeout]:
+            self._release(f, "assoc_expired")
+        for c in [c for c in self.conns.values()
+                  if c.stall_since and now - c.stall_since > self.stall_timeout]:
+            self._close(c, f"peer has not read for {self.stall_timeout:g}s with its send "
+                           f"buffer full", "conn_rejected")
+
+
+def _resolve(server, socktype=socket.SOCK_STREAM):
+    infos = socket.getaddrinfo(server[0], server[1], 0, socktype)
+    return infos[0][0], infos[0][4]
+
+
+class _UpstreamBase:
+    def __init__(self, stats, log):
+        self.ep = _select.epoll()
+        self._stats = _stats_view(stats)
+        self.log = log or _log
+        self.now = _time.monotonic()
+        self.reply = None           # callable(client, src, data)
+
+    @property
+    def stats(self):
+        return self._stats
+
+    def _count(self, name, n=1):
+        self._stats[_C[name]] += n
+
+    def fileno(self):
+        return self.ep.fileno()
+
+    def collect_replies(self, into):
+        self.reply = lambda client, src, data: into.append((client, src, data))
+
+    def _deliver(self, client, src, data):
+        self._count("down_datagrams")
+        self._count("down_bytes", len(data))
+        if self.reply is not None:
+            self.reply(client, src, data)
+
+    def close(self):
+        self.ep.close()
+
+
+class _CConn:
+    __slots__ = ("sock", "state", "next_try", "backoff", "deadline", "rx", "queue", "out",
+                 "hs", "ever_up")
+
+
+class TunnelUpstream(_UpstreamBase):
+    """Pure fallback of relay._tunnel.TunnelUpstream: Python API send/flush/process/tick."""
+
+    def __init__(self, server, secret=None, connections=1, mark=None, stats=None,
+                 queue_limit=1 << 20, timeout=60.0, max_flows=4096, log=None):
+        if not 1 <= connections <= 64:
+            raise ValueError(f"connections must be 1-64, got {connections}")
+        if not 1 <= max_flows <= 65536:
+            raise ValueError(f"max_flows must be 1-65536, got {max_flows}")
+        super().__init__(stats, log)
+        self.server = tuple(server)
+        self.family, self.addr = _resolve(self.server)
+        self.secret, self.mark, self.timeout = secret, mark, timeout
+        self.queue_limit, self.max_flows = queue_limit, max_flows
+        self.flows = {}             # client -> [id, conn, last]
+        self.by_id = {}             # id -> client
+        self.gens = [0] * max_flows
+        self.free = list(range(max_flows - 1, -1, -1))
+        self.next_conn = 0
+        self.next_expiry = 0.0
+        self.conns = []
+        for _ in range(connections):
+            c = _CConn()
+            c.sock, c.state, c.next_try, c.backoff = None, "down", 0.0, _BACKOFF_MIN
+            c.deadline, c.rx, c.hs, c.ever_up = 0.0, bytearray(), None, False
+            c.queue = []            # whole frames not written yet
+            c.out = bytearray()     # the frame being written (partly sent)
+            self.conns.append(c)
+        self.tick(_time.monotonic())
+
+    @property
+    def connected(self):
+        return sum(1 for c in self.conns if c.state == "up")
+
+    @property
+    def flows_open(self):
+        return len(self.flows)
+
+    def _queued(self, c):
+        return sum(map(len, c.queue)) + len(c.out)
+
+    def send(self, client, dst, data):
+        data = bytes(data)
+        if len(data) > MAX_PAYLOAD:
+            self._count("drop_too_big")
+            return
+        client = tuple(client[:2])
+        fl = self.flows.get(client)
+        if fl is None:
+            if not self.free:
+                self._count("drop_table_full")
+                return
+            slot = self.free.pop()
+            self.gens[slot] = (self.gens[slot] + 1) & 0xFFFF
+            fid = (self.gens[slot] << 16) | slot
+            fl = self.flows[client] = [fid, self.next_conn, self.now]
+            self.by_id[fid] = client
+            self.next_conn = (self.next_conn + 1) % len(self.conns)
+            self._count("assoc_created")
+            self._count("assoc_open")
+        fl[2] = self.now
+        c = self.conns[fl[1]]
+        frame = encode_frame(dst[0], dst[1], data, flow=fl[0])
+        if self.queue_limit - self._queued(c) < len(frame):
+            self._count("drop_buffer_full" if c.state == "up" else "queue_drops")
+            return
+        c.queue.append(frame)
+        self._count("up_datagrams")
+        self._count("up_bytes", len(data))
+
+    def flush(self):
+        for c in self.conns:
+            if c.state == "up":
+                self._write(c)
+
+    def _write(self, c):
+        if c.queue:
+            c.out += b"".join(c.queue)
+            c.queue = []
+        if c.out:
+            try:
+                n = c.sock.send(c.out)
+                del c.out[:n]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                return self._down(c, str(e))
+        self.ep.modify(c.sock.fileno(), _EPOLLIN | (_EPOLLOUT if c.out else 0))
+
+    def _down(self, c, why):
+        if c.sock is not None:
+            try:
+                self.ep.unregister(c.sock.fileno())
+            except (OSError, ValueError):
+                pass
+            c.sock.close()
+            c.sock = None
+        if c.state == "up":
+            self._count("conn_open", -1)
+            self.log.warning("tunnel connection to %s:%s lost (%s); reconnecting",
+                             self.server[0], self.server[1], why)
+        elif why:
+            self.log.info("tunnel connection to %s:%s failed (%s)", self.server[0],
+                          self.server[1], why)
+        c.state, c.hs, c.rx = "down", None, bytearray()
+        c.next_try = self.now + c.backoff
+        c.backoff = min(c.backoff * 2, _BACKOFF_MAX)
+        if c.out:
+            # out holds whole frames after the partly sent one: find where that one ends
+            self._count("queue_drops")
+            rest = bytes(c.out)
+            c.out = bytearray()
+            # frames in out were joined from whole frames; the first is the cut one
+            pos = 0
+            frames = []
+            while pos < len(rest):
+                try:
+                    r = parse_frame(rest, pos, mux=True)
+                except FrameError:
+                    r = None
+                if r is None:
+                    break
+                frames.append(rest[pos:r[1]])
+                pos = r[1]
+            c.queue = frames[1:] + c.queue if frames else c.queue
+
+    def _connect(self, c):
+        s = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            s.setblocking(False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.mark:
+                s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            err = s.connect_ex(self.addr)
+        except OSError as e:
+            s.close()
+            return self._down(c, str(e))
+        if err not in (0, _errno.EINPROGRESS):
+            s.close()
+            return self._down(c, os.strerror(err))
+        c.sock, c.state, c.deadline = s, "connecting", self.now + _CONNECT_TIMEOUT
+        self.ep.register(s.fileno(), _EPOLLIN | _EPOLLOUT)
+
+    def process(self):
+        self.now = _time.monotonic()
+        byfd = {c.sock.fileno(): c for c in self.conns if c.sock is not None}
+        for fd, ev in self.ep.poll(0, 64):
+            c = byfd.get(fd)
+            if c is None or c.sock is None:
+                continue
+            if c.state in ("connecting", "handshake"):
+                self._handshake(c, ev)
+                continue
+            if ev & _EPOLLOUT:
+                self._write(c)
+            if c.state == "up" and ev & ~_EPOLLOUT:
+                self._read(c)
+
+    def _handshake(self, c, ev):
+        if c.state == "connecting":
+            err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err or ev & (_select.EPOLLERR | _select.EPOLLHUP):
+                return self._down(c, os.strerror(err) if err else "connection failed")
+            c.hs = ClientHandshake(cmd=CMD_UDP_TUN_MUX, secret=self.secret)
+            c.state = "handshake"
+            self.ep.modify(c.sock.fileno(), _EPOLLIN)
+            try:
+                c.sock.send(c.hs.start())
+            except OSError as e:
+                self._down(c, str(e))
+            return
+        try:
+            data = c.sock.recv(4096)
+            if not data:
+                return self._down(c, "server closed the connection during the handshake")
+            out = c.hs.feed(data)
+            if out:
+                c.sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, ValueError) as e:
+            self._count("conn_rejected")
+            return self._down(c, f"handshake: {e}")
+        if not c.hs.done:
+            return
+        c.state, c.backoff = "up", _BACKOFF_MIN
+        self._count("conn_open")
+        if c.ever_up:
+            self._count("conn_reconnects")
+            self.log.warning("tunnel connection to %s:%s re-established", *self.server[:2])
+        c.ever_up = True
+        c.rx = bytearray(c.hs.leftover)
+        c.hs = None
+        if c.rx:
+            self._frames(c)
+        self._write(c)
+
+    def _read(self, c):
+        try:
+            data = c.sock.recv(RX_CAP - len(c.rx))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            return self._down(c, str(e))
+        if not data:
+            return self._down(c, "server closed the connection")
+        c.rx += data
+        self._frames(c)
+
+    def _frames(self, c):
+        try:
+            frames, used = parse_frames(c.rx, mux=True)
+        except FrameError as e:
+            self._count("frames_bad")
+            return self._down(c, f"bad frame from server: {e}")
+        del c.rx[:used]
+        for fr in frames:
+            client = self.by_id.get(fr.flow)
+            if client is None or fr.atyp == ATYP_DOMAIN:
+                self._count("drop_no_route")
+                continue
+            self.flows[client][2] = self.now
+            self._deliver(client, (fr.host, fr.port), fr.data)
+
+    def tick(self, now=0):
+        now = now or _time.monotonic()
+        self.now = now
+        for c in self.conns:
+            if c.state == "down" and now >= c.next_try:
+                self._connect(c)
+            elif c.state in ("connecting", "handshake") and now > c.deadline:
+                self._down(c, "timed out")
+        if now >= self.next_expiry:
+            self.next_expiry = now + 1.0
+            for client, fl in list(self.flows.items()):
+                if now - fl[2] > self.timeout:
+                    del self.flows[client]
+                    del self.by_id[fl[0]]
+                    self.free.append(fl[0] & 0xFFFF)
+                    self._count("assoc_open", -1)
+                    self._count("assoc_expired")
+
+    def close(self):
+        for c in self.conns:
+            if c.sock is not None:
+                if c.state == "up":
+                    self._count("conn_open", -1)
+                c.sock.close()
+                c.sock, c.state = None, "down"
+        super().close()
+
+
+class _Assoc:
+    __slots__ = ("client", "tcp", "udp", "state", "relay", "queue", "qbytes", "last",
+                 "deadline", "hs")
+
+
+class Socks5Upstream(_UpstreamBase):
+    """Pure fallback of relay._tunnel.Socks5Upstream (one association per client flow)."""
+
+    def __init__(self, server, user=None, password=None, mark=None, stats=None, timeout=60.0,
+                 max_flows=1024, queue_limit=65536 + 1024, batch=32, log=None):
+        super().__init__(stats, log)
+        self.server = tuple(server)
+        self.family, self.addr = _resolve(self.server)
+        self.user, self.password, self.mark, self.timeout = user, password, mark, timeout
+        self.max_flows, self.queue_limit, self.batch = max_flows, max(queue_limit, 65600), batch
+        self.assocs = {}            # client -> _Assoc
+        self.byfd = {}              # fd -> _Assoc
+        self.next_expiry = 0.0
+        self.pending = []           # (sock, datagram, relay) to send on flush
+
+    @property
+    def flows_open(self):
+        return len(self.assocs)
+
+    def _open(self, client):
+        if len(self.assocs) >= self.max_flows:
+            self._count("drop_table_full")
+            return None
+        a = _Assoc()
+        a.client, a.state, a.relay, a.queue, a.qbytes = client, "connecting", None, [], 0
+        a.last, a.deadline, a.hs, a.tcp, a.udp = self.now, self.now + _CONNECT_TIMEOUT, None, None, None
+        self.assocs[client] = a
+        self._count("assoc_created")
+        self._count("assoc_open")
+        try:
+            a.udp = socket.socket(self.family, socket.SOCK_DGRAM)
+            a.udp.setblocking(False)
+            if self.mark:
+                a.udp.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            a.udp.bind(("::" if self.family == socket.AF_INET6 else "0.0.0.0", 0))
+            a.tcp = socket.socket(self.family, socket.SOCK_STREAM)
+            a.tcp.setblocking(False)
+            a.tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.mark:
+                a.tcp.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            err = a.tcp.connect_ex(self.addr)
+            if err not in (0, _errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
+            self.ep.register(a.tcp.fileno(), _EPOLLIN | _EPOLLOUT)
+            self.ep.register(a.udp.fileno(), _EPOLLIN)
+            self.byfd[a.tcp.fileno()] = a
+            self.byfd[a.udp.fileno()] = a
+        except OSError as e:
+            self.log.warning("SOCKS5 association via %s:%s failed: %s", *self.server[:2], e)
+            self._close(a, "assoc_refused")
+            return None
+        return a
+
+    def _close(self, a, counter):
+        if self.assocs.pop(a.client, None) is None:
+            return
+        for s in (a.tcp, a.udp):
+            if s is not None:
+                self.byfd.pop(s.fileno(), None)
+                try:
+                    self.ep.unregister(s.fileno())
+                except (OSError, ValueError):
+                    pass
+                s.close()
+        if a.state == "up":
+            self._count("conn_open", -1)
+        self._count("assoc_open", -1)
+        if counter:
+            self._count(counter)
+
+    def send(self, client, dst, data):
+        data = bytes(data)
+        if len(data) > MAX_PAYLOAD:
+            self._count("drop_too_big")
+            return
+        client = tuple(client[:2])
+        a = self.assocs.get(client) or self._open(client)
+        if a is None:
+            return
+        a.last = self.now
+        dgram = udp_header(dst[0], dst[1]) + data
+        if a.state != "up":
+            if self.queue_limit - a.qbytes < len(dgram) + 4:
+                self._count("queue_drops")
+                return
+            a.queue.append((dgram, len(data)))
+            a.qbytes += len(dgram) + 4
+            return
+        self.pending.append((a.udp, dgram, a.relay))
+        self._count("up_datagrams")
+        self._count("up_bytes", len(data))
+
+    def flush(self):
+        for sock, dgram, relay in self.pending:
+            try:
+                sock.sendto(dgram, relay)
+            except OSError as e:
+                self._count(_send_error_counter(e.errno))
+        self.pending = []
+
+    def process(self):
+        self.now = _time.monotonic()
+        for fd, ev in self.ep.poll(0, 64):
+            a = self.byfd.get(fd)
+            if a is None or a.client not in self.assocs:
+                continue
+            if a.udp is not None and fd == a.udp.fileno():
+                self._recv(a)
+            elif a.state != "up":
+                self._handshake(a, ev)
+            else:
+                try:
+                    data = a.tcp.recv(512)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    self._close(a, None)
+
+    def _handshake(self, a, ev):
+        if a.state == "connecting":
+            err = a.tcp.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err or ev & (_select.EPOLLERR | _select.EPOLLHUP):
+                self.log.warning("SOCKS5 server %s:%s: %s", *self.server[:2],
+                                 os.strerror(err) if err else "connection failed")
+                return self._close(a, "assoc_refused")
+            a.hs = ClientHandshake(cmd=CMD_UDP_ASSOCIATE,
+                                   host="::" if self.family == socket.AF_INET6 else "0.0.0.0",
+                                   user=self.user, password=self.password)
+            a.state = "handshake"
+            self.ep.modify(a.tcp.fileno(), _EPOLLIN)
+            try:
+                a.tcp.send(a.hs.start())
+            except OSError:
+                self._close(a, "assoc_refused")
+            return
+        try:
+            data = a.tcp.recv(4096)
+            if not data:
+                raise OSError("SOCKS5 server closed the connection during the handshake")
+            out = a.hs.feed(data)
+            if out:
+                a.tcp.send(out)
+            if not a.hs.done:
+                return
+            host, port = a.hs.bound
+            if host in ("0.0.0.0", "::"):
+                host = self.addr[0]
+            fam, relay = _resolve((host, port), socket.SOCK_DGRAM)
+            if fam != self.family:
+                raise OSError(f"relay address {host} is not of the server's family")
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, ValueError) as e:
+            self.log.warning("SOCKS5 UDP ASSOCIATE via %s:%s failed: %s", *self.server[:2], e)
+            self._count("conn_rejected")
+            return self._close(a, "assoc_refused")
+        a.relay, a.state, a.hs = relay[:2], "up", None
+        self._count("conn_open")
+        for dgram, n in a.queue:
+            try:
+                a.udp.sendto(dgram, a.relay)
+                self._count("up_datagrams")
+                self._count("up_bytes", n)
+            except OSError:
+                self._count("drop_send_error")
+        a.queue, a.qbytes = [], 0
+
+    def _recv(self, a):
+        for _ in range(self.batch):
+            try:
+                data, src = a.udp.recvfrom(65536 + 262)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            a.last = self.now
+            if a.state != "up" or tuple(src[:2]) != tuple(a.relay[:2]):
+                self._count("drop_malformed")
+                continue
+            try:
+                frag, atyp, host, port, hl = parse_udp_header(data)
+            except FrameError:
+                self._count("drop_malformed")
+                continue
+            if frag:
+                self._count("frames_bad")
+                continue
+            if atyp == ATYP_DOMAIN:
+                self._count("drop_no_route")
+                continue
+            self._deliver(a.client, (host, port), data[hl:])
+
+    def tick(self, now=0):
+        now = now or _time.monotonic()
+        self.now = now
+        if now < self.next_expiry:
+            return
+        self.next_expiry = now + 0.5
+        for a in list(self.assocs.values()):
+            if a.state != "up" and now > a.deadline:
+                self.log.warning("SOCKS5 association via %s:%s timed out", *self.server[:2])
+                self._close(a, "assoc_refused")
+            elif now - a.last > self.timeout:
+                self._close(a, "assoc_expired")
+
+    def close(self):
+        for a in list(self.assocs.values()):
+            self._close(a, None)
+        super().close()
+
+
+class UdpFrontend(_Poller):
+    """Pure fallback of relay._tunnel.UdpFrontend: a UDP socket in front of an upstream."""
+
+    def __init__(self, fd, to, upstream, batch=32, stats=None, log=None):
+        super().__init__(upstream.stats if stats is None else stats, log)
+        self.sock = socket.socket(fileno=os.dup(fd))
+        self.sock.setblocking(False)
+        self.to, self.up, self.batch = tuple(to), upstream, batch
+        upstream.reply = self._reply
+        self._add(self.sock.fileno(), "listen", 0)
+        self._add(upstream.fileno(), "upstream", 0)
+
+    def _reply(self, client, src, data):
+        try:
+            self.sock.sendto(data, client)
+        except OSError as e:
+            self._count(_send_error_counter(e.errno))
+
+    def on_event(self, kind, idx, ev):
+        if kind == "upstream":
+            self.up.process()
+            return
+        for _ in range(self.batch):
+            try:
+                data, src = self.sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue
+            self.up.send(src[:2], self.to, data)
+        self.up.flush()
+
+    def tick(self, now=0):
+        self.up.tick(now or _time.monotonic())
+
+    def close(self):
+        self.sock.close()
+        super().close()
+
+
+class Socks5Relay(_Poller):
+    """Pure fallback of relay._tunnel.Socks5Relay (UDP ASSOCIATE data path)."""
+
+    def __init__(self, acl_table=(), stats=None, *, max_assoc=1024, batch=32, log=None):
+        super().__init__(stats, log)
+        self.acl = acl_table if isinstance(acl_table, Acl) else Acl(acl_table)
+        self.max_assoc, self.batch = max_assoc, batch
+        self.assocs = {}            # idx -> [sock, client, port_known]
+        self._idx = 0
+
+    @property
+    def associations(self):
+        return len(self.assocs)
+
+    def add(self, fd, client):
+        if len(self.assocs) >= self.max_assoc:
+            return -1
+        self._idx += 1
+        sock = socket.socket(fileno=os.dup(fd))
+        sock.setblocking(False)
+        self.assocs[self._idx] = [sock, tuple(client[:2]), client[1] != 0]
+        self._add(sock.fileno(), "udp", self._idx)
+        self._count("assoc_created")
+        self._count("assoc_open")
+        return self._idx
+
+    def remove(self, idx):
+        a = self.assocs.pop(idx, None)
+        if a is not None:
+            self._del(a[0].fileno())
+            a[0].close()
+            self._count("assoc_open", -1)
+
+    def on_event(self, kind, idx, ev):
+        a = self.assocs.get(idx)
+        if a is None:
+            return
+        sock = a[0]
+        for _ in range(self.batch):
+            try:
+                data, src = sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            src = tuple(src[:2])
+            if src[0] == a[1][0] and (not a[2] or src == a[1]):
+                if not a[2]:
+                    a[1], a[2] = src, True
+                try:
+                    frag, atyp, host, port, hl = parse_udp_header(data)
+                except FrameError:
+                    self._count("drop_malformed")
+                    continue
+                if frag:
+                    self._count("frames_bad")
+                    continue
+                if atyp == ATYP_DOMAIN or (atyp == ATYP_IPV6 and sock.family == socket.AF_INET):
+                    self._count("drop_no_route")
+                    continue
+                if not self.acl.allowed(host):
+                    self._count("drop_denied")
+                    continue
+                if atyp == ATYP_IPV4 and sock.family == socket.AF_INET6:
+                    host = "::ffff:" + host
+                self._sent("up", data[hl:], sock, (host, port))
+            else:
+                if not a[2]:
+                    self._count("drop_no_route")
+                    continue
+                self._sent("down", udp_header(*_unmap(src)) + data, sock, a[1], len(data))
+
+    def close(self):
+        for idx in list(self.assocs):
+            self.remove(idx)
+        super().close()

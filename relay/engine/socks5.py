@@ -6,7 +6,6 @@ in C (recvmmsg, header strip/prepend, access list, sendmmsg). An association end
 its TCP control connection closes. Fragments (FRAG != 0) are dropped and counted
 (frames_bad).
 """
-import argparse
 import logging
 import socket
 import time
@@ -15,7 +14,7 @@ from relay import stats as _stats
 from relay import tunnelproto as proto
 from relay.engine.base import Service
 from relay.engine.tunnel import (
-    _Formatter, _common, _core, _get, _run_cli, check_exposure, tcp_listen,
+    _Formatter, _common, _core, _get, _run_cli, _wrap, check_exposure, tcp_listen,
 )
 
 log = logging.getLogger("relay.socks5")
@@ -93,17 +92,21 @@ class Socks5Service(Service):
     def run(self):
         stop = self.ctx.stop
         while not stop.is_set():
-            for token, events in self.relay.poll(100):
-                if token == 0:
-                    self._accept()
-                    continue
-                entry = self.sides.get(token)
-                if entry is not None:
-                    self._side_event(entry[0], entry[1], events)
-            now = time.monotonic()
-            for ctl in [c for c in self.controls.values()
-                        if c.state in (HANDSHAKE, CONNECTING) and now > c.deadline]:
-                self._close(ctl, "timed out", rejected=True)
+            try:
+                for token, events in self.relay.poll(100):
+                    if token == 0:
+                        self._accept()
+                        continue
+                    entry = self.sides.get(token)
+                    if entry is not None:
+                        self._side_event(entry[0], entry[1], events)
+                now = time.monotonic()
+                for ctl in [c for c in self.controls.values()
+                            if c.state in (HANDSHAKE, CONNECTING) and now > c.deadline]:
+                    self._close(ctl, "timed out", rejected=True)
+            except Exception:            # never let one bad event stop the listener
+                log.exception("socks5 %s: unexpected error; continuing", self.address)
+                time.sleep(0.01)
 
     def _accept(self):
         for _ in range(64):
@@ -215,7 +218,15 @@ class Socks5Service(Service):
         try:
             udp = socket.socket(sock.family, socket.SOCK_DGRAM)
             udp.setblocking(False)
-            udp.bind((local[0], 0))
+            if sock.family == socket.AF_INET6:
+                # Dual stack on the wildcard: the relay socket reaches IPv4 and IPv6
+                # destinations whichever family the client's control connection used (its
+                # own datagrams are matched by source address, IPv4-mapped like the control
+                # connection's).
+                udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                udp.bind(("::", 0))
+            else:
+                udp.bind((local[0], 0))
         except OSError as e:
             return self._close(ctl, f"UDP ASSOCIATE: {e}", rejected=True,
                                reply=ctl.hs.reply(proto.REP_FAILURE))
@@ -228,9 +239,13 @@ class Socks5Service(Service):
             return self._close(ctl, "association table full", rejected=True,
                                reply=ctl.hs.reply(proto.REP_FAILURE))
         ctl.udp, ctl.assoc, ctl.state = udp, idx, ASSOCIATED
-        bound = udp.getsockname()
+        # Tell the client the address it already reaches us at (IPv4 as IPv4), with the
+        # relay socket's port.
+        host = local[0]
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
         try:
-            sock.send(ctl.hs.reply(proto.REP_SUCCEEDED, bound[0], bound[1]))
+            sock.send(ctl.hs.reply(proto.REP_SUCCEEDED, host, udp.getsockname()[1]))
         except OSError as e:
             return self._close(ctl, str(e))
 
@@ -356,12 +371,12 @@ def add_cli(subparsers):
     p = subparsers.add_parser(
         "socks5", formatter_class=_Formatter,
         help="SOCKS5 server with UDP ASSOCIATE (and CONNECT)",
-        description="A SOCKS5 server (RFC 1928, username/password per RFC 1929): UDP "
-                    "ASSOCIATE relays datagrams in C, one relay socket per association; "
-                    "CONNECT relays TCP so ordinary clients work. Fragmented datagrams "
-                    "(FRAG != 0) are dropped and counted. Destinations in loopback, "
-                    "link-local, private and other special ranges are refused unless "
-                    "--allow'ed.")
+        description=_wrap("A SOCKS5 server (RFC 1928, username/password per RFC 1929): UDP "
+                          "ASSOCIATE relays datagrams in C, one relay socket per association; "
+                          "CONNECT relays TCP so ordinary clients work. Fragmented datagrams "
+                          "(FRAG != 0) are dropped and counted. Destinations in loopback, "
+                          "link-local, private and other special ranges are refused unless "
+                          "--allow'ed (docs/tunnel.md)."))
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="TCP address to listen on")
     p.add_argument("--user", default=None, help="username clients must give (RFC 1929)")
     p.add_argument("--password", default=None, help="password clients must give")

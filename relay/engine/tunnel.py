@@ -2,12 +2,12 @@
 
 The server accepts TCP connections, runs the SOCKS5-style handshake in Python (once per
 connection) and hands the connection to ``relay._tunnel.TunnelServer``, whose C loop
-moves frames and datagrams. The client is ``relay._tunnel.TunnelUpstream`` (the same core
+moves frames and datagrams (``relay.tunnelproto`` holds a pure-Python fallback of every
+core, used when the extension is missing or RELAY_PURE_PYTHON=1). The client is ``relay._tunnel.TunnelUpstream`` (the same core
 the engine uses for ``--upstream tunnel://``) behind a UDP listen socket
 (``relay._tunnel.UdpFrontend``).
 """
 import argparse
-import errno
 import ipaddress
 import logging
 import os
@@ -30,12 +30,16 @@ _I = _stats.INDEX
 
 
 def _core():
-    try:
-        from relay import _tunnel
-    except ImportError as e:     # pragma: no cover - the extension is part of the build
-        raise RuntimeError(f"the tunnel needs the compiled extension relay._tunnel ({e}); "
-                           f"build it with `python setup.py build_ext --inplace`") from None
-    return _tunnel
+    """relay._tunnel, or the pure-Python fallback in relay.tunnelproto when the extension
+    is missing or RELAY_PURE_PYTHON=1 (same classes, same counters, much slower)."""
+    from relay import _select
+    if not _select.pure_forced():
+        try:
+            from relay import _tunnel
+            return _tunnel
+        except ImportError:
+            log.warning("relay._tunnel is not built: the tunnel runs in pure Python (slow)")
+    return proto
 
 
 def _get(cfg, name, default=None):
@@ -159,15 +163,19 @@ class TunnelServerService(Service):
     def run(self):
         stop = self.ctx.stop
         while not stop.is_set():
-            for token, _events in self.core.poll(100):
-                if token == 0:
-                    self._accept()
-                else:
-                    self._handshake(token)
-            now = time.monotonic()
-            self.core.tick(now)
-            for token in [t for t, p in self.pending.items() if now > p.deadline]:
-                self._reject(token, "handshake timed out")
+            try:
+                for token, _events in self.core.poll(100):
+                    if token == 0:
+                        self._accept()
+                    else:
+                        self._handshake(token)
+                now = time.monotonic()
+                self.core.tick(now)
+                for token in [t for t, p in self.pending.items() if now > p.deadline]:
+                    self._reject(token, "handshake timed out")
+            except Exception:            # never let one bad event stop the listener
+                log.exception("tunnel-server %s: unexpected error; continuing", self.address)
+                time.sleep(0.01)
 
     def _accept(self):
         for _ in range(ACCEPT_BURST):
@@ -274,8 +282,12 @@ class TunnelClientService(Service):
     def run(self):
         stop = self.ctx.stop
         while not stop.is_set():
-            self.frontend.poll(50)
-            self.frontend.tick(time.monotonic())
+            try:
+                self.frontend.poll(50)
+                self.frontend.tick(time.monotonic())
+            except Exception:            # never let one bad event stop the listener
+                log.exception("tunnel-client %s: unexpected error; continuing", self.address)
+                time.sleep(0.01)
 
     def close(self):
         self.frontend.close()
@@ -293,8 +305,20 @@ def create(cfg, ctx):
 
 # ----------------------------------------------------------------------------- CLI
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default unless there is none (same rule as relay.cli)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" not in text and action.default not in (None, False, [], argparse.SUPPRESS)
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _wrap(text):
+    import textwrap
+    return textwrap.fill(" ".join(text.split()), width=88)
 
 
 def _common(p):
@@ -315,10 +339,10 @@ def add_cli(subparsers):
     s = subparsers.add_parser(
         "tunnel-server", formatter_class=_Formatter,
         help="UDP-over-TCP tunnel server (gost-compatible framing)",
-        description="Accept tunnel clients (relay tunnel-client, gost's UDP-over-TCP) and send "
-                    "their datagrams from a UDP socket per flow; replies go back framed. "
-                    "Destinations in loopback, link-local, private and other special ranges "
-                    "are refused unless --allow'ed (docs/tunnel.md).")
+        description=_wrap("Accept tunnel clients (relay tunnel-client, gost's UDP-over-TCP) and "
+                          "send their datagrams from a UDP socket per flow; replies go back "
+                          "framed. Destinations in loopback, link-local, private and other "
+                          "special ranges are refused unless --allow'ed (docs/tunnel.md)."))
     s.add_argument("--listen", required=True, metavar="HOST:PORT", help="TCP address to listen on")
     s.add_argument("--secret", default=None,
                    help="shared secret clients must prove (HMAC-SHA256 challenge); required "
@@ -335,9 +359,10 @@ def add_cli(subparsers):
     c = subparsers.add_parser(
         "tunnel-client", formatter_class=_Formatter,
         help="UDP-over-TCP tunnel client",
-        description="Receive UDP on --listen and carry every datagram to --to through a "
-                    "relay tunnel-server; each client address is its own flow, multiplexed "
-                    "over --connections TCP connections that reconnect with backoff.")
+        description=_wrap("Receive UDP on --listen and carry every datagram to --to through a "
+                          "relay tunnel-server; each client address is its own flow, "
+                          "multiplexed over --connections TCP connections that reconnect with "
+                          "backoff (docs/tunnel.md)."))
     c.add_argument("--server", required=True, metavar="HOST:PORT", help="the tunnel server")
     c.add_argument("--listen", required=True, metavar="HOST:PORT", help="UDP address to listen on")
     c.add_argument("--to", required=True, metavar="HOST:PORT",
