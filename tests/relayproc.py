@@ -118,3 +118,44 @@ def udp_roundtrip(sock, dst, payload, timeout=2.0):
     sock.sendto(payload, dst)
     data, src = sock.recvfrom(65535)
     return data, src[:2]
+
+
+class LoopbackEcho:
+    """A UDP echo server on 127.0.0.1 in a thread of this process (context manager)."""
+
+    def __init__(self):
+        import threading
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.address = self.sock.getsockname()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                d, a = self.sock.recvfrom(65535)
+                self.sock.sendto(d, a)
+            except (socket.timeout, OSError):
+                pass
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def free_udp_port(host="127.0.0.1"):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

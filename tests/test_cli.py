@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.netns import wait_until
-from tests.relayproc import REPO, RelayProcess, relay_env, udp_roundtrip
+from tests.relayproc import REPO, LoopbackEcho, RelayProcess, free_udp_port, relay_env, udp_roundtrip
 
 SUBCOMMANDS = ["forward", "redir", "run", "stats", "rules", "tunnel-server", "tunnel-client", "socks5"]
 
@@ -85,25 +85,6 @@ def test_bad_command_line_value_is_refused():
     assert "listener[0].to" in r.stderr and "brackets" in r.stderr
 
 
-def _echo_server():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    s.settimeout(0.2)
-    import threading
-    stop = threading.Event()
-
-    def loop():
-        while not stop.is_set():
-            try:
-                d, a = s.recvfrom(65535)
-                s.sendto(d, a)
-            except socket.timeout:
-                pass
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    return s.getsockname(), stop
-
-
 CONFIG = """
 [global]
 workers = 1
@@ -122,18 +103,11 @@ timeout = {t2}
 """
 
 
-def free_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK on upstream sockets needs root")
 def test_run_config_and_sighup_reload_keeps_unchanged_listeners(tmp_path):
-    (eh, ep), stop = _echo_server()
-    p1, p2, p3 = free_port(), free_port(), free_port()
+    echo = LoopbackEcho()
+    ep = echo.address[1]
+    p1, p2, p3 = free_udp_port(), free_udp_port(), free_udp_port()
     control = str(tmp_path / "ctl.sock")
     cfg = tmp_path / "relay.toml"
     cfg.write_text(CONFIG.format(control=control, p1=p1, p2=p2, echo=ep, t2=60.0))
@@ -168,7 +142,7 @@ def test_run_config_and_sighup_reload_keeps_unchanged_listeners(tmp_path):
         assert r.proc.poll() is None
     finally:
         r.close()
-        stop.set()
+        echo.close()
     assert r.proc.returncode == 0
     assert not os.path.exists(control)
 
@@ -186,9 +160,9 @@ def test_port_in_use_fails_at_start_with_the_reason(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 def test_stats_command_reads_a_running_relay(tmp_path):
-    (eh, ep), stop = _echo_server()
-    port = free_port()
-    with RelayProcess(["forward", "--listen", f"127.0.0.1:{port}", "--to", f"127.0.0.1:{ep}"]) as r:
+    port = free_udp_port()
+    with LoopbackEcho() as echo, RelayProcess(["forward", "--listen", f"127.0.0.1:{port}", "--to",
+                                               f"127.0.0.1:{echo.address[1]}"]) as r:
         r.wait_ready()
         udp_roundtrip(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), ("127.0.0.1", port), b"s")
         r.settled_stats(lambda st: st["down_datagrams"] == 1)
@@ -200,6 +174,5 @@ def test_stats_command_reads_a_running_relay(tmp_path):
         assert json.loads(js.stdout)["total"]["down_datagrams"] == 1
         prom = relay("stats", "--prometheus", "--control", r.control)
         assert 'relay_down_datagrams_total{listener="forward"} 1' in prom.stdout
-    stop.set()
     gone = relay("stats", "--control", r.control)
     assert gone.returncode == 1 and "no relay is running" in gone.stderr

@@ -4,12 +4,11 @@ remote as their source: redir spoofs it exactly as with direct sockets."""
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from tests.netns import CLI4, RTR4_CLI, RTR6_CLI, SRV4, SRV6, start_echo, wait_until
-from tests.relayproc import RelayProcess, relay_env, udp_roundtrip
+from tests.relayproc import LoopbackEcho, RelayProcess, free_udp_port, relay_env, udp_roundtrip
 from tests.test_interop_socks import v2ray  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.netns
@@ -122,27 +121,10 @@ def test_forward_with_a_wrong_secret_carries_nothing(tunnel_server):
 def test_forward_through_v2ray_socks_inbound(v2ray):  # noqa: F811
     """`relay forward --upstream socks5://` against v2ray's socks inbound with UDP on
     (everything on loopback; v2ray truncates datagrams above about 2 KiB)."""
-    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    echo.bind(("127.0.0.1", 0))
-    echo.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                d, a = echo.recvfrom(65535)
-                echo.sendto(d, a)
-            except socket.timeout:
-                pass
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    port.bind(("127.0.0.1", 0))
-    listen = port.getsockname()
-    port.close()
-    try:
+    listen = ("127.0.0.1", free_udp_port())
+    with LoopbackEcho() as echo:
         with RelayProcess(["forward", "--listen", f"127.0.0.1:{listen[1]}", "--to",
-                           f"127.0.0.1:{echo.getsockname()[1]}", "--upstream",
+                           f"127.0.0.1:{echo.address[1]}", "--upstream",
                            f"socks5://{v2ray[0]}:{v2ray[1]}"]).wait_ready() as relay:
             clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(5)]
             for i, c in enumerate(clients):
@@ -150,7 +132,3 @@ def test_forward_through_v2ray_socks_inbound(v2ray):  # noqa: F811
                     msg = bytes([i]) * size
                     assert udp_roundtrip(c, listen, msg, timeout=3) == (msg, listen)
             relay.settled_stats(lambda st: st["down_datagrams"] == 15)
-    finally:
-        stop.set()
-        t.join()
-        echo.close()
