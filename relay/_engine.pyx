@@ -28,7 +28,7 @@ from relay.includes.system cimport (
     IP_TRANSPARENT, IPV6_TRANSPARENT, IP_ORIGDSTADDR, IPV6_ORIGDSTADDR, SO_MARK,
     epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLL_CTL_ADD, EPOLL_CTL_DEL,
     EPOLL_CLOEXEC, htons, ntohs, pollfd, poll, POLLOUT, SOL_UDP, UDP_GRO, UDP_SEGMENT,
-    CMSG_SPACE, SO_RXQ_OVFL,
+    CMSG_SPACE, SO_RXQ_OVFL, SO_RCVBUFFORCE,
 )
 from relay._addr cimport sockaddr_any, sockaddr_from_tuple, raise_oserror
 from relay._ring cimport msg_put_gso
@@ -56,8 +56,9 @@ cdef enum:
     K_LISTEN = 1
     K_ASSOC = 2
     MAX_EVENTS = 256
-    LISTEN_ROUNDS = 8             # recvmmsg rounds per wake-up before serving replies
-    REPLY_ROUNDS = 4
+    LISTEN_ROUNDS = 1             # client batches per wake-up before replies are served: under
+    REPLY_ROUNDS = 4              # overload, alternating keeps upstream receive buffers drained
+    UPSTREAM_RCVBUF = 1 << 20     # cap on an upstream socket's receive buffer (used only if full)
     FD_RESERVE = 32               # descriptors kept free for reply sockets and the control plane
     SEND_RETRIES = 1              # waits for a full buffer per run: a shared socket must not stall the loop
 
@@ -702,7 +703,7 @@ cdef class Engine:
     cdef int _upstream_socket(self) noexcept nogil:
         """A new non-blocking upstream socket with the mark, or -errno."""
         cdef int fd = socket(self.up_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
-        cdef int zero = 0, one = 1, e
+        cdef int zero = 0, one = 1, e, rcvbuf = UPSTREAM_RCVBUF
         if fd < 0:
             return -errno
         if self.mark and setsockopt(fd, SOL_SOCKET, SO_MARK, &self.mark, sizeof(self.mark)) < 0:
@@ -711,6 +712,8 @@ cdef class Engine:
             return -e
         if self.up_family == AF_INET6:
             setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero))
+        if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof(rcvbuf)) < 0:
+            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf))
         if self.mode == MODE_FORWARD:
             if self.gro:
                 setsockopt(fd, SOL_UDP, UDP_GRO, &one, sizeof(one))
@@ -917,6 +920,7 @@ cdef class Engine:
 
     cdef void _replies_transparent(self, int start, int stop, double now) noexcept nogil:
         cdef int i, fd, e
+        cdef bint waited = False
         cdef akey_t remote
         cdef sockaddr_any dst
         cdef socklen_t nl
@@ -934,7 +938,9 @@ cdef class Engine:
                        &dst.sa, nl)
             if r < 0:
                 e = errno
-                if (e == EAGAIN or e == ENOBUFS) and wait_writable(fd) >= 0:
+                # one wait per flush at most: a full socket must not stall the loop
+                if (e == EAGAIN or e == ENOBUFS) and not waited and wait_writable(fd) >= 0:
+                    waited = True
                     r = sendto(fd, self.ry_iov[i].iov_base, self.ry_iov[i].iov_len,
                                MSG_DONTWAIT, &dst.sa, nl)
                     e = errno

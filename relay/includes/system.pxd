@@ -104,6 +104,7 @@ cdef extern from "<sys/socket.h>" nogil:
         MSG_NOSIGNAL
         SHUT_RD
         SO_RXQ_OVFL
+        SO_RCVBUFFORCE
 
     int socket(int domain, int type, int protocol)
     int bind(int fd, const sockaddr *addr, socklen_t len)
