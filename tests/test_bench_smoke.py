@@ -84,7 +84,10 @@ def test_every_scenario_row_is_complete(smoke):
     _, _, results = smoke
     kinds = {(r["mode"], r["kind"]) for r in results["rows"]}
     assert {("forward", "oneway"), ("forward", "echo"), ("forward", "bulk"),
-            ("redir", "oneway"), ("redir", "echo")} <= kinds
+            ("redir", "oneway"), ("redir", "echo"), ("redir", "bulk")} <= kinds
+    bulk = {(r["mode"], r["impl"]) for r in results["rows"] if r["kind"] == "bulk"}
+    assert {(m, i) for m in ("forward", "redir")
+            for i in ("c-limit", "relay-bulk-off", "relay-bulk-on")} <= bulk
     assert any(r["flows"] > 1 for r in results["rows"])
     assert any(r["loadgen"] == "relay" for r in results["rows"])
     for row in results["rows"]:

@@ -1,0 +1,332 @@
+/* blast: UDP load generator for the relay benchmark.
+ *
+ *   blast --dst HOST:PORT [--size 64] [--flows 1] [--batch 64] [--count N] [--duration S]
+ *         [--rate PPS] [--warmup N] [--marker M] [--sync] [--echo] [--gso]
+ *
+ * Opens one UDP socket per flow (distinct source ports), connected to --dst, and sends
+ * batches with sendmmsg, round robin over the flows (one batch of --batch datagrams per
+ * flow in turn). Every datagram's first byte is --marker so the sink can tell phases
+ * apart; the warm-up datagrams (--warmup per flow, sent first) carry marker 0.
+ * --rate paces batches with a token bucket (0 = full rate). The run always stops after
+ * --count datagrams or --duration seconds, whichever comes first.
+ * --sync: after the warm-up print "warm" and wait for a line on stdin before the measured
+ * phase (the harness snapshots CPU counters in between).
+ * --echo: also count the replies arriving on the flow sockets (round trips).
+ * --gso: send each batch entry as one UDP_SEGMENT buffer of up to 64 datagrams.
+ * Prints one JSON object on stdout at the end.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/udp.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+
+#define MAX_BATCH 256
+#define GSO_MAX_SEGS 64
+#define GSO_MAX_BYTES 65000
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void sleep_until(double t)
+{
+    struct timespec ts;
+    ts.tv_sec = (time_t)t;
+    ts.tv_nsec = (long)((t - (double)ts.tv_sec) * 1e9);
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+        ;
+}
+
+static void die(const char *what)
+{
+    fprintf(stderr, "blast: %s: %s\n", what, strerror(errno));
+    exit(2);
+}
+
+static void usage(const char *msg)
+{
+    fprintf(stderr, "blast: %s\n", msg);
+    exit(2);
+}
+
+/* "1.2.3.4:5" or "[::1]:5" */
+static socklen_t parse_hostport(const char *s, struct sockaddr_storage *out)
+{
+    char host[128];
+    const char *colon = strrchr(s, ':');
+    if (!colon || colon == s || (size_t)(colon - s) >= sizeof host)
+        usage("address must be HOST:PORT or [V6]:PORT");
+    long port = strtol(colon + 1, NULL, 10);
+    if (port <= 0 || port > 65535)
+        usage("port must be 1-65535");
+    size_t len = (size_t)(colon - s);
+    if (s[0] == '[') {
+        if (len < 2 || s[len - 1] != ']')
+            usage("IPv6 address must be in brackets");
+        memcpy(host, s + 1, len - 2);
+        host[len - 2] = 0;
+    } else {
+        memcpy(host, s, len);
+        host[len] = 0;
+    }
+    memset(out, 0, sizeof *out);
+    struct sockaddr_in *a4 = (struct sockaddr_in *)out;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)out;
+    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons((uint16_t)port);
+        return sizeof *a4;
+    }
+    if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons((uint16_t)port);
+        return sizeof *a6;
+    }
+    usage("bad IP address");
+    return 0;
+}
+
+static void raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+/* Reads the replies waiting on fd; returns how many carry `marker` (adds their bytes). */
+static long drain(int fd, struct mmsghdr *msgs, int batch, int marker, long *bytes)
+{
+    long got = 0;
+    for (;;) {
+        int n = recvmmsg(fd, msgs, batch, MSG_DONTWAIT, NULL);
+        if (n <= 0)
+            break;
+        for (int i = 0; i < n; i++) {
+            const unsigned char *b = msgs[i].msg_hdr.msg_iov->iov_base;
+            if (msgs[i].msg_len > 0 && b[0] == marker) {
+                got++;
+                *bytes += msgs[i].msg_len;
+            }
+        }
+        if (n < batch)
+            break;
+    }
+    return got;
+}
+
+int main(int argc, char **argv)
+{
+    const char *dst_s = NULL;
+    long size = 64, flows = 1, batch = 64, warmup = 0, marker = 1;
+    double count = 1e12, duration = 1.0, rate = 0;
+    int sync = 0, echo = 0, gso = 0;
+
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define NEEDV() do { if (!v) usage("missing value"); i++; } while (0)
+        if (!strcmp(a, "--dst")) { NEEDV(); dst_s = v; }
+        else if (!strcmp(a, "--size")) { NEEDV(); size = atol(v); }
+        else if (!strcmp(a, "--flows")) { NEEDV(); flows = atol(v); }
+        else if (!strcmp(a, "--batch")) { NEEDV(); batch = atol(v); }
+        else if (!strcmp(a, "--count")) { NEEDV(); count = atof(v); }
+        else if (!strcmp(a, "--duration")) { NEEDV(); duration = atof(v); }
+        else if (!strcmp(a, "--rate")) { NEEDV(); rate = atof(v); }
+        else if (!strcmp(a, "--warmup")) { NEEDV(); warmup = atol(v); }
+        else if (!strcmp(a, "--marker")) { NEEDV(); marker = atol(v); }
+        else if (!strcmp(a, "--sync")) sync = 1;
+        else if (!strcmp(a, "--echo")) echo = 1;
+        else if (!strcmp(a, "--gso")) gso = 1;
+        else { fprintf(stderr, "blast: unknown option %s\n", a); return 2; }
+    }
+    if (!dst_s) usage("--dst is required");
+    if (size < 1 || size > 65507) usage("--size must be 1-65507");
+    if (flows < 1 || flows > 60000) usage("--flows must be 1-60000");
+    if (batch < 1 || batch > MAX_BATCH) usage("--batch must be 1-256");
+    if (marker < 1 || marker > 255) usage("--marker must be 1-255");
+    if (duration <= 0 || duration > 600) usage("--duration must be in (0, 600]");
+    if (count < 1) usage("--count must be >= 1");
+    if (warmup < 0 || warmup > 1000) usage("--warmup must be 0-1000");
+
+    struct sockaddr_storage dst;
+    socklen_t dlen = parse_hostport(dst_s, &dst);
+    raise_nofile();
+
+    int *fds = calloc((size_t)flows, sizeof(int));
+    if (!fds) die("calloc");
+    for (long f = 0; f < flows; f++) {
+        int fd = socket(dst.ss_family, SOCK_DGRAM, 0);
+        if (fd < 0) die("socket");
+        int buf = 4 << 20;
+        if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &buf, sizeof buf) < 0)
+            setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
+        if (echo) {
+            int rb = flows > 64 ? (256 << 10) : (4 << 20);
+            if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rb, sizeof rb) < 0)
+                setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rb, sizeof rb);
+        }
+        if (connect(fd, (struct sockaddr *)&dst, dlen) < 0) die("connect");
+        fds[f] = fd;
+    }
+
+    /* Payloads: plain mode sends `batch` datagrams of `size` bytes per call; GSO mode sends
+     * `batch` buffers of `segs` segments each (every segment starts with the marker). */
+    long segs = 1;
+    if (gso) {
+        segs = GSO_MAX_BYTES / size;
+        if (segs > GSO_MAX_SEGS) segs = GSO_MAX_SEGS;
+        if (segs < 2) usage("--gso needs --size small enough for 2 segments per buffer");
+        int seg = (int)size;
+        for (long f = 0; f < flows; f++)
+            if (setsockopt(fds[f], SOL_UDP, UDP_SEGMENT, &seg, sizeof seg) < 0)
+                die("setsockopt UDP_SEGMENT");
+    }
+    size_t buflen = (size_t)(size * segs);
+    unsigned char *payload = malloc(buflen);
+    unsigned char *warm = malloc((size_t)size);
+    if (!payload || !warm) die("malloc");
+    for (size_t k = 0; k < buflen; k++)
+        payload[k] = (unsigned char)('a' + k % 26);
+    for (long s = 0; s < segs; s++)
+        payload[s * size] = (unsigned char)marker;
+    memset(warm, 'w', (size_t)size);
+    warm[0] = 0;
+
+    struct mmsghdr msgs[MAX_BATCH];
+    struct iovec iov[MAX_BATCH];
+    struct mmsghdr rmsgs[MAX_BATCH];
+    struct iovec riov[MAX_BATCH];
+    static unsigned char rbuf[MAX_BATCH][2048];
+    memset(msgs, 0, sizeof msgs);
+    memset(rmsgs, 0, sizeof rmsgs);
+    for (int i = 0; i < MAX_BATCH; i++) {
+        iov[i].iov_base = payload;
+        iov[i].iov_len = buflen;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        riov[i].iov_base = rbuf[i];
+        riov[i].iov_len = sizeof rbuf[i];
+        rmsgs[i].msg_hdr.msg_iov = &riov[i];
+        rmsgs[i].msg_hdr.msg_iovlen = 1;
+    }
+
+    long errors = 0, consecutive = 0;
+    int first_err = 0;
+    long warm_sent = 0;
+    if (warmup > 0) {
+        /* Turn GSO off for the single warm-up datagrams. */
+        int zero = 0;
+        for (long w = 0; w < warmup; w++)
+            for (long f = 0; f < flows; f++) {
+                if (gso) setsockopt(fds[f], SOL_UDP, UDP_SEGMENT, &zero, sizeof zero);
+                if (send(fds[f], warm, (size_t)size, 0) == size)
+                    warm_sent++;
+                else if (!first_err)
+                    first_err = errno;
+            }
+        if (gso) {
+            int seg = (int)size;
+            for (long f = 0; f < flows; f++)
+                setsockopt(fds[f], SOL_UDP, UDP_SEGMENT, &seg, sizeof seg);
+        }
+    }
+    if (sync) {
+        printf("warm %ld\n", warm_sent);
+        fflush(stdout);
+        char line[64];
+        if (!fgets(line, sizeof line, stdin)) {
+            fprintf(stderr, "blast: stdin closed before go\n");
+            return 3;
+        }
+    }
+    if (echo) {
+        long junk = 0;
+        for (long f = 0; f < flows; f++)
+            drain(fds[f], rmsgs, (int)batch, 0, &junk);
+    }
+
+    double sent = 0, replies = 0;
+    long reply_bytes = 0;
+    double t0 = now_s(), deadline = t0 + duration, t = t0;
+    long f = 0;
+    while (sent < count) {
+        if (rate > 0) {
+            double due = t0 + sent / rate;
+            if (due > deadline) break;
+            if (due > t) sleep_until(due);
+        }
+        int want = (int)batch;
+        double left = (count - sent) / (double)segs;
+        if (left < want) want = left < 1 ? 1 : (int)left;
+        int n = sendmmsg(fds[f], msgs, (unsigned)want, 0);
+        if (n > 0) {
+            sent += (double)n * (double)segs;
+            consecutive = 0;
+        } else if (n < 0) {
+            errors++;
+            if (!first_err) first_err = errno;
+            /* ECONNREFUSED: an ICMP error from an earlier datagram; the next send works. */
+            if (++consecutive > 100000) break;
+        }
+        if (echo) {
+            long b = 0;
+            replies += (double)drain(fds[f], rmsgs, (int)batch, (int)marker, &b);
+            reply_bytes += b;
+        }
+        if (++f == flows) f = 0;
+        t = now_s();
+        if (t >= deadline) break;
+    }
+    double elapsed = now_s() - t0;
+
+    if (echo) {
+        /* Collect the replies still in flight: stop after 150 ms without any, 1 s at most. */
+        struct pollfd *pfd = calloc((size_t)flows, sizeof *pfd);
+        if (!pfd) die("calloc");
+        for (long k = 0; k < flows; k++) {
+            pfd[k].fd = fds[k];
+            pfd[k].events = POLLIN;
+        }
+        double end = now_s() + 1.0;
+        while (now_s() < end) {
+            int r = poll(pfd, (nfds_t)flows, 150);
+            if (r <= 0) break;
+            for (long k = 0; k < flows; k++)
+                if (pfd[k].revents & POLLIN) {
+                    long b = 0;
+                    replies += (double)drain(fds[k], rmsgs, (int)batch, (int)marker, &b);
+                    reply_bytes += b;
+                }
+        }
+        free(pfd);
+    }
+
+    printf("{\"sent\": %.0f, \"warm_sent\": %ld, \"elapsed\": %.6f, \"errors\": %ld, "
+           "\"first_error\": \"%s\", \"replies\": %.0f, \"reply_bytes\": %ld, \"size\": %ld, "
+           "\"flows\": %ld, \"gso_segments\": %ld}\n",
+           sent, warm_sent, elapsed, errors, first_err ? strerror(first_err) : "",
+           replies, reply_bytes, size, flows, segs);
+    return 0;
+}

@@ -1,0 +1,210 @@
+/* sink: UDP sink (and optional echo) for the relay benchmark.
+ *
+ *   sink --listen HOST:PORT [--echo] [--batch 64] [--max-time 600]
+ *
+ * Receives with recvmmsg and counts datagrams and bytes per marker (the first payload byte,
+ * see blast.c), with the monotonic time of the first and last batch holding each marker.
+ * Prints "ready" once bound; prints the counters as one JSON line on SIGUSR1 (and keeps
+ * running) and on SIGTERM/SIGINT or after --max-time (and exits).
+ * --echo sends every datagram back to its source (sendmmsg), for round-trip runs.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_BATCH 256
+#define SLOT_BYTES 65536
+
+static volatile sig_atomic_t want_report, want_exit;
+
+static void on_usr1(int sig) { (void)sig; want_report = 1; }
+static void on_term(int sig) { (void)sig; want_exit = 1; }
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void usage(const char *msg)
+{
+    fprintf(stderr, "sink: %s\n", msg);
+    exit(2);
+}
+
+static void die(const char *what)
+{
+    fprintf(stderr, "sink: %s: %s\n", what, strerror(errno));
+    exit(2);
+}
+
+static socklen_t parse_hostport(const char *s, struct sockaddr_storage *out)
+{
+    char host[128];
+    const char *colon = strrchr(s, ':');
+    if (!colon || colon == s || (size_t)(colon - s) >= sizeof host)
+        usage("address must be HOST:PORT or [V6]:PORT");
+    long port = strtol(colon + 1, NULL, 10);
+    if (port < 0 || port > 65535)
+        usage("port must be 0-65535");
+    size_t len = (size_t)(colon - s);
+    if (s[0] == '[') {
+        if (len < 2 || s[len - 1] != ']')
+            usage("IPv6 address must be in brackets");
+        memcpy(host, s + 1, len - 2);
+        host[len - 2] = 0;
+    } else {
+        memcpy(host, s, len);
+        host[len] = 0;
+    }
+    memset(out, 0, sizeof *out);
+    struct sockaddr_in *a4 = (struct sockaddr_in *)out;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)out;
+    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons((uint16_t)port);
+        return sizeof *a4;
+    }
+    if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons((uint16_t)port);
+        return sizeof *a6;
+    }
+    usage("bad IP address");
+    return 0;
+}
+
+static double count[256], bytes[256], first[256], last[256];
+static double echoed, echo_errors, batches;
+
+static void report(void)
+{
+    printf("{\"markers\": {");
+    int sep = 0;
+    for (int m = 0; m < 256; m++) {
+        if (count[m] == 0)
+            continue;
+        printf("%s\"%d\": {\"count\": %.0f, \"bytes\": %.0f, \"first\": %.6f, \"last\": %.6f}",
+               sep ? ", " : "", m, count[m], bytes[m], first[m], last[m]);
+        sep = 1;
+    }
+    printf("}, \"echoed\": %.0f, \"echo_errors\": %.0f, \"batches\": %.0f, \"now\": %.6f}\n",
+           echoed, echo_errors, batches, now_s());
+    fflush(stdout);
+}
+
+int main(int argc, char **argv)
+{
+    const char *listen_s = NULL;
+    long batch = 64;
+    double max_time = 600;
+    int echo = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define NEEDV() do { if (!v) usage("missing value"); i++; } while (0)
+        if (!strcmp(a, "--listen")) { NEEDV(); listen_s = v; }
+        else if (!strcmp(a, "--batch")) { NEEDV(); batch = atol(v); }
+        else if (!strcmp(a, "--max-time")) { NEEDV(); max_time = atof(v); }
+        else if (!strcmp(a, "--echo")) echo = 1;
+        else { fprintf(stderr, "sink: unknown option %s\n", a); return 2; }
+    }
+    if (!listen_s) usage("--listen is required");
+    if (batch < 1 || batch > MAX_BATCH) usage("--batch must be 1-256");
+    if (max_time <= 0 || max_time > 3600) usage("--max-time must be in (0, 3600]");
+
+    struct sockaddr_storage la;
+    socklen_t llen = parse_hostport(listen_s, &la);
+    int fd = socket(la.ss_family, SOCK_DGRAM, 0);
+    if (fd < 0) die("socket");
+    int one = 1, buf = 16 << 20;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &buf, sizeof buf) < 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof buf);
+    if (la.ss_family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+    struct timeval tv = {0, 50000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if (bind(fd, (struct sockaddr *)&la, llen) < 0) die("bind");
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_usr1;
+    sigaction(SIGUSR1, &sa, NULL);   /* no SA_RESTART: recvmmsg returns EINTR at once */
+    sa.sa_handler = on_term;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+
+    unsigned char *pool = malloc((size_t)batch * SLOT_BYTES);
+    if (!pool) die("malloc");
+    static struct mmsghdr rm[MAX_BATCH], sm[MAX_BATCH];
+    static struct iovec riov[MAX_BATCH], siov[MAX_BATCH];
+    static struct sockaddr_storage names[MAX_BATCH];
+    for (int i = 0; i < batch; i++) {
+        riov[i].iov_base = pool + (size_t)i * SLOT_BYTES;
+        riov[i].iov_len = SLOT_BYTES;
+        rm[i].msg_hdr.msg_iov = &riov[i];
+        rm[i].msg_hdr.msg_iovlen = 1;
+        rm[i].msg_hdr.msg_name = &names[i];
+        siov[i].iov_base = riov[i].iov_base;
+        sm[i].msg_hdr.msg_iov = &siov[i];
+        sm[i].msg_hdr.msg_iovlen = 1;
+        sm[i].msg_hdr.msg_name = &names[i];
+    }
+
+    printf("ready\n");
+    fflush(stdout);
+    double end = now_s() + max_time;
+    while (!want_exit) {
+        if (want_report) {
+            want_report = 0;
+            report();
+        }
+        for (int i = 0; i < batch; i++)
+            rm[i].msg_hdr.msg_namelen = sizeof names[i];
+        int n = recvmmsg(fd, rm, (unsigned)batch, MSG_WAITFORONE, NULL);
+        double t = now_s();
+        if (n <= 0) {
+            if (t > end) break;
+            continue;
+        }
+        batches++;
+        for (int i = 0; i < n; i++) {
+            unsigned len = rm[i].msg_len;
+            int m = len ? ((unsigned char *)riov[i].iov_base)[0] : 0;
+            if (count[m] == 0) first[m] = t;
+            count[m]++;
+            bytes[m] += len;
+            last[m] = t;
+        }
+        if (echo) {
+            for (int i = 0; i < n; i++) {
+                siov[i].iov_len = rm[i].msg_len;
+                sm[i].msg_hdr.msg_namelen = rm[i].msg_hdr.msg_namelen;
+            }
+            int done = 0;
+            while (done < n) {
+                int k = sendmmsg(fd, sm + done, (unsigned)(n - done), MSG_DONTWAIT);
+                if (k <= 0) {
+                    echo_errors += n - done;
+                    break;
+                }
+                done += k;
+            }
+            echoed += done;
+        }
+        if (t > end) break;
+    }
+    report();
+    return 0;
+}
