@@ -118,7 +118,7 @@ def profile(name):
           + [Scenario("forward", 64, kind="echo"),
              Scenario("forward", 1400, kind="bulk"),
              Scenario("forward", 64, loadgen="relay", only=("c-limit",))]
-          + _grid("redir", (64, 1400), (1, 1000))
+          + _grid("redir", (64, 512, 1400), (1, 1000))
           + [Scenario("redir", 64, kind="echo"),
              Scenario("redir", 1400, kind="bulk")])
     return Profile("full", 3, 0.8, 0.6, 50000, 300, sc)

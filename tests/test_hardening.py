@@ -133,3 +133,132 @@ def test_flood_of_new_flows_stays_bounded(rules, mode):
         assert len(after) >= 5 and after == [True] * len(after), f"after the flood: {after}"
         assert relay.proc.poll() is None
         print(f"{mode}: {st}")
+
+
+class Stream:
+    """FLOWS client sockets each sending a numbered datagram every PERIOD seconds and
+    matching the echoes; per-flow counts of what never came back."""
+
+    def __init__(self, topo, dst, flows=20, period=0.01):
+        self.topo, self.dst, self.period = topo, dst, period
+        self.socks = [topo.cli.socket(socket.AF_INET) for _ in range(flows)]
+        for s in self.socks:
+            s.setblocking(False)
+        self.sent = [0] * flows
+        self.got = [set() for _ in range(flows)]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self):
+        import selectors
+        sel = selectors.DefaultSelector()
+        for i, s in enumerate(self.socks):
+            sel.register(s, selectors.EVENT_READ, i)
+        deadline = time.monotonic() + 120
+        nxt = time.monotonic()
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            now = time.monotonic()
+            if now >= nxt:
+                nxt += self.period
+                for i, s in enumerate(self.socks):
+                    try:
+                        s.sendto(b"%d" % self.sent[i], self.dst)
+                    except OSError:
+                        pass
+                    self.sent[i] += 1
+            for key, _ in sel.select(max(0.0, nxt - time.monotonic())):
+                try:
+                    self.got[key.data].add(int(key.fileobj.recv(64)))
+                except (OSError, ValueError):
+                    pass
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def finish(self, drain=1.0):
+        """Stop sending, wait for the last echoes; returns the lost count per flow."""
+        self.stop.set()
+        self.thread.join()
+        end = time.monotonic() + drain
+        while time.monotonic() < end:
+            for i, s in enumerate(self.socks):
+                try:
+                    self.got[i].add(int(s.recv(64)))
+                except (BlockingIOError, ValueError):
+                    pass
+            time.sleep(0.01)
+        return [self.sent[i] - len(self.got[i]) for i in range(len(self.socks))]
+
+    def __exit__(self, *exc):
+        if not self.stop.is_set():
+            self.finish(0)
+
+
+RELOAD_CONFIG = """
+[global]
+workers = 2
+control_socket = "{control}"
+[[listener]]
+name = "steady"
+mode = "forward"
+listen = "[::]:6000"
+to = "{srv}:5000"
+[[listener]]
+name = "other"
+mode = "forward"
+listen = "[::]:6001"
+to = "{srv}:5000"
+timeout = {timeout}
+"""
+
+
+def test_sighup_under_load_loses_nothing_on_unchanged_listeners(topo, tmp_path):
+    import os
+    import signal
+    start_echo(topo.srv, f"{SRV4}:5000")
+    control = str(tmp_path / "ctl.sock")
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(RELOAD_CONFIG.format(control=control, srv=SRV4, timeout=60.0))
+    relay = RelayProcess(["run", "-c", str(cfg)], ns=topo.rtr)
+    relay.control = control
+    with relay:
+        relay.wait_ready()
+        with Stream(topo, (RTR4_CLI, 6000)) as stream:
+            time.sleep(1.0)
+            for n, timeout in enumerate((30.0, 45.0, 20.0)):   # three reloads under load
+                cfg.write_text(RELOAD_CONFIG.format(control=control, srv=SRV4, timeout=timeout))
+                os.kill(relay._main_pid(), signal.SIGHUP)
+                wait_until(lambda: relay.log().count("configuration reloaded") == n + 1, 10,
+                           what="reload")
+                time.sleep(0.5)
+            lost = stream.finish()
+        assert sum(stream.sent) > 2000
+        assert lost == [0] * len(lost), f"lost per flow: {lost}"
+        st = relay.stats("steady")
+        assert st["assoc_created"] == len(lost)          # the same associations throughout
+
+
+def test_killed_worker_under_load_is_replaced_within_a_second(topo):
+    import os
+    import signal
+    start_echo(topo.srv, f"{SRV4}:5000")
+    with RelayProcess(["forward", "--listen", "[::]:6000", "--to", f"{SRV4}:5000"], ns=topo.rtr,
+                      workers=2).wait_ready() as relay:
+        with Stream(topo, (RTR4_CLI, 6000), flows=20) as stream:
+            time.sleep(1.0)
+            pids = relay.worker_pids()
+            t0 = time.monotonic()
+            os.kill(pids[0], signal.SIGKILL)
+            wait_until(lambda: len(relay.worker_pids()) == 2 and relay.worker_pids() != pids,
+                       5, interval=0.005, what="a replacement worker")
+            replaced = time.monotonic() - t0
+            time.sleep(1.5)
+            lost = stream.finish()
+        assert replaced < 1.0, f"replacement took {replaced:.3f}s"
+        # flows of the surviving worker lost nothing; the others lost at most what was in
+        # flight while their worker was gone (about the replacement time)
+        assert lost.count(0) >= 1, f"lost per flow: {lost}"
+        per_window = (replaced + 0.2) / stream.period
+        assert max(lost) <= per_window, f"lost per flow: {lost} (window {replaced:.3f}s)"
+        assert relay.proc.poll() is None
