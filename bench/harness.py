@@ -191,11 +191,12 @@ def tree_cpu(pids):
 
 class Runner:
     def __init__(self, prof, tools, workdir, nworkers, load_cpus=None, log=print,
-                 gso_load=True):
+                 gso_load=True, impl_cpus=None):
         self.gso_load = gso_load        # full-rate phases send UDP_SEGMENT buffers
         self.prof, self.tools, self.workdir = prof, tools, workdir
         self.nworkers, self.log = nworkers, log
         self.load_cpus = load_cpus      # CPUs of the load generator and sink (None: any)
+        self.impl_cpus = impl_cpus      # CPUs of the implementation under test (None: any)
         self.topo = None
         self.tproxy_on = False
 
@@ -222,7 +223,9 @@ class Runner:
     def start_peer(self, cls, mode):
         self.ensure_tproxy(mode == "redir")
         listen, target, _ = self.addresses(mode)
-        return cls(self.topo.mid, self.workdir, mode, self.tools).start(listen, target)
+        peer = cls(self.topo.mid, self.workdir, mode, self.tools)
+        peer.cpus = self.impl_cpus
+        return peer.start(listen, target)
 
     def measure(self, scen, peer):
         """Both phases of one scenario through a running peer; a fresh sink each time."""
@@ -675,8 +678,11 @@ def parse_args(argv):
                    help="rounds per scenario (default: 3, 1 with --smoke)")
     p.add_argument("--load-cpus", default="0" if (os.cpu_count() or 1) > 1 else "",
                    help="CPUs the load generator and the sink are pinned to, e.g. 0 or 0,1; "
-                        "'' for none (default: 0 when there are 2 CPUs or more; the "
-                        "implementation under test is never pinned)")
+                        "'' for none (default: 0 when there are 2 CPUs or more)")
+    p.add_argument("--impl-cpus", default="",
+                   help="CPUs the implementation under test is pinned to, e.g. 1, so its CPU "
+                        "time per datagram does not depend on sharing a core with the load "
+                        "(default: '' = not pinned; N-worker rows then share those CPUs)")
     p.add_argument("--no-gso-load", dest="gso_load", action="store_false",
                    help="full-rate phases send with sendmmsg only; by default they send "
                         "UDP_SEGMENT buffers, which offers several times more than any "
@@ -693,13 +699,16 @@ def parse_args(argv):
         p.error("--rounds must be 1-50")
     if a.workers < 1:
         p.error("--workers must be >= 1")
-    try:
-        a.load_cpus = {int(c) for c in a.load_cpus.split(",") if c.strip()} or None
-    except ValueError:
-        p.error("--load-cpus must be a comma-separated list of CPU numbers")
-    if a.load_cpus and not a.load_cpus <= os.sched_getaffinity(0):
-        p.error(f"--load-cpus {sorted(a.load_cpus)} not all usable here "
-                f"(usable: {sorted(os.sched_getaffinity(0))})")
+    for opt in ("load_cpus", "impl_cpus"):
+        flag = "--" + opt.replace("_", "-")
+        try:
+            cpus = {int(c) for c in getattr(a, opt).split(",") if c.strip()} or None
+        except ValueError:
+            p.error(f"{flag} must be a comma-separated list of CPU numbers")
+        if cpus and not cpus <= os.sched_getaffinity(0):
+            p.error(f"{flag} {sorted(cpus)} not all usable here "
+                    f"(usable: {sorted(os.sched_getaffinity(0))})")
+        setattr(a, opt, cpus)
     return a
 
 
@@ -751,7 +760,7 @@ def main(argv=None):
             topo.cleanup_stale()
             tools = build_tools()
             runner = Runner(prof, tools, workdir, args.workers, args.load_cpus,
-                            gso_load=args.gso_load)
+                            gso_load=args.gso_load, impl_cpus=args.impl_cpus)
             runner.topo = topo.BenchTopo()
             for m in net_modes:
                 names = []

@@ -68,6 +68,7 @@ class Peer:
         self.tools = tools or {}
         self.procs = []
         self.logs = []
+        self.cpus = None        # CPUs the implementation may run on (None: any)
 
     @classmethod
     def unavailable(cls, mode):
@@ -92,8 +93,8 @@ class Peer:
             for i, argv in enumerate(self._commands(listen, target)):
                 log = open(os.path.join(self.workdir, f"{self.name}.{i}.log"), "w+")
                 self.logs.append(log)
-                self.procs.append(self.ns.popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                                stderr=subprocess.STDOUT, cwd=ROOT))
+                self.procs.append(self.ns.popen(argv, cpus=self.cpus, stdin=subprocess.DEVNULL,
+                                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
             for port, sockets in self._ports(listen):
                 self._wait_bound(port, sockets)
         except BaseException:
