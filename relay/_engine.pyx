@@ -289,7 +289,7 @@ cdef class Engine:
             return
         # Open one upstream socket now, so a missing privilege (SO_MARK needs
         # CAP_NET_ADMIN) is reported at start and not as a drop counter later.
-        fd = self._upstream_socket()
+        fd = self._upstream_socket(self.up_family)
         if fd < 0:
             e = -fd
             self.close()
@@ -493,7 +493,8 @@ cdef class Engine:
                 if seg > 0 and <int>self.tx_iov[self.ntx].iov_len > seg:
                     msg_put_gso(&m.msg_hdr, self.tx_ctrl + self.ntx * GSO_CTRL, <uint16_t>seg)
                 if self.mode == MODE_REDIR:
-                    nl = akey_to_sockaddr(&dk, self.up_family, &self.tx_names[self.ntx])
+                    nl = akey_to_sockaddr(&dk, self.up_family if ck.family != AF_INET else AF_INET,
+                                          &self.tx_names[self.ntx])
                     if nl == 0:
                         self.st[C_DROP_NO_ROUTE] += 1
                         continue
@@ -700,9 +701,9 @@ cdef class Engine:
             p += k
             left -= k
 
-    cdef int _upstream_socket(self) noexcept nogil:
-        """A new non-blocking upstream socket with the mark, or -errno."""
-        cdef int fd = socket(self.up_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    cdef int _upstream_socket(self, int family) noexcept nogil:
+        """A new non-blocking upstream socket of family with the mark, or -errno."""
+        cdef int fd = socket(family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
         cdef int zero = 0, one = 1, e, rcvbuf = UPSTREAM_RCVBUF
         if fd < 0:
             return -errno
@@ -710,7 +711,7 @@ cdef class Engine:
             e = errno
             close(fd)
             return -e
-        if self.up_family == AF_INET6:
+        if family == AF_INET6:
             setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero))
         if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof(rcvbuf)) < 0:
             setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf))
@@ -731,7 +732,10 @@ cdef class Engine:
             # Datagrams already queued may use the socket about to be closed: send them first.
             self._flush_tx()
             self._close_assoc(self.assoc.tail, C_ASSOC_EVICTED)
-        fd = self._upstream_socket()
+        # redir: a socket of the client's own family (a TPROXY'd IPv4 client only has IPv4
+        # destinations); sending IPv4 through an AF_INET6 socket takes a slower kernel path.
+        fd = self._upstream_socket(self.up_family if self.mode == MODE_FORWARD or
+                                   ck.family != AF_INET else AF_INET)
         if fd < 0:
             if -fd == EMFILE or -fd == ENFILE or -fd == ENOBUFS or -fd == ENOMEM:
                 self.st[C_ASSOC_REFUSED] += 1
