@@ -151,7 +151,7 @@ class Peer:
 
 class CLimit(Peer):
     name = "c-limit"
-    note = "bench/c/fwd_mmsg.c, recvmmsg/sendmmsg batch 64"
+    note = "bench/c/fwd_mmsg.c, recvmmsg/sendmmsg batch 64 (redir: full cone)"
 
     def _commands(self, listen, target):
         binary = self.tools.get("fwd_mmsg")
@@ -159,7 +159,8 @@ class CLimit(Peer):
             raise PeerError("fwd_mmsg was not compiled")
         args = [binary, "--listen", hostport(listen), "--batch", 64, "--rcvbuf", RCVBUF]
         if target is None:
-            args += ["--tproxy", "--mark", MARK]
+            # full cone, like relay redir: one unconnected socket per client
+            args += ["--tproxy", "--full-cone", "--mark", MARK]
         else:
             args += ["--to", hostport(target)]
         return [args]

@@ -1,7 +1,7 @@
 /* fwd_mmsg: the minimal UDP forwarder the benchmark uses as "the C limit".
  *
- *   fwd_mmsg --listen HOST:PORT (--to HOST:PORT | --tproxy) [--batch 64] [--mark N]
- *            [--rcvbuf BYTES]
+ *   fwd_mmsg --listen HOST:PORT (--to HOST:PORT | --tproxy [--full-cone]) [--batch 64]
+ *            [--mark N] [--rcvbuf BYTES]
  *
  * Does the same work as a relay, with nothing else: recvmmsg a batch from the listen
  * socket; look each client up in a hash table (a new client gets its own upstream UDP
@@ -12,7 +12,10 @@
  * TPROXY'd traffic); the association key is (client, original destination), the upstream
  * socket is connected to the original destination, and replies go out of an
  * IP_TRANSPARENT socket bound to the original destination (so the client sees the remote
- * as the source).
+ * as the source). --full-cone keys associations by client only: one unconnected upstream
+ * socket per client, every datagram sent with its own destination (the work a full-cone
+ * relay such as `relay redir` has to do; replies still leave bound to the first destination,
+ * which is the only remote in the benchmark).
  * No idle expiry and no per-datagram logging. SIGTERM/SIGINT: print counters as JSON on
  * stderr and exit.
  */
@@ -71,7 +74,7 @@ static volatile sig_atomic_t stop;
 static void on_term(int sig) { (void)sig; stop = 1; }
 
 static struct assoc *table[NBUCKETS];
-static int tproxy, mark = -1, rcvbuf = 4 << 20, epfd, lfd;
+static int tproxy, full_cone, mark = -1, rcvbuf = 4 << 20, epfd, lfd;
 static struct sockaddr_storage target;
 static socklen_t target_len;
 static unsigned long long n_up, n_down, n_assoc, n_drop_up, n_drop_down, n_refused;
@@ -170,11 +173,11 @@ static struct assoc *lookup(const struct sockaddr_storage *client, socklen_t cle
                             const struct sockaddr_storage *odst, socklen_t olen)
 {
     uint32_t h = addr_hash(client, 2166136261u);
-    if (tproxy)
+    if (tproxy && !full_cone)
         h = addr_hash(odst, h);
     struct assoc **slot = &table[h & (NBUCKETS - 1)];
     for (struct assoc *a = *slot; a; a = a->next)
-        if (addr_eq(&a->client, client) && (!tproxy || addr_eq(&a->odst, odst)))
+        if (addr_eq(&a->client, client) && (!tproxy || full_cone || addr_eq(&a->odst, odst)))
             return a;
 
     int up = socket(odst->ss_family, SOCK_DGRAM | SOCK_NONBLOCK, 0);
@@ -185,7 +188,9 @@ static struct assoc *lookup(const struct sockaddr_storage *client, socklen_t cle
     if (mark >= 0)
         setsockopt(up, SOL_SOCKET, SO_MARK, &mark, sizeof mark);
     set_rcvbuf(up, rcvbuf);
-    if (connect(up, (const struct sockaddr *)odst, olen) < 0) {
+    /* --full-cone: one unconnected socket per client, each datagram names its destination
+     * (what a full-cone relay must do); otherwise one connected socket per destination. */
+    if (!full_cone && connect(up, (const struct sockaddr *)odst, olen) < 0) {
         close(up);
         n_refused++;
         return NULL;
@@ -263,6 +268,7 @@ int main(int argc, char **argv)
         if (!strcmp(a, "--listen")) { NEEDV(); listen_s = v; }
         else if (!strcmp(a, "--to")) { NEEDV(); to_s = v; }
         else if (!strcmp(a, "--tproxy")) tproxy = 1;
+        else if (!strcmp(a, "--full-cone")) full_cone = 1;
         else if (!strcmp(a, "--batch")) { NEEDV(); batch = atol(v); }
         else if (!strcmp(a, "--mark")) { NEEDV(); mark = atoi(v); }
         else if (!strcmp(a, "--rcvbuf")) { NEEDV(); rcvbuf = atoi(v); }
@@ -270,6 +276,7 @@ int main(int argc, char **argv)
     }
     if (!listen_s) usage("--listen is required");
     if (!tproxy == !to_s) usage("give exactly one of --to HOST:PORT and --tproxy");
+    if (full_cone && !tproxy) usage("--full-cone goes with --tproxy");
     if (batch < 1 || batch > MAX_BATCH) usage("--batch must be 1-256");
     if (to_s) target_len = parse_hostport(to_s, &target);
 
@@ -316,6 +323,7 @@ int main(int argc, char **argv)
     unsigned char *upool = malloc((size_t)batch * SLOT_BYTES);
     if (!lpool || !upool) die("malloc");
     static struct mmsghdr lm[MAX_BATCH], sm[MAX_BATCH], um[MAX_BATCH], rm[MAX_BATCH];
+    static struct sockaddr_storage sdst[MAX_BATCH];
     static struct iovec liov[MAX_BATCH], siov[MAX_BATCH], uiov[MAX_BATCH], riov[MAX_BATCH];
     static struct sockaddr_storage lname[MAX_BATCH];
     static unsigned char lctrl[MAX_BATCH][CTRL_BYTES];
@@ -365,6 +373,11 @@ int main(int argc, char **argv)
                             continue;
                         }
                         owner[i] = lookup(&lname[i], lm[i].msg_hdr.msg_namelen, &od, olen);
+                        if (full_cone) {
+                            memcpy(&sdst[i], &od, olen);
+                            sm[i].msg_hdr.msg_name = &sdst[i];
+                            sm[i].msg_hdr.msg_namelen = olen;
+                        }
                     } else {
                         owner[i] = lookup(&lname[i], lm[i].msg_hdr.msg_namelen, &target,
                                           target_len);
