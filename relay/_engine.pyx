@@ -119,7 +119,6 @@ cdef class Engine:
     cdef double timeout, tp_idle, next_sweep
     cdef table_t assoc
     cdef table_t tp
-    cdef int32_t *by_fd
     cdef uint64_t *st
     cdef object stats_ref
     cdef uint64_t[N_COUNTERS] own_stats
@@ -218,7 +217,6 @@ cdef class Engine:
         if soft == resource.RLIM_INFINITY or soft > (1 << 21):
             soft = 1 << 21
         self.nfd = soft
-        self.by_fd = <int32_t *>calloc(self.nfd, sizeof(int32_t))
         self.rx = <uint8_t *>calloc(batch, MAXDGRAM)
         self.rx_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
         self.rx_iov = <iovec *>calloc(batch, sizeof(iovec))
@@ -243,7 +241,7 @@ cdef class Engine:
         self.ry_ctrl = <uint8_t *>calloc(batch, CTRL)
         self.ry_gro = <int *>calloc(batch, sizeof(int))
         if (self.tx_ctrl == NULL or self.out_ctrl == NULL or self.ry_ctrl == NULL
-                or self.ry_gro == NULL or self.cl_names == NULL or self.by_fd == NULL or self.rx == NULL or self.rx_msgs == NULL or self.rx_iov == NULL
+                or self.ry_gro == NULL or self.cl_names == NULL or self.rx == NULL or self.rx_msgs == NULL or self.rx_iov == NULL
                 or self.rx_names == NULL or self.rx_ctrl == NULL or self.tx_msgs == NULL
                 or self.tx_iov == NULL or self.tx_names == NULL or self.tx_fd == NULL
                 or self.ry == NULL or self.ry_msgs == NULL or self.ry_iov == NULL
@@ -251,8 +249,6 @@ cdef class Engine:
                 or self.out_iov == NULL or self.out_names == NULL or self.out_slot == NULL):
             self._free()
             raise MemoryError("engine buffers")
-        for i in range(self.nfd):
-            self.by_fd[i] = -1
         self.ep = epoll_create1(EPOLL_CLOEXEC)
         if self.ep < 0:
             e = errno
@@ -352,7 +348,6 @@ cdef class Engine:
             self.ep = -1
         table_free(&self.assoc)
         table_free(&self.tp)
-        free(self.by_fd); self.by_fd = NULL
         free(self.rx); self.rx = NULL
         free(self.rx_msgs); self.rx_msgs = NULL
         free(self.rx_iov); self.rx_iov = NULL
@@ -759,7 +754,6 @@ cdef class Engine:
             self.st[C_ASSOC_REFUSED] += 1
             return -1
         self.assoc.e[idx].fd = fd
-        self.by_fd[fd] = idx
         self.st[C_ASSOC_CREATED] += 1
         self.st[C_ASSOC_OPEN] = self.assoc.count
         return idx
@@ -769,8 +763,6 @@ cdef class Engine:
         if fd >= 0:
             epoll_ctl(self.ep, EPOLL_CTL_DEL, fd, NULL)
             close(fd)
-            if fd < self.nfd:
-                self.by_fd[fd] = -1
         table_remove(&self.assoc, idx)
         if counter >= 0:
             self.st[counter] += 1

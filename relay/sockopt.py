@@ -21,13 +21,20 @@ def _need(what, cap, err):
     return PermissionError(err.errno, f"{what} needs {cap} (run as root or grant {cap}): {err.strerror}")
 
 
-def set_buffers(sock, size):
-    """Large kernel buffers absorb bursts; FORCE variants bypass rmem_max when privileged."""
-    for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force, size)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, plain, size)
+def _buf(sock, force, plain, size):
+    """Set a buffer size; the FORCE variant bypasses rmem_max/wmem_max when privileged."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+def _rcvbuf(sock, size):
+    _buf(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, size)
+
+
+def _sndbuf(sock, size):
+    _buf(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, size)
 
 
 def set_transparent(sock):
@@ -75,7 +82,7 @@ def udp_listen(addr, *, transparent=False, reuseport=True, bufsize=4 << 20):
             s.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
             if fam == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
-        set_buffers(s, bufsize)
+        _rcvbuf(s, bufsize)
         _sndbuf(s, REPLY_SNDBUF)
         try:
             s.bind((host, port))
@@ -86,13 +93,6 @@ def udp_listen(addr, *, transparent=False, reuseport=True, bufsize=4 << 20):
     except BaseException:
         s.close()
         raise
-
-
-def _sndbuf(sock, size):
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, size)
-    except OSError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 def raw_socket(family, mark=0, bufsize=REPLY_SNDBUF):
