@@ -21,14 +21,14 @@ from relay.includes.system cimport (
     EHOSTUNREACH, ENETUNREACH, EADDRNOTAVAIL, EINVAL, EPERM, EACCES,
     memcpy, memset, close, timespec, clock_gettime, CLOCK_MONOTONIC_COARSE, CLOCK_MONOTONIC,
     iovec, msghdr, mmsghdr, cmsghdr, CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_DATA,
-    socket, bind, connect, setsockopt, sendmmsg, recvmmsg, sendto, socklen_t, sockaddr,
+    socket, bind, connect, setsockopt, getsockopt, sendmmsg, recvmmsg, sendto, socklen_t, sockaddr,
     sockaddr_in, sockaddr_in6,
     AF_INET, AF_INET6, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_CLOEXEC, SOL_SOCKET, SO_REUSEADDR,
     SO_REUSEPORT, SO_RCVBUF, MSG_DONTWAIT, MSG_TRUNC, IPPROTO_IP, IPPROTO_IPV6, IPV6_V6ONLY,
     IP_TRANSPARENT, IPV6_TRANSPARENT, IP_ORIGDSTADDR, IPV6_ORIGDSTADDR, SO_MARK,
     epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLL_CTL_ADD, EPOLL_CTL_DEL,
     EPOLL_CLOEXEC, htons, ntohs, pollfd, poll, POLLOUT, SOL_UDP, UDP_GRO, UDP_SEGMENT,
-    CMSG_SPACE, SO_RXQ_OVFL, SO_RCVBUFFORCE,
+    CMSG_SPACE, SO_RCVBUFFORCE, SO_MEMINFO, RELAY_SK_MEMINFO_DROPS,
 )
 from relay._addr cimport sockaddr_any, sockaddr_from_tuple, raise_oserror
 from relay._ring cimport msg_put_gso
@@ -127,6 +127,7 @@ cdef class Engine:
     cdef UpstreamCore core        # tunnel / SOCKS5 upstream instead of direct sockets
     cdef bint gro                 # UDP_GRO on receive, the same segments out as one GSO send
     cdef uint64_t rcvbuf_base     # drop_rcvbuf when this engine started (slots outlive engines)
+    cdef uint32_t drops0          # the listen socket's own drop count then (sockets do too)
     cdef uint8_t *tx_ctrl
     cdef uint8_t *ry_ctrl
     cdef uint8_t *out_ctrl
@@ -261,8 +262,8 @@ cdef class Engine:
             self._free()
             raise_oserror(e, "epoll_ctl(listen socket)")
         self.rcvbuf_base = self.st[C_DROP_RCVBUF]
+        self.drops0 = self._socket_drops()
         one = 1
-        setsockopt(listen_fd, SOL_SOCKET, SO_RXQ_OVFL, &one, sizeof(int))
         self.gro = gro
         if gro:
             if setsockopt(listen_fd, SOL_UDP, UDP_GRO, &one, sizeof(int)) < 0:
@@ -315,6 +316,8 @@ cdef class Engine:
     def counters(self):
         """A dict of this engine's counters (the same memory the data path writes)."""
         from relay.stats import COUNTERS
+        if not self.closed:
+            self._read_drops()
         return {name: self.st[i] for i, name in enumerate(COUNTERS)}
 
     @property
@@ -332,6 +335,7 @@ cdef class Engine:
         self.closed = True
         self._flush_tx()
         self._flush_replies(monotonic())
+        self._read_drops()
         while self.assoc.count:
             self._close_assoc(self.assoc.tail, -1)
         while self.tp.count:
@@ -427,6 +431,20 @@ cdef class Engine:
         while self.tp.tail >= 0 and self.tp.e[self.tp.tail].last + self.tp_idle <= now:
             self._close_tp(self.tp.tail)
         self.next_sweep = now + (1.0 if idle > 4.0 else idle / 4.0)
+        self._read_drops()
+
+    cdef uint32_t _socket_drops(self) noexcept nogil:
+        """What the kernel dropped at the listen socket so far (full receive buffer): one
+        getsockopt per sweep instead of an SO_RXQ_OVFL control message on every datagram."""
+        cdef uint32_t mem[16]
+        cdef socklen_t ln = sizeof(mem)
+        if getsockopt(self.lfd, SOL_SOCKET, SO_MEMINFO, mem, &ln) < 0 or \
+                ln <= RELAY_SK_MEMINFO_DROPS * sizeof(uint32_t):
+            return self.drops0
+        return mem[RELAY_SK_MEMINFO_DROPS]
+
+    cdef void _read_drops(self) noexcept nogil:
+        self.st[C_DROP_RCVBUF] = self.rcvbuf_base + <uint32_t>(self._socket_drops() - self.drops0)
 
     # ---- client -> upstream ----------------------------------------------------------
 
@@ -568,7 +586,6 @@ cdef class Engine:
         segment size (0 when the datagram was not coalesced) from the control messages."""
         cdef cmsghdr *c = CMSG_FIRSTHDR(h)
         cdef bint got = False
-        cdef uint32_t ovfl
         gro[0] = 0
         while c != NULL:
             if ((c.cmsg_level == IPPROTO_IP and c.cmsg_type == IP_ORIGDSTADDR)
@@ -577,10 +594,6 @@ cdef class Engine:
                 got = origdst.family != 0
             elif c.cmsg_level == SOL_UDP and c.cmsg_type == UDP_GRO:
                 memcpy(gro, CMSG_DATA(c), sizeof(int))
-            elif c.cmsg_level == SOL_SOCKET and c.cmsg_type == SO_RXQ_OVFL:
-                # datagrams the kernel dropped on this socket so far (cumulative)
-                memcpy(&ovfl, CMSG_DATA(c), sizeof(uint32_t))
-                self.st[C_DROP_RCVBUF] = self.rcvbuf_base + ovfl
             c = CMSG_NXTHDR(h, c)
         return got
 

@@ -43,4 +43,9 @@
 #ifndef IPV6_HDRINCL
 #define IPV6_HDRINCL 36
 #endif
+#ifndef SO_MEMINFO
+#define SO_MEMINFO 55
+#endif
+/* index of the socket's drop count in SO_MEMINFO's array (linux/sock_diag.h) */
+#define RELAY_SK_MEMINFO_DROPS 8
 #endif

@@ -168,6 +168,8 @@ cdef extern from "compat.h" nogil:
         UDP_SEGMENT
         UDP_GRO
         IPV6_HDRINCL
+        SO_MEMINFO
+        RELAY_SK_MEMINFO_DROPS
 
 cdef extern from "<netinet/tcp.h>" nogil:
     enum:
