@@ -486,7 +486,7 @@ cdef class Engine:
                     self.st[C_DROP_NO_ROUTE] += 1
                     continue
                 if self.core is not None:
-                    self._core_queue(i, &ck, &dk)
+                    self._core_queue(i, &ck, &dk, seg)
                     continue
                 idx = table_find(&self.assoc, &ck)
                 if idx < 0:
@@ -528,17 +528,31 @@ cdef class Engine:
 
     # ---- through an upstream core (tunnel, SOCKS5) ----------------------------------
 
-    cdef void _core_queue(self, int i, akey_t *ck, akey_t *dk) noexcept nogil:
-        """Note datagram i of the receive ring for the core: client and destination."""
-        cdef mmsghdr *m = &self.tx_msgs[self.ntx]
-        akey_to_sockaddr(ck, ck.family, &self.cl_names[self.ntx])
-        if self.mode == MODE_REDIR:
-            akey_to_sockaddr(dk, dk.family, &self.tx_names[self.ntx])
-        else:
-            self.tx_names[self.ntx] = self.to_addr
-        self.tx_iov[self.ntx].iov_base = self.rx_iov[i].iov_base
-        self.tx_iov[self.ntx].iov_len = self.rx_msgs[i].msg_len
-        self.ntx += 1
+    cdef void _core_queue(self, int i, akey_t *ck, akey_t *dk, int seg) noexcept nogil:
+        """Note datagram i of the receive ring for the core: client, destination, payload.
+        A GRO buffer (seg > 0) is handed over as the datagrams it was coalesced from."""
+        cdef uint8_t *p = <uint8_t *>self.rx_iov[i].iov_base
+        cdef size_t left = self.rx_msgs[i].msg_len
+        cdef size_t n
+        if seg <= 0:
+            seg = <int>left if left else 1
+        while True:
+            if self.ntx == self.batch:
+                with gil:
+                    self._core_send()
+            n = <size_t>seg if left > <size_t>seg else left
+            akey_to_sockaddr(ck, ck.family, &self.cl_names[self.ntx])
+            if self.mode == MODE_REDIR:
+                akey_to_sockaddr(dk, dk.family, &self.tx_names[self.ntx])
+            else:
+                self.tx_names[self.ntx] = self.to_addr
+            self.tx_iov[self.ntx].iov_base = p
+            self.tx_iov[self.ntx].iov_len = n
+            self.ntx += 1
+            p += n
+            left -= n
+            if left == 0:
+                break
 
     cdef int _core_send(self) except -1:
         cdef int j, n = self.ntx

@@ -229,3 +229,34 @@ def test_bulk_path_gso_in_gro_through(echo, gro):
         got = [c.recv(65535) for _ in range(40)]
         assert got == payloads
         relay.settled_stats(lambda st: st["up_datagrams"] == 40 == st["down_datagrams"])
+
+
+@pytest.mark.parametrize("upstream", ["tunnel", "socks5"])
+def test_gro_through_an_upstream_core_keeps_datagrams_apart(topo, upstream):
+    """With --gro a coalesced receive holds many datagrams; a tunnel or SOCKS5 upstream
+    must carry them as the datagrams they were (one frame each), never as one."""
+    from relay import BatchSocket
+    from tests.test_upstream import ALLOW, serve_in, wait_tcp
+    start_echo(topo.srv, f"{SRV4}:5000", f"[{SRV6}]:5000")
+    if upstream == "tunnel":
+        serve_in(topo.srv, "tunnel-server", "--listen", "[::]:8443", "--secret", "s",
+                 "--allow", ALLOW)
+        wait_tcp(topo.srv, (SRV4, 8443))
+        extra = ["--upstream", f"tunnel://{SRV4}:8443", "--secret", "s"]
+    else:
+        serve_in(topo.srv, "socks5", "--listen", "[::]:1080", "--user", "u", "--password",
+                 "p", "--allow", ALLOW)
+        wait_tcp(topo.srv, (SRV4, 1080))
+        extra = ["--upstream", f"socks5://u:p@{SRV4}:1080"]
+    with start_forward(topo, f"{SRV4}:5000", "--gro", *extra) as relay:
+        c = topo.cli.socket(socket.AF_INET)
+        c.connect((RTR4_CLI, 6000))
+        c.settimeout(3)
+        assert udp_roundtrip(c, (RTR4_CLI, 6000), b"warm")[0] == b"warm"
+        payloads = [bytes([i]) * 700 for i in range(30)] + [b"tail"]
+        with BatchSocket(c.fileno(), batch=64) as b:
+            assert b.send_gso(b"".join(payloads), 700) == 31
+        got = sorted(c.recv(65535) for _ in range(31))
+        assert got == sorted(payloads)
+        relay.settled_stats(lambda st: st["up_datagrams"] == 32 == st["down_datagrams"]
+                            and st["up_bytes"] == 4 + sum(map(len, payloads)))
