@@ -116,21 +116,37 @@ cdef struct cflow_t:
 
 
 cdef class TunnelUpstream(UpstreamCore):
-    cdef cconn_t *conns
+    cdef cconn_t *conns          # mux: `connections` of them; gost: one per flow slot
     cdef int nconns
-    cdef size_t queue_limit
+    cdef int nup                 # connections whose handshake is done
+    cdef int *dirty              # connections with frames to write at the next flush
+    cdef int ndirty
+    cdef size_t queue_limit      # bytes waiting per connection (per flow in gost mode)
+    cdef size_t rx_cap
     cdef cflow_t *flows
     cdef int max_flows
     cdef int nflows
+    cdef int flow_hi             # flow slots at or above are unused
     cdef int next_conn
     cdef htab_t tab
     cdef double next_expiry
+    cdef double next_check
+    cdef bint gost               # gost server: CMD 0xF3, one connection per flow, no flow id
+    cdef bint mux
+    cdef bint rep7_logged
     cdef object server
     cdef object family
     cdef object addr
     cdef object secret
+    cdef object user
+    cdef object password
     cdef object mark
+    cdef object say              # tunnelproto.LogLimiter
     cdef dict hs
+    cdef int conn_open_buffers(self, int i) except -1
+    cdef int conn_shut(self, int i) except -1
+    cdef int conn_close(self, int i) except -1
+    cdef object conn_name(self, int i)
     cdef int conn_down(self, int i, str why) except -1
     cdef int conn_write(self, int i) except -1
     cdef int conn_read(self, int i) except -1

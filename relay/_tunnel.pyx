@@ -48,6 +48,7 @@ cdef enum:
     KIND_UPSTREAM = 5
     KIND_TCP = 6
     KIND_UDP = 7
+    KIND_DNS = 8         # the resolver's eventfd
     EV_MAX = 64
     UDP_HDR_ROOM = 262   # RSV FRAG ATYP LEN DOMAIN PORT: headroom before a datagram
 
@@ -593,6 +594,85 @@ cdef int new_udp_socket(int family, object mark) except -2:
     return fd
 
 
+# ------------------------------------------------------------------------- host names
+
+cdef enum:
+    DNS_WAYS = 4                 # the cache is set associative: sets of 4 entries
+    N_EMPTY = 0
+    N_PENDING = 1                # being resolved; datagrams wait (parked)
+    N_OK = 2
+    N_FAIL = 3
+
+cdef struct dname_t:             # one cached host name
+    double expires               # N_OK / N_FAIL: valid until then; N_PENDING: give up then
+    double used
+    uint32_t seq                 # tells a stale answer from the current one
+    int32_t park_head
+    int32_t park_tail
+    uint32_t park_bytes
+    uint16_t nparked
+    uint8_t state
+    uint8_t nlen
+    uint8_t first                # 4 or 6: the family getaddrinfo gave first
+    uint8_t has4
+    uint8_t has6
+    uint8_t a4[4]
+    uint8_t a6[16]
+    uint8_t name[255]            # lower case
+
+cdef struct parked_t:            # a datagram waiting for its name
+    uint8_t *data
+    size_t n
+    uint32_t owner               # flow / association slot of the owner ...
+    uint32_t gen                 # ... and its generation, so a reused slot is told apart
+    int32_t next
+    uint16_t port
+
+
+cdef inline uint8_t ascii_lower(uint8_t c) noexcept nogil:
+    return c + 32 if 65 <= c <= 90 else c
+
+
+cdef socklen_t dname_to_sockaddr(const dname_t *e, uint16_t port, int family,
+                                 sockaddr_any *out) noexcept nogil:
+    """Address of a resolved name for a socket of `family`: IPv4 sockets take its first
+    IPv4 address; dual-stack IPv6 sockets the first address getaddrinfo gave (IPv4
+    mapped). 0 when it has none of that kind."""
+    cdef frame_t f
+    if e.state != N_OK:
+        return 0
+    f.port = port
+    if family == AF_INET or e.first == 4:
+        if not e.has4:
+            return 0
+        f.atyp = 1
+        f.addr = e.a4
+    else:
+        f.atyp = 4
+        f.addr = e.a6
+    return <socklen_t>frame_to_sockaddr(&f, out, family)
+
+
+cdef int send_resolved(sendbatch_t *sb, uint64_t *st, Acl acl, int fd, int family,
+                       const dname_t *e, uint16_t port, const uint8_t *data,
+                       size_t n) except -1:
+    """Send a datagram that waited for its host name from socket fd (of `family`), after
+    the access list has judged the address it resolved to."""
+    cdef sockaddr_any dst
+    cdef socklen_t dl = dname_to_sockaddr(e, port, family, &dst)
+    if dl == 0:
+        st[C_DROP_NO_ROUTE] += 1
+        return 0
+    if acl.denied(&dst):
+        st[C_DROP_DENIED] += 1
+        return 0
+    sb.n = 0
+    sb.fd = fd
+    sb_add(sb, &dst, dl, data, n)
+    sb_flush(sb, st, C_UP_DATAGRAMS, C_UP_BYTES)
+    return 0
+
+
 # ------------------------------------------------------------------------- poller base
 
 cdef class Poller:
@@ -604,6 +684,7 @@ cdef class Poller:
     cdef object _stats_ref
     cdef public object log
     cdef double now
+    cdef readonly NameCache dns      # host name destinations (services that relay to them)
 
     def __cinit__(self, *args, **kw):
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -615,6 +696,12 @@ cdef class Poller:
         self.st = _stats_ptr(self._stats_ref)
         self.log = log or DEF_LOG
         self.now = mono_now()
+
+    def init_dns(self, resolve=None):
+        """Accept destinations given as host names: a NameCache whose resolver threads
+        wake this epoll set (resolve: the function they call, default getaddrinfo)."""
+        self.dns = NameCache(self, resolve)
+        epoll_set(self.epfd, EPOLL_CTL_ADD, self.dns.fileno(), EPOLLIN, KIND_DNS, 0)
 
     @property
     def stats(self):
@@ -647,6 +734,8 @@ cdef class Poller:
             d = self.evs[i].data.u64
             if (d >> 32) == KIND_PY:
                 py.append((<uint32_t>(d & 0xffffffff), self.evs[i].events))
+            elif (d >> 32) == KIND_DNS:
+                self.dns.drain(self)
             else:
                 self.on_event(<uint32_t>(d >> 32), <uint32_t>(d & 0xffffffff),
                               self.evs[i].events)
@@ -659,7 +748,15 @@ cdef class Poller:
     cdef int after_poll(self) except -1:
         return 0
 
+    cdef int dns_send(self, uint32_t owner, uint32_t gen, const dname_t *e, uint16_t port,
+                      const uint8_t *data, size_t n) except -1:
+        """Send a datagram that waited for its host name (owner: slot and generation given
+        to NameCache.dst_for)."""
+        return 0
+
     def close(self):
+        if self.dns is not None:
+            self.dns.close()
         if self.epfd >= 0:
             close(self.epfd)
             self.epfd = -1
@@ -667,6 +764,245 @@ cdef class Poller:
     def __dealloc__(self):
         if self.epfd >= 0:
             close(self.epfd)
+
+
+cdef class NameCache:
+    """Destinations given as host names (ATYP 3) for a Poller that relays datagrams: a
+    bounded set-associative cache name -> addresses with positive and negative lifetimes,
+    and the datagrams waiting for a name parked in bounded queues. Lookups run in the
+    threads of a tunnelproto.ResolverPool, which only see names, hand back addresses and
+    wake the owner's epoll through an eventfd; they never touch this memory."""
+    cdef dname_t *names
+    cdef parked_t *park
+    cdef uint32_t mask               # sets - 1
+    cdef int nnames
+    cdef int32_t park_free
+    cdef int park_max
+    cdef int per_name
+    cdef int nparked
+    cdef size_t park_bytes
+    cdef size_t park_bytes_max
+    cdef int inflight
+    cdef int max_inflight
+    cdef uint32_t seq
+    cdef double ttl_ok
+    cdef double ttl_fail
+    cdef double give_up
+    cdef uint64_t *st
+    cdef object _stats_ref
+    cdef object pool
+    cdef object say
+
+    def __cinit__(self, *args, **kw):
+        self.names = NULL
+        self.park = NULL
+
+    def __init__(self, Poller owner, resolve=None):
+        cdef int i
+        sets = _proto.DNS_MAX_NAMES // DNS_WAYS
+        if sets < 1 or sets & (sets - 1):
+            raise ValueError("DNS_MAX_NAMES must be 4 times a power of two")
+        self.mask = sets - 1
+        self.nnames = sets * DNS_WAYS
+        self.park_max = _proto.DNS_PARK_MAX
+        self.per_name = _proto.DNS_PARK_PER_NAME
+        self.park_bytes_max = _proto.DNS_PARK_BYTES
+        self.max_inflight = _proto.DNS_INFLIGHT
+        self.ttl_ok, self.ttl_fail = _proto.DNS_TTL_OK, _proto.DNS_TTL_FAIL
+        self.give_up = _proto.DNS_GIVE_UP
+        self.names = <dname_t *>calloc(self.nnames, sizeof(dname_t))
+        self.park = <parked_t *>calloc(self.park_max, sizeof(parked_t))
+        if self.names == NULL or self.park == NULL:
+            raise MemoryError()
+        for i in range(self.park_max):
+            self.park[i].next = i + 1 if i + 1 < self.park_max else -1
+        self.park_free = 0
+        self._stats_ref = owner._stats_ref
+        self.st = owner.st
+        self.say = _proto.LogLimiter(owner.log)
+        self.pool = _proto.ResolverPool(resolve)
+
+    def __dealloc__(self):
+        cdef int i
+        if self.park != NULL:
+            for i in range(self.park_max):
+                free(self.park[i].data)
+        free(self.park)
+        free(self.names)
+
+    def fileno(self):
+        return self.pool.fileno()
+
+    def close(self):
+        self.pool.close()
+
+    cdef int32_t find(self, const uint8_t *name, size_t n, double now) except -2:
+        """The entry of a name, made pending (and its lookup queued) on a miss or when it
+        has expired; -1 when there is no room to resolve it now."""
+        cdef uint64_t h = 14695981039346656037ULL
+        cdef size_t i
+        cdef int w, base, victim = -1
+        cdef dname_t *e
+        for i in range(n):
+            h = (h ^ ascii_lower(name[i])) * 1099511628211ULL
+        base = <int>(mix64(h) & self.mask) * DNS_WAYS
+        for w in range(base, base + DNS_WAYS):
+            e = &self.names[w]
+            if e.state == N_EMPTY:
+                if victim < 0 or self.names[victim].state != N_EMPTY:
+                    victim = w
+                continue
+            if e.nlen == n:
+                i = 0
+                while i < n and e.name[i] == ascii_lower(name[i]):
+                    i += 1
+                if i == n:
+                    if e.state == N_PENDING or now < e.expires:
+                        e.used = now
+                        return w
+                    victim = w               # expired: resolve it again in place
+                    break
+            if e.state != N_PENDING and (victim < 0 or (
+                    self.names[victim].state != N_EMPTY and e.used < self.names[victim].used)):
+                victim = w
+        if victim < 0 or self.inflight >= self.max_inflight:
+            return -1
+        e = &self.names[victim]
+        for i in range(n):
+            e.name[i] = ascii_lower(name[i])
+        e.nlen = <uint8_t>n
+        e.state = N_PENDING
+        self.seq += 1
+        e.seq = self.seq
+        e.expires = now + self.give_up
+        e.used = now
+        e.park_head = e.park_tail = -1
+        e.nparked = 0
+        e.park_bytes = 0
+        e.has4 = e.has6 = e.first = 0
+        self.inflight += 1
+        why = self.pool.submit((victim, e.seq), (<const char *>e.name)[:n])
+        if why is not None:
+            self.settle(victim, (), why, None, now)
+        return victim
+
+    cdef int park_dgram(self, int32_t idx, uint32_t owner, uint32_t gen, uint16_t port,
+                        const uint8_t *data, size_t n) except -1:
+        cdef dname_t *e = &self.names[idx]
+        cdef int32_t p = self.park_free
+        cdef uint8_t *copy = NULL
+        if e.nparked < self.per_name and p >= 0 and self.park_bytes + n <= self.park_bytes_max:
+            copy = <uint8_t *>malloc(n if n else 1)
+        if copy == NULL:
+            self.st[C_QUEUE_DROPS] += 1
+            return 0
+        memcpy(copy, data, n)
+        self.park_free = self.park[p].next
+        self.park[p].data = copy
+        self.park[p].n = n
+        self.park[p].owner = owner
+        self.park[p].gen = gen
+        self.park[p].port = port
+        self.park[p].next = -1
+        if e.park_tail >= 0:
+            self.park[e.park_tail].next = p
+        else:
+            e.park_head = p
+        e.park_tail = p
+        e.nparked += 1
+        e.park_bytes += n
+        self.nparked += 1
+        self.park_bytes += n
+        return 0
+
+    cdef int dst_for(self, const frame_t *f, uint32_t owner, uint32_t gen, int family,
+                     double now, sockaddr_any *dst) except -1:
+        """Destination of a datagram addressed to a host name, for a socket of `family`:
+        its length, or 0 when the datagram waits for the name or was dropped (counted)."""
+        cdef int32_t idx = self.find(f.addr, f.alen, now)
+        cdef socklen_t dl
+        if idx < 0:
+            self.st[C_QUEUE_DROPS] += 1
+            return 0
+        if self.names[idx].state == N_PENDING:
+            self.park_dgram(idx, owner, gen, f.port, f.data, f.dlen)
+            return 0
+        dl = dname_to_sockaddr(&self.names[idx], f.port, family, dst)
+        if dl == 0:
+            self.st[C_DROP_NO_ROUTE] += 1
+        return dl
+
+    cdef int settle(self, int32_t idx, object addrs, object err, Poller owner,
+                    double now) except -1:
+        """Store the answer for entry idx and pass its parked datagrams to the owner (or
+        drop and count them when the name has no address)."""
+        cdef dname_t *e = &self.names[idx]
+        cdef const uint8_t *b
+        cdef int32_t p, nxt
+        self.inflight -= 1
+        e.has4 = e.has6 = e.first = 0
+        for ver, packed in addrs:
+            b = <const uint8_t *><const char *>packed
+            if ver == 4 and not e.has4:
+                memcpy(e.a4, b, 4)
+                e.has4 = 1
+            elif ver == 6 and not e.has6:
+                memcpy(e.a6, b, 16)
+                e.has6 = 1
+            else:
+                continue
+            if not e.first:
+                e.first = ver
+        if e.first:
+            e.state = N_OK
+            e.expires = now + self.ttl_ok
+        else:
+            e.state = N_FAIL
+            e.expires = now + self.ttl_fail
+            self.say(logging.INFO, "cannot resolve %r: %s",
+                     (<const char *>e.name)[:e.nlen].decode("latin-1"), err)
+        p = e.park_head
+        self.nparked -= e.nparked
+        self.park_bytes -= e.park_bytes
+        e.park_head = e.park_tail = -1
+        e.nparked = 0
+        e.park_bytes = 0
+        while p >= 0:
+            nxt = self.park[p].next
+            if e.state == N_OK and owner is not None:
+                owner.dns_send(self.park[p].owner, self.park[p].gen, e, self.park[p].port,
+                               self.park[p].data, self.park[p].n)
+            else:
+                self.st[C_DROP_NO_ROUTE] += 1
+            free(self.park[p].data)
+            self.park[p].data = NULL
+            self.park[p].next = self.park_free
+            self.park_free = p
+            p = nxt
+        return 0
+
+    cdef int drain(self, Poller owner) except -1:
+        """Answers from the resolver threads (the eventfd said so)."""
+        cdef double now = mono_now()
+        for (idx, seq), addrs, err in self.pool.results():
+            if self.names[<int>idx].state == N_PENDING and self.names[<int>idx].seq == seq:
+                self.settle(idx, addrs, err, owner, now)
+        return 0
+
+    cdef int expire(self, Poller owner, double now) except -1:
+        """Give up lookups that took longer than DNS_GIVE_UP."""
+        cdef int i
+        if self.inflight == 0:
+            return 0
+        for i in range(self.nnames):
+            if self.names[i].state == N_PENDING and now > self.names[i].expires:
+                self.settle(i, (), "no answer in time", owner, now)
+        return 0
+
+    @property
+    def parked(self):
+        """Datagrams waiting for their names (a probe for tests and tools)."""
+        return self.nparked
 
 
 # ------------------------------------------------------------------------- tunnel server
@@ -692,6 +1028,7 @@ cdef struct sflow_t:
     int fd
     int conn
     uint32_t id
+    uint32_t gen                 # bumped each time the slot is taken
     int prev
     int next
     int family
@@ -727,7 +1064,7 @@ cdef class TunnelServer(Poller):
 
     def __init__(self, acl_table=(), stats=None, *, int max_conns=1024, int max_flows=4096,
                  double timeout=60.0, size_t tx_limit=1 << 20, int batch=32, mark=None,
-                 double stall_timeout=5.0, log=None):
+                 double stall_timeout=5.0, log=None, resolve=None):
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be 1-{MAX_BATCH}, got {batch}")
         if max_conns < 1 or max_flows < 1:
@@ -767,6 +1104,7 @@ cdef class TunnelServer(Poller):
             self.rmsgs[i].msg_hdr.msg_iov = &self.riovs[i]
             self.rmsgs[i].msg_hdr.msg_iovlen = 1
             self.rmsgs[i].msg_hdr.msg_name = &self.rnames[i]
+        self.init_dns(resolve)
 
     def __dealloc__(self):
         if self.conns != NULL:
@@ -922,6 +1260,7 @@ cdef class TunnelServer(Poller):
         fl.fd = fd
         fl.conn = ci
         fl.id = id
+        fl.gen += 1
         fl.family = self.family
         fl.last = self.now
         fl.last_ok = False
@@ -1003,16 +1342,17 @@ cdef class TunnelServer(Poller):
                 continue
             fl = &self.flows[fi]
             fl.last = self.now
-            dlen = frame_to_sockaddr(&f, &dst, fl.family)
-            if dlen == 0:
-                self.st[C_DROP_NO_ROUTE] += 1
-                continue
-            if not (fl.last_ok and sa_same(&dst, &fl.last_dst)):
-                if self.acl.denied(&dst):
-                    self.st[C_DROP_DENIED] += 1
+            if f.atyp == 3:
+                dlen = self.dns.dst_for(&f, fi, fl.gen, fl.family, self.now, &dst)
+                if dlen == 0:
                     continue
-                fl.last_ok = True
-                memcpy(&fl.last_dst, &dst, sizeof(sockaddr_any))
+            else:
+                dlen = frame_to_sockaddr(&f, &dst, fl.family)
+                if dlen == 0:
+                    self.st[C_DROP_NO_ROUTE] += 1
+                    continue
+            if not self.flow_dst_ok(fl, &dst):
+                continue
             if self.sb.n and (self.sb.fd != fl.fd or self.sb.n == self.sb.cap):
                 sb_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
             self.sb.fd = fl.fd
@@ -1023,6 +1363,25 @@ cdef class TunnelServer(Poller):
                 memmove(c.rx, c.rx + pos, c.rx_len - pos)
             c.rx_len -= pos
         return 0
+
+    cdef bint flow_dst_ok(self, sflow_t *fl, const sockaddr_any *dst) noexcept nogil:
+        """The access list on a flow's destination (remembered while it does not change)."""
+        if fl.last_ok and sa_same(dst, &fl.last_dst):
+            return True
+        if self.acl.denied(dst):
+            self.st[C_DROP_DENIED] += 1
+            return False
+        fl.last_ok = True
+        memcpy(&fl.last_dst, dst, sizeof(sockaddr_any))
+        return True
+
+    cdef int dns_send(self, uint32_t owner, uint32_t gen, const dname_t *e, uint16_t port,
+                      const uint8_t *data, size_t n) except -1:
+        cdef sflow_t *fl = &self.flows[owner]
+        if not fl.used or fl.gen != gen:         # the flow ended while its name was resolved
+            self.st[C_DROP_NO_ROUTE] += 1
+            return 0
+        return send_resolved(&self.sb, self.st, self.acl, fl.fd, fl.family, e, port, data, n)
 
     cdef int flow_read(self, int fi) except -1:
         """Replies of one flow socket: recvmmsg, frame them into the connection, write."""
@@ -1108,6 +1467,7 @@ cdef class TunnelServer(Poller):
         for i in range(self.max_flows):
             if self.flows[i].used and now - self.flows[i].last > self.timeout:
                 self.flow_release(i, C_ASSOC_EXPIRED)
+        self.dns.expire(self, now)
         for i in range(self.max_conns):
             if self.conns[i].used and self.conns[i].stall_since and \
                     now - self.conns[i].stall_since > self.stall_timeout:
@@ -1201,6 +1561,7 @@ cdef enum:
 cdef double BACKOFF_MIN = 0.05
 cdef double BACKOFF_MAX = 2.0
 cdef double CONNECT_TIMEOUT = 5.0
+cdef double CHECK_INTERVAL = 0.02       # connection upkeep at most this often
 
 
 def _resolve(server, int socktype=socket.SOCK_STREAM):
@@ -1213,40 +1574,49 @@ def _resolve(server, int socktype=socket.SOCK_STREAM):
 
 
 cdef class TunnelUpstream(UpstreamCore):
-    """Tunnel client core: flows keyed by client address, multiplexed over `connections`
-    TCP connections (CMD 0xFA), reconnecting with backoff; frames queue while down."""
+    """Tunnel client core, flows keyed by client address. Multiplexed (CMD 0xFA): flows
+    spread over `connections` TCP connections, frames carry flow ids. gost=True: one
+    connection per flow (CMD 0xF3, RFC 1929 user/password), opened when the flow starts,
+    closed when it idles out, its buffers allocated and freed with it. Connections
+    reconnect with backoff; frames queue while down (queue_limit bytes per connection)."""
 
     def __init__(self, server, secret=None, int connections=1, mark=None, stats=None,
-                 size_t queue_limit=1 << 20, double timeout=60.0, int max_flows=4096,
-                 log=None):
+                 queue_limit=None, double timeout=60.0, int max_flows=4096, log=None,
+                 bint gost=False, user=None, password=None):
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be 1-64, got {connections}")
         if not 1 <= max_flows <= 65536:
             raise ValueError(f"max_flows must be 1-65536, got {max_flows}")
+        _proto.check_client_options(gost, secret, connections, user, password)
+        if queue_limit is None:
+            queue_limit = _proto.GOST_QUEUE_LIMIT if gost else _proto.MUX_QUEUE_LIMIT
         if queue_limit < MAX_PAYLOAD + MAX_FRAME_HEADER:
             raise ValueError(f"queue_limit must be at least {MAX_PAYLOAD + MAX_FRAME_HEADER}")
         self._init_stats(stats, log)
         self.server = tuple(server)
         self.family, self.addr = _resolve(self.server)
-        self.secret = secret
-        self.mark = mark
+        self.secret, self.user, self.password, self.mark = secret, user, password, mark
+        self.gost = gost
+        self.mux = not gost
+        self.say = _proto.LogLimiter(self.log)
         self.timeout = timeout
         self.queue_limit = queue_limit
-        self.nconns = connections
+        self.rx_cap = _proto.GOST_RX_CAP if gost else RX_CAP
+        self.nconns = max_flows if gost else connections
         self.max_flows = max_flows
         self.hs = {}
-        self.conns = <cconn_t *>calloc(connections, sizeof(cconn_t))
+        self.conns = <cconn_t *>calloc(self.nconns, sizeof(cconn_t))
+        self.dirty = <int *>calloc(self.nconns, sizeof(int))
         self.flows = <cflow_t *>calloc(max_flows, sizeof(cflow_t))
-        if self.conns == NULL or self.flows == NULL:
+        if self.conns == NULL or self.dirty == NULL or self.flows == NULL:
             raise MemoryError()
         htab_init(&self.tab, max_flows)
-        for i in range(connections):
+        for i in range(self.nconns):
             self.conns[i].fd = -1
             self.conns[i].backoff = BACKOFF_MIN
-            self.conns[i].rx = <uint8_t *>malloc(RX_CAP)
-            self.conns[i].tx = <uint8_t *>malloc(queue_limit)
-            if self.conns[i].rx == NULL or self.conns[i].tx == NULL:
-                raise MemoryError()
+        if not gost:
+            for i in range(connections):
+                self.conn_open_buffers(i)
         self.c_tick(mono_now())
 
     def __dealloc__(self):
@@ -1257,27 +1627,72 @@ cdef class TunnelUpstream(UpstreamCore):
                 free(self.conns[i].rx)
                 free(self.conns[i].tx)
             free(self.conns)
+        free(self.dirty)
         free(self.flows)
         free(self.tab.slots)
 
     def close(self):
         for i in range(self.nconns):
             if self.conns[i].fd >= 0:
-                close(self.conns[i].fd)
-                if self.conns[i].state == S_UP:
-                    self.st[C_CONN_OPEN] -= 1
-                self.conns[i].fd = -1
-                self.conns[i].state = S_DOWN
+                self.conn_close(i)
         UpstreamCore.close(self)
 
     @property
     def connected(self):
         """Number of connections whose handshake is done."""
-        return sum(1 for i in range(self.nconns) if self.conns[i].state == S_UP)
+        return self.nup
 
     @property
     def flows_open(self):
         return self.nflows
+
+    cdef int conn_open_buffers(self, int i) except -1:
+        """Give connection i its receive buffer and send queue (for a gost flow: when the
+        flow starts); -1 raised as MemoryError."""
+        cdef cconn_t *c = &self.conns[i]
+        c.rx = <uint8_t *>malloc(self.rx_cap)
+        c.tx = <uint8_t *>malloc(self.queue_limit)
+        if c.rx == NULL or c.tx == NULL:
+            free(c.rx)
+            free(c.tx)
+            c.rx = c.tx = NULL
+            raise MemoryError()
+        c.fd = -1
+        c.state = S_DOWN
+        c.next_try = 0
+        c.backoff = BACKOFF_MIN
+        c.rx_len = c.tx_frame = c.tx_start = c.tx_end = 0
+        c.want_out = c.ever_up = False
+        return 0
+
+    cdef int conn_shut(self, int i) except -1:
+        """Close connection i's socket: 1 when its handshake had been done, else 0."""
+        cdef cconn_t *c = &self.conns[i]
+        cdef int was_up = c.state == S_UP
+        if c.fd >= 0:
+            close(c.fd)
+            c.fd = -1
+        if was_up:
+            self.st[C_CONN_OPEN] -= 1
+            self.nup -= 1
+        c.state = S_DOWN
+        self.hs.pop(i, None)
+        return was_up
+
+    cdef int conn_close(self, int i) except -1:
+        """Close connection i for good (its flow ended, or the core closes)."""
+        cdef cconn_t *c = &self.conns[i]
+        self.conn_shut(i)
+        if self.gost:
+            free(c.rx)
+            free(c.tx)
+            c.rx = c.tx = NULL
+        return 0
+
+    cdef object conn_name(self, int i):
+        if self.gost:
+            return "gost connection of flow %s:%s" % sockaddr_to_tuple(&self.flows[i].client.sa)
+        return f"tunnel connection {i}"
 
     cdef int flow_for(self, const sockaddr_any *client) except -2:
         cdef uint64_t k[3]
@@ -1295,34 +1710,52 @@ cdef class TunnelUpstream(UpstreamCore):
         for i in range(self.max_flows):
             if not self.flows[i].used:
                 break
+        if self.gost:
+            try:
+                self.conn_open_buffers(i)
+            except MemoryError:
+                self.st[C_ASSOC_REFUSED] += 1
+                return -1
         fl = &self.flows[i]
         memcpy(&fl.client, client, sizeof(sockaddr_any))
         fl.gen += 1
         fl.id = (<uint32_t>fl.gen << 16) | <uint32_t>i
         fl.used = True
         fl.last = self.now
-        fl.conn = self.next_conn
-        self.next_conn = (self.next_conn + 1) % self.nconns
+        if self.gost:
+            fl.conn = i
+        else:
+            fl.conn = self.next_conn
+            self.next_conn = (self.next_conn + 1) % self.nconns
         htab_put(&self.tab, k, i)
         self.nflows += 1
+        if i >= self.flow_hi:
+            self.flow_hi = i + 1
         self.st[C_ASSOC_CREATED] += 1
         self.st[C_ASSOC_OPEN] += 1
+        if self.gost:
+            self.conn_connect(i)
         return i
 
     cdef int c_send(self, const sockaddr_any *client, const sockaddr_any *dst,
                     const uint8_t *data, size_t n) except -1:
-        cdef int f
+        cdef int f, ci
         cdef cconn_t *c
         cdef size_t need
         if n > MAX_PAYLOAD:
             self.st[C_DROP_TOO_BIG] += 1
             return 0
+        if n == 0 and self.gost:
+            # gost reads RSV = 0 as "length unknown": an empty datagram cannot be framed
+            self.st[C_DROP_MALFORMED] += 1
+            return 0
         f = self.flow_for(client)
         if f < 0:
             return 0
         self.flows[f].last = self.now
-        c = &self.conns[self.flows[f].conn]
-        need = frame_hdr_len(dst, True) + n
+        ci = self.flows[f].conn
+        c = &self.conns[ci]
+        need = frame_hdr_len(dst, self.mux) + n
         if self.queue_limit - c.tx_end < need and c.tx_frame:
             memmove(c.tx, c.tx + c.tx_frame, c.tx_end - c.tx_frame)
             c.tx_start -= c.tx_frame
@@ -1331,21 +1764,25 @@ cdef class TunnelUpstream(UpstreamCore):
         if self.queue_limit - c.tx_end < need:
             self.st[C_DROP_BUFFER_FULL if c.state == S_UP else C_QUEUE_DROPS] += 1
             return 0
-        c.tx_end += write_frame_hdr(c.tx + c.tx_end, dst, self.flows[f].id, True, n)
+        c.tx_end += write_frame_hdr(c.tx + c.tx_end, dst, self.flows[f].id, self.mux, n)
         memcpy(c.tx + c.tx_end, data, n)
         c.tx_end += n
-        c.dirty = True
+        if not c.dirty:
+            c.dirty = True
+            self.dirty[self.ndirty] = ci
+            self.ndirty += 1
         self.st[C_UP_DATAGRAMS] += 1
         self.st[C_UP_BYTES] += n
         return 0
 
     cdef int c_flush(self) except -1:
-        cdef int i
-        for i in range(self.nconns):
-            if self.conns[i].dirty:
-                self.conns[i].dirty = False
-                if self.conns[i].state == S_UP and not self.conns[i].want_out:
-                    self.conn_write(i)
+        cdef int j, i
+        for j in range(self.ndirty):
+            i = self.dirty[j]
+            self.conns[i].dirty = False
+            if self.conns[i].state == S_UP and not self.conns[i].want_out:
+                self.conn_write(i)
+        self.ndirty = 0
         return 0
 
     cdef int conn_write(self, int i) except -1:
@@ -1368,7 +1805,7 @@ cdef class TunnelUpstream(UpstreamCore):
             c.tx_start += n
             # keep tx_frame on a frame boundary at or before tx_start
             while c.tx_frame < c.tx_start:
-                fl = own_frame_len(c.tx + c.tx_frame, True)
+                fl = own_frame_len(c.tx + c.tx_frame, self.mux)
                 if c.tx_frame + fl > c.tx_start:
                     break
                 c.tx_frame += fl
@@ -1384,20 +1821,15 @@ cdef class TunnelUpstream(UpstreamCore):
         return 0
 
     cdef int conn_down(self, int i, str why) except -1:
+        """Connection i failed or was lost: retry after the backoff."""
         cdef cconn_t *c = &self.conns[i]
         cdef size_t fl
-        if c.fd >= 0:
-            close(c.fd)
-            c.fd = -1
-        if c.state == S_UP:
-            self.st[C_CONN_OPEN] -= 1
-            self.log.warning("tunnel connection %d to %s:%s lost (%s); reconnecting",
-                             i, self.server[0], self.server[1], why)
+        if self.conn_shut(i):
+            self.say(logging.WARNING, "%s to %s:%s lost (%s); reconnecting",
+                     self.conn_name(i), self.server[0], self.server[1], why)
         elif why:
-            self.log.info("tunnel connection %d to %s:%s failed (%s); retry in %.2fs",
-                          i, self.server[0], self.server[1], why, c.backoff)
-        self.hs.pop(i, None)
-        c.state = S_DOWN
+            self.say(logging.INFO, "%s to %s:%s failed (%s); retry in %.2fs",
+                     self.conn_name(i), self.server[0], self.server[1], why, c.backoff)
         c.want_out = False
         c.next_try = self.now + c.backoff
         c.backoff = min(c.backoff * 2, BACKOFF_MAX)
@@ -1405,7 +1837,7 @@ cdef class TunnelUpstream(UpstreamCore):
         # A frame cut by the disconnect is lost; whole frames after it wait for the next
         # connection.
         if c.tx_frame < c.tx_start:
-            fl = own_frame_len(c.tx + c.tx_frame, True)
+            fl = own_frame_len(c.tx + c.tx_frame, self.mux)
             c.tx_frame += fl
             self.st[C_QUEUE_DROPS] += 1
         c.tx_start = c.tx_frame
@@ -1443,7 +1875,9 @@ cdef class TunnelUpstream(UpstreamCore):
             if err or events & (EPOLLERR | EPOLLHUP):
                 self.conn_down(i, os.strerror(err) if err else "connection failed")
                 return 0
-            hs = _proto.ClientHandshake(cmd=_proto.CMD_UDP_TUN_MUX, secret=self.secret)
+            hs = _proto.ClientHandshake(
+                cmd=_proto.CMD_UDP_TUN if self.gost else _proto.CMD_UDP_TUN_MUX,
+                secret=self.secret, user=self.user, password=self.password)
             self.hs[i] = hs
             c.state = S_HANDSHAKE
             epoll_set(self.epfd, EPOLL_CTL_MOD, c.fd, EPOLLIN | EPOLLRDHUP, KIND_CONN, i)
@@ -1465,18 +1899,25 @@ cdef class TunnelUpstream(UpstreamCore):
             return 0
         except (OSError, ValueError) as e:
             self.st[C_CONN_REJECTED] += 1
-            self.conn_down(i, f"handshake: {e}")
+            if self.mux and getattr(e, "rep", None) == _proto.REP_CMD_UNSUPPORTED:
+                if not self.rep7_logged:
+                    self.rep7_logged = True
+                    self.log.error(_proto.REP7_HINT, self.server[0], self.server[1])
+                self.conn_down(i, None)
+            else:
+                self.conn_down(i, f"handshake: {e}")
             return 0
         if not hs.done:
             return 0
         del self.hs[i]
         c.state = S_UP
         c.backoff = BACKOFF_MIN
+        self.nup += 1
         self.st[C_CONN_OPEN] += 1
         if c.ever_up:
             self.st[C_CONN_RECONNECTS] += 1
-            self.log.warning("tunnel connection %d to %s:%s re-established", i,
-                             self.server[0], self.server[1])
+            self.say(logging.WARNING, "%s to %s:%s re-established", self.conn_name(i),
+                     self.server[0], self.server[1])
         c.ever_up = True
         left = hs.leftover
         if left:
@@ -1490,7 +1931,7 @@ cdef class TunnelUpstream(UpstreamCore):
         cdef cconn_t *c = &self.conns[i]
         cdef ssize_t n
         with nogil:
-            n = read(c.fd, c.rx + c.rx_len, RX_CAP - c.rx_len)
+            n = read(c.fd, c.rx + c.rx_len, self.rx_cap - c.rx_len)
         if n == 0:
             self.conn_down(i, "server closed the connection")
             return 0
@@ -1511,7 +1952,7 @@ cdef class TunnelUpstream(UpstreamCore):
         cdef uint32_t slot
         cdef cflow_t *fl
         while pos < c.rx_len:
-            r = parse_frame(c.rx + pos, c.rx_len - pos, True, MAX_PAYLOAD, &f)
+            r = parse_frame(c.rx + pos, c.rx_len - pos, self.mux, MAX_PAYLOAD, &f)
             if r == 0:
                 break
             if r < 0:
@@ -1519,9 +1960,9 @@ cdef class TunnelUpstream(UpstreamCore):
                 self.conn_down(i, f"bad frame from server: {FRAME_ERROR_TEXT[-r]}")
                 return 0
             pos += r
-            slot = f.flow & 0xffff
+            slot = i if self.gost else f.flow & 0xffff
             if slot >= <uint32_t>self.max_flows or not self.flows[slot].used or \
-                    self.flows[slot].id != f.flow:
+                    (self.mux and self.flows[slot].id != f.flow):
                 self.st[C_DROP_NO_ROUTE] += 1
                 continue
             if frame_to_sockaddr(&f, &src, 0) == 0:
@@ -1562,26 +2003,36 @@ cdef class TunnelUpstream(UpstreamCore):
         return 0
 
     cdef int c_tick(self, double now) except -1:
-        cdef int i
+        cdef int i, hi
         cdef uint64_t k[3]
         cdef cconn_t *c
         self.now = now
-        for i in range(self.nconns):
-            c = &self.conns[i]
-            if c.state == S_DOWN and now >= c.next_try:
-                self.conn_connect(i)
-            elif (c.state == S_CONNECTING or c.state == S_HANDSHAKE) and now > c.deadline:
-                self.conn_down(i, "timed out")
+        hi = self.flow_hi if self.gost else self.nconns
+        # connect, reconnect, time out handshakes: only while some connection is not up
+        if (self.nflows if self.gost else self.nconns) > self.nup and now >= self.next_check:
+            self.next_check = now + CHECK_INTERVAL
+            for i in range(hi):
+                c = &self.conns[i]
+                if self.gost and not self.flows[i].used:
+                    continue
+                if c.state == S_DOWN and now >= c.next_try:
+                    self.conn_connect(i)
+                elif (c.state == S_CONNECTING or c.state == S_HANDSHAKE) and now > c.deadline:
+                    self.conn_down(i, "timed out")
         if now >= self.next_expiry:
             self.next_expiry = now + 1.0
-            for i in range(self.max_flows):
+            for i in range(self.flow_hi):
                 if self.flows[i].used and now - self.flows[i].last > self.timeout:
                     sa_key(&self.flows[i].client, k)
                     htab_del(&self.tab, k)
+                    if self.gost:
+                        self.conn_close(i)
                     self.flows[i].used = False
                     self.nflows -= 1
                     self.st[C_ASSOC_OPEN] -= 1
                     self.st[C_ASSOC_EXPIRED] += 1
+            while self.flow_hi and not self.flows[self.flow_hi - 1].used:
+                self.flow_hi -= 1
         return 0
 
 
@@ -2042,6 +2493,7 @@ cdef int _frontend_reply(void *ctx, const sockaddr_any *client, const sockaddr_a
 cdef struct assoc_t:
     sockaddr_any client
     int fd
+    uint32_t gen                 # bumped each time the slot is taken
     bint used
     bint port_known
 
@@ -2062,7 +2514,8 @@ cdef class Socks5Relay(Poller):
     cdef sendbatch_t sb
     cdef sendbatch_t sb_down
 
-    def __init__(self, acl_table=(), stats=None, *, int max_assoc=1024, int batch=32, log=None):
+    def __init__(self, acl_table=(), stats=None, *, int max_assoc=1024, int batch=32, log=None,
+                 resolve=None):
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be 1-{MAX_BATCH}, got {batch}")
         self._init_stats(stats, log)
@@ -2085,6 +2538,12 @@ cdef class Socks5Relay(Poller):
             self.rmsgs[i].msg_hdr.msg_iov = &self.riovs[i]
             self.rmsgs[i].msg_hdr.msg_iovlen = 1
             self.rmsgs[i].msg_hdr.msg_name = &self.rnames[i]
+        self.init_dns(resolve)
+
+    def tick(self, double now=0):
+        """Give up lookups that take too long. Call about once a second."""
+        self.now = now if now else mono_now()
+        self.dns.expire(self, self.now)
 
     def __dealloc__(self):
         free(self.assocs)
@@ -2111,6 +2570,7 @@ cdef class Socks5Relay(Poller):
         sockaddr_from_tuple(tuple(client), &self.assocs[i].client)
         self.assocs[i].port_known = client[1] != 0
         self.assocs[i].fd = fd
+        self.assocs[i].gen += 1
         self.assocs[i].used = True
         self.nassoc += 1
         epoll_set(self.epfd, EPOLL_CTL_ADD, fd, EPOLLIN, KIND_UDP, i)
@@ -2164,10 +2624,15 @@ cdef class Socks5Relay(Poller):
                 if f.flow != 0:
                     self.st[C_FRAMES_BAD] += 1       # FRAG != 0: fragments are refused
                     continue
-                dl = frame_to_sockaddr(&f, &dst, fam)
-                if dl == 0:
-                    self.st[C_DROP_NO_ROUTE] += 1
-                    continue
+                if f.atyp == 3:
+                    dl = self.dns.dst_for(&f, idx, a.gen, fam, self.now, &dst)
+                    if dl == 0:
+                        continue
+                else:
+                    dl = frame_to_sockaddr(&f, &dst, fam)
+                    if dl == 0:
+                        self.st[C_DROP_NO_ROUTE] += 1
+                        continue
                 if self.acl.denied(&dst):
                     self.st[C_DROP_DENIED] += 1
                     continue
@@ -2187,3 +2652,12 @@ cdef class Socks5Relay(Poller):
         if self.sb_down.n:
             sb_flush(&self.sb_down, self.st, -1, -1)
         return 0
+
+    cdef int dns_send(self, uint32_t owner, uint32_t gen, const dname_t *e, uint16_t port,
+                      const uint8_t *data, size_t n) except -1:
+        cdef assoc_t *a = &self.assocs[owner]
+        if not a.used or a.gen != gen:           # the association ended meanwhile
+            self.st[C_DROP_NO_ROUTE] += 1
+            return 0
+        return send_resolved(&self.sb, self.st, self.acl, a.fd, a.client.sa.sa_family, e, port,
+                             data, n)

@@ -23,7 +23,8 @@ __all__ = [
     "parse_upstream", "Upstream", "UPSTREAM_SCHEMES",
 ]
 
-UPSTREAM_SCHEMES = ("direct", "socks5://", "tunnel://")
+UPSTREAM_SCHEMES = ("direct", "socks5://", "tunnel://", "gost://")
+_CREDENTIAL_SCHEMES = ("socks5", "gost")
 
 # RFC 1123 host names: labels of letters, digits and hyphens, not starting or ending with
 # a hyphen, at most 63 characters each and 253 in all. A trailing dot is accepted.
@@ -210,8 +211,10 @@ class Upstream:
     """Where a listener sends its traffic.
 
     ``kind`` is "direct" (plain UDP to the destination), "tunnel" (a relay tunnel-server,
-    UDP over TCP) or "socks5" (a SOCKS5 server's UDP ASSOCIATE); ``host``/``port`` locate
-    the server (None for direct); ``user``/``password`` are the SOCKS5 credentials.
+    UDP over TCP, multiplexed), "gost" (a gost server's UDP-over-TCP tunnel, one TCP
+    connection per flow) or "socks5" (a SOCKS5 server's UDP ASSOCIATE); ``host``/``port``
+    locate the server (None for direct); ``user``/``password`` are the RFC 1929
+    credentials of socks5:// and gost://.
     """
     kind: str
     host: Optional[str] = None
@@ -245,7 +248,8 @@ def _credential(raw, full, part):
 
 
 def parse_upstream(text, *, resolve=False):
-    """``direct``, ``tunnel://HOST:PORT`` or ``socks5://[USER:PASS@]HOST:PORT`` -> Upstream.
+    """``direct``, ``tunnel://HOST:PORT``, ``socks5://[USER:PASS@]HOST:PORT`` or
+    ``gost://[USER:PASS@]HOST:PORT`` -> Upstream.
 
     USER and PASS are percent-decoded ("p%40ss" -> "p@ss"). With ``resolve=True`` a host
     name is resolved once; otherwise only IP literals are accepted. Error messages never
@@ -262,7 +266,7 @@ def parse_upstream(text, *, resolve=False):
     if at:
         hidden = ":***" if ":" in userinfo else ""
         shown = f"{scheme}://{userinfo.partition(':')[0]}{hidden}@{hostport}"
-    if not sep or scheme not in ("tunnel", "socks5"):
+    if not sep or scheme not in ("tunnel", "socks5", "gost"):
         name = scheme if sep else value
         raise ValueError(f"upstream {shown!r}: unknown scheme {name!r} "
                          f"(known: {', '.join(UPSTREAM_SCHEMES)})")
@@ -272,9 +276,9 @@ def parse_upstream(text, *, resolve=False):
             raise ValueError(f"upstream {shown!r}: unexpected {tail!r} after the address")
     user = password = None
     if at:
-        if scheme != "socks5":
-            raise ValueError(f"upstream {shown!r}: credentials are only for socks5:// "
-                             f"(a tunnel uses the listener's secret)")
+        if scheme not in _CREDENTIAL_SCHEMES:
+            raise ValueError(f"upstream {shown!r}: credentials are only for socks5:// and "
+                             f"gost:// (a relay tunnel uses the listener's secret)")
         raw_user, colon, raw_pass = userinfo.partition(":")
         if not colon:
             raise ValueError(f"upstream {shown!r}: user without password (write USER:PASS@)")

@@ -59,13 +59,16 @@ def _flow_options(p):
                    help="bulk path: take coalesced datagrams from the kernel (UDP_GRO) and pass "
                         "each run on as one segmentation-offload send (UDP_SEGMENT)")
     g.add_argument("--upstream", default=None, metavar="URL",
-                   help="send through tunnel://HOST:PORT (relay tunnel-server) or "
-                        "socks5://[USER:PASS@]HOST:PORT (SOCKS5 UDP ASSOCIATE) instead of directly")
+                   help="send through tunnel://HOST:PORT (relay tunnel-server), "
+                        "gost://[USER:PASS@]HOST:PORT (a gost server's UDP-over-TCP tunnel, one "
+                        "TCP connection per flow) or socks5://[USER:PASS@]HOST:PORT (SOCKS5 UDP "
+                        "ASSOCIATE) instead of directly; USER and PASS are percent-encoded")
     g.add_argument("--secret", default=None,
-                   help="with --upstream tunnel://: the tunnel server's secret (proved with an "
-                        "HMAC, never sent)")
-    g.add_argument("--connections", type=int, default=1, metavar="N",
-                   help="with --upstream tunnel://: TCP connections the flows are spread over")
+                   help="with --upstream tunnel:// only: the tunnel server's secret (proved "
+                        "with an HMAC, never sent)")
+    g.add_argument("--connections", type=int, default=None, metavar="N",
+                   help="with --upstream tunnel:// only: TCP connections the flows are spread "
+                        "over (default: 1)")
 
 
 def _listener_from_args(args, mode):
@@ -74,10 +77,11 @@ def _listener_from_args(args, mode):
           "mark": args.mark, "batch": args.batch, "gro": args.gro}
     if args.upstream:
         lc["upstream"] = args.upstream
-        if args.upstream.startswith("tunnel://"):
-            lc["connections"] = args.connections
-            if args.secret is not None:
-                lc["secret"] = args.secret
+    # given without a tunnel:// upstream, the configuration refuses them, naming the option
+    if args.secret is not None:
+        lc["secret"] = args.secret
+    if args.connections is not None:
+        lc["connections"] = args.connections
     if mode == "forward":
         lc["to"] = args.to
     if mode == "redir":

@@ -94,6 +94,7 @@ class ListenerConfig:
     allow: tuple = ()
     deny: tuple = ()
     connections: int = 1
+    gost: bool = False                       # tunnel-client: speak to a gost server
     insecure: bool = False
     workers: Optional[int] = None            # None: the global number
 
@@ -144,7 +145,8 @@ MODE_KEYS = {
     "redir": _COMMON | {"upstream", "reply", "transparent_cache", "transparent_idle", "gro"}
     | _TUNNEL_UP,
     "tunnel-server": _COMMON | {"secret", "allow", "deny", "insecure"},
-    "tunnel-client": _COMMON | {"to", "server", "secret", "connections"},
+    "tunnel-client": _COMMON | {"to", "server", "secret", "connections", "gost", "user",
+                                "password"},
     "socks5": _COMMON | {"user", "password", "allow", "deny", "insecure"},
 }
 MODE_REQUIRED = {
@@ -160,6 +162,16 @@ TOP_KEYS = ("global", "listener")
 # Which sockets a listen address binds: two listeners may not share one.
 _LISTEN_PROTO = {"forward": "udp", "redir": "udp", "tunnel-client": "udp",
                  "tunnel-server": "tcp", "socks5": "tcp"}
+
+
+# Why a gost server takes neither a secret nor a connection pool (both ends of a gost
+# tunnel: tunnel-client with gost = true, forward/redir with a gost:// upstream).
+_GOST_REFUSES = {
+    "secret": "does not apply with {what}: a gost server does not know relay's secret "
+              "proof (method 0xC5); authenticate with {cred} (RFC 1929)",
+    "connections": "does not apply with {what}: gost carries one flow per TCP connection, "
+                   "opened when the flow starts",
+}
 
 
 # --- value checking -------------------------------------------------------------------
@@ -396,6 +408,8 @@ def _parse_listener(ctx, index, table):
     if "connections" in table:
         kw["connections"] = _get_int(ctx, k("connections"), table["connections"],
                                      1, MAX_CONNECTIONS)
+    if "gost" in table:
+        kw["gost"] = _get_bool(ctx, k("gost"), table["gost"])
     if "insecure" in table:
         kw["insecure"] = _get_bool(ctx, k("insecure"), table["insecure"])
     if "workers" in table:
@@ -408,9 +422,20 @@ def _parse_listener(ctx, index, table):
     if mode in ("forward", "redir"):
         up = kw.get("upstream")
         for key in ("secret", "connections"):
+            if key in kw and up is not None and up.kind == "gost":
+                raise ctx.error(k(key), _GOST_REFUSES[key].format(what="a gost:// upstream",
+                                                                  cred="USER:PASS@ in the URL"))
             if key in kw and (up is None or up.kind != "tunnel"):
                 raise ctx.error(k(key), f"only applies with a tunnel:// upstream "
                                         f"(upstream is {str(up) if up else 'direct'})")
+    if mode == "tunnel-client":
+        for key in ("secret", "connections"):
+            if kw.get("gost") and key in kw:
+                raise ctx.error(k(key), _GOST_REFUSES[key].format(what="gost = true",
+                                                                  cred="user and password"))
+        if "user" in kw and not kw.get("gost"):
+            raise ctx.error(k("user"), "only applies with gost = true (a relay tunnel-server "
+                                       "proves clients with its secret)")
     if mode in ("tunnel-server", "socks5") and not kw.get("insecure", False):
         host = kw["listen"][0]
         if not _is_loopback(host):

@@ -17,12 +17,16 @@ plain gost connections (CMD 0xF3) carry one flow and no FLOW field. RSV = 0 mean
 zero-length datagram.
 """
 import collections
+import errno as _errno_mod
 import hashlib
 import hmac
 import ipaddress
+import logging as _logging
 import os
 import socket
 import struct
+import threading
+import time as _time
 
 VER = 5
 # Methods (RFC 1928 section 3); 0xC5 is ours, from the private range 0x80-0xFE.
@@ -92,10 +96,11 @@ class HandshakeError(ValueError):
     holds the bytes to send to the peer before closing (may be empty).
     """
 
-    def __init__(self, reason, message, reply=b""):
+    def __init__(self, reason, message, reply=b"", rep=None):
         super().__init__(message)
         self.reason = reason
         self.reply = reply
+        self.rep = rep          # the server's REP code when it refused the request
 
 
 # ---------------------------------------------------------------------------- addresses
@@ -615,7 +620,9 @@ class ClientHandshake:
             return None
         rep, _atyp, host, port = self._take(r)
         if rep != REP_SUCCEEDED:
-            raise HandshakeError("refused", f"server answered the request with code {rep}")
+            what = " (command not supported)" if rep == REP_CMD_UNSUPPORTED else ""
+            raise HandshakeError("refused", f"server answered the request with code {rep}{what}",
+                                 rep=rep)
         self.bound = (host, port)
         self.leftover, self.buf = self.buf, b""
         self.state = "done"
@@ -690,15 +697,315 @@ class AccessList:
                 for net, action, _prio in self.rules]
 
 
+# ---------------------------------------------------------------------- tunnel client options
+
+# gost mode of the tunnel client: one TCP connection per flow, CMD 0xF3, frames without
+# flow id. Its per-flow buffers are allocated when the flow starts and freed when it ends.
+GOST_QUEUE_LIMIT = 192 * 1024              # per flow: three maximal datagrams
+GOST_RX_CAP = MAX_PAYLOAD + MAX_FRAME_HEADER   # per flow: one maximal frame
+MUX_QUEUE_LIMIT = 1 << 20                  # per connection of the multiplexed tunnel
+
+
+REP7_HINT = ("tunnel server %s:%s answered REP 7 (command not supported): it does not speak "
+             "relay's multiplexed tunnel (CMD 0xFA); to use a gost server, give the upstream "
+             "as gost://HOST:PORT (forward/redir --upstream) or run tunnel-client with --gost")
+
+
+def check_client_options(gost, secret, connections, user, password):
+    """The option rules of a tunnel client (both cores): ValueError naming the option."""
+    if (user is None) != (password is None):
+        raise ValueError("user and password go together: both or neither")
+    if gost:
+        if secret:
+            raise ValueError("secret does not apply to a gost server: gost does not know "
+                             "relay's secret proof (method 0xC5); use user and password")
+        if connections != 1:
+            raise ValueError("connections does not apply in gost mode: gost carries one "
+                             "flow per TCP connection")
+    elif user is not None:
+        raise ValueError("user and password apply in gost mode only (a relay tunnel-server "
+                         "proves clients with its secret)")
+
+
+class LogLimiter:
+    """At most ``burst`` lines per ``window`` seconds at the caller's level; the rest go to
+    debug, so a flood of failures never floods the log."""
+
+    def __init__(self, log, burst=5, window=10.0):
+        self.log, self.burst, self.window = log, burst, window
+        self.start, self.n = -window, 0
+
+    def __call__(self, level, msg, *args):
+        now = _time.monotonic()
+        if now - self.start >= self.window:
+            self.start, self.n = now, 0
+        self.n += 1
+        if self.n <= self.burst:
+            self.log.log(level, msg, *args)
+            if self.n == self.burst:
+                self.log.log(level, "(more of these in the next %gs are logged at debug "
+                                    "level)", self.window)
+        else:
+            self.log.debug(msg, *args)
+
+
+# ---------------------------------------------------------------------------- name resolution
+# Destinations given as a domain name (ATYP 3) on the tunnel server and the SOCKS5 UDP
+# relay. The data path never waits for a lookup: a bounded cache answers at once, a miss
+# goes to a few resolver threads (getaddrinfo), and the datagrams waiting for the name are
+# parked in bounded queues until the answer wakes the loop through an eventfd. The threads
+# only see names and return addresses; they never touch the loop's structures.
+
+DNS_TTL_OK = 60.0           # seconds an answer is reused
+DNS_TTL_FAIL = 10.0         # seconds a failure is remembered
+DNS_GIVE_UP = 15.0          # a lookup not answered by then has failed
+DNS_MAX_NAMES = 1024        # cache entries (the C cache: 256 sets of 4)
+DNS_INFLIGHT = 32           # names being resolved at once
+DNS_THREADS = 4             # resolver threads, i.e. getaddrinfo calls at once
+DNS_PARK_PER_NAME = 16      # datagrams waiting for one name
+DNS_PARK_MAX = 256          # datagrams waiting for any name
+DNS_PARK_BYTES = 1 << 20    # their payload bytes
+
+_NAME_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def host_name_text(raw):
+    """The host name of an ATYP 3 address as text, or None when it cannot be one (letters,
+    digits, '-', '_' and dots, labels of 1-63 bytes, at most 253 bytes)."""
+    raw = bytes(raw)
+    name = raw[:-1] if raw.endswith(b".") else raw
+    if not 1 <= len(name) <= 253 or not set(name) <= _NAME_CHARS:
+        return None
+    if any(not 1 <= len(label) <= 63 for label in name.split(b".")):
+        return None
+    return raw.decode("ascii")
+
+
+def resolve_name(name):
+    """IP addresses (text) of host name ``name`` in getaddrinfo's order; OSError if none.
+    Names under ``.invalid`` fail at once without asking anyone (RFC 6761)."""
+    low = name.lower().rstrip(".")
+    if low == "invalid" or low.endswith(".invalid"):
+        raise OSError(_errno_mod.EHOSTUNREACH, "reserved name (.invalid, RFC 6761)")
+    out = []
+    for fam, _type, _proto, _canon, sa in socket.getaddrinfo(name, None, 0, socket.SOCK_DGRAM):
+        if fam in (socket.AF_INET, socket.AF_INET6):
+            ip = sa[0].split("%", 1)[0]
+            if ip not in out:
+                out.append(ip)
+    if not out:
+        raise OSError(_errno_mod.EHOSTUNREACH, "no IPv4 or IPv6 address")
+    return out
+
+
+def _packed_addrs(ips):
+    """[(4 | 6, packed)] of IP address texts, IPv4-mapped IPv6 as IPv4, bad ones left out."""
+    out = []
+    for ip in ips:
+        try:
+            a = ipaddress.ip_address(ip.split("%", 1)[0] if isinstance(ip, str) else ip)
+        except ValueError:
+            continue
+        if a.version == 6 and a.ipv4_mapped is not None:
+            a = a.ipv4_mapped
+        out.append((a.version, a.packed))
+    return out
+
+
+class ResolverPool:
+    """Resolver threads (started on the first lookup, at most ``threads``) working through
+    a bounded queue of names. ``submit(token, raw_name)`` queues a lookup; each answer is
+    appended to a list and signalled on the eventfd ``fileno()``; the loop takes them with
+    ``results()`` as ``[(token, [(4 | 6, packed address)...], error text or None)]``.
+    ``resolve(name) -> [ip text...]`` is injectable (tests); the default is getaddrinfo."""
+
+    def __init__(self, resolve=None, threads=DNS_THREADS, max_queue=2 * DNS_INFLIGHT):
+        self.resolve = resolve or resolve_name
+        self.nthreads, self.max_queue = threads, max_queue
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._cv = threading.Condition()
+        self._jobs = collections.deque()
+        self._done = collections.deque()
+        self._threads = []
+        self._idle = 0
+        self._closed = False
+
+    def fileno(self):
+        return self.fd
+
+    def submit(self, token, raw):
+        """Queue a lookup of ``raw`` (the name's bytes): None, or why it is refused now."""
+        name = host_name_text(raw)
+        if name is None:
+            return "not a host name"
+        with self._cv:
+            if self._closed:
+                return "resolver closed"
+            if len(self._jobs) >= self.max_queue:
+                return "too many lookups waiting"
+            self._jobs.append((token, name))
+            if len(self._jobs) > self._idle and len(self._threads) < self.nthreads:
+                t = threading.Thread(target=self._work, name="relay-resolver", daemon=True)
+                self._threads.append(t)
+                t.start()
+            self._cv.notify()
+        return None
+
+    def _work(self):
+        while True:
+            with self._cv:
+                self._idle += 1
+                while not self._jobs and not self._closed:
+                    self._cv.wait()
+                self._idle -= 1
+                if self._closed:
+                    return
+                token, name = self._jobs.popleft()
+            try:
+                addrs, err = _packed_addrs(self.resolve(name)), None
+                if not addrs:
+                    err = "no IPv4 or IPv6 address"
+            except (OSError, UnicodeError, ValueError) as e:
+                addrs, err = [], (e.strerror if isinstance(e, OSError) and e.strerror
+                                  else str(e)) or type(e).__name__
+            with self._cv:
+                if self._closed:
+                    return
+                self._done.append((token, addrs, err))
+                os.eventfd_write(self.fd, 1)
+
+    def results(self):
+        try:
+            os.eventfd_read(self.fd)
+        except (BlockingIOError, OSError):
+            pass
+        out = []
+        while self._done:
+            out.append(self._done.popleft())
+        return out
+
+    def close(self):
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify_all()
+            os.close(self.fd)
+
+
+class _Name:
+    __slots__ = ("key", "state", "seq", "expires", "used", "addrs", "parked", "nbytes")
+
+
+class Resolver:
+    """Pure twin of relay._tunnel.NameCache: the bounded cache, the parked datagrams and a
+    ResolverPool. ``lookup`` gives the entry of a name (state "ok", "fail" or "pending");
+    ``park`` keeps a datagram for a pending one; ``drain()`` / ``expire(now)`` return
+    ``[(entry, [(owner, port, data)...])]`` whose datagrams can now go (or be dropped)."""
+
+    def __init__(self, count, log, resolve=None):
+        self.pool = ResolverPool(resolve)
+        self.count, self.log = count, log
+        self.say = LogLimiter(log)
+        self.names = {}
+        self.inflight = self.nparked = self.park_bytes = self.seq = 0
+
+    def fileno(self):
+        return self.pool.fileno()
+
+    @property
+    def parked(self):
+        return self.nparked
+
+    def lookup(self, raw, now):
+        """The entry of name ``raw`` (bytes), a pending new one on a miss; None when there
+        is no room to resolve it now."""
+        key = bytes(raw).lower()
+        e = self.names.get(key)
+        if e is not None and (e.state == "pending" or now < e.expires):
+            e.used = now
+            return e
+        if e is None and len(self.names) >= DNS_MAX_NAMES:
+            old = [x for x in self.names.values() if x.state != "pending"]
+            if not old:
+                return None
+            del self.names[min(old, key=lambda x: x.used).key]
+        if self.inflight >= DNS_INFLIGHT:
+            return None
+        if e is None:
+            e = self.names[key] = _Name()
+            e.key = key
+        self.seq += 1
+        e.state, e.seq, e.expires, e.used = "pending", self.seq, now + DNS_GIVE_UP, now
+        e.addrs, e.parked, e.nbytes = [], [], 0
+        self.inflight += 1
+        why = self.pool.submit((key, e.seq), key)
+        if why is not None:
+            self._settle(e, [], why, now)
+        return e
+
+    def park(self, e, owner, port, data):
+        if (len(e.parked) >= DNS_PARK_PER_NAME or self.nparked >= DNS_PARK_MAX
+                or self.park_bytes + len(data) > DNS_PARK_BYTES):
+            self.count("queue_drops")
+            return
+        e.parked.append((owner, port, bytes(data)))
+        e.nbytes += len(data)
+        self.nparked += 1
+        self.park_bytes += len(data)
+
+    def _settle(self, e, addrs, err, now):
+        self.inflight -= 1
+        e.addrs = addrs
+        e.state = "ok" if addrs else "fail"
+        e.expires = now + (DNS_TTL_OK if addrs else DNS_TTL_FAIL)
+        if not addrs:
+            self.say(_logging.INFO, "cannot resolve %r: %s", e.key.decode("latin-1"), err)
+        parked, e.parked = e.parked, []
+        self.nparked -= len(parked)
+        self.park_bytes -= e.nbytes
+        e.nbytes = 0
+        return e, parked
+
+    def drain(self, now):
+        out = []
+        for (key, seq), addrs, err in self.pool.results():
+            e = self.names.get(key)
+            if e is not None and e.state == "pending" and e.seq == seq:
+                out.append(self._settle(e, addrs, err, now))
+        return out
+
+    def expire(self, now):
+        if not self.inflight:
+            return []
+        return [self._settle(e, [], "no answer in time", now) for e in list(self.names.values())
+                if e.state == "pending" and now > e.expires]
+
+    @staticmethod
+    def pick(e, family):
+        """(host, version) of e for a socket of ``family`` (AF_INET6: dual stack, the first
+        address getaddrinfo gave, IPv4 mapped); None when it has no address of that kind."""
+        if family == socket.AF_INET:
+            for ver, packed in e.addrs:
+                if ver == 4:
+                    return socket.inet_ntop(socket.AF_INET, packed), 4
+            return None
+        ver, packed = e.addrs[0]
+        if ver == 4:
+            return "::ffff:" + socket.inet_ntop(socket.AF_INET, packed), 4
+        return socket.inet_ntop(socket.AF_INET6, packed), 6
+
+    def close(self):
+        self.pool.close()
+
+
 # =========================================================================== data path
 # Pure-Python fallback of relay._tunnel's cores, same Python API and counters; used when
 # the extension is missing or RELAY_PURE_PYTHON=1. One Python call per datagram: a
 # reference for behaviour, not for speed.
 
 import errno as _errno  # noqa: E402
-import logging as _logging  # noqa: E402
 import select as _select  # noqa: E402
-import time as _time  # noqa: E402
 
 from relay import stats as _stats  # noqa: E402
 
@@ -768,6 +1075,7 @@ class _Poller:
         self.log = log or _log
         self.now = _time.monotonic()
         self._reg = {}              # fd -> (kind, idx); kind None: handed to Python
+        self.dns = None             # Resolver, for services that relay to host names
 
     @property
     def stats(self):
@@ -824,6 +1132,8 @@ class _Poller:
                 continue
             if reg[0] is None:
                 py.append((reg[1], ev))
+            elif reg[0] == "dns":
+                self._dns_ready(self.dns.drain(self.now))
             else:
                 self.on_event(reg[0], reg[1], ev)
         return py
@@ -831,7 +1141,41 @@ class _Poller:
     def on_event(self, kind, idx, ev):
         pass
 
+    # -- destinations given as host names (tunnel server, SOCKS5 relay)
+    def init_dns(self, resolve=None):
+        self.dns = Resolver(self._count, self.log, resolve)
+        self._add(self.dns.fileno(), "dns", 0)
+
+    def _name_dst(self, owner, name, port, data, family):
+        """(host, port) for a datagram to host name ``name`` (bytes), or None when it was
+        parked until the name is resolved, or dropped (counted)."""
+        e = self.dns.lookup(name, self.now)
+        if e is None:
+            self._count("queue_drops")
+            return None
+        if e.state == "pending":
+            self.dns.park(e, owner, port, data)
+            return None
+        picked = Resolver.pick(e, family) if e.state == "ok" else None
+        if picked is None:
+            self._count("drop_no_route")
+            return None
+        return picked[0], port
+
+    def _dns_ready(self, settled):
+        for e, parked in settled:
+            for owner, port, data in parked:
+                if e.state == "ok":
+                    self._dns_send(owner, e, port, data)
+                else:
+                    self._count("drop_no_route")
+
+    def _dns_send(self, owner, e, port, data):
+        pass
+
     def close(self):
+        if self.dns is not None:
+            self.dns.close()
         self.ep.close()
 
 
@@ -848,7 +1192,7 @@ class TunnelServer(_Poller):
 
     def __init__(self, acl_table=(), stats=None, *, max_conns=1024, max_flows=4096,
                  timeout=60.0, tx_limit=1 << 20, batch=32, mark=None, stall_timeout=5.0,
-                 log=None):
+                 log=None, resolve=None):
         if not 1 <= batch <= 256:
             raise ValueError(f"batch must be 1-256, got {batch}")
         super().__init__(stats, log)
@@ -860,6 +1204,7 @@ class TunnelServer(_Poller):
         self.flows = {}             # flow fd -> _SFlow
         self.next_tick = 0.0
         self._slot = 0
+        self.init_dns(resolve)
 
     @property
     def connections(self):
@@ -908,6 +1253,7 @@ class TunnelServer(_Poller):
         self.flows.pop(f.sock.fileno(), None)
         self._del(f.sock.fileno())
         f.sock.close()
+        f.sock = None
         self._count("assoc_open", -1)
         if counter:
             self._count(counter)
@@ -1003,16 +1349,27 @@ class TunnelServer(_Poller):
                 continue
             f.last = self.now
             if fr.atyp == ATYP_DOMAIN:
-                self._count("drop_no_route")
-                continue
-            dst = (fr.host, fr.port)
-            if dst != f.last_dst:
-                if not self.acl.allowed(fr.host):
-                    self._count("drop_denied")
+                dst = self._name_dst(f, fr.host.encode("latin-1"), fr.port, fr.data,
+                                     socket.AF_INET6)
+                if dst is None:
                     continue
-                f.last_dst = dst
-            host = "::ffff:" + fr.host if fr.atyp == ATYP_IPV4 else fr.host
-            self._sent("up", fr.data, f.sock, (host, fr.port))
+            else:
+                dst = ("::ffff:" + fr.host if fr.atyp == ATYP_IPV4 else fr.host, fr.port)
+            self._send_up(f, dst, fr.data)
+
+    def _send_up(self, f, dst, data):
+        if dst != f.last_dst:
+            if not self.acl.allowed(dst[0]):
+                self._count("drop_denied")
+                return
+            f.last_dst = dst
+        self._sent("up", data, f.sock, dst)
+
+    def _dns_send(self, f, e, port, data):
+        if f.sock is None:              # the flow ended while its name was resolved
+            self._count("drop_no_route")
+            return
+        self._send_up(f, (Resolver.pick(e, socket.AF_INET6)[0], port), data)
 
     def _flow_read(self, f):
         c = f.conn
@@ -1066,6 +1423,7 @@ class TunnelServer(_Poller):
         self.next_tick = now + 0.5
         for f in [f for f in self.flows.values() if now - f.last > self.timeout]:
             self._release(f, "assoc_expired")
+        self._dns_ready(self.dns.expire(now))
         for c in [c for c in self.conns.values()
                   if c.stall_since and now - c.stall_since > self.stall_timeout]:
             self._close(c, f"peer has not read for {self.stall_timeout:g}s with its send "
@@ -1110,42 +1468,64 @@ class _UpstreamBase:
 
 class _CConn:
     __slots__ = ("sock", "state", "next_try", "backoff", "deadline", "rx", "queue", "out",
-                 "hs", "ever_up")
+                 "hs", "ever_up", "client", "index")
 
 
 class TunnelUpstream(_UpstreamBase):
-    """Pure fallback of relay._tunnel.TunnelUpstream: Python API send/flush/process/tick."""
+    """Pure fallback of relay._tunnel.TunnelUpstream: Python API send/flush/process/tick.
+
+    Multiplexed (CMD 0xFA): flows spread over ``connections`` connections, frames carry
+    flow ids. ``gost=True``: one connection per flow opened when the flow starts (CMD
+    0xF3, RFC 1929 ``user``/``password`` if given), gost's frames, closed when it idles
+    out. ``queue_limit`` bounds what waits per connection (per flow in gost mode)."""
 
     def __init__(self, server, secret=None, connections=1, mark=None, stats=None,
-                 queue_limit=1 << 20, timeout=60.0, max_flows=4096, log=None):
+                 queue_limit=None, timeout=60.0, max_flows=4096, log=None, gost=False,
+                 user=None, password=None):
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be 1-64, got {connections}")
         if not 1 <= max_flows <= 65536:
             raise ValueError(f"max_flows must be 1-65536, got {max_flows}")
+        check_client_options(gost, secret, connections, user, password)
+        if queue_limit is None:
+            queue_limit = GOST_QUEUE_LIMIT if gost else MUX_QUEUE_LIMIT
+        if queue_limit < MAX_PAYLOAD + MAX_FRAME_HEADER:
+            raise ValueError(f"queue_limit must be at least {MAX_PAYLOAD + MAX_FRAME_HEADER}")
         super().__init__(stats, log)
         self.server = tuple(server)
         self.family, self.addr = _resolve(self.server)
         self.secret, self.mark, self.timeout = secret, mark, timeout
+        self.gost, self.mux, self.user, self.password = gost, not gost, user, password
+        self.rx_cap = GOST_RX_CAP if gost else RX_CAP
         self.queue_limit, self.max_flows = queue_limit, max_flows
+        self.say = LogLimiter(self.log)
+        self.rep7_logged = False
         self.flows = {}             # client -> [id, conn, last]
-        self.by_id = {}             # id -> client
+        self.by_id = {}             # id -> client (multiplexed)
+        self.byfd = {}              # fd -> conn
         self.gens = [0] * max_flows
         self.free = list(range(max_flows - 1, -1, -1))
         self.next_conn = 0
         self.next_expiry = 0.0
-        self.conns = []
-        for _ in range(connections):
-            c = _CConn()
-            c.sock, c.state, c.next_try, c.backoff = None, "down", 0.0, _BACKOFF_MIN
-            c.deadline, c.rx, c.hs, c.ever_up = 0.0, bytearray(), None, False
-            c.queue = []            # whole frames not written yet
-            c.out = bytearray()     # the frame being written (partly sent)
-            self.conns.append(c)
+        self.conns = [] if gost else [self._new_conn(i) for i in range(connections)]
         self.tick(_time.monotonic())
+
+    @staticmethod
+    def _new_conn(index, client=None):
+        c = _CConn()
+        c.sock, c.state, c.next_try, c.backoff = None, "down", 0.0, _BACKOFF_MIN
+        c.deadline, c.rx, c.hs, c.ever_up = 0.0, bytearray(), None, False
+        c.queue = []                # whole frames not written yet
+        c.out = bytearray()         # the frame being written (partly sent)
+        c.client, c.index = client, index
+        return c
+
+    def _all_conns(self):
+        return [fl[1] for fl in self.flows.values()] if self.gost else self.conns
 
     @property
     def connected(self):
-        return sum(1 for c in self.conns if c.state == "up")
+        return sum(1 for c in self._all_conns() if c.state == "up")
 
     @property
     def flows_open(self):
@@ -1159,6 +1539,10 @@ class TunnelUpstream(_UpstreamBase):
         if len(data) > MAX_PAYLOAD:
             self._count("drop_too_big")
             return
+        if self.gost and not data:
+            # gost reads RSV = 0 as "length unknown": an empty datagram cannot be framed
+            self._count("drop_malformed")
+            return
         client = tuple(client[:2])
         fl = self.flows.get(client)
         if fl is None:
@@ -1168,14 +1552,20 @@ class TunnelUpstream(_UpstreamBase):
             slot = self.free.pop()
             self.gens[slot] = (self.gens[slot] + 1) & 0xFFFF
             fid = (self.gens[slot] << 16) | slot
-            fl = self.flows[client] = [fid, self.next_conn, self.now]
+            if self.gost:
+                conn = self._new_conn(slot, client)
+            else:
+                conn = self.conns[self.next_conn]
+                self.next_conn = (self.next_conn + 1) % len(self.conns)
+            fl = self.flows[client] = [fid, conn, self.now]
             self.by_id[fid] = client
-            self.next_conn = (self.next_conn + 1) % len(self.conns)
             self._count("assoc_created")
             self._count("assoc_open")
+            if self.gost:
+                self._connect(conn)
         fl[2] = self.now
-        c = self.conns[fl[1]]
-        frame = encode_frame(dst[0], dst[1], data, flow=fl[0])
+        c = fl[1]
+        frame = encode_frame(dst[0], dst[1], data, flow=fl[0] if self.mux else None)
         if self.queue_limit - self._queued(c) < len(frame):
             self._count("drop_buffer_full" if c.state == "up" else "queue_drops")
             return
@@ -1184,8 +1574,8 @@ class TunnelUpstream(_UpstreamBase):
         self._count("up_bytes", len(data))
 
     def flush(self):
-        for c in self.conns:
-            if c.state == "up":
+        for c in self._all_conns():
+            if c.state == "up" and c.queue:
                 self._write(c)
 
     def _write(self, c):
@@ -1202,8 +1592,14 @@ class TunnelUpstream(_UpstreamBase):
                 return self._down(c, str(e))
         self.ep.modify(c.sock.fileno(), _EPOLLIN | (_EPOLLOUT if c.out else 0))
 
-    def _down(self, c, why):
+    def _what(self, c):
+        if self.gost:
+            return f"gost connection of flow {c.client[0]}:{c.client[1]}"
+        return f"tunnel connection {c.index}"
+
+    def _close_sock(self, c):
         if c.sock is not None:
+            self.byfd.pop(c.sock.fileno(), None)
             try:
                 self.ep.unregister(c.sock.fileno())
             except (OSError, ValueError):
@@ -1212,11 +1608,16 @@ class TunnelUpstream(_UpstreamBase):
             c.sock = None
         if c.state == "up":
             self._count("conn_open", -1)
-            self.log.warning("tunnel connection to %s:%s lost (%s); reconnecting",
-                             self.server[0], self.server[1], why)
+
+    def _down(self, c, why):
+        was_up = c.state == "up"
+        self._close_sock(c)
+        if was_up:
+            self.say(_logging.WARNING, "%s to %s:%s lost (%s); reconnecting", self._what(c),
+                     self.server[0], self.server[1], why)
         elif why:
-            self.log.info("tunnel connection to %s:%s failed (%s)", self.server[0],
-                          self.server[1], why)
+            self.say(_logging.INFO, "%s to %s:%s failed (%s); retry in %.2fs", self._what(c),
+                     self.server[0], self.server[1], why, c.backoff)
         c.state, c.hs, c.rx = "down", None, bytearray()
         c.next_try = self.now + c.backoff
         c.backoff = min(c.backoff * 2, _BACKOFF_MAX)
@@ -1230,7 +1631,7 @@ class TunnelUpstream(_UpstreamBase):
             frames = []
             while pos < len(rest):
                 try:
-                    r = parse_frame(rest, pos, mux=True)
+                    r = parse_frame(rest, pos, mux=self.mux)
                 except FrameError:
                     r = None
                 if r is None:
@@ -1254,14 +1655,14 @@ class TunnelUpstream(_UpstreamBase):
             s.close()
             return self._down(c, os.strerror(err))
         c.sock, c.state, c.deadline = s, "connecting", self.now + _CONNECT_TIMEOUT
+        self.byfd[s.fileno()] = c
         self.ep.register(s.fileno(), _EPOLLIN | _EPOLLOUT)
 
     def process(self):
         self.now = _time.monotonic()
-        byfd = {c.sock.fileno(): c for c in self.conns if c.sock is not None}
         for fd, ev in self.ep.poll(0, 64):
-            c = byfd.get(fd)
-            if c is None or c.sock is None:
+            c = self.byfd.get(fd)
+            if c is None or c.sock is None or c.sock.fileno() != fd:
                 continue
             if c.state in ("connecting", "handshake"):
                 self._handshake(c, ev)
@@ -1276,7 +1677,8 @@ class TunnelUpstream(_UpstreamBase):
             err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err or ev & (_select.EPOLLERR | _select.EPOLLHUP):
                 return self._down(c, os.strerror(err) if err else "connection failed")
-            c.hs = ClientHandshake(cmd=CMD_UDP_TUN_MUX, secret=self.secret)
+            c.hs = ClientHandshake(cmd=CMD_UDP_TUN if self.gost else CMD_UDP_TUN_MUX,
+                                   secret=self.secret, user=self.user, password=self.password)
             c.state = "handshake"
             self.ep.modify(c.sock.fileno(), _EPOLLIN)
             try:
@@ -1295,6 +1697,11 @@ class TunnelUpstream(_UpstreamBase):
             return
         except (OSError, ValueError) as e:
             self._count("conn_rejected")
+            if self.mux and getattr(e, "rep", None) == REP_CMD_UNSUPPORTED:
+                if not self.rep7_logged:
+                    self.rep7_logged = True
+                    self.log.error(REP7_HINT, *self.server[:2])
+                return self._down(c, None)
             return self._down(c, f"handshake: {e}")
         if not c.hs.done:
             return
@@ -1302,17 +1709,19 @@ class TunnelUpstream(_UpstreamBase):
         self._count("conn_open")
         if c.ever_up:
             self._count("conn_reconnects")
-            self.log.warning("tunnel connection to %s:%s re-established", *self.server[:2])
+            self.say(_logging.WARNING, "%s to %s:%s re-established", self._what(c),
+                     *self.server[:2])
         c.ever_up = True
         c.rx = bytearray(c.hs.leftover)
         c.hs = None
         if c.rx:
             self._frames(c)
-        self._write(c)
+        if c.state == "up":
+            self._write(c)
 
     def _read(self, c):
         try:
-            data = c.sock.recv(RX_CAP - len(c.rx))
+            data = c.sock.recv(self.rx_cap - len(c.rx))
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -1324,13 +1733,13 @@ class TunnelUpstream(_UpstreamBase):
 
     def _frames(self, c):
         try:
-            frames, used = parse_frames(c.rx, mux=True)
+            frames, used = parse_frames(c.rx, mux=self.mux)
         except FrameError as e:
             self._count("frames_bad")
             return self._down(c, f"bad frame from server: {e}")
         del c.rx[:used]
         for fr in frames:
-            client = self.by_id.get(fr.flow)
+            client = c.client if self.gost else self.by_id.get(fr.flow)
             if client is None or fr.atyp == ATYP_DOMAIN:
                 self._count("drop_no_route")
                 continue
@@ -1340,7 +1749,7 @@ class TunnelUpstream(_UpstreamBase):
     def tick(self, now=0):
         now = now or _time.monotonic()
         self.now = now
-        for c in self.conns:
+        for c in self._all_conns():
             if c.state == "down" and now >= c.next_try:
                 self._connect(c)
             elif c.state in ("connecting", "handshake") and now > c.deadline:
@@ -1352,16 +1761,15 @@ class TunnelUpstream(_UpstreamBase):
                     del self.flows[client]
                     del self.by_id[fl[0]]
                     self.free.append(fl[0] & 0xFFFF)
+                    if self.gost:
+                        self._close_sock(fl[1])
                     self._count("assoc_open", -1)
                     self._count("assoc_expired")
 
     def close(self):
-        for c in self.conns:
-            if c.sock is not None:
-                if c.state == "up":
-                    self._count("conn_open", -1)
-                c.sock.close()
-                c.sock, c.state = None, "down"
+        for c in self._all_conns():
+            self._close_sock(c)
+            c.state = "down"
         super().close()
 
 
@@ -1626,12 +2034,14 @@ class UdpFrontend(_Poller):
 class Socks5Relay(_Poller):
     """Pure fallback of relay._tunnel.Socks5Relay (UDP ASSOCIATE data path)."""
 
-    def __init__(self, acl_table=(), stats=None, *, max_assoc=1024, batch=32, log=None):
+    def __init__(self, acl_table=(), stats=None, *, max_assoc=1024, batch=32, log=None,
+                 resolve=None):
         super().__init__(stats, log)
         self.acl = acl_table if isinstance(acl_table, Acl) else Acl(acl_table)
         self.max_assoc, self.batch = max_assoc, batch
         self.assocs = {}            # idx -> [sock, client, port_known]
         self._idx = 0
+        self.init_dns(resolve)
 
     @property
     def associations(self):
@@ -1655,6 +2065,11 @@ class Socks5Relay(_Poller):
             self._del(a[0].fileno())
             a[0].close()
             self._count("assoc_open", -1)
+
+    def tick(self, now=0):
+        """Give up lookups that take too long. Call about once a second."""
+        self.now = now or _time.monotonic()
+        self._dns_ready(self.dns.expire(self.now))
 
     def on_event(self, kind, idx, ev):
         a = self.assocs.get(idx)
@@ -1680,20 +2095,37 @@ class Socks5Relay(_Poller):
                 if frag:
                     self._count("frames_bad")
                     continue
-                if atyp == ATYP_DOMAIN or (atyp == ATYP_IPV6 and sock.family == socket.AF_INET):
+                if atyp == ATYP_DOMAIN:
+                    dst = self._name_dst(idx, host.encode("latin-1"), port, data[hl:],
+                                         sock.family)
+                    if dst is None:
+                        continue
+                    host = dst[0]
+                elif atyp == ATYP_IPV6 and sock.family == socket.AF_INET:
                     self._count("drop_no_route")
                     continue
-                if not self.acl.allowed(host):
-                    self._count("drop_denied")
-                    continue
-                if atyp == ATYP_IPV4 and sock.family == socket.AF_INET6:
+                elif atyp == ATYP_IPV4 and sock.family == socket.AF_INET6:
                     host = "::ffff:" + host
-                self._sent("up", data[hl:], sock, (host, port))
+                self._send_up(sock, host, port, data[hl:])
             else:
                 if not a[2]:
                     self._count("drop_no_route")
                     continue
                 self._sent("down", udp_header(*_unmap(src)) + data, sock, a[1], len(data))
+
+    def _send_up(self, sock, host, port, data):
+        if not self.acl.allowed(host):
+            self._count("drop_denied")
+            return
+        self._sent("up", data, sock, (host, port))
+
+    def _dns_send(self, idx, e, port, data):
+        a = self.assocs.get(idx)
+        picked = None if a is None else Resolver.pick(e, a[0].family)
+        if picked is None:              # association gone, or no address of its family
+            self._count("drop_no_route")
+            return
+        self._send_up(a[0], picked[0], port, data)
 
     def close(self):
         for idx in list(self.assocs):

@@ -171,6 +171,20 @@ def test_parse_upstream_kinds():
     # A raw '@' in the password: the last '@' separates the host.
     assert parse_upstream("socks5://u:p@ss@127.0.0.1:1").password == "p@ss"
     assert parse_upstream("SOCKS5://127.0.0.1:1").kind == "socks5"
+    assert parse_upstream("gost://203.0.113.10:8443") == Upstream("gost", "203.0.113.10", 8443)
+    g = parse_upstream("GOST://al%20ice:p%40ss@[2001:db8::1]:8443")
+    assert g == Upstream("gost", "2001:db8::1", 8443, "al ice", "p@ss")
+
+
+def test_gost_upstream_never_shows_the_password():
+    u = parse_upstream("gost://alice:hunter2@127.0.0.1:8443")
+    assert "hunter2" not in repr(u) and "hunter2" not in str(u)
+    assert str(u) == "gost://alice:***@127.0.0.1:8443"
+    for bad in ("gost://alice:hunter2@127.0.0.1:0", "gost://alice:hunter2@127.0.0.1",
+                "gost://alice:hunter2@example.com:1", "gost://alice:hunter2@1.2.3.4:5/x"):
+        with pytest.raises(ValueError) as e:
+            parse_upstream(bad)
+        assert "hunter2" not in str(e.value)
 
 
 def test_upstream_never_shows_the_password():
@@ -183,7 +197,7 @@ def test_upstream_never_shows_the_password():
 
 
 @pytest.mark.parametrize("text, reason", [
-    ("http://1.2.3.4:80", "unknown scheme 'http' (known: direct, socks5://, tunnel://)"),
+    ("http://1.2.3.4:80", "unknown scheme 'http' (known: direct, socks5://, tunnel://, gost://)"),
     ("proxy", "unknown scheme 'proxy'"),
     ("socks5:/1.2.3.4:5", "unknown scheme"),
     ("socks5://", "missing HOST:PORT"),
@@ -195,7 +209,10 @@ def test_upstream_never_shows_the_password():
     ("socks5://u:@1.2.3.4:5", "password must be 1-255 bytes"),
     ("socks5://" + "u" * 256 + ":p@1.2.3.4:5", "user must be 1-255 bytes (RFC 1929), got 256"),
     ("socks5://u:%ff@1.2.3.4:5", "not valid UTF-8"),
-    ("tunnel://u:p@1.2.3.4:5", "credentials are only for socks5://"),
+    ("tunnel://u:p@1.2.3.4:5", "credentials are only for socks5:// and gost://"),
+    ("gost://user@1.2.3.4:5", "user without password"),
+    ("gost://u:@1.2.3.4:5", "password must be 1-255 bytes"),
+    ("gost://1.2.3.4:5?x=1", "unexpected '?x=1'"),
     ("tunnel://1.2.3.4:0", "port out of range"),
     ("tunnel://2001:db8::1:5", "must be in brackets"),
     ("tunnel://example.com:5", "host names are not accepted here"),

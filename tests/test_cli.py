@@ -85,6 +85,42 @@ def test_bad_command_line_value_is_refused():
     assert "listener[0].to" in r.stderr and "brackets" in r.stderr
 
 
+TUNNEL_CLIENT = ["tunnel-client", "--listen", "127.0.0.1:5000", "--server", "127.0.0.1:8443",
+                 "--to", "198.51.100.2:53"]
+FORWARD = ["forward", "--listen", "127.0.0.1:7000", "--to", "198.51.100.2:53"]
+
+
+@pytest.mark.parametrize("args,reason", [
+    (TUNNEL_CLIENT + ["--gost", "--secret", "s"], "listener[0].secret: does not apply with gost"),
+    (TUNNEL_CLIENT + ["--gost", "--connections", "2"],
+     "listener[0].connections: does not apply with gost"),
+    (TUNNEL_CLIENT + ["--user", "u", "--password", "p"], "listener[0].user: only applies with gost"),
+    (TUNNEL_CLIENT + ["--gost", "--user", "u"], "user and password go together"),
+    (FORWARD + ["--upstream", "gost://u:hunter2@127.0.0.1:8443", "--secret", "s"],
+     "listener[0].secret: does not apply with a gost:// upstream"),
+    (FORWARD + ["--upstream", "gost://127.0.0.1:8443", "--connections", "2"],
+     "listener[0].connections: does not apply with a gost:// upstream"),
+    (FORWARD + ["--upstream", "gost://u@127.0.0.1:8443"], "user without password"),
+    (FORWARD + ["--upstream", "gost://u:hunter2@127.0.0.1"], "missing port"),
+    (FORWARD + ["--secret", "s"], "listener[0].secret: only applies with a tunnel:// upstream"),
+    (FORWARD + ["--upstream", "socks5://127.0.0.1:1080", "--connections", "2"],
+     "listener[0].connections: only applies with a tunnel:// upstream"),
+])
+def test_gost_and_tunnel_option_combinations_refused(args, reason):
+    r = relay(*args)
+    assert r.returncode == 2 and reason in r.stderr, r.stderr
+    assert "hunter2" not in r.stderr                      # passwords are never echoed
+
+
+def test_help_explains_gost():
+    out = " ".join(relay("tunnel-client", "--help").stdout.split())
+    for text in ("--gost", "--user", "--password", "one TCP connection per flow",
+                 "refused with --gost", "drop_malformed", "(default: 1;"):
+        assert text in out
+    out = " ".join(relay("redir", "--help").stdout.split())
+    assert "gost://[USER:PASS@]HOST:PORT" in out and "tunnel:// only" in out
+
+
 CONFIG = """
 [global]
 workers = 1

@@ -50,6 +50,10 @@ def test_example_file_loads():
     assert by["tunnel-in"].allow == (ipaddress.ip_network("198.51.100.0/24"),
                                      ipaddress.ip_network("2001:db8::/32"))
     assert by["tunnel-out"].server == ("203.0.113.10", 8443)
+    assert by["gost-out"].gost and (by["gost-out"].user, by["gost-out"].password) == \
+        ("alice", "s3cr@t")
+    assert not by["tunnel-out"].gost
+    assert by["game-gost"].upstream == Upstream("gost", "203.0.113.10", 8444, "alice", "s3cr@t")
     assert by["socks"].user == "alice" and by["socks"].password == "s3cr@t"
 
 
@@ -130,6 +134,31 @@ def test_tunnel_upstream_options():
         "(upstream is direct)")
     assert "only applies with a tunnel:// upstream (upstream is socks5://127.0.0.1:1080)" in \
         err(one("forward", upstream="socks5://127.0.0.1:1080", connections=2))
+
+
+def test_gost_options():
+    lst = parse_config(one("tunnel-client", gost=True, user="u", password="p")).listeners[0]
+    assert lst.gost and lst.user == "u" and lst.connections == 1
+    lst = parse_config(one("redir", upstream="gost://u:p%20w@127.0.0.1:8443")).listeners[0]
+    assert lst.upstream == Upstream("gost", "127.0.0.1", 8443, "u", "p w")
+    assert err(one("tunnel-client", gost=True, secret="k")).startswith(
+        "relay.toml: listener[0].secret: does not apply with gost = true: a gost server does "
+        "not know relay's secret proof")
+    assert err(one("tunnel-client", gost=True, connections=2)).startswith(
+        "relay.toml: listener[0].connections: does not apply with gost = true")
+    assert err(one("tunnel-client", user="u", password="p")).startswith(
+        "relay.toml: listener[0].user: only applies with gost = true")
+    assert err(one("tunnel-client", gost=True, password="p")) == \
+        "relay.toml: listener[0].user: user and password go together: both or neither"
+    assert err(one("tunnel-client", gost="yes")) == \
+        'relay.toml: listener[0].gost: expected true or false, got string "yes"'
+    assert err(one("forward", upstream="gost://u:hunter2@127.0.0.1:8443", secret="k")).startswith(
+        "relay.toml: listener[0].secret: does not apply with a gost:// upstream")
+    assert err(one("redir", upstream="gost://127.0.0.1:8443", connections=3)).startswith(
+        "relay.toml: listener[0].connections: does not apply with a gost:// upstream")
+    assert "only for: tunnel-client" in err(one("forward", gost=True))
+    msg = err(one("forward", upstream="gost://u:hunter2@127.0.0.1:99999"))
+    assert msg.startswith("relay.toml: listener[0].upstream:") and "hunter2" not in msg
 
 
 # --- errors: file, key, reason -----------------------------------------------------------

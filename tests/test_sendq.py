@@ -15,8 +15,7 @@ import textwrap
 
 import pytest
 
-from relay.stats import COUNTERS
-from tests.netns import SRV4, SRV6, RTR4_SRV
+from tests.netns import SRV4, SRV6
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

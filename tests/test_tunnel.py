@@ -139,14 +139,17 @@ def wait_stat(r, name, at_least=1, timeout=5.0):
 
 # ----------------------------------------------------------------------------- namespaces
 
-def tunnel_pair(topo, running, v6, **client_kw):
+def tunnel_pair(topo, running, v6, gost=False, **client_kw):
+    """tunnel-server in rtr, tunnel-client in cli (gost: the client speaks gost, so the
+    server has no secret, hence insecure)."""
     if v6:
         srv_listen, to, cli_listen = (N.RTR6_CLI, 9000), (N.SRV6, 7), ("::1", 5000)
     else:
         srv_listen, to, cli_listen = (N.RTR4_CLI, 9000), (N.SRV4, 7), ("127.0.0.1", 5000)
-    server = running(cfg("tunnel-server", listen=srv_listen, secret=SECRET, allow=ALLOW_DOC),
-                     topo.rtr)
-    kw = dict(listen=cli_listen, server=srv_listen, to=to, secret=SECRET)
+    auth = dict(insecure=True) if gost else dict(secret=SECRET)
+    server = running(cfg("tunnel-server", listen=srv_listen, allow=ALLOW_DOC, **auth), topo.rtr)
+    kw = dict(listen=cli_listen, server=srv_listen, to=to,
+              **(dict(gost=True) if gost else dict(secret=SECRET)))
     kw.update(client_kw)
     client = running(cfg("tunnel-client", **kw), topo.cli)
     return server, client, cli_listen
@@ -260,16 +263,16 @@ def test_acl_default_and_explicit(echo_topo, running):
     sock.close()
 
 
-@pytest.mark.netns
-def test_server_restart_mid_stream(echo_topo, running):
-    """The server process dies and comes back: the client reconnects, traffic resumes."""
+def restart_mid_stream(echo_topo, running, server_args, **client_kw):
+    """Send a numbered stream through tunnel-client while the tunnel-server process dies and
+    comes back: traffic must resume. Returns the client's counters."""
     env = dict(os.environ, PYTHONPATH=REPO)
     cmd = [sys.executable, "-m", "relay.engine.tunnel", "tunnel-server",
-           "--listen", f"{N.RTR4_CLI}:9000", "--secret", SECRET, "--allow", ALLOW_DOC[0],
-           "--log-level", "warning"]
+           "--listen", f"{N.RTR4_CLI}:9000", "--allow", ALLOW_DOC[0], "--log-level", "warning",
+           *server_args]
     proc = echo_topo.rtr.popen(cmd, env=env)
     client = running(cfg("tunnel-client", listen=("127.0.0.1", 5000), server=(N.RTR4_CLI, 9000),
-                         to=(N.SRV4, 7), secret=SECRET), echo_topo.cli)
+                         to=(N.SRV4, 7), **client_kw), echo_topo.cli)
     sock = echo_topo.cli.socket(socket.AF_INET)
     roundtrip(sock, ("127.0.0.1", 5000), b"before", timeout=1, tries=10)
     got = set()
@@ -306,23 +309,31 @@ def test_server_restart_mid_stream(echo_topo, running):
         assert restarted_at is not None
         assert any(s > restarted_at for s in got), "no traffic after the restart"
         assert any(s < restarted_at for s in got)
-        assert client.stats()["conn_reconnects"] >= 1
+        return client.stats()
     finally:
         stop.set()
         t.join(2)
         sock.close()
 
 
+@pytest.mark.netns
+def test_server_restart_mid_stream(echo_topo, running):
+    """The server process dies and comes back: the client reconnects, traffic resumes."""
+    st = restart_mid_stream(echo_topo, running, ["--secret", SECRET], secret=SECRET)
+    assert st["conn_reconnects"] >= 1
+
+
 # ----------------------------------------------------------------------------- loopback, raw TCP
 
 class Echo:
-    """UDP echo on 127.0.0.1 in a thread (bad-input tests run on loopback)."""
+    """UDP echo on loopback (127.0.0.1 or ::1) in a thread (bad-input tests run on loopback)."""
 
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+    def __init__(self, host="127.0.0.1"):
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                  socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
         self.sock.settimeout(0.2)
-        self.addr = self.sock.getsockname()
+        self.addr = self.sock.getsockname()[:2]
         self.stop = threading.Event()
         self.t = threading.Thread(target=self.run, daemon=True)
         self.t.start()

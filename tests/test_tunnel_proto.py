@@ -237,6 +237,32 @@ def test_gost_client_plain_request_accepted():
     assert s.done and s.request[0] == proto.CMD_UDP_TUN
 
 
+def test_refusal_carries_the_rep_code():
+    c = proto.ClientHandshake(cmd=proto.CMD_UDP_TUN_MUX)
+    c.start()
+    assert c.feed(b"\x05\x00") == proto.request(proto.CMD_UDP_TUN_MUX)
+    with pytest.raises(proto.HandshakeError) as e:
+        c.feed(proto.request_reply(proto.REP_CMD_UNSUPPORTED))
+    assert e.value.reason == "refused" and e.value.rep == proto.REP_CMD_UNSUPPORTED
+    assert "command not supported" in str(e.value)
+
+
+def test_gost_client_request_with_userpass():
+    # what the tunnel client sends to a gost server: RFC 1929, then CMD 0xF3 for 0.0.0.0:0
+    c = proto.ClientHandshake(cmd=proto.CMD_UDP_TUN, user="gu", password="pw")
+    assert c.start() == b"\x05\x01\x02"
+    assert c.feed(b"\x05\x02") == b"\x01\x02gu\x02pw"
+    assert c.feed(b"\x01\x00") == b"\x05\xf3\x00\x01" + bytes(6)
+    c.feed(proto.request_reply(0, "192.0.2.1", 1080) + b"tail")
+    assert c.done and c.bound == ("192.0.2.1", 1080) and c.leftover == b"tail"
+    c = proto.ClientHandshake(cmd=proto.CMD_UDP_TUN, user="gu", password="bad")
+    c.start()
+    c.feed(b"\x05\x02")
+    with pytest.raises(proto.HandshakeError) as e:
+        c.feed(b"\x01\x01")
+    assert e.value.reason == "auth-failed"
+
+
 HS_REASONS = {"bad-version", "no-methods", "no-acceptable-method", "bad-atyp", "empty-domain",
               "auth-failed", "bad-command", "too-long", "refused"}
 

@@ -1,5 +1,6 @@
-"""forward and redir through an upstream: `--upstream tunnel://` (relay tunnel-server) and
-`--upstream socks5://` (relay socks5, and v2ray's socks inbound). Replies keep the real
+"""forward and redir through an upstream: `--upstream tunnel://` (relay tunnel-server),
+`--upstream gost://` (gost's UDP tunnel, served here by relay tunnel-server, which speaks it)
+and `--upstream socks5://` (relay socks5, and v2ray's socks inbound). Replies keep the real
 remote as their source: redir spoofs it exactly as with direct sockets."""
 import socket
 import subprocess
@@ -45,6 +46,16 @@ def tunnel_server(topo):
 
 
 @pytest.fixture
+def gost_server(topo):
+    """A server speaking gost's UDP tunnel (CMD 0xF3): relay tunnel-server without a secret
+    (gost clients have none), hence --insecure."""
+    start_echo(topo.srv, f"{SRV4}:5000", f"[{SRV6}]:5000")
+    serve_in(topo.srv, "tunnel-server", "--listen", "[::]:8443", "--insecure", "--allow", ALLOW)
+    wait_tcp(topo.srv, (SRV4, 8443))
+    return topo
+
+
+@pytest.fixture
 def socks_server(topo):
     start_echo(topo.srv, f"{SRV4}:5000", f"[{SRV6}]:5000")
     serve_in(topo.srv, "socks5", "--listen", "[::]:1080", "--user", "u", "--password", "p w",
@@ -79,6 +90,33 @@ def test_redir_through_the_tunnel_spoofs_the_real_remote(tunnel_server, reply):
                        f"tunnel://{SRV4}:8443", "--secret", "s3cret"], ns=topo.rtr).wait_ready() as relay:
         check_redir(topo, relay)
         assert relay.stats()["conn_open"] == 1
+
+
+def test_redir_through_gost_spoofs_the_real_remote(gost_server):
+    topo = gost_server
+    apply_rules(topo)
+    with RelayProcess(["redir", "--listen", "[::]:7000", "--upstream", f"gost://{SRV4}:8443"],
+                      ns=topo.rtr).wait_ready() as relay:
+        check_redir(topo, relay, SIZES[1:])
+        assert relay.stats()["conn_open"] == 2        # one connection per flow (client socket)
+        # gost cannot carry an empty datagram: dropped and counted, no flow made for it
+        c = topo.cli.socket(socket.AF_INET)
+        c.sendto(b"", (SRV4, 5000))
+        st = relay.settled_stats(lambda st: st["drop_malformed"] == 1)
+        assert st["conn_open"] == 2 and st["assoc_created"] == 2
+
+
+def test_forward_through_gost_one_connection_per_client(gost_server):
+    topo = gost_server
+    with RelayProcess(["forward", "--listen", "[::]:6000", "--to", f"[{SRV6}]:5000", "--upstream",
+                       f"gost://[{SRV6}]:8443"], ns=topo.rtr).wait_ready() as relay:
+        clients = [topo.cli.socket(socket.AF_INET) for _ in range(5)]
+        for rnd in range(2):
+            for i, c in enumerate(clients):
+                msg = b"%d/%d" % (i, rnd)
+                assert udp_roundtrip(c, (RTR4_CLI, 6000), msg, timeout=3) == (msg, (RTR4_CLI, 6000))
+        st = relay.settled_stats(lambda st: st["down_datagrams"] == 10)
+        assert st["conn_open"] == 5 and st["assoc_created"] == 5
 
 
 def test_redir_through_socks5_spoofs_the_real_remote(socks_server):

@@ -2,8 +2,9 @@
 
 Handshakes, CONNECT relaying (plain TCP, bounded buffers) and association setup run in
 Python; the datagrams of every association are relayed by ``relay._tunnel.Socks5Relay``
-in C (recvmmsg, header strip/prepend, access list, sendmmsg). An association ends when
-its TCP control connection closes. Fragments (FRAG != 0) are dropped and counted
+in C (recvmmsg, header strip/prepend, access list, sendmmsg); destinations given as host
+names are resolved off the data path (relay.tunnelproto.ResolverPool). An association ends
+when its TCP control connection closes. Fragments (FRAG != 0) are dropped and counted
 (frames_bad).
 """
 import logging
@@ -101,6 +102,7 @@ class Socks5Service(Service):
                     if entry is not None:
                         self._side_event(entry[0], entry[1], events)
                 now = time.monotonic()
+                self.relay.tick(now)
                 for ctl in [c for c in self.controls.values()
                             if c.state in (HANDSHAKE, CONNECTING) and now > c.deadline]:
                     self._close(ctl, "timed out", rejected=True)

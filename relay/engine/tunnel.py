@@ -4,8 +4,9 @@ The server accepts TCP connections, runs the SOCKS5-style handshake in Python (o
 connection) and hands the connection to ``relay._tunnel.TunnelServer``, whose C loop
 moves frames and datagrams (``relay.tunnelproto`` holds a pure-Python fallback of every
 core, used when the extension is missing or RELAY_PURE_PYTHON=1). The client is ``relay._tunnel.TunnelUpstream`` (the same core
-the engine uses for ``--upstream tunnel://``) behind a UDP listen socket
-(``relay._tunnel.UdpFrontend``).
+the engine uses for ``--upstream tunnel://`` and ``gost://``) behind a UDP listen socket
+(``relay._tunnel.UdpFrontend``); with ``--gost`` it speaks to a gost server (CMD 0xF3,
+one TCP connection per flow).
 """
 import argparse
 import ipaddress
@@ -262,7 +263,8 @@ class TunnelServerService(Service):
 
 
 class TunnelClientService(Service):
-    """One tunnel-client listener: UDP in, frames over TCP to the tunnel server."""
+    """One tunnel-client listener: UDP in, frames over TCP to the tunnel server (a relay
+    tunnel-server, multiplexed; or a gost server with gost set, one connection per flow)."""
 
     def __init__(self, cfg, ctx):
         self.cfg, self.ctx = cfg, ctx
@@ -273,7 +275,9 @@ class TunnelClientService(Service):
             mark=usable_mark(_get(cfg, "mark", 0)), stats=ctx.stats,
             timeout=float(_get(cfg, "timeout", 60.0)),
             max_flows=min(int(_get(cfg, "max_associations", 4096)), 65536),
-            queue_limit=int(_get(cfg, "queue_limit", 1 << 20)), log=log)
+            queue_limit=_get(cfg, "queue_limit"), log=log,
+            gost=bool(_get(cfg, "gost", False)), user=_get(cfg, "user"),
+            password=_get(cfg, "password"))
         self.usock = udp_listen(cfg.listen, reuseport=ctx.reuseport)
         self.frontend = t.UdpFrontend(self.usock.fileno(), cfg.to, self.upstream,
                                       batch=min(int(_get(cfg, "batch", 32)), 256), log=log)
@@ -362,14 +366,25 @@ def add_cli(subparsers):
         description=_wrap("Receive UDP on --listen and carry every datagram to --to through a "
                           "relay tunnel-server; each client address is its own flow, "
                           "multiplexed over --connections TCP connections that reconnect with "
-                          "backoff (docs/tunnel.md)."))
+                          "backoff. With --gost the server is a gost server instead: every "
+                          "flow gets its own TCP connection (CMD 0xF3), opened when the flow "
+                          "starts and closed when it idles out (docs/tunnel.md)."))
     c.add_argument("--server", required=True, metavar="HOST:PORT", help="the tunnel server")
     c.add_argument("--listen", required=True, metavar="HOST:PORT", help="UDP address to listen on")
     c.add_argument("--to", required=True, metavar="HOST:PORT",
                    help="destination of every datagram, as seen from the server")
-    c.add_argument("--secret", default=None, help="shared secret of the server")
-    c.add_argument("--connections", type=int, default=1, metavar="N",
-                   help="TCP connections to spread flows over")
+    c.add_argument("--secret", default=None,
+                   help="shared secret of a relay tunnel-server (not with --gost)")
+    c.add_argument("--connections", type=int, default=None, metavar="N",
+                   help="TCP connections to spread flows over (default: 1; refused with "
+                        "--gost, which opens one connection per flow)")
+    c.add_argument("--gost", action="store_true",
+                   help="the server is a gost server (gost -L socks5://...): gost's UDP "
+                        "tunnel, one TCP connection per flow; empty datagrams cannot be "
+                        "carried and are dropped (counted in drop_malformed)")
+    c.add_argument("--user", default=None,
+                   help="with --gost: username for the server (RFC 1929)")
+    c.add_argument("--password", default=None, help="with --gost: password for the server")
     _common(c)
     c.set_defaults(func=_run_cli, mode="tunnel-client")
 
@@ -392,6 +407,8 @@ def config_from_args(args):
             lc[key] = getattr(args, key)
     if getattr(args, "connections", None) is not None and args.mode == "tunnel-client":
         lc["connections"] = args.connections
+    if getattr(args, "gost", False):
+        lc["gost"] = True
     if getattr(args, "insecure", False):
         lc["insecure"] = True
     for key in ("allow", "deny"):

@@ -58,7 +58,7 @@ class UdpService(Service):
 
 
 def make_core(cfg, ctx):
-    """The upstream core for --upstream tunnel:// or socks5://, or None for direct."""
+    """The upstream core for --upstream tunnel://, gost:// or socks5://, or None for direct."""
     up = cfg.upstream
     if up is None or up.kind == "direct":
         return None
@@ -66,6 +66,9 @@ def make_core(cfg, ctx):
     mark = cfg.mark or None
     if up.kind == "tunnel":
         return TunnelUpstream((up.host, up.port), secret=cfg.secret, connections=cfg.connections,
+                              mark=mark, stats=ctx.stats, timeout=cfg.timeout, log=ctx.log)
+    if up.kind == "gost":
+        return TunnelUpstream((up.host, up.port), gost=True, user=up.user, password=up.password,
                               mark=mark, stats=ctx.stats, timeout=cfg.timeout, log=ctx.log)
     if up.kind == "socks5":
         return Socks5Upstream((up.host, up.port), user=up.user, password=up.password, mark=mark,

@@ -1,0 +1,292 @@
+"""The tunnel client in gost mode (CMD 0xF3, one TCP connection per flow, no flow ids).
+
+Namespaces: `tunnel-client --gost` in cli, `tunnel-server` (which accepts 0xF3) in rtr,
+echo in srv, IPv4 and IPv6. Loopback: the core against a small scripted gost-like server
+that checks the handshake bytes (RFC 1929, CMD 0xF3) and the frames exactly. Every test
+runs against the C core and the pure-Python fallback."""
+import logging
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from relay import tunnelproto as proto
+from tests import netns as N
+from tests.test_tunnel import (cfg, echo_topo, impl, payload, restart_mid_stream,  # noqa: F401
+                               roundtrip, running, tunnel_pair, wait_stat)
+
+_tunnel = pytest.importorskip("relay._tunnel")
+
+
+def core_module(impl):
+    return _tunnel if impl == "c" else proto
+
+
+# ----------------------------------------------------------------------------- namespaces
+
+@pytest.mark.netns
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_gost_sizes_and_empty_datagram(echo_topo, running, v6):
+    server, client, addr = tunnel_pair(echo_topo, running, v6, gost=True)
+    sock = echo_topo.cli.socket(socket.AF_INET6 if v6 else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    try:
+        sizes = (1, 1472, 65507)
+        for size in sizes:
+            assert roundtrip(sock, addr, payload(size, size)) == payload(size, size)
+        # gost reads RSV = 0 as "length unknown": an empty datagram is dropped and counted
+        sock.sendto(b"", addr)
+        wait_stat(client, "drop_malformed")
+        assert roundtrip(sock, addr, b"after the empty one") == b"after the empty one"
+        s, c = server.stats(), client.stats()
+        assert c["drop_malformed"] == 1
+        assert s["up_datagrams"] == len(sizes) + 1 == c["up_datagrams"]
+        assert s["conn_accepted"] == 1 and s["assoc_created"] == 1 and s["frames_bad"] == 0
+        assert c["conn_open"] == 1 and c["down_datagrams"] == len(sizes) + 1
+    finally:
+        sock.close()
+
+
+@pytest.mark.netns
+def test_gost_flows_each_own_connection_and_idle_out(echo_topo, running):
+    server, client, addr = tunnel_pair(echo_topo, running, False, gost=True, timeout=1.0)
+    socks = [echo_topo.cli.socket(socket.AF_INET) for _ in range(6)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        # all flows at once, then each must get its own reply and nobody else's
+        for i, s in enumerate(socks):
+            s.sendto(b"flow %d" % i, addr)
+        for i, s in enumerate(socks):
+            s.settimeout(3)
+            assert s.recv(100) == b"flow %d" % i
+        assert server.svc.core.connections == len(socks)
+        st = server.stats()
+        assert st["conn_accepted"] == len(socks) and st["assoc_created"] == len(socks)
+        assert client.stats()["conn_open"] == len(socks)
+        # idle out: the client closes each flow's connection, the server sees them go
+        wait_stat(client, "assoc_expired", len(socks), timeout=6)
+        N.wait_until(lambda: server.svc.core.connections == 0, 5, what="server connections closed")
+        c = client.stats()
+        assert c["conn_open"] == 0 and c["assoc_open"] == 0
+        assert roundtrip(socks[0], addr, b"new flow") == b"new flow"
+        assert server.stats()["conn_accepted"] == len(socks) + 1
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.netns
+def test_gost_server_restart_mid_stream(echo_topo, running):
+    """The server process dies and comes back: the flow's connection is re-established
+    with backoff and traffic continues."""
+    st = restart_mid_stream(echo_topo, running, ["--insecure"], gost=True)
+    assert st["conn_reconnects"] >= 1 and st["assoc_created"] == 1
+
+
+# ----------------------------------------------------------------------------- scripted server
+
+def recv_exact(s, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise EOFError(f"closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+def gost_frame(host, port, data):
+    """A frame exactly as gost writes it: RSV = len(data), FRAG 0, no flow id."""
+    return struct.pack("!HBB", len(data), 0, 1) + socket.inet_aton(host) + \
+        struct.pack("!H", port) + data
+
+
+class GostLike:
+    """A scripted gost-like server on loopback: method negotiation, RFC 1929 when it has a
+    user, the request (answering REP `rep`), then gost frames echoed back with the
+    destination as source. It records what every connection sent."""
+
+    def __init__(self, user=None, password=None, rep=0):
+        self.user, self.password, self.rep = user, password, rep
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.lsock.settimeout(0.2)
+        self.address = self.lsock.getsockname()
+        self.conns = []               # one dict per connection
+        self.socks = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                continue
+            rec = {"frames": []}
+            self.conns.append(rec)
+            self.socks.append(c)
+            t = threading.Thread(target=self._serve, args=(c, rec), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _serve(self, c, rec):
+        try:
+            c.settimeout(5)
+            head = recv_exact(c, 2)
+            rec["greeting"] = head + recv_exact(c, head[1])
+            method = 0x02 if self.user is not None else 0x00
+            if method not in rec["greeting"][2:]:
+                c.sendall(b"\x05\xff")
+                return
+            c.sendall(bytes((5, method)))
+            if method == 0x02:
+                head = recv_exact(c, 2)
+                user = recv_exact(c, head[1])
+                plen = recv_exact(c, 1)
+                password = recv_exact(c, plen[0])
+                rec["auth"] = head + user + plen + password
+                if (user, password) != (self.user, self.password):
+                    c.sendall(b"\x01\x01")
+                    rec["refused"] = True
+                    return
+                c.sendall(b"\x01\x00")
+            rec["request"] = recv_exact(c, 10)
+            host, port = c.getsockname()
+            c.sendall(bytes((5, self.rep, 0, 1)) + socket.inet_aton(host) + struct.pack("!H", port))
+            if self.rep:
+                return
+            while not self.stop.is_set():
+                head = recv_exact(c, 10)
+                data = recv_exact(c, struct.unpack("!H", head[:2])[0])
+                rec["frames"].append(head + data)
+                c.sendall(head + data)
+        except (OSError, EOFError):
+            pass
+        finally:
+            c.close()
+
+    def close(self):
+        self.stop.set()
+        for s in self.socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self.threads:
+            t.join(5)
+        self.lsock.close()
+
+
+@pytest.fixture
+def scripted():
+    made = []
+
+    def make(**kw):
+        g = GostLike(**kw)
+        made.append(g)
+        return g
+    yield make
+    for g in made:
+        g.close()
+
+
+@pytest.fixture
+def upstream(impl):
+    """make(server, **kw) -> (TunnelUpstream core of this impl, list of its replies)."""
+    made = []
+
+    def make(server, **kw):
+        up = core_module(impl).TunnelUpstream(server, **kw)
+        got = []
+        up.collect_replies(got)
+        made.append(up)
+        return up, got
+    yield make
+    for up in made:
+        up.close()
+
+
+def drive(up, until, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not until():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out driving the upstream core")
+        up.process()
+        up.tick()
+        up.flush()
+        time.sleep(0.005)
+
+
+def test_gost_handshake_and_frames_byte_exact(scripted, upstream):
+    g = scripted(user=b"gu", password=b"p@ss")
+    up, got = upstream(g.address, gost=True, user="gu", password="p@ss")
+    clients = [("192.0.2.%d" % i, 4000 + i) for i in (1, 2)]
+    dst = ("198.51.100.7", 53)
+    for i, c in enumerate(clients):
+        up.send(c, dst, b"q%d" % i)
+    up.send(clients[0], dst, b"")                      # cannot be framed for gost
+    up.flush()
+    drive(up, lambda: len(got) == 2)
+    assert sorted(got) == sorted((c, dst, b"q%d" % i) for i, c in enumerate(clients))
+    assert len(g.conns) == 2                           # one connection per flow
+    for rec in g.conns:
+        assert rec["greeting"] == b"\x05\x01\x02"      # offers username/password only
+        assert rec["auth"] == b"\x01\x02gu\x04p@ss"
+        assert rec["request"] == b"\x05\xf3\x00\x01" + bytes(6)   # 0.0.0.0:0 like gost
+    frames = sorted(f for rec in g.conns for f in rec["frames"])
+    assert frames == sorted(gost_frame(*dst, b"q%d" % i) for i in range(2))
+    st = up.stats
+    assert st[proto._C["drop_malformed"]] == 1 and st[proto._C["conn_open"]] == 2
+    assert up.flows_open == 2 and up.connected == 2
+
+
+def test_gost_refused_password(scripted, upstream):
+    g = scripted(user=b"gu", password=b"right")
+    up, got = upstream(g.address, gost=True, user="gu", password="wrong")
+    up.send(("192.0.2.1", 4000), ("198.51.100.7", 53), b"never")
+    up.flush()
+    drive(up, lambda: up.stats[proto._C["conn_rejected"]] >= 2)       # and it retries
+    assert all(rec.get("refused") for rec in g.conns)
+    assert all(rec["auth"] == b"\x01\x02gu\x05wrong" for rec in g.conns)
+    assert got == [] and up.connected == 0
+    assert up.stats[proto._C["conn_open"]] == 0
+    assert up.stats[proto._C["up_datagrams"]] == 1              # still queued
+
+
+def test_mux_client_explains_rep7_once(scripted, upstream):
+    """A gost server answers relay's multiplexed command with REP 7: say once, clearly,
+    that gost:// / --gost is the way, instead of retrying silently."""
+    g = scripted(rep=7)
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+    log = logging.getLogger("test.rep7")
+    log.addHandler(Keep())
+    log.propagate = False
+    try:
+        up, _got = upstream(g.address, log=log)
+        drive(up, lambda: up.stats[proto._C["conn_rejected"]] >= 3)
+        assert all(rec["request"][1] == proto.CMD_UDP_TUN_MUX for rec in g.conns)
+        hints = [r for r in records if "REP 7" in r.getMessage()]
+        assert len(hints) == 1 and hints[0].levelno == logging.ERROR
+        assert "gost://" in hints[0].getMessage() and "--gost" in hints[0].getMessage()
+    finally:
+        log.handlers.clear()
+
+
+def test_gost_option_errors(impl):
+    mod = core_module(impl)
+    with pytest.raises(ValueError, match="secret does not apply to a gost server"):
+        mod.TunnelUpstream(("127.0.0.1", 1), gost=True, secret="s")
+    with pytest.raises(ValueError, match="connections does not apply in gost mode"):
+        mod.TunnelUpstream(("127.0.0.1", 1), gost=True, connections=2)
+    with pytest.raises(ValueError, match="gost mode only"):
+        mod.TunnelUpstream(("127.0.0.1", 1), user="u", password="p")
+    with pytest.raises(ValueError, match="both or neither"):
+        mod.TunnelUpstream(("127.0.0.1", 1), gost=True, user="u")
