@@ -8,9 +8,9 @@
 # device (or the receiver) cuts it at the segment size, so every datagram arrives as it was
 # queued, with its own UDP header. A run needs no copy: each iovec is one datagram.
 #
-#     sq_init(&q, cap)                        # cap messages (each up to SQ_MAX_SEGS datagrams)
+#     sq_init(&q, cap)                        # room for cap datagrams
 #     q.fd = fd
-#     if q.n == q.cap: sq_flush(&q, st, C_UP_DATAGRAMS, C_UP_BYTES)
+#     if sq_full(&q): sq_flush(&q, st, C_UP_DATAGRAMS, C_UP_BYTES)
 #     sq_add(&q, &dst, dstlen, data, n)
 #     sq_flush(&q, st, C_UP_DATAGRAMS, C_UP_BYTES)   # counts datagrams, every drop by reason
 #
@@ -40,22 +40,22 @@ cdef enum:
 
 cdef struct sendq_t:
     mmsghdr *msgs
-    iovec *iovs                  # cap * SQ_MAX_SEGS; message i's iovecs are contiguous
+    iovec *iovs                  # one per datagram; message i's iovecs are contiguous
     sockaddr_any *names
     uint8_t *ctrl                # cap * SQ_CTRL
     uint32_t *seg                # message i: its segment size (its first datagram's size)
     uint32_t *nbytes             # message i: payload bytes
     bint *closed                 # message i: a shorter datagram ended the run
     int n                        # messages queued
-    int cap
-    int niov                     # iovecs used
+    int cap                      # datagrams the queue holds
+    int niov                     # datagrams queued (iovecs used)
     int fd
     uint32_t gso_max             # largest segment size still coalesced (0: never)
 
 
 cdef inline int sq_init(sendq_t *q, int cap) except -1:
     q.msgs = <mmsghdr *>calloc(cap, sizeof(mmsghdr))
-    q.iovs = <iovec *>calloc(<size_t>cap * SQ_MAX_SEGS, sizeof(iovec))
+    q.iovs = <iovec *>calloc(cap, sizeof(iovec))
     q.names = <sockaddr_any *>calloc(cap, sizeof(sockaddr_any))
     q.ctrl = <uint8_t *>calloc(cap, SQ_CTRL)
     q.seg = <uint32_t *>calloc(cap, sizeof(uint32_t))
@@ -90,6 +90,15 @@ cdef inline void sq_free(sendq_t *q) noexcept nogil:
     q.n = q.cap = q.niov = 0
 
 
+cdef inline bint sq_full(const sendq_t *q) noexcept nogil:
+    return q.niov >= q.cap
+
+
+cdef inline void sq_clear(sendq_t *q) noexcept nogil:
+    q.n = 0
+    q.niov = 0
+
+
 cdef inline bint _sq_joins(sendq_t *q, const sockaddr_any *to, socklen_t tolen,
                            size_t n) noexcept nogil:
     """Can a datagram of n bytes to `to` extend the last message's run?"""
@@ -105,7 +114,7 @@ cdef inline bint _sq_joins(sendq_t *q, const sockaddr_any *to, socklen_t tolen,
 
 cdef inline void sq_add(sendq_t *q, const sockaddr_any *to, socklen_t tolen,
                         const uint8_t *data, size_t n) noexcept nogil:
-    """Queue one datagram (the caller flushes first when q.n == q.cap). The payload must
+    """Queue one datagram (the caller flushes first when sq_full(q)). The payload must
     stay where it is until sq_flush()."""
     cdef int i
     cdef msghdr *h

@@ -3,6 +3,7 @@
 # frame codec, destination access list, and the upstream cores the engine drives.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int16_t
 from relay._addr cimport sockaddr_any
+from relay._sendq cimport sendq_t
 from relay.includes.system cimport mmsghdr, iovec, epoll_event
 
 # Frame errors (same codes as relay.tunnelproto.E_*), returned negated by parse_frame.
@@ -45,14 +46,6 @@ cdef struct htab_t:
     hslot_t *slots
     uint32_t mask
     uint32_t count
-
-cdef struct sendbatch_t:         # outgoing datagrams for sendmmsg (one fd at a time)
-    mmsghdr *msgs
-    iovec *iovs
-    sockaddr_any *names
-    int n
-    int cap
-    int fd
 
 ctypedef int (*reply_fn_t)(void *ctx, const sockaddr_any *client, const sockaddr_any *src,
                            const uint8_t *data, size_t n) except -1
@@ -185,7 +178,7 @@ cdef class Socks5Upstream(UpstreamCore):
     cdef dict hs
     cdef int batch
     cdef uint8_t *scratch
-    cdef sendbatch_t sb
+    cdef sendq_t sb
     cdef int flow_open(self, const sockaddr_any *client) except -2
     cdef int flow_handshake(self, int i, uint32_t events) except -1
     cdef int flow_close(self, int i, int counter) except -1

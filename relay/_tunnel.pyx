@@ -27,6 +27,7 @@ from relay.includes.system cimport (
     EPOLL_CTL_MOD, EPOLL_CTL_DEL, EPOLL_CLOEXEC, epoll_create1, epoll_ctl, epoll_wait,
 )
 from relay._addr cimport sockaddr_any, sockaddr_from_tuple, sockaddr_to_tuple, raise_oserror
+from relay._sendq cimport sendq_t, sq_init, sq_free, sq_add, sq_flush, sq_full, sq_clear
 from relay._stats cimport (
     N_COUNTERS, C_UP_DATAGRAMS, C_UP_BYTES, C_DOWN_DATAGRAMS, C_DOWN_BYTES,
     C_ASSOC_OPEN, C_ASSOC_CREATED, C_ASSOC_EXPIRED, C_ASSOC_REFUSED, C_DROP_MALFORMED,
@@ -509,73 +510,6 @@ cdef void htab_del(htab_t *h, const uint64_t *k) noexcept nogil:
     h.slots[i].val = -1
 
 
-# ------------------------------------------------------------------------- batch send
-
-cdef int sb_init(sendbatch_t *b, int cap) except -1:
-    b.msgs = <mmsghdr *>calloc(cap, sizeof(mmsghdr))
-    b.iovs = <iovec *>calloc(cap, sizeof(iovec))
-    b.names = <sockaddr_any *>calloc(cap, sizeof(sockaddr_any))
-    if b.msgs == NULL or b.iovs == NULL or b.names == NULL:
-        raise MemoryError()
-    b.cap = cap
-    b.n = 0
-    b.fd = -1
-    for i in range(cap):
-        b.msgs[i].msg_hdr.msg_iov = &b.iovs[i]
-        b.msgs[i].msg_hdr.msg_iovlen = 1
-        b.msgs[i].msg_hdr.msg_name = &b.names[i]
-    return 0
-
-
-cdef void sb_free(sendbatch_t *b) noexcept nogil:
-    free(b.msgs)
-    free(b.iovs)
-    free(b.names)
-    b.msgs = NULL
-    b.iovs = NULL
-    b.names = NULL
-
-
-cdef inline void sb_add(sendbatch_t *b, const sockaddr_any *to, socklen_t tolen,
-                        const uint8_t *data, size_t n) noexcept nogil:
-    cdef int i = b.n
-    memcpy(&b.names[i], to, tolen)
-    b.msgs[i].msg_hdr.msg_namelen = tolen
-    b.iovs[i].iov_base = <void *>data
-    b.iovs[i].iov_len = n
-    b.n = i + 1
-
-
-cdef int sb_flush(sendbatch_t *b, uint64_t *st, int c_dg, int c_bytes) noexcept nogil:
-    """sendmmsg the batch on b.fd; counts sent datagrams/bytes (unless c_dg < 0, for
-    callers that count payload themselves) and every drop by reason."""
-    cdef int i = 0, r, j, e
-    while i < b.n:
-        r = sendmmsg(b.fd, b.msgs + i, b.n - i, MSG_DONTWAIT)
-        if r > 0:
-            if c_dg >= 0:
-                for j in range(i, i + r):
-                    st[c_dg] += 1
-                    st[c_bytes] += b.iovs[j].iov_len
-            i += r
-            continue
-        e = errno
-        if r < 0 and e == EINTR:
-            continue
-        if r < 0 and e == EAGAIN:
-            st[C_DROP_BUFFER_FULL] += b.n - i
-            break
-        if e == EMSGSIZE:
-            st[C_DROP_TOO_BIG] += 1
-        elif e == ENETUNREACH or e == EHOSTUNREACH or e == EADDRNOTAVAIL:
-            st[C_DROP_NO_ROUTE] += 1
-        else:
-            st[C_DROP_SEND_ERROR] += 1
-        i += 1
-    b.n = 0
-    return 0
-
-
 cdef int new_udp_socket(int family, object mark) except -2:
     """Non-blocking UDP socket (dual stack for AF_INET6), SO_MARK applied; -1 with
     errno set on failure (EMFILE and friends are counted by the caller)."""
@@ -653,7 +587,7 @@ cdef socklen_t dname_to_sockaddr(const dname_t *e, uint16_t port, int family,
     return <socklen_t>frame_to_sockaddr(&f, out, family)
 
 
-cdef int send_resolved(sendbatch_t *sb, uint64_t *st, Acl acl, int fd, int family,
+cdef int send_resolved(sendq_t *sb, uint64_t *st, Acl acl, int fd, int family,
                        const dname_t *e, uint16_t port, const uint8_t *data,
                        size_t n) except -1:
     """Send a datagram that waited for its host name from socket fd (of `family`), after
@@ -666,10 +600,10 @@ cdef int send_resolved(sendbatch_t *sb, uint64_t *st, Acl acl, int fd, int famil
     if acl.denied(&dst):
         st[C_DROP_DENIED] += 1
         return 0
-    sb.n = 0
+    sq_clear(sb)
     sb.fd = fd
-    sb_add(sb, &dst, dl, data, n)
-    sb_flush(sb, st, C_UP_DATAGRAMS, C_UP_BYTES)
+    sq_add(sb, &dst, dl, data, n)
+    sq_flush(sb, st, C_UP_DATAGRAMS, C_UP_BYTES)
     return 0
 
 
@@ -1060,7 +994,7 @@ cdef class TunnelServer(Poller):
     cdef mmsghdr *rmsgs
     cdef iovec *riovs
     cdef sockaddr_any *rnames
-    cdef sendbatch_t sb
+    cdef sendq_t sb
 
     def __init__(self, acl_table=(), stats=None, *, int max_conns=1024, int max_flows=4096,
                  double timeout=60.0, size_t tx_limit=1 << 20, int batch=32, mark=None,
@@ -1089,7 +1023,7 @@ cdef class TunnelServer(Poller):
                 self.scratch and self.rmsgs and self.riovs and self.rnames):
             raise MemoryError()
         htab_init(&self.tab, max_flows)
-        sb_init(&self.sb, batch)
+        sq_init(&self.sb, batch)
         for i in range(max_conns):
             self.conn_free[i] = max_conns - 1 - i
             self.conns[i].fd = -1
@@ -1124,7 +1058,7 @@ cdef class TunnelServer(Poller):
         free(self.riovs)
         free(self.rnames)
         free(self.tab.slots)
-        sb_free(&self.sb)
+        sq_free(&self.sb)
 
     @property
     def connections(self):
@@ -1327,13 +1261,13 @@ cdef class TunnelServer(Poller):
         cdef sockaddr_any dst
         cdef socklen_t dlen
         cdef uint32_t gen = c.gen
-        self.sb.n = 0
+        sq_clear(&self.sb)
         while pos < c.rx_len:
             r = parse_frame(c.rx + pos, c.rx_len - pos, c.mux, MAX_PAYLOAD, &f)
             if r == 0:
                 break
             if r < 0:
-                sb_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
+                sq_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
                 self.conn_close(i, f"bad frame: {FRAME_ERROR_TEXT[-r]}", C_FRAMES_BAD)
                 return 0
             pos += r
@@ -1353,11 +1287,11 @@ cdef class TunnelServer(Poller):
                     continue
             if not self.flow_dst_ok(fl, &dst):
                 continue
-            if self.sb.n and (self.sb.fd != fl.fd or self.sb.n == self.sb.cap):
-                sb_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
+            if self.sb.n and (self.sb.fd != fl.fd or sq_full(&self.sb)):
+                sq_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
             self.sb.fd = fl.fd
-            sb_add(&self.sb, &dst, dlen, f.data, f.dlen)
-        sb_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
+            sq_add(&self.sb, &dst, dlen, f.data, f.dlen)
+        sq_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
         if c.used and c.gen == gen:
             if pos < c.rx_len:
                 memmove(c.rx, c.rx + pos, c.rx_len - pos)
@@ -2071,7 +2005,7 @@ cdef class Socks5Upstream(UpstreamCore):
         if self.flows == NULL or self.scratch == NULL:
             raise MemoryError()
         htab_init(&self.tab, max_flows)
-        sb_init(&self.sb, batch)
+        sq_init(&self.sb, batch)
 
     def __dealloc__(self):
         if self.flows != NULL:
@@ -2085,7 +2019,7 @@ cdef class Socks5Upstream(UpstreamCore):
             free(self.flows)
         free(self.scratch)
         free(self.tab.slots)
-        sb_free(&self.sb)
+        sq_free(&self.sb)
 
     def close(self):
         for i in range(self.max_flows):
@@ -2206,20 +2140,20 @@ cdef class Socks5Upstream(UpstreamCore):
             memcpy(slot, &ln, 4)
             a.qlen += 4 + hl + n
             return 0
-        if self.sb.n and (self.sb.fd != a.udp_fd or self.sb.n == self.sb.cap):
+        if self.sb.n and (self.sb.fd != a.udp_fd or sq_full(&self.sb)):
             self.c_flush()
-        slot = self.scratch + <size_t>self.sb.n * (DGRAM_SLOT + UDP_HDR_ROOM)
+        slot = self.scratch + <size_t>self.sb.niov * (DGRAM_SLOT + UDP_HDR_ROOM)
         hl = write_udp_req_hdr(slot, dst)
         memcpy(slot + hl, data, n)
         self.sb.fd = a.udp_fd
-        sb_add(&self.sb, &a.relay, sa_len(&a.relay), slot, hl + n)
+        sq_add(&self.sb, &a.relay, sa_len(&a.relay), slot, hl + n)
         self.st[C_UP_DATAGRAMS] += 1
         self.st[C_UP_BYTES] += n
         return 0
 
     cdef int c_flush(self) except -1:
         if self.sb.n:
-            sb_flush(&self.sb, self.st, -1, -1)
+            sq_flush(&self.sb, self.st, -1, -1)
         return 0
 
     cdef int flow_send_queue(self, int i) except -1:
@@ -2402,7 +2336,7 @@ cdef class UdpFrontend(Poller):
     cdef mmsghdr *rmsgs
     cdef iovec *riovs
     cdef sockaddr_any *rnames
-    cdef sendbatch_t sb
+    cdef sendq_t sb
     cdef bint v6
 
     def __init__(self, int fd, to, UpstreamCore upstream, int batch=32, stats=None, log=None):
@@ -2420,7 +2354,7 @@ cdef class UdpFrontend(Poller):
         self.rnames = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
         if not (self.scratch and self.rscratch and self.rmsgs and self.riovs and self.rnames):
             raise MemoryError()
-        sb_init(&self.sb, batch)
+        sq_init(&self.sb, batch)
         self.sb.fd = fd
         for i in range(batch):
             self.riovs[i].iov_base = self.scratch + <size_t>i * DGRAM_SLOT
@@ -2442,7 +2376,7 @@ cdef class UdpFrontend(Poller):
         free(self.rmsgs)
         free(self.riovs)
         free(self.rnames)
-        sb_free(&self.sb)
+        sq_free(&self.sb)
 
     cdef int on_event(self, uint32_t kind, uint32_t idx, uint32_t events) except -1:
         cdef int n, j
@@ -2469,7 +2403,7 @@ cdef class UdpFrontend(Poller):
     cdef int reply_flush(self) except -1:
         if self.sb.n:
             # the upstream already counted these as delivered downstream
-            sb_flush(&self.sb, self.st, -1, -1)
+            sq_flush(&self.sb, self.st, -1, -1)
         return 0
 
     def tick(self, double now=0):
@@ -2480,11 +2414,11 @@ cdef int _frontend_reply(void *ctx, const sockaddr_any *client, const sockaddr_a
                          const uint8_t *data, size_t n) except -1:
     cdef UdpFrontend fe = <UdpFrontend>ctx
     cdef uint8_t *slot
-    if fe.sb.n == fe.sb.cap:
+    if sq_full(&fe.sb):
         fe.reply_flush()
-    slot = fe.rscratch + <size_t>fe.sb.n * DGRAM_SLOT
+    slot = fe.rscratch + <size_t>fe.sb.niov * DGRAM_SLOT
     memcpy(slot, data, n)
-    sb_add(&fe.sb, client, sa_len(client), slot, n)
+    sq_add(&fe.sb, client, sa_len(client), slot, n)
     return 0
 
 
@@ -2511,8 +2445,8 @@ cdef class Socks5Relay(Poller):
     cdef mmsghdr *rmsgs
     cdef iovec *riovs
     cdef sockaddr_any *rnames
-    cdef sendbatch_t sb
-    cdef sendbatch_t sb_down
+    cdef sendq_t sb
+    cdef sendq_t sb_down
 
     def __init__(self, acl_table=(), stats=None, *, int max_assoc=1024, int batch=32, log=None,
                  resolve=None):
@@ -2529,8 +2463,8 @@ cdef class Socks5Relay(Poller):
         self.rnames = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
         if not (self.assocs and self.scratch and self.rmsgs and self.riovs and self.rnames):
             raise MemoryError()
-        sb_init(&self.sb, batch)
-        sb_init(&self.sb_down, batch)
+        sq_init(&self.sb, batch)
+        sq_init(&self.sb_down, batch)
         for i in range(batch):
             self.riovs[i].iov_base = self.scratch + <size_t>i * (DGRAM_SLOT + UDP_HDR_ROOM) \
                 + UDP_HDR_ROOM
@@ -2551,8 +2485,8 @@ cdef class Socks5Relay(Poller):
         free(self.rmsgs)
         free(self.riovs)
         free(self.rnames)
-        sb_free(&self.sb)
-        sb_free(&self.sb_down)
+        sq_free(&self.sb)
+        sq_free(&self.sb_down)
 
     @property
     def associations(self):
@@ -2606,9 +2540,9 @@ cdef class Socks5Relay(Poller):
             return 0
         fam = a.client.sa.sa_family
         self.sb.fd = a.fd
-        self.sb.n = 0
+        sq_clear(&self.sb)
         self.sb_down.fd = a.fd
-        self.sb_down.n = 0
+        sq_clear(&self.sb_down)
         for j in range(n):
             data = <uint8_t *>self.riovs[j].iov_base
             ln = self.rmsgs[j].msg_len
@@ -2636,7 +2570,7 @@ cdef class Socks5Relay(Poller):
                 if self.acl.denied(&dst):
                     self.st[C_DROP_DENIED] += 1
                     continue
-                sb_add(&self.sb, &dst, dl, f.data, f.dlen)
+                sq_add(&self.sb, &dst, dl, f.data, f.dlen)
             else:
                 if not a.port_known:
                     self.st[C_DROP_NO_ROUTE] += 1
@@ -2644,13 +2578,13 @@ cdef class Socks5Relay(Poller):
                 # the header goes into the slot's headroom, right before the payload
                 h2 = frame_hdr_len(&self.rnames[j], False)
                 write_udp_req_hdr(data - h2, &self.rnames[j])
-                sb_add(&self.sb_down, &a.client, sa_len(&a.client), data - h2, h2 + ln)
+                sq_add(&self.sb_down, &a.client, sa_len(&a.client), data - h2, h2 + ln)
                 self.st[C_DOWN_DATAGRAMS] += 1
                 self.st[C_DOWN_BYTES] += ln
         if self.sb.n:
-            sb_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
+            sq_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
         if self.sb_down.n:
-            sb_flush(&self.sb_down, self.st, -1, -1)
+            sq_flush(&self.sb_down, self.st, -1, -1)
         return 0
 
     cdef int dns_send(self, uint32_t owner, uint32_t gen, const dname_t *e, uint16_t port,
