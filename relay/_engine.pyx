@@ -304,9 +304,8 @@ cdef class Engine:
         """Move datagrams for up to max_ms milliseconds (or until stop()); releases the GIL."""
         if self.closed:
             raise ValueError("engine is closed")
-        if self.core is not None:
-            self._loop(max_ms)
-            return
+        # With an upstream core the loop takes the GIL only around the core's calls, so
+        # other services' threads in the worker run while it waits in epoll.
         with nogil:
             self._loop(max_ms)
 

@@ -45,8 +45,6 @@ cdef enum:
     KIND_PY = 1          # fd watched for Python (listen sockets, handshakes)
     KIND_CONN = 2
     KIND_FLOW = 3
-    KIND_LISTEN = 4
-    KIND_UPSTREAM = 5
     KIND_TCP = 6
     KIND_UDP = 7
     KIND_DNS = 8         # the resolver's eventfd
@@ -2319,107 +2317,6 @@ cdef class Socks5Upstream(UpstreamCore):
             elif now - self.flows[i].last > self.timeout:
                 self.flow_close(i, C_ASSOC_EXPIRED)
         return 0
-
-
-# ------------------------------------------------------------------------- tunnel-client service
-
-cdef class UdpFrontend(Poller):
-    """A UDP listen socket in front of an UpstreamCore: recvmmsg -> c_send(client=src,
-    dst=to) -> c_flush; replies -> sendmmsg back to each client. This is how the engine
-    drives an upstream, so `relay tunnel-client` exercises exactly that path."""
-    cdef int fd
-    cdef UpstreamCore up
-    cdef sockaddr_any to
-    cdef int batch
-    cdef uint8_t *scratch
-    cdef uint8_t *rscratch
-    cdef mmsghdr *rmsgs
-    cdef iovec *riovs
-    cdef sockaddr_any *rnames
-    cdef sendq_t sb
-    cdef bint v6
-
-    def __init__(self, int fd, to, UpstreamCore upstream, int batch=32, stats=None, log=None):
-        if not 1 <= batch <= MAX_BATCH:
-            raise ValueError(f"batch must be 1-{MAX_BATCH}, got {batch}")
-        self._init_stats(upstream.stats if stats is None else stats, log)
-        self.fd = fd
-        self.up = upstream
-        self.batch = batch
-        sockaddr_from_tuple(tuple(to), &self.to)
-        self.scratch = <uint8_t *>malloc(<size_t>batch * DGRAM_SLOT)
-        self.rscratch = <uint8_t *>malloc(<size_t>batch * DGRAM_SLOT)
-        self.rmsgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
-        self.riovs = <iovec *>calloc(batch, sizeof(iovec))
-        self.rnames = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
-        if not (self.scratch and self.rscratch and self.rmsgs and self.riovs and self.rnames):
-            raise MemoryError()
-        sq_init(&self.sb, batch)
-        self.sb.fd = fd
-        for i in range(batch):
-            self.riovs[i].iov_base = self.scratch + <size_t>i * DGRAM_SLOT
-            self.riovs[i].iov_len = DGRAM_SLOT
-            self.rmsgs[i].msg_hdr.msg_iov = &self.riovs[i]
-            self.rmsgs[i].msg_hdr.msg_iovlen = 1
-            self.rmsgs[i].msg_hdr.msg_name = &self.rnames[i]
-        upstream.reply_fn = _frontend_reply
-        upstream.reply_ctx = <void *>self
-        epoll_set(self.epfd, EPOLL_CTL_ADD, fd, EPOLLIN, KIND_LISTEN, 0)
-        epoll_set(self.epfd, EPOLL_CTL_ADD, upstream.epfd, EPOLLIN, KIND_UPSTREAM, 0)
-
-    def __dealloc__(self):
-        if self.up is not None and self.up.reply_ctx == <void *>self:
-            self.up.reply_fn = NULL
-            self.up.reply_ctx = NULL
-        free(self.scratch)
-        free(self.rscratch)
-        free(self.rmsgs)
-        free(self.riovs)
-        free(self.rnames)
-        sq_free(&self.sb)
-
-    cdef int on_event(self, uint32_t kind, uint32_t idx, uint32_t events) except -1:
-        cdef int n, j
-        if kind == KIND_UPSTREAM:
-            self.up.c_process()
-            self.reply_flush()
-            return 0
-        for j in range(self.batch):
-            self.rmsgs[j].msg_hdr.msg_namelen = sizeof(sockaddr_any)
-            self.rmsgs[j].msg_hdr.msg_flags = 0
-        with nogil:
-            n = recvmmsg(self.fd, self.rmsgs, self.batch, MSG_DONTWAIT, NULL)
-        if n <= 0:
-            return 0
-        for j in range(n):
-            if self.rmsgs[j].msg_hdr.msg_flags & MSG_TRUNC:
-                self.st[C_DROP_TOO_BIG] += 1
-                continue
-            self.up.c_send(&self.rnames[j], &self.to,
-                           self.scratch + <size_t>j * DGRAM_SLOT, self.rmsgs[j].msg_len)
-        self.up.c_flush()
-        return 0
-
-    cdef int reply_flush(self) except -1:
-        if self.sb.n:
-            # the upstream already counted these as delivered downstream
-            sq_flush(&self.sb, self.st, -1, -1)
-        return 0
-
-    def tick(self, double now=0):
-        self.up.c_tick(now if now else mono_now())
-
-
-cdef int _frontend_reply(void *ctx, const sockaddr_any *client, const sockaddr_any *src,
-                         const uint8_t *data, size_t n) except -1:
-    cdef UdpFrontend fe = <UdpFrontend>ctx
-    cdef uint8_t *slot
-    if sq_full(&fe.sb):
-        fe.reply_flush()
-    slot = fe.rscratch + <size_t>fe.sb.niov * DGRAM_SLOT
-    memcpy(slot, data, n)
-    sq_add(&fe.sb, client, sa_len(client), slot, n)
-    return 0
 
 
 # ------------------------------------------------------------------------- SOCKS5 server UDP relay

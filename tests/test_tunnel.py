@@ -213,6 +213,27 @@ def test_runs_of_datagrams_leave_the_server_intact(echo_topo, running, v6):
 
 
 @pytest.mark.netns
+def test_coalesced_datagrams_cross_as_datagrams(echo_topo, running):
+    """The tunnel client's listen socket has UDP_GRO: a burst sent as one UDP_SEGMENT
+    buffer may arrive coalesced, and must still cross (and come back) as its datagrams."""
+    from relay import BatchSocket
+    server, client, addr = tunnel_pair(echo_topo, running, False)
+    sock = echo_topo.cli.socket(socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    sock.connect(addr)
+    sock.settimeout(3)
+    assert roundtrip(sock, addr, b"warm") == b"warm"
+    payloads = [payload(700, i) for i in range(20)] + [b"end"]
+    with BatchSocket(sock.fileno(), batch=64) as b:
+        assert b.send_gso(b"".join(payloads), 700) == 21
+    got = [sock.recv(70000) for _ in payloads]
+    assert got == payloads
+    N.wait_until(lambda: client.stats()["up_datagrams"] == 22, 5, what="22 datagrams up")
+    assert client.stats()["up_bytes"] == 4 + sum(map(len, payloads))
+    sock.close()
+
+
+@pytest.mark.netns
 def test_fifty_flows_one_connection(echo_topo, running):
     server, client, addr = tunnel_pair(echo_topo, running, False)
     socks = [echo_topo.cli.socket(socket.AF_INET) for _ in range(50)]

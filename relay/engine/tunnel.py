@@ -4,9 +4,10 @@ The server accepts TCP connections, runs the SOCKS5-style handshake in Python (o
 connection) and hands the connection to ``relay._tunnel.TunnelServer``, whose C loop
 moves frames and datagrams (``relay.tunnelproto`` holds a pure-Python fallback of every
 core, used when the extension is missing or RELAY_PURE_PYTHON=1). The client is ``relay._tunnel.TunnelUpstream`` (the same core
-the engine uses for ``--upstream tunnel://`` and ``gost://``) behind a UDP listen socket
-(``relay._tunnel.UdpFrontend``); with ``--gost`` it speaks to a gost server (CMD 0xF3,
-one TCP connection per flow).
+the engine uses for ``--upstream tunnel://`` and ``gost://``) driven by the engine's forward
+loop (``relay._engine.Engine`` with the core as its upstream; the pure fallback puts
+``relay.tunnelproto.UdpFrontend`` in front instead); with ``--gost`` it speaks to a gost
+server (CMD 0xF3, one TCP connection per flow).
 """
 import argparse
 import ipaddress
@@ -279,22 +280,39 @@ class TunnelClientService(Service):
             gost=bool(_get(cfg, "gost", False)), user=_get(cfg, "user"),
             password=_get(cfg, "password"))
         self.usock = udp_listen(cfg.listen, reuseport=ctx.reuseport)
-        self.frontend = t.UdpFrontend(self.usock.fileno(), cfg.to, self.upstream,
-                                      batch=min(int(_get(cfg, "batch", 32)), 256), log=log)
         self.address = self.usock.getsockname()
+        self.engine = self.frontend = None
+        batch = min(int(_get(cfg, "batch", 32)), 256)
+        if t is not proto:
+            # The engine's forward loop with the tunnel as its upstream core: recvmmsg
+            # batches, UDP_GRO on the listen socket (coalesced receives are handed to the
+            # core as the datagrams they were), replies sendmmsg'd from the listen socket.
+            from relay._engine import Engine
+            self.engine = Engine(self.usock.fileno(), "forward", to=tuple(cfg.to),
+                                 batch=batch, stats=ctx.stats, core=self.upstream, gro=True,
+                                 listen_family=self.usock.family)
+        else:
+            self.frontend = t.UdpFrontend(self.usock.fileno(), cfg.to, self.upstream,
+                                          batch=batch, log=log)
 
     def run(self):
         stop = self.ctx.stop
         while not stop.is_set():
             try:
-                self.frontend.poll(50)
-                self.frontend.tick(time.monotonic())
+                if self.engine is not None:
+                    self.engine.run(50)
+                else:
+                    self.frontend.poll(50)
+                    self.frontend.tick(time.monotonic())
             except Exception:            # never let one bad event stop the listener
                 log.exception("tunnel-client %s: unexpected error; continuing", self.address)
                 time.sleep(0.01)
 
     def close(self):
-        self.frontend.close()
+        if self.engine is not None:
+            self.engine.close()
+        if self.frontend is not None:
+            self.frontend.close()
         self.upstream.close()
         self.usock.close()
 
