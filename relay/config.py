@@ -144,7 +144,7 @@ MODE_KEYS = {
     "forward": _COMMON | {"to", "upstream", "gro"} | _TUNNEL_UP,
     "redir": _COMMON | {"upstream", "reply", "transparent_cache", "transparent_idle", "gro"}
     | _TUNNEL_UP,
-    "tunnel-server": _COMMON | {"secret", "allow", "deny", "insecure"},
+    "tunnel-server": _COMMON | {"secret", "user", "password", "allow", "deny", "insecure"},
     "tunnel-client": _COMMON | {"to", "server", "secret", "connections", "gost", "user",
                                 "password"},
     "socks5": _COMMON | {"user", "password", "allow", "deny", "insecure"},
@@ -439,9 +439,10 @@ def _parse_listener(ctx, index, table):
     if mode in ("tunnel-server", "socks5") and not kw.get("insecure", False):
         host = kw["listen"][0]
         if not _is_loopback(host):
-            if mode == "tunnel-server" and "secret" not in kw:
-                raise ctx.error(k("secret"), f"required when listening on a non-loopback "
-                                             f"address ({format_hostport(kw['listen'])}); "
+            if mode == "tunnel-server" and "secret" not in kw and "user" not in kw:
+                raise ctx.error(k("secret"), f"required (or user and password) when listening "
+                                             f"on a non-loopback address "
+                                             f"({format_hostport(kw['listen'])}); "
                                              f"set insecure = true to run an open relay")
             if mode == "socks5" and "user" not in kw:
                 raise ctx.error(k("user"), f"user and password required when listening on a "

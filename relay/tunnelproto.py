@@ -414,8 +414,9 @@ class ServerHandshake:
     also returns the bytes after the request that the peer already sent (``leftover``).
     Errors raise HandshakeError whose ``reply`` should be sent before closing.
 
-    Accepted methods: METHOD_HMAC when a secret is set; else METHOD_USERPASS when user is
-    set; else METHOD_NOAUTH. ``commands`` limits the accepted CMD values."""
+    Accepted methods: METHOD_HMAC when a secret is set, METHOD_USERPASS when user is set
+    (both may be: a client gets the first of them that it offers, HMAC preferred); with
+    neither, METHOD_NOAUTH. ``commands`` limits the accepted CMD values."""
 
     MAX_BUFFER = 1024
 
@@ -426,12 +427,11 @@ class ServerHandshake:
         self.password = b"" if password is None else _key(password)
         self.commands = frozenset(commands)
         self.nonce = nonce if nonce is not None else os.urandom(NONCE_LEN)
-        if secret:
-            self.method = METHOD_HMAC
-        elif user is not None:
-            self.method = METHOD_USERPASS
-        else:
-            self.method = METHOD_NOAUTH
+        self.methods = [m for m, on in ((METHOD_HMAC, bool(secret)),
+                                        (METHOD_USERPASS, user is not None)) if on]
+        if not self.methods:
+            self.methods = [METHOD_NOAUTH]
+        self.method = self.methods[0]
         self.state = "greeting"
         self.buf = b""
         self.request = None
@@ -462,10 +462,12 @@ class ServerHandshake:
         if r is None:
             return None
         methods = self._take(r)
-        if self.method not in methods:
+        usable = [m for m in self.methods if m in methods]
+        if not usable:
             raise HandshakeError("no-acceptable-method",
-                                 f"client offers methods {list(methods)}, server needs {self.method}",
-                                 bytes((VER, METHOD_NONE_ACCEPTABLE)))
+                                 f"client offers methods {list(methods)}, server needs one of "
+                                 f"{self.methods}", bytes((VER, METHOD_NONE_ACCEPTABLE)))
+        self.method = usable[0]
         if self.method == METHOD_HMAC:
             self.state = "proof"
             return bytes((VER, METHOD_HMAC, HMAC_VER)) + self.nonce

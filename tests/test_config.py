@@ -119,8 +119,12 @@ def test_loopback_and_insecure_servers():
     parse_config(one("tunnel-server", listen="0.0.0.0:8443", insecure=True))
     parse_config(one("socks5", listen="[::]:1080", user="u", password="p"))
     parse_config(one("socks5", listen="[::]:1080", insecure=True))
+    parse_config(one("tunnel-server", listen="0.0.0.0:8443", user="u", password="p"))
     assert err(one("tunnel-server", listen="0.0.0.0:8443")).startswith(
-        "relay.toml: listener[0].secret: required when listening on a non-loopback address")
+        "relay.toml: listener[0].secret: required (or user and password) when listening on a "
+        "non-loopback address")
+    assert err(one("tunnel-server", listen="0.0.0.0:8443", user="u")).startswith(
+        "relay.toml: listener[0].password: user and password go together")
     assert err(one("socks5", listen="192.0.2.1:1080")).startswith(
         "relay.toml: listener[0].user: user and password required")
 

@@ -14,8 +14,8 @@ import pytest
 
 from relay import tunnelproto as proto
 from tests import netns as N
-from tests.test_tunnel import (cfg, echo_topo, impl, payload, restart_mid_stream,  # noqa: F401
-                               roundtrip, running, tunnel_pair, wait_stat)
+from tests.test_tunnel import (ALLOW_DOC as ALLOW, cfg, echo_topo, impl, payload,  # noqa: F401
+                               restart_mid_stream, roundtrip, running, tunnel_pair, wait_stat)
 
 _tunnel = pytest.importorskip("relay._tunnel")
 
@@ -45,6 +45,38 @@ def test_gost_sizes_and_empty_datagram(echo_topo, running, v6):
         assert s["up_datagrams"] == len(sizes) + 1 == c["up_datagrams"]
         assert s["conn_accepted"] == 1 and s["assoc_created"] == 1 and s["frames_bad"] == 0
         assert c["conn_open"] == 1 and c["down_datagrams"] == len(sizes) + 1
+    finally:
+        sock.close()
+
+
+@pytest.mark.netns
+def test_server_with_password_serves_gost_and_relay_clients(echo_topo, running):
+    """tunnel-server with --secret and --user/--password on a routed address: a gost
+    client logs in with the password (RFC 1929), a relay client proves the secret; both
+    are served on the same port. A wrong password carries nothing and is counted."""
+    srv_listen = (N.RTR4_CLI, 9000)
+    server = running(cfg("tunnel-server", listen=srv_listen, allow=ALLOW, secret="s3cret",
+                         user="gost-user", password="pass word"), echo_topo.rtr)
+    gost = running(cfg("tunnel-client", listen=("127.0.0.1", 5000), server=srv_listen,
+                       to=(N.SRV4, 7), gost=True, user="gost-user", password="pass word"),
+                   echo_topo.cli)
+    mux = running(cfg("tunnel-client", listen=("127.0.0.1", 5001), server=srv_listen,
+                      to=(N.SRV4, 7), secret="s3cret"), echo_topo.cli)
+    bad = running(cfg("tunnel-client", listen=("127.0.0.1", 5002), server=srv_listen,
+                      to=(N.SRV4, 7), gost=True, user="gost-user", password="wrong"),
+                  echo_topo.cli)
+    sock = echo_topo.cli.socket(socket.AF_INET)
+    try:
+        assert roundtrip(sock, ("127.0.0.1", 5000), b"via gost") == b"via gost"
+        assert roundtrip(sock, ("127.0.0.1", 5001), b"via relay") == b"via relay"
+        sock.sendto(b"never", ("127.0.0.1", 5002))
+        wait_stat(bad, "conn_rejected")
+        sock.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            sock.recv(100)
+        st = server.stats()
+        assert st["up_datagrams"] == 2 and st["conn_rejected"] >= 1
+        assert gost.stats()["down_datagrams"] == 1 == mux.stats()["down_datagrams"]
     finally:
         sock.close()
 

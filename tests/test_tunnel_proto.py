@@ -190,6 +190,29 @@ def test_handshake_ok(kind):
     assert server.request[0] == proto.CMD_UDP_TUN_MUX
 
 
+@pytest.mark.parametrize("client_kw,method", [
+    ({"secret": "s3cret"}, proto.METHOD_HMAC),              # relay clients prove the secret
+    ({"user": "u", "password": "p"}, proto.METHOD_USERPASS),  # gost clients log in
+])
+def test_server_with_secret_and_password_takes_either(client_kw, method):
+    server = proto.ServerHandshake(secret="s3cret", user="u", password="p")
+    client = proto.ClientHandshake(cmd=proto.CMD_UDP_TUN, **client_kw)
+    run_handshake(server, client)
+    assert server.method == method and server.request[0] == proto.CMD_UDP_TUN
+
+
+def test_server_with_secret_and_password_refuses_the_rest():
+    server = proto.ServerHandshake(secret="s3cret", user="u", password="p")
+    with pytest.raises(proto.HandshakeError) as e:
+        server.feed(proto.ClientHandshake().start())          # no auth offered
+    assert e.value.reason == "no-acceptable-method"
+    server = proto.ServerHandshake(secret="s3cret", user="u", password="p")
+    client = proto.ClientHandshake(user="u", password="wrong")
+    with pytest.raises(proto.HandshakeError) as e:
+        server.feed(client.feed(server.feed(client.start())))
+    assert e.value.reason == "auth-failed"
+
+
 def test_secret_never_in_clear_and_wrong_secret_refused():
     server = proto.ServerHandshake(secret="right")
     client = proto.ClientHandshake(secret="right")

@@ -65,9 +65,9 @@ def check_exposure(cfg, what=None):
     host = cfg.listen[0]
     if is_loopback(host) or _get(cfg, "insecure", False):
         return
-    if what == "secret" and not _get(cfg, "secret"):
-        raise ValueError(f"refusing to listen on {host} without --secret (an open relay); "
-                         f"pass --insecure to do it anyway")
+    if what == "secret" and not (_get(cfg, "secret") or _get(cfg, "user")):
+        raise ValueError(f"refusing to listen on {host} without --secret or --user/--password "
+                         f"(an open relay); pass --insecure to do it anyway")
     if what == "user" and not _get(cfg, "user"):
         raise ValueError(f"refusing to listen on {host} without --user/--password (an open "
                          f"relay); pass --insecure to do it anyway")
@@ -143,6 +143,7 @@ class TunnelServerService(Service):
         check_exposure(cfg, "secret")
         self.cfg, self.ctx = cfg, ctx
         self.secret = _get(cfg, "secret")
+        self.user, self.password = _get(cfg, "user"), _get(cfg, "password")
         self.st = ctx.stats
         acl = proto.AccessList(allow=_get(cfg, "allow", ()), deny=_get(cfg, "deny", ()))
         self.lsock = tcp_listen(cfg.listen, reuseport=ctx.reuseport)
@@ -199,7 +200,8 @@ class TunnelServerService(Service):
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._token = self._token % 0x7FFFFFFF + 1
-            hs = proto.ServerHandshake(secret=self.secret)
+            hs = proto.ServerHandshake(secret=self.secret, user=self.user,
+                                       password=self.password)
             self.pending[self._token] = _Pending(sock, hs, time.monotonic() + HANDSHAKE_TIMEOUT,
                                                  peer)
             self.core.watch(sock.fileno(), self._token)
@@ -367,14 +369,20 @@ def add_cli(subparsers):
                           "special ranges are refused unless --allow'ed (docs/tunnel.md)."))
     s.add_argument("--listen", required=True, metavar="HOST:PORT", help="TCP address to listen on")
     s.add_argument("--secret", default=None,
-                   help="shared secret clients must prove (HMAC-SHA256 challenge); required "
-                        "on non-loopback addresses unless --insecure")
+                   help="shared secret clients must prove (HMAC-SHA256 challenge); a "
+                        "non-loopback address needs it or --user/--password, unless --insecure")
+    s.add_argument("--user", default=None,
+                   help="username for clients that cannot prove a secret, such as gost clients "
+                        "(RFC 1929; sent in clear, unlike --secret); with --secret as well, "
+                        "relay clients prove the secret and gost clients log in")
+    s.add_argument("--password", default=None, help="password that goes with --user")
     s.add_argument("--allow", action="append", default=[], metavar="CIDR",
                    help="destinations to allow (repeat or comma-separate)")
     s.add_argument("--deny", action="append", default=[], metavar="CIDR",
                    help="destinations to deny (repeat or comma-separate)")
     s.add_argument("--insecure", action="store_true",
-                   help="allow a non-loopback listen address without --secret (open relay)")
+                   help="allow a non-loopback listen address without --secret or "
+                        "--user/--password (open relay)")
     _common(s)
     s.set_defaults(func=_run_cli, mode="tunnel-server")
 
