@@ -16,6 +16,7 @@ Nothing here creates a Python object per datagram. Python sets up sockets, calls
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 from libc.stdlib cimport calloc, free
 
+from libc.string cimport memcmp
 from relay.includes.system cimport (
     errno, EAGAIN, EINTR, ENOBUFS, EIO, ECONNREFUSED, EMSGSIZE, EMFILE, ENFILE, ENOMEM,
     EHOSTUNREACH, ENETUNREACH, EADDRNOTAVAIL, EINVAL, EPERM, EACCES,
@@ -52,6 +53,8 @@ cdef enum:
     SLOT = MAXDGRAM + HEADROOM
     CTRL = 128                    # IPV6_ORIGDSTADDR (48) + UDP_GRO (24) control messages
     GSO_CTRL = 32                 # one UDP_SEGMENT control message (24)
+    RUN_SEGS = 64                 # datagrams one coalesced message carries at most
+    RUN_BYTES = 65000             # payload bytes of one coalesced message (IP length < 64 KiB)
     K_CORE = 0                    # the upstream core's own epoll fd
     K_LISTEN = 1
     K_ASSOC = 2
@@ -78,14 +81,25 @@ cdef inline int wait_writable(int fd) noexcept nogil:
 
 
 cdef inline uint64_t _segments(msghdr *h) noexcept nogil:
-    """Datagrams a message stands for: 1, or its GSO segments."""
+    """Datagrams a message stands for: 1, its iovecs (a coalesced run: one datagram each),
+    or the GSO segments of its one buffer (a GRO receive passed on)."""
     cdef uint16_t seg
     cdef size_t n
+    if h.msg_iovlen > 1:
+        return h.msg_iovlen
     if h.msg_controllen == 0:
         return 1
     memcpy(&seg, CMSG_DATA(CMSG_FIRSTHDR(h)), sizeof(uint16_t))
     n = h.msg_iov[0].iov_len
     return (n + seg - 1) // seg if seg else 1
+
+
+cdef inline uint64_t _msg_bytes(msghdr *h) noexcept nogil:
+    cdef uint64_t total = 0
+    cdef size_t k
+    for k in range(h.msg_iovlen):
+        total += h.msg_iov[k].iov_len
+    return total
 
 
 cdef inline uint64_t _datagrams(mmsghdr *m, int n) noexcept nogil:
@@ -143,7 +157,12 @@ cdef class Engine:
     cdef iovec *tx_iov
     cdef sockaddr_any *tx_names
     cdef int *tx_fd
+    cdef uint32_t *tx_seg         # message j: its segment size (its first datagram's size)
+    cdef uint32_t *tx_bytes       # message j: payload bytes
+    cdef bint *tx_open            # message j: a run that may still grow
     cdef int ntx
+    cdef int niov                 # datagrams in the tx messages (iovecs used)
+    cdef uint32_t gso_max         # largest datagram still coalesced into runs (routes refuse more)
     # reply side: receive ring (payload at HEADROOM in each slot), owner client per slot
     cdef uint8_t *ry
     cdef mmsghdr *ry_msgs
@@ -227,6 +246,10 @@ cdef class Engine:
         self.tx_iov = <iovec *>calloc(batch, sizeof(iovec))
         self.tx_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
         self.tx_fd = <int *>calloc(batch, sizeof(int))
+        self.tx_seg = <uint32_t *>calloc(batch, sizeof(uint32_t))
+        self.tx_bytes = <uint32_t *>calloc(batch, sizeof(uint32_t))
+        self.tx_open = <bint *>calloc(batch, sizeof(bint))
+        self.gso_max = RUN_BYTES
         self.ry = <uint8_t *>calloc(batch, SLOT)
         self.ry_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
         self.ry_iov = <iovec *>calloc(batch, sizeof(iovec))
@@ -245,6 +268,7 @@ cdef class Engine:
                 or self.ry_gro == NULL or self.cl_names == NULL or self.rx == NULL or self.rx_msgs == NULL or self.rx_iov == NULL
                 or self.rx_names == NULL or self.rx_ctrl == NULL or self.tx_msgs == NULL
                 or self.tx_iov == NULL or self.tx_names == NULL or self.tx_fd == NULL
+                or self.tx_seg == NULL or self.tx_bytes == NULL or self.tx_open == NULL
                 or self.ry == NULL or self.ry_msgs == NULL or self.ry_iov == NULL
                 or self.ry_names == NULL or self.ry_client == NULL or self.out_msgs == NULL
                 or self.out_iov == NULL or self.out_names == NULL or self.out_slot == NULL):
@@ -360,6 +384,9 @@ cdef class Engine:
         free(self.tx_iov); self.tx_iov = NULL
         free(self.tx_names); self.tx_names = NULL
         free(self.tx_fd); self.tx_fd = NULL
+        free(self.tx_seg); self.tx_seg = NULL
+        free(self.tx_bytes); self.tx_bytes = NULL
+        free(self.tx_open); self.tx_open = NULL
         free(self.ry); self.ry = NULL
         free(self.ry_msgs); self.ry_msgs = NULL
         free(self.ry_iov); self.ry_iov = NULL
@@ -471,6 +498,7 @@ cdef class Engine:
             if n <= 0:
                 return
             self.ntx = 0
+            self.niov = 0
             for i in range(n):
                 m = &self.rx_msgs[i]
                 if m.msg_hdr.msg_flags & MSG_TRUNC:
@@ -494,29 +522,16 @@ cdef class Engine:
                         continue
                 else:
                     table_touch(&self.assoc, idx, now)
-                self.tx_iov[self.ntx].iov_base = self.rx_iov[i].iov_base
-                self.tx_iov[self.ntx].iov_len = m.msg_len
-                m = &self.tx_msgs[self.ntx]
-                m.msg_hdr.msg_iov = &self.tx_iov[self.ntx]
-                m.msg_hdr.msg_iovlen = 1
-                m.msg_hdr.msg_control = NULL
-                m.msg_hdr.msg_controllen = 0
-                m.msg_hdr.msg_flags = 0
-                if seg > 0 and <int>self.tx_iov[self.ntx].iov_len > seg:
-                    msg_put_gso(&m.msg_hdr, self.tx_ctrl + self.ntx * GSO_CTRL, <uint16_t>seg)
                 if self.mode == MODE_REDIR:
                     nl = akey_to_sockaddr(&dk, self.up_family if ck.family != AF_INET else AF_INET,
                                           &self.tx_names[self.ntx])
                     if nl == 0:
                         self.st[C_DROP_NO_ROUTE] += 1
                         continue
-                    m.msg_hdr.msg_name = &self.tx_names[self.ntx]
-                    m.msg_hdr.msg_namelen = nl
                 else:
-                    m.msg_hdr.msg_name = NULL
-                    m.msg_hdr.msg_namelen = 0
-                self.tx_fd[self.ntx] = self.assoc.e[idx].fd
-                self.ntx += 1
+                    nl = 0
+                self._tx_add(self.assoc.e[idx].fd, <uint8_t *>self.rx_iov[i].iov_base,
+                             m.msg_len, seg, nl)
             if self.core is not None:
                 with gil:
                     self._core_send()
@@ -524,6 +539,55 @@ cdef class Engine:
                 self._flush_tx()
             if n < b:
                 return
+
+    cdef void _tx_add(self, int fd, uint8_t *data, uint32_t n, int seg,
+                      socklen_t nl) noexcept nogil:
+        """Queue one received datagram (or GRO buffer of seg-byte segments) for fd; the
+        destination, for redir, is already in tx_names[ntx] (nl bytes). A datagram that
+        continues a run (same socket, same destination, same size as the run's datagrams;
+        the last may be shorter) joins the previous message as one more iovec, and the
+        message becomes a UDP_SEGMENT (GSO) send: one trip through the stack for the run."""
+        cdef int j = self.ntx - 1
+        cdef msghdr *h
+        if (j >= 0 and seg <= 0 and n > 0 and self.tx_open[j] and self.tx_fd[j] == fd
+                and n <= self.tx_seg[j] and self.tx_seg[j] <= self.gso_max
+                and self.tx_msgs[j].msg_hdr.msg_iovlen < RUN_SEGS
+                and self.tx_bytes[j] + n <= RUN_BYTES
+                and self.tx_msgs[j].msg_hdr.msg_namelen == nl
+                and (nl == 0 or memcmp(&self.tx_names[j], &self.tx_names[self.ntx], nl) == 0)):
+            h = &self.tx_msgs[j].msg_hdr
+            if h.msg_iovlen == 1:
+                msg_put_gso(h, self.tx_ctrl + j * GSO_CTRL, <uint16_t>self.tx_seg[j])
+            if n < self.tx_seg[j]:
+                self.tx_open[j] = False
+            self.tx_iov[self.niov].iov_base = data
+            self.tx_iov[self.niov].iov_len = n
+            self.niov += 1
+            h.msg_iovlen += 1
+            self.tx_bytes[j] += n
+            return
+        j = self.ntx
+        h = &self.tx_msgs[j].msg_hdr
+        self.tx_iov[self.niov].iov_base = data
+        self.tx_iov[self.niov].iov_len = n
+        h.msg_iov = &self.tx_iov[self.niov]
+        h.msg_iovlen = 1
+        h.msg_control = NULL
+        h.msg_controllen = 0
+        h.msg_flags = 0
+        if nl:
+            h.msg_name = &self.tx_names[j]
+        else:
+            h.msg_name = NULL
+        h.msg_namelen = nl
+        if seg > 0 and n > <uint32_t>seg:
+            msg_put_gso(h, self.tx_ctrl + j * GSO_CTRL, <uint16_t>seg)
+        self.tx_seg[j] = n
+        self.tx_bytes[j] = n
+        self.tx_open[j] = seg <= 0
+        self.tx_fd[j] = fd
+        self.niov += 1
+        self.ntx += 1
 
     # ---- through an upstream core (tunnel, SOCKS5) ----------------------------------
 
@@ -653,7 +717,7 @@ cdef class Engine:
         cdef int i
         cdef uint64_t nbytes = 0, ndgrams = 0
         for i in range(n):
-            nbytes += m[i].msg_hdr.msg_iov[0].iov_len
+            nbytes += _msg_bytes(&m[i].msg_hdr)
         ndgrams = _datagrams(m, n)
         if counter == C_DOWN_DATAGRAMS:
             self._count_down(ndgrams, nbytes)
@@ -695,6 +759,13 @@ cdef class Engine:
                     self.st[C_DROP_BUFFER_FULL] += _datagrams(m + done, n - done)
                     return
                 if m[done].msg_hdr.msg_controllen and (e == EINVAL or e == EMSGSIZE or e == EIO):
+                    if m[done].msg_hdr.msg_iovlen > 1:
+                        # a route (MTU) that refuses this segment size, or a device without
+                        # GSO (EIO): stop coalescing such runs
+                        if e == EIO:
+                            self.gso_max = 0
+                        elif m[done].msg_hdr.msg_iov[0].iov_len <= self.gso_max:
+                            self.gso_max = <uint32_t>m[done].msg_hdr.msg_iov[0].iov_len - 1
                     self._send_split(fd, &m[done].msg_hdr, counter)
                 else:
                     self._count_error(e)
@@ -702,25 +773,31 @@ cdef class Engine:
 
     cdef void _send_split(self, int fd, msghdr *h, int counter) noexcept nogil:
         """The kernel refused a GSO send (segment larger than the route allows, ...):
-        send its datagrams one by one instead."""
+        send its datagrams one by one instead (each iovec of a coalesced run, or each
+        segment of a GRO buffer)."""
         cdef uint16_t seg
         cdef cmsghdr *c = CMSG_FIRSTHDR(h)
-        cdef uint8_t *p = <uint8_t *>h.msg_iov[0].iov_base
-        cdef size_t left = h.msg_iov[0].iov_len, k
+        cdef uint8_t *p
+        cdef size_t left, k, v
         cdef ssize_t r
         memcpy(&seg, CMSG_DATA(c), sizeof(uint16_t))
-        while left > 0:
-            k = seg if left > seg else left
-            r = sendto(fd, p, k, MSG_DONTWAIT, <sockaddr *>h.msg_name, h.msg_namelen)
-            if r < 0:
-                self._count_error(errno)
-            elif counter == C_DOWN_DATAGRAMS:
-                self._count_down(1, k)
-            else:
-                self.st[counter] += 1
-                self.st[counter + 1] += k
-            p += k
-            left -= k
+        for v in range(h.msg_iovlen):
+            p = <uint8_t *>h.msg_iov[v].iov_base
+            left = h.msg_iov[v].iov_len
+            while True:
+                k = seg if left > seg else left
+                r = sendto(fd, p, k, MSG_DONTWAIT, <sockaddr *>h.msg_name, h.msg_namelen)
+                if r < 0:
+                    self._count_error(errno)
+                elif counter == C_DOWN_DATAGRAMS:
+                    self._count_down(1, k)
+                else:
+                    self.st[counter] += 1
+                    self.st[counter + 1] += k
+                p += k
+                left -= k
+                if left == 0:
+                    break
 
     cdef int _upstream_socket(self, int family) noexcept nogil:
         """A new non-blocking upstream socket of family with the mark, or -errno."""
