@@ -174,6 +174,9 @@ cdef class Engine:
     cdef iovec *out_iov
     cdef sockaddr_any *out_names
     cdef int *out_slot
+    cdef uint32_t *out_seg        # forward replies: a run's segment size, bytes, whether open
+    cdef uint32_t *out_bytes
+    cdef bint *out_open
     cdef epoll_event[MAX_EVENTS] events
 
     def __cinit__(self):
@@ -259,6 +262,9 @@ cdef class Engine:
         self.out_iov = <iovec *>calloc(batch, sizeof(iovec))
         self.out_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
         self.out_slot = <int *>calloc(batch, sizeof(int))
+        self.out_seg = <uint32_t *>calloc(batch, sizeof(uint32_t))
+        self.out_bytes = <uint32_t *>calloc(batch, sizeof(uint32_t))
+        self.out_open = <bint *>calloc(batch, sizeof(bint))
         self.cl_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
         self.tx_ctrl = <uint8_t *>calloc(batch, GSO_CTRL)
         self.out_ctrl = <uint8_t *>calloc(batch, GSO_CTRL)
@@ -269,6 +275,7 @@ cdef class Engine:
                 or self.rx_names == NULL or self.rx_ctrl == NULL or self.tx_msgs == NULL
                 or self.tx_iov == NULL or self.tx_names == NULL or self.tx_fd == NULL
                 or self.tx_seg == NULL or self.tx_bytes == NULL or self.tx_open == NULL
+                or self.out_seg == NULL or self.out_bytes == NULL or self.out_open == NULL
                 or self.ry == NULL or self.ry_msgs == NULL or self.ry_iov == NULL
                 or self.ry_names == NULL or self.ry_client == NULL or self.out_msgs == NULL
                 or self.out_iov == NULL or self.out_names == NULL or self.out_slot == NULL):
@@ -387,6 +394,9 @@ cdef class Engine:
         free(self.tx_seg); self.tx_seg = NULL
         free(self.tx_bytes); self.tx_bytes = NULL
         free(self.tx_open); self.tx_open = NULL
+        free(self.out_seg); self.out_seg = NULL
+        free(self.out_bytes); self.out_bytes = NULL
+        free(self.out_open); self.out_open = NULL
         free(self.ry); self.ry = NULL
         free(self.ry_msgs); self.ry_msgs = NULL
         free(self.ry_iov); self.ry_iov = NULL
@@ -930,17 +940,50 @@ cdef class Engine:
             self._replies_transparent(0, n, now)
 
     cdef void _replies_forward(self, int n) noexcept nogil:
-        cdef int i, k = 0
+        """Replies to clients from the listen socket. A run of equal-size replies to one
+        client (the last may be shorter) goes as one UDP_SEGMENT message, an iovec each."""
+        cdef int i, j, k = 0, v = 0
         cdef socklen_t nl
+        cdef uint32_t ln
+        cdef msghdr *h
         for i in range(n):
             nl = akey_to_sockaddr(&self.ry_client[i], self.lfamily, &self.out_names[k])
             if nl == 0:
                 self.st[C_DROP_NO_ROUTE] += 1
                 continue
-            self._out_msg(k, &self.ry_iov[i], nl)
-            if self.ry_gro[i] > 0 and <int>self.ry_iov[i].iov_len > self.ry_gro[i]:
-                msg_put_gso(&self.out_msgs[k].msg_hdr, self.out_ctrl + k * GSO_CTRL,
-                            <uint16_t>self.ry_gro[i])
+            ln = <uint32_t>self.ry_iov[i].iov_len
+            j = k - 1
+            if (j >= 0 and self.ry_gro[i] <= 0 and ln > 0 and self.out_open[j]
+                    and ln <= self.out_seg[j] and self.out_seg[j] <= self.gso_max
+                    and self.out_msgs[j].msg_hdr.msg_iovlen < RUN_SEGS
+                    and self.out_bytes[j] + ln <= RUN_BYTES
+                    and self.out_msgs[j].msg_hdr.msg_namelen == nl
+                    and memcmp(&self.out_names[j], &self.out_names[k], nl) == 0):
+                h = &self.out_msgs[j].msg_hdr
+                if h.msg_iovlen == 1:
+                    msg_put_gso(h, self.out_ctrl + j * GSO_CTRL, <uint16_t>self.out_seg[j])
+                if ln < self.out_seg[j]:
+                    self.out_open[j] = False
+                self.out_iov[v] = self.ry_iov[i]
+                v += 1
+                h.msg_iovlen += 1
+                self.out_bytes[j] += ln
+                continue
+            h = &self.out_msgs[k].msg_hdr
+            self.out_iov[v] = self.ry_iov[i]
+            h.msg_iov = &self.out_iov[v]
+            h.msg_iovlen = 1
+            h.msg_name = &self.out_names[k]
+            h.msg_namelen = nl
+            h.msg_control = NULL
+            h.msg_controllen = 0
+            h.msg_flags = 0
+            v += 1
+            self.out_seg[k] = ln
+            self.out_bytes[k] = ln
+            self.out_open[k] = self.ry_gro[i] <= 0
+            if self.ry_gro[i] > 0 and <int>ln > self.ry_gro[i]:
+                msg_put_gso(h, self.out_ctrl + k * GSO_CTRL, <uint16_t>self.ry_gro[i])
             k += 1
         self._send_counted(self.lfd, self.out_msgs, k, C_DOWN_DATAGRAMS)
 

@@ -285,3 +285,26 @@ def test_runs_of_equal_datagrams_arrive_intact_and_in_order(echo, size):
         relay.settled_stats(lambda st: st["up_datagrams"] == len(sent) + 1 == st["down_datagrams"]
                             and st["up_bytes"] == 4 + sum(map(len, sent))
                             and st["drop_send_error"] == 0 and st["drop_too_big"] == 0)
+
+
+def test_runs_of_replies_to_two_clients_stay_apart(echo):
+    """Two clients send bursts of equal-size datagrams at once: their replies reach the
+    relay back to back, and each run goes to its own client only (replies to one client
+    are coalesced into GSO sends; a run never crosses to the other client)."""
+    from relay import BatchSocket
+    with start_forward(echo, f"{SRV4}:5000") as relay:
+        a, b = (echo.cli.socket(socket.AF_INET) for _ in range(2))
+        for c in (a, b):
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+            c.connect((RTR4_CLI, 6000))
+            c.settimeout(3)
+            assert udp_roundtrip(c, (RTR4_CLI, 6000), b"warm")[0] == b"warm"
+        for rnd in range(5):
+            burst = {c: [b"%s%d-%02d" % (name, rnd, i) + bytes(500) for i in range(12)]
+                     for c, name in ((a, b"A"), (b, b"B"))}
+            for c in (a, b):
+                with BatchSocket(c.fileno(), batch=64) as bs:
+                    assert bs.send(burst[c]) == 12
+            for c in (a, b):
+                assert [c.recv(65535) for _ in range(12)] == burst[c]
+        relay.settled_stats(lambda st: st["down_datagrams"] == st["up_datagrams"] == 122)
