@@ -255,6 +255,21 @@ def parse_udp_header(packet):
     return packet[2], atyp, host, port, end
 
 
+def udp_header_counted(packet, count):
+    """parse_udp_header for a data path: (atyp, host, port, header_len), or None after
+    counting why the datagram is dropped (malformed header: drop_malformed; a fragment,
+    which relay refuses: frames_bad). ``count`` is the caller's counter function."""
+    try:
+        frag, atyp, host, port, hl = parse_udp_header(packet)
+    except FrameError:
+        count("drop_malformed")
+        return None
+    if frag:
+        count("frames_bad")
+        return None
+    return atyp, host, port, hl
+
+
 # ---------------------------------------------------------------------------- handshakes
 
 def greeting(methods):
@@ -1961,14 +1976,10 @@ class Socks5Upstream(_UpstreamBase):
             if a.state != "up" or tuple(src[:2]) != tuple(a.relay[:2]):
                 self._count("drop_malformed")
                 continue
-            try:
-                frag, atyp, host, port, hl = parse_udp_header(data)
-            except FrameError:
-                self._count("drop_malformed")
+            h = udp_header_counted(data, self._count)
+            if h is None:
                 continue
-            if frag:
-                self._count("frames_bad")
-                continue
+            atyp, host, port, hl = h
             if atyp == ATYP_DOMAIN:
                 self._count("drop_no_route")
                 continue
@@ -2089,14 +2100,10 @@ class Socks5Relay(_Poller):
             if src[0] == a[1][0] and (not a[2] or src == a[1]):
                 if not a[2]:
                     a[1], a[2] = src, True
-                try:
-                    frag, atyp, host, port, hl = parse_udp_header(data)
-                except FrameError:
-                    self._count("drop_malformed")
+                h = udp_header_counted(data, self._count)
+                if h is None:
                     continue
-                if frag:
-                    self._count("frames_bad")
-                    continue
+                atyp, host, port, hl = h
                 if atyp == ATYP_DOMAIN:
                     dst = self._name_dst(idx, host.encode("latin-1"), port, data[hl:],
                                          sock.family)
