@@ -33,6 +33,7 @@ from relay.includes.system cimport (
 )
 from relay._addr cimport sockaddr_any, sockaddr_from_tuple, raise_oserror
 from relay._ring cimport msg_put_gso
+from relay._sendq cimport run_join, run_start, SQ_GSO_MAX
 from relay._pkt cimport write_udp_headers, IPV4_UDP_HDR_LEN, IPV6_UDP_HDR_LEN
 from relay._table cimport (
     akey_t, entry_t, table_t, table_init, table_free, table_find, table_insert, table_remove,
@@ -53,8 +54,6 @@ cdef enum:
     SLOT = MAXDGRAM + HEADROOM
     CTRL = 128                    # IPV6_ORIGDSTADDR (48) + UDP_GRO (24) control messages
     GSO_CTRL = 32                 # one UDP_SEGMENT control message (24)
-    RUN_SEGS = 64                 # datagrams one coalesced message carries at most
-    RUN_BYTES = 65000             # payload bytes of one coalesced message (IP length < 64 KiB)
     K_CORE = 0                    # the upstream core's own epoll fd
     K_LISTEN = 1
     K_ASSOC = 2
@@ -159,7 +158,7 @@ cdef class Engine:
     cdef int *tx_fd
     cdef uint32_t *tx_seg         # message j: its segment size (its first datagram's size)
     cdef uint32_t *tx_bytes       # message j: payload bytes
-    cdef bint *tx_open            # message j: a run that may still grow
+    cdef bint *tx_closed          # message j: a run that may not grow (shorter end, GRO buffer)
     cdef int ntx
     cdef int niov                 # datagrams in the tx messages (iovecs used)
     cdef uint32_t gso_max         # largest datagram still coalesced into runs (routes refuse more)
@@ -174,9 +173,9 @@ cdef class Engine:
     cdef iovec *out_iov
     cdef sockaddr_any *out_names
     cdef int *out_slot
-    cdef uint32_t *out_seg        # forward replies: a run's segment size, bytes, whether open
+    cdef uint32_t *out_seg        # forward replies: a run's segment size, bytes, whether closed
     cdef uint32_t *out_bytes
-    cdef bint *out_open
+    cdef bint *out_closed
     cdef epoll_event[MAX_EVENTS] events
 
     def __cinit__(self):
@@ -251,8 +250,8 @@ cdef class Engine:
         self.tx_fd = <int *>calloc(batch, sizeof(int))
         self.tx_seg = <uint32_t *>calloc(batch, sizeof(uint32_t))
         self.tx_bytes = <uint32_t *>calloc(batch, sizeof(uint32_t))
-        self.tx_open = <bint *>calloc(batch, sizeof(bint))
-        self.gso_max = RUN_BYTES
+        self.tx_closed = <bint *>calloc(batch, sizeof(bint))
+        self.gso_max = SQ_GSO_MAX
         self.ry = <uint8_t *>calloc(batch, SLOT)
         self.ry_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
         self.ry_iov = <iovec *>calloc(batch, sizeof(iovec))
@@ -264,7 +263,7 @@ cdef class Engine:
         self.out_slot = <int *>calloc(batch, sizeof(int))
         self.out_seg = <uint32_t *>calloc(batch, sizeof(uint32_t))
         self.out_bytes = <uint32_t *>calloc(batch, sizeof(uint32_t))
-        self.out_open = <bint *>calloc(batch, sizeof(bint))
+        self.out_closed = <bint *>calloc(batch, sizeof(bint))
         self.cl_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
         self.tx_ctrl = <uint8_t *>calloc(batch, GSO_CTRL)
         self.out_ctrl = <uint8_t *>calloc(batch, GSO_CTRL)
@@ -274,8 +273,8 @@ cdef class Engine:
                 or self.ry_gro == NULL or self.cl_names == NULL or self.rx == NULL or self.rx_msgs == NULL or self.rx_iov == NULL
                 or self.rx_names == NULL or self.rx_ctrl == NULL or self.tx_msgs == NULL
                 or self.tx_iov == NULL or self.tx_names == NULL or self.tx_fd == NULL
-                or self.tx_seg == NULL or self.tx_bytes == NULL or self.tx_open == NULL
-                or self.out_seg == NULL or self.out_bytes == NULL or self.out_open == NULL
+                or self.tx_seg == NULL or self.tx_bytes == NULL or self.tx_closed == NULL
+                or self.out_seg == NULL or self.out_bytes == NULL or self.out_closed == NULL
                 or self.ry == NULL or self.ry_msgs == NULL or self.ry_iov == NULL
                 or self.ry_names == NULL or self.ry_client == NULL or self.out_msgs == NULL
                 or self.out_iov == NULL or self.out_names == NULL or self.out_slot == NULL):
@@ -393,10 +392,10 @@ cdef class Engine:
         free(self.tx_fd); self.tx_fd = NULL
         free(self.tx_seg); self.tx_seg = NULL
         free(self.tx_bytes); self.tx_bytes = NULL
-        free(self.tx_open); self.tx_open = NULL
+        free(self.tx_closed); self.tx_closed = NULL
         free(self.out_seg); self.out_seg = NULL
         free(self.out_bytes); self.out_bytes = NULL
-        free(self.out_open); self.out_open = NULL
+        free(self.out_closed); self.out_closed = NULL
         free(self.ry); self.ry = NULL
         free(self.ry_msgs); self.ry_msgs = NULL
         free(self.ry_iov); self.ry_iov = NULL
@@ -559,42 +558,22 @@ cdef class Engine:
         message becomes a UDP_SEGMENT (GSO) send: one trip through the stack for the run."""
         cdef int j = self.ntx - 1
         cdef msghdr *h
-        if (j >= 0 and seg <= 0 and n > 0 and self.tx_open[j] and self.tx_fd[j] == fd
-                and n <= self.tx_seg[j] and self.tx_seg[j] <= self.gso_max
-                and self.tx_msgs[j].msg_hdr.msg_iovlen < RUN_SEGS
-                and self.tx_bytes[j] + n <= RUN_BYTES
+        if (j >= 0 and seg <= 0 and self.tx_fd[j] == fd
                 and self.tx_msgs[j].msg_hdr.msg_namelen == nl
-                and (nl == 0 or memcmp(&self.tx_names[j], &self.tx_names[self.ntx], nl) == 0)):
-            h = &self.tx_msgs[j].msg_hdr
-            if h.msg_iovlen == 1:
-                msg_put_gso(h, self.tx_ctrl + j * GSO_CTRL, <uint16_t>self.tx_seg[j])
-            if n < self.tx_seg[j]:
-                self.tx_open[j] = False
-            self.tx_iov[self.niov].iov_base = data
-            self.tx_iov[self.niov].iov_len = n
+                and (nl == 0 or memcmp(&self.tx_names[j], &self.tx_names[self.ntx], nl) == 0)
+                and run_join(&self.tx_msgs[j].msg_hdr, self.tx_ctrl + j * GSO_CTRL,
+                             &self.tx_seg[j], &self.tx_bytes[j], &self.tx_closed[j],
+                             &self.tx_iov[self.niov], data, n, self.gso_max)):
             self.niov += 1
-            h.msg_iovlen += 1
-            self.tx_bytes[j] += n
             return
         j = self.ntx
         h = &self.tx_msgs[j].msg_hdr
-        self.tx_iov[self.niov].iov_base = data
-        self.tx_iov[self.niov].iov_len = n
-        h.msg_iov = &self.tx_iov[self.niov]
-        h.msg_iovlen = 1
-        h.msg_control = NULL
-        h.msg_controllen = 0
-        h.msg_flags = 0
-        if nl:
-            h.msg_name = &self.tx_names[j]
-        else:
-            h.msg_name = NULL
-        h.msg_namelen = nl
-        if seg > 0 and n > <uint32_t>seg:
-            msg_put_gso(h, self.tx_ctrl + j * GSO_CTRL, <uint16_t>seg)
-        self.tx_seg[j] = n
-        self.tx_bytes[j] = n
-        self.tx_open[j] = seg <= 0
+        run_start(h, &self.tx_iov[self.niov], &self.tx_names[j], nl, data, n,
+                  &self.tx_seg[j], &self.tx_bytes[j], &self.tx_closed[j])
+        if seg > 0:                     # a GRO buffer: sent as it came, never joined
+            self.tx_closed[j] = True
+            if n > <uint32_t>seg:
+                msg_put_gso(h, self.tx_ctrl + j * GSO_CTRL, <uint16_t>seg)
         self.tx_fd[j] = fd
         self.niov += 1
         self.ntx += 1
@@ -953,37 +932,21 @@ cdef class Engine:
                 continue
             ln = <uint32_t>self.ry_iov[i].iov_len
             j = k - 1
-            if (j >= 0 and self.ry_gro[i] <= 0 and ln > 0 and self.out_open[j]
-                    and ln <= self.out_seg[j] and self.out_seg[j] <= self.gso_max
-                    and self.out_msgs[j].msg_hdr.msg_iovlen < RUN_SEGS
-                    and self.out_bytes[j] + ln <= RUN_BYTES
-                    and self.out_msgs[j].msg_hdr.msg_namelen == nl
-                    and memcmp(&self.out_names[j], &self.out_names[k], nl) == 0):
-                h = &self.out_msgs[j].msg_hdr
-                if h.msg_iovlen == 1:
-                    msg_put_gso(h, self.out_ctrl + j * GSO_CTRL, <uint16_t>self.out_seg[j])
-                if ln < self.out_seg[j]:
-                    self.out_open[j] = False
-                self.out_iov[v] = self.ry_iov[i]
+            if (j >= 0 and self.ry_gro[i] <= 0 and self.out_msgs[j].msg_hdr.msg_namelen == nl
+                    and memcmp(&self.out_names[j], &self.out_names[k], nl) == 0
+                    and run_join(&self.out_msgs[j].msg_hdr, self.out_ctrl + j * GSO_CTRL,
+                                 &self.out_seg[j], &self.out_bytes[j], &self.out_closed[j],
+                                 &self.out_iov[v], self.ry_iov[i].iov_base, ln, self.gso_max)):
                 v += 1
-                h.msg_iovlen += 1
-                self.out_bytes[j] += ln
                 continue
             h = &self.out_msgs[k].msg_hdr
-            self.out_iov[v] = self.ry_iov[i]
-            h.msg_iov = &self.out_iov[v]
-            h.msg_iovlen = 1
-            h.msg_name = &self.out_names[k]
-            h.msg_namelen = nl
-            h.msg_control = NULL
-            h.msg_controllen = 0
-            h.msg_flags = 0
+            run_start(h, &self.out_iov[v], &self.out_names[k], nl, self.ry_iov[i].iov_base, ln,
+                      &self.out_seg[k], &self.out_bytes[k], &self.out_closed[k])
+            if self.ry_gro[i] > 0:      # a GRO buffer: sent as it came, never joined
+                self.out_closed[k] = True
+                if <int>ln > self.ry_gro[i]:
+                    msg_put_gso(h, self.out_ctrl + k * GSO_CTRL, <uint16_t>self.ry_gro[i])
             v += 1
-            self.out_seg[k] = ln
-            self.out_bytes[k] = ln
-            self.out_open[k] = self.ry_gro[i] <= 0
-            if self.ry_gro[i] > 0 and <int>ln > self.ry_gro[i]:
-                msg_put_gso(h, self.out_ctrl + k * GSO_CTRL, <uint16_t>self.ry_gro[i])
             k += 1
         self._send_counted(self.lfd, self.out_msgs, k, C_DOWN_DATAGRAMS)
 

@@ -99,52 +99,62 @@ cdef inline void sq_clear(sendq_t *q) noexcept nogil:
     q.niov = 0
 
 
-cdef inline bint _sq_joins(sendq_t *q, const sockaddr_any *to, socklen_t tolen,
-                           size_t n) noexcept nogil:
-    """Can a datagram of n bytes to `to` extend the last message's run?"""
-    cdef int i = q.n - 1
-    cdef msghdr *h
-    if i < 0 or n == 0 or q.closed[i] or n > q.seg[i] or q.seg[i] > q.gso_max:
+cdef inline bint run_join(msghdr *h, uint8_t *ctrl, uint32_t *seg, uint32_t *nbytes,
+                          bint *closed, iovec *iov, const void *data, size_t n,
+                          uint32_t gso_max) noexcept nogil:
+    """Append a datagram of n bytes to the run of message h (segment size *seg, payload
+    *nbytes, *closed once a shorter datagram ended it) if it continues the run: same size
+    (or shorter, which closes it), within the GSO limits. iov is the next free iovec,
+    right after h's. The caller has checked the destination (and socket). On the second
+    datagram the message gets its UDP_SEGMENT control message (written into ctrl)."""
+    if (n == 0 or closed[0] or n > seg[0] or seg[0] > gso_max
+            or h.msg_iovlen >= SQ_MAX_SEGS or nbytes[0] + n > SQ_GSO_BYTES):
         return False
-    h = &q.msgs[i].msg_hdr
-    if h.msg_iovlen >= SQ_MAX_SEGS or q.nbytes[i] + n > SQ_GSO_BYTES:
-        return False
-    return h.msg_namelen == tolen and memcmp(&q.names[i], to, tolen) == 0
+    if h.msg_iovlen == 1:
+        msg_put_gso(h, ctrl, <uint16_t>seg[0])
+    if n < seg[0]:
+        closed[0] = True
+    iov.iov_base = <void *>data
+    iov.iov_len = n
+    h.msg_iovlen += 1
+    nbytes[0] += <uint32_t>n
+    return True
+
+
+cdef inline void run_start(msghdr *h, iovec *iov, void *name, socklen_t namelen,
+                           const void *data, size_t n, uint32_t *seg, uint32_t *nbytes,
+                           bint *closed) noexcept nogil:
+    """Make h a one-datagram message (the start of a possible run) to name (none when
+    namelen is 0: a connected socket), its payload in iov."""
+    iov.iov_base = <void *>data
+    iov.iov_len = n
+    h.msg_iov = iov
+    h.msg_iovlen = 1
+    h.msg_name = name if namelen else NULL
+    h.msg_namelen = namelen
+    h.msg_control = NULL
+    h.msg_controllen = 0
+    h.msg_flags = 0
+    seg[0] = <uint32_t>n
+    nbytes[0] = <uint32_t>n
+    closed[0] = False
 
 
 cdef inline void sq_add(sendq_t *q, const sockaddr_any *to, socklen_t tolen,
                         const uint8_t *data, size_t n) noexcept nogil:
     """Queue one datagram (the caller flushes first when sq_full(q)). The payload must
     stay where it is until sq_flush()."""
-    cdef int i
-    cdef msghdr *h
-    if _sq_joins(q, to, tolen, n):
-        i = q.n - 1
-        h = &q.msgs[i].msg_hdr
-        if h.msg_iovlen == 1:
-            msg_put_gso(h, q.ctrl + <size_t>i * SQ_CTRL, <uint16_t>q.seg[i])
-        if n < q.seg[i]:
-            q.closed[i] = True
-    else:
+    cdef int i = q.n - 1
+    if not (i >= 0 and q.msgs[i].msg_hdr.msg_namelen == tolen
+            and memcmp(&q.names[i], to, tolen) == 0
+            and run_join(&q.msgs[i].msg_hdr, q.ctrl + <size_t>i * SQ_CTRL, &q.seg[i],
+                         &q.nbytes[i], &q.closed[i], &q.iovs[q.niov], data, n, q.gso_max)):
         i = q.n
         q.n += 1
-        h = &q.msgs[i].msg_hdr
         memcpy(&q.names[i], to, tolen)
-        h.msg_name = &q.names[i]
-        h.msg_namelen = tolen
-        h.msg_iov = &q.iovs[q.niov]
-        h.msg_iovlen = 0
-        h.msg_control = NULL
-        h.msg_controllen = 0
-        h.msg_flags = 0
-        q.seg[i] = <uint32_t>n
-        q.nbytes[i] = 0
-        q.closed[i] = False
-    q.iovs[q.niov].iov_base = <void *>data
-    q.iovs[q.niov].iov_len = n
+        run_start(&q.msgs[i].msg_hdr, &q.iovs[q.niov], &q.names[i], tolen, data, n,
+                  &q.seg[i], &q.nbytes[i], &q.closed[i])
     q.niov += 1
-    h.msg_iovlen += 1
-    q.nbytes[i] += <uint32_t>n
 
 
 cdef inline void _sq_drop(uint64_t *st, int e, uint64_t count) noexcept nogil:
