@@ -14,18 +14,8 @@ from tests.test_tunnel import Echo, Running, cfg, wait_stat
 socks = pytest.importorskip("socks")
 _tunnel = pytest.importorskip("relay._tunnel")
 
-ALLOW_DOC = ["198.51.100.0/24", "2001:db8::/32"]
-
-
-@pytest.fixture(params=["c", "pure"], autouse=True)
-def impl(request, monkeypatch):
-    """Every test runs against the C cores (relay._tunnel) and the pure-Python fallback
-    (relay.tunnelproto), which the services pick by RELAY_PURE_PYTHON."""
-    if request.param == "pure":
-        monkeypatch.setenv("RELAY_PURE_PYTHON", "1")
-    else:
-        monkeypatch.delenv("RELAY_PURE_PYTHON", raising=False)
-    return request.param
+# impl: every test runs against the C cores and the pure-Python fallback (autouse)
+from tests.test_tunnel import ALLOW_DOC, impl  # noqa: E402,F401
 
 
 @pytest.fixture
