@@ -1,6 +1,7 @@
 """UDP over TCP side by side: relay tunnel-client + tunnel-server vs a socat chain.
 
     python bench/bench_tunnel.py [--quick] [--rounds N] [--duration S] [--json OUT]
+                                 [--stages [--plain-load [--rate PPS]]]
 
 Chain under test (loopback, one process each):
 
@@ -13,13 +14,22 @@ and, as the yardstick the tunnel should beat, plain UDP forwarding without any T
 
     forward: blast -> relay forward --workers 1 --to sink -> sink
 
-For 64-byte and 1350-byte payloads with 1 and 64 flows (distinct source ports), rounds
-alternate the chains (order rotated each round); each figure is the median over rounds. "dgrams/s" is delivered
-payload bytes / payload size / measured seconds: socat does not keep datagram boundaries
-(it re-chunks the TCP stream into UDP writes of up to 8 KiB), so bytes are the only fair
-count; the relay tunnel delivers exactly the datagrams it carries. "offered" is what the
-blaster sent per second (full rate; drops are the difference). Every run is bounded by
---duration plus a few seconds of setup, and every process is stopped by pid.
+--stages measures each end of the tunnel on its own, as where it is deployed: the two
+ends run on two hosts, so the tunnel's capacity is that of its slower end. Load generator
+and sink on CPU 0, the stage under test alone on CPU 1:
+
+    client:      blast -> UDP -> tunnel-client -> TCP -> sink --tunnel (counts the frames)
+    server:      blast --tunnel (writes frames) -> TCP -> tunnel-server -> UDP -> sink
+    forward:     blast -> relay forward -> sink                  (as shipped)
+    forward-gro: blast -> relay forward --gro -> sink
+    tunnel:      blast -> tunnel-client -> tunnel-server -> sink  (both ends on CPU 1)
+
+The load is bench/c/blast.c --gso (runs of 64 datagrams per send, as the main harness
+offers): it saturates every stage, so each rate is that stage's capacity on one core.
+Receivers with UDP_GRO (tunnel-client, forward --gro) take the runs whole; the others get
+them as single datagrams. --plain-load sends single datagrams instead (nothing to
+coalesce) at --rate (default 250,000/s, below every stage's capacity): the comparison is
+then the CPU each stage spends per datagram.
 """
 import argparse
 import json
@@ -41,13 +51,20 @@ from bench.loadgen import Blaster, LoadError, Sink  # noqa: E402
 SIZES = (64, 1350)
 FLOWS = (1, 64)
 IMPLS = ("relay", "socat", "forward")
+STAGES = ("forward", "forward-gro", "client", "server", "tunnel")
+
+
+def pinned(args, cpus):
+    """argv that runs on the CPUs ``cpus`` (taskset execs: the pid stays the same)."""
+    args = [str(a) for a in args]
+    return ["taskset", "-c", ",".join(map(str, sorted(cpus)))] + args if cpus else args
 
 
 class Here:
     """The namespace interface bench.loadgen expects, for this (the root) namespace."""
 
     def popen(self, args, cpus=None, **kw):
-        return subprocess.Popen([str(a) for a in args], start_new_session=True, **kw)
+        return subprocess.Popen(pinned(args, cpus), start_new_session=True, **kw)
 
 
 def free_port(kind=socket.SOCK_STREAM):
@@ -82,29 +99,46 @@ def wait_tcp(port, timeout=10.0):
     raise LoadError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def start_chain(impl, sink_port):
-    """Start A and B; returns ([procs], entry UDP port)."""
+def start_chain(impl, sink_port, cpus=None):
+    """Start the chain (its relay processes on ``cpus``); returns ([procs], entry port):
+    UDP for the load generator, except for the "server" stage (the tunnel-server's TCP
+    port, written to by ``blast --tunnel``)."""
     tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     env = dict(os.environ, PYTHONPATH=ROOT)
-    if impl == "relay":
-        tun = [sys.executable, "-m", "relay.engine.tunnel"]
-        b = subprocess.Popen(tun + ["tunnel-server", "--listen", f"127.0.0.1:{tcp_port}",
-                                    "--allow", "127.0.0.0/8", "--batch", "64",
-                                    "--log-level", "error"],
+    tun = [sys.executable, "-m", "relay.engine.tunnel"]
+
+    def server():
+        p = subprocess.Popen(pinned(tun + ["tunnel-server", "--listen", f"127.0.0.1:{tcp_port}",
+                                           "--allow", "127.0.0.0/8", "--batch", "64",
+                                           "--log-level", "error"], cpus),
                              start_new_session=True, env=env, **quiet)
         # the accept probe of wait_tcp is a connection that never handshakes: harmless
         wait_tcp(tcp_port)
-        a = subprocess.Popen(tun + ["tunnel-client", "--server", f"127.0.0.1:{tcp_port}",
-                                    "--listen", f"127.0.0.1:{udp_port}",
-                                    "--to", f"127.0.0.1:{sink_port}", "--batch", "64",
-                                    "--log-level", "error"],
+        return p
+
+    def client(server_port):
+        return subprocess.Popen(pinned(tun + ["tunnel-client", "--server", f"127.0.0.1:{server_port}",
+                                              "--listen", f"127.0.0.1:{udp_port}",
+                                              "--to", f"127.0.0.1:{sink_port}", "--batch", "64",
+                                              "--log-level", "error"], cpus),
+                                start_new_session=True, env=env, **quiet)
+
+    if impl in ("relay", "tunnel"):
+        b = server()
+        a = client(tcp_port)
+    elif impl == "client":          # sink_port is the TCP port of `sink --tunnel`
+        return [client(sink_port)], udp_port
+    elif impl == "server":
+        return [server()], tcp_port
+    elif impl in ("forward", "forward-gro"):
+        a = subprocess.Popen(pinned([sys.executable, "-m", "relay", "forward",
+                                     "--listen", f"127.0.0.1:{udp_port}",
+                                     "--to", f"127.0.0.1:{sink_port}",
+                                     "--workers", "1", "--control", "", "--mark", "0",
+                                     "--log-level", "error"]
+                                    + (["--gro"] if impl == "forward-gro" else []), cpus),
                              start_new_session=True, env=env, **quiet)
-    elif impl == "forward":
-        a = subprocess.Popen([sys.executable, "-m", "relay", "forward",
-                              "--listen", f"127.0.0.1:{udp_port}", "--to", f"127.0.0.1:{sink_port}",
-                              "--workers", "1", "--control", "", "--mark", "0",
-                              "--log-level", "error"], start_new_session=True, env=env, **quiet)
         return [a], udp_port
     else:
         b = subprocess.Popen(["socat", "-u", f"TCP-LISTEN:{tcp_port},bind=127.0.0.1,reuseaddr",
@@ -133,17 +167,42 @@ def total_bytes(snap):
     return sum(m.get("bytes", 0) for m in snap.get("markers", {}).values())
 
 
-def one_run(impl, size, flows, duration, tools):
+def cpu_seconds(procs):
+    """CPU time (user + system) of the processes and their children, or None without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    total = 0.0
+    for p in procs:
+        try:
+            top = psutil.Process(p.pid)
+            for q in [top] + top.children(recursive=True):
+                t = q.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def one_run(impl, size, flows, duration, tools, load_cpus=None, impl_cpus=None, rate=0,
+            gso=False):
     blast_bin, sink_bin = tools
-    sink_port = free_port(socket.SOCK_DGRAM)
-    sink = Sink(Here(), sink_bin, f"127.0.0.1:{sink_port}", max_time=int(duration) + 60).start()
+    to_tunnel = impl == "client"        # the sink plays the tunnel server
+    sink_port = free_port(socket.SOCK_STREAM if to_tunnel else socket.SOCK_DGRAM)
+    sink = Sink(Here(), sink_bin, f"127.0.0.1:{sink_port}", max_time=int(duration) + 60,
+                cpus=load_cpus, tunnel=to_tunnel).start()
     procs = []
     try:
-        procs, entry = start_chain(impl, sink_port)
-        # warm-up datagrams (marker 0) prove the chain is up before the measured phase
+        procs, entry = start_chain(impl, sink_port, impl_cpus)
+        if impl == "server":            # blast writes frames to the server, for the sink
+            command, dst = [blast_bin, "--tunnel", f"127.0.0.1:{entry}"], f"127.0.0.1:{sink_port}"
+        else:
+            command, dst = [blast_bin], f"127.0.0.1:{entry}"
+        # warm-up datagrams (marker 2) prove the chain is up before the measured phase
         deadline = time.monotonic() + 10
         while True:
-            warm = Blaster(Here(), [blast_bin], f"127.0.0.1:{entry}", size=size, flows=flows,
+            warm = Blaster(Here(), command, dst, size=size, flows=flows, cpus=load_cpus,
                            duration=0.2, warmup=0, marker=2, count=flows * 4).start()
             warm.wait_warm()
             warm.go()
@@ -153,28 +212,46 @@ def one_run(impl, size, flows, duration, tools):
                 break
             if time.monotonic() > deadline:
                 raise LoadError(f"{impl} chain delivers nothing")
-        b = Blaster(Here(), [blast_bin], f"127.0.0.1:{entry}", size=size, flows=flows,
-                    duration=duration, warmup=0, marker=1).start()
+        b = Blaster(Here(), command, dst, size=size, flows=flows, cpus=load_cpus,
+                    duration=duration, warmup=0, marker=1, rate=rate,
+                    gso=gso and impl != "server").start()
         b.wait_warm()
         before = total_bytes(sink.snapshot())
+        cpu0 = cpu_seconds(procs)
         b.go()
         res = b.result()
         sink.wait_count(1, res["sent"], quiet=0.3, limit=3.0)
-        delivered = total_bytes(sink.snapshot()) - before
-        elapsed = res["elapsed"] or duration
-        return {"dgrams_per_s": delivered / size / elapsed,
-                "mbit_per_s": delivered * 8 / elapsed / 1e6,
-                "offered_per_s": res["sent"] / elapsed,
-                "delivery": delivered / size / res["sent"] if res["sent"] else 0.0}
+        snap = sink.snapshot()
+        delivered = total_bytes(snap) - before
+        # The rate over the sink's window (first to last datagram of the measured phase):
+        # a saturated chain is still delivering its backlog after the generator stopped.
+        m = snap.get("markers", {}).get("1", {})
+        window = m.get("last", 0) - m.get("first", 0)
+        elapsed = max(res["elapsed"] or duration, window)
+        out = {"dgrams_per_s": delivered / size / elapsed,
+               "mbit_per_s": delivered * 8 / elapsed / 1e6,
+               "offered_per_s": res["sent"] / (res["elapsed"] or duration),
+               "delivery": delivered / size / res["sent"] if res["sent"] else 0.0}
+        if cpu0 is not None and impl != "socat":
+            cpu1 = cpu_seconds(procs)           # including the backlog's delivery
+            out["cpu"] = (cpu1 - cpu0) / elapsed        # cores busy in the relay processes
+            if delivered:
+                out["us_per_dgram"] = (cpu1 - cpu0) / (delivered / size) * 1e6
+        return out
     finally:
         for p in procs:
             stop(p)
         sink.stop()
 
 
-def run(quick=False, rounds=None, duration=None, log=print):
-    """Rows of medians; bench/harness.py calls this. RELAY_BENCH_SMOKE=1: one tiny point."""
+def run(quick=False, rounds=None, duration=None, log=print, stages=False, rate=0, gso=False):
+    """Rows of medians; bench/harness.py calls this. RELAY_BENCH_SMOKE=1: one tiny point.
+    ``stages``: the pinned per-end comparison (load on CPU 0, relay on CPU 1); ``gso``:
+    the load generator sends runs as UDP_SEGMENT buffers."""
     smoke = os.environ.get("RELAY_BENCH_SMOKE") == "1"
+    impls = STAGES if stages else IMPLS
+    load_cpus, impl_cpus = ({0}, {1}) if stages else (None, None)
+    bench = "tunnel-stages" if stages else "tunnel"
     rounds = 1 if smoke else (rounds or (1 if quick else 3))
     duration = 0.3 if smoke else (duration or (1.0 if quick else 2.0))
     sizes, flows_list = ((64,), (1,)) if smoke else (SIZES, FLOWS)
@@ -183,26 +260,59 @@ def run(quick=False, rounds=None, duration=None, log=print):
     rows = []
     for size in sizes:
         for flows in flows_list:
-            results = {impl: [] for impl in IMPLS}
+            results = {impl: [] for impl in impls}
             for rnd in range(rounds):
-                k = rnd % len(IMPLS)
-                for impl in IMPLS[k:] + IMPLS[:k]:
+                k = rnd % len(impls)
+                for impl in impls[k:] + impls[:k]:
                     try:
-                        results[impl].append(one_run(impl, size, flows, duration, tools))
+                        results[impl].append(one_run(impl, size, flows, duration, tools,
+                                                     load_cpus, impl_cpus, rate, gso))
                     except LoadError as e:
                         log(f"  {impl} size={size} flows={flows}: {e}")
             for impl, rs in results.items():
                 if not rs:
                     continue
-                row = {"bench": "tunnel", "impl": impl, "size": size, "flows": flows,
+                row = {"bench": bench, "impl": impl, "size": size, "flows": flows,
                        "rounds": len(rs)}
-                for key in ("dgrams_per_s", "mbit_per_s", "offered_per_s", "delivery"):
-                    row[key] = statistics.median(r[key] for r in rs)
+                for key in ("dgrams_per_s", "mbit_per_s", "offered_per_s", "delivery", "cpu",
+                            "us_per_dgram"):
+                    if all(key in r for r in rs):
+                        row[key] = statistics.median(r[key] for r in rs)
                 rows.append(row)
+                cpu = f", relay CPU {row['cpu']:.2f} cores" if "cpu" in row else ""
+                if "us_per_dgram" in row:
+                    cpu += f", {row['us_per_dgram']:.2f} us/dgram"
                 log(f"  {impl:7s} size={size:5d} flows={flows:3d}: "
                     f"{row['dgrams_per_s']:>10,.0f} dgrams/s {row['mbit_per_s']:>8,.1f} Mbit/s "
-                    f"(offered {row['offered_per_s']:,.0f}/s, delivered {row['delivery']:.0%})")
-            r = {x["impl"]: x for x in rows if x["size"] == size and x["flows"] == flows}
+                    f"(offered {row['offered_per_s']:,.0f}/s, delivered {row['delivery']:.0%}{cpu})")
+            r = {x["impl"]: x for x in rows
+                 if x["bench"] == bench and x["size"] == size and x["flows"] == flows}
+            fwd = r.get("forward", {}).get("dgrams_per_s", 0)
+            if stages:
+                # Full rate: every stage saturates, its rate is its capacity on one core.
+                # Paced: every stage keeps up; 1 / (CPU per datagram) is its capacity.
+                if rate:
+                    cap = {k: 1e6 / v["us_per_dgram"] for k, v in r.items()
+                           if v.get("us_per_dgram")}
+                else:
+                    cap = {k: v["dgrams_per_s"] for k, v in r.items()}
+                for impl in ("forward-gro", "client", "server", "tunnel"):
+                    if impl in cap and cap.get("forward"):
+                        r[impl]["capacity_vs_forward"] = round(cap[impl] / cap["forward"], 2)
+                        log(f"  {impl} / forward: {r[impl]['capacity_vs_forward']:.2f}")
+                if {"client", "server"} <= cap.keys() and cap.get("forward"):
+                    ends = min(cap["client"], cap["server"])
+                    row = {"bench": bench, "impl": "two-host tunnel", "size": size,
+                           "flows": flows, "capacity_per_core": ends,
+                           "capacity_vs_forward": round(ends / cap["forward"], 2)}
+                    if cap.get("forward-gro"):
+                        row["capacity_vs_forward_gro"] = round(ends / cap["forward-gro"], 2)
+                    rows.append(row)
+                    log(f"  two-host tunnel (its slower end) / forward: "
+                        f"{row['capacity_vs_forward']:.2f}"
+                        + (f", / forward --gro: {row['capacity_vs_forward_gro']:.2f}"
+                           if "capacity_vs_forward_gro" in row else ""))
+                continue
             for other in ("socat", "forward"):
                 if "relay" in r and other in r and r[other]["dgrams_per_s"] > 0:
                     ratio = r["relay"]["dgrams_per_s"] / r[other]["dgrams_per_s"]
@@ -217,12 +327,29 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="rounds per point (default 3)")
     p.add_argument("--duration", type=float, default=None, help="seconds per run (default 2)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the rows as JSON")
+    p.add_argument("--stages", action="store_true",
+                   help="each end of the tunnel alone on CPU 1 against plain forward on CPU 1 "
+                        "(load generator and sink on CPU 0); needs 2 CPUs")
+    p.add_argument("--plain-load", action="store_true",
+                   help="with --stages: single datagrams at --rate instead of GSO runs at "
+                        "full rate; compares CPU per datagram")
+    p.add_argument("--rate", type=float, default=None, metavar="PPS",
+                   help="offered datagrams/s (default: full rate; --stages --plain-load: "
+                        "250000, below every stage's capacity)")
     args = p.parse_args(argv)
-    for tool in ("socat", "gcc"):
+    if args.stages and not {0, 1} <= os.sched_getaffinity(0):
+        p.error("--stages needs CPUs 0 and 1")
+    for tool in ("socat", "gcc", "taskset"):
         if subprocess.run(["which", tool], capture_output=True).returncode:
             print(f"bench_tunnel: {tool} is needed", file=sys.stderr)
             return 2
-    rows = run(args.quick, args.rounds, args.duration)
+    if args.plain_load and not args.stages:
+        p.error("--plain-load goes with --stages")
+    gso = args.stages and not args.plain_load
+    rate = args.rate if args.rate is not None else (250_000 if args.plain_load else 0)
+    if gso and rate:
+        p.error("--rate goes with --plain-load (GSO load runs at full rate)")
+    rows = run(args.quick, args.rounds, args.duration, stages=args.stages, rate=rate, gso=gso)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows}, f, indent=2)

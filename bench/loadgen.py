@@ -90,10 +90,12 @@ class _Lines:
 
 
 class Sink:
-    """bench/c/sink.c in a namespace: counts per marker, optional echo."""
+    """bench/c/sink.c in a namespace: counts per marker, optional echo; ``tunnel``: the
+    server end of relay's multiplexed tunnel on a TCP port instead of a UDP sink."""
 
-    def __init__(self, ns, binary, listen, echo=False, max_time=600, cpus=None):
+    def __init__(self, ns, binary, listen, echo=False, max_time=600, cpus=None, tunnel=False):
         self.ns, self.binary, self.listen, self.echo = ns, binary, listen, echo
+        self.tunnel = tunnel
         self.cpus = cpus
         self.max_time = max_time
         self.proc = None
@@ -103,6 +105,8 @@ class Sink:
         args = [self.binary, "--listen", self.listen, "--max-time", self.max_time]
         if self.echo:
             args.append("--echo")
+        if self.tunnel:
+            args.append("--tunnel")
         self.proc = self.ns.popen(args, cpus=self.cpus, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         self.lines = _Lines(self.proc.stdout)

@@ -2,6 +2,7 @@
  *
  *   blast --dst HOST:PORT [--size 64] [--flows 1] [--batch 64] [--count N] [--duration S]
  *         [--rate PPS] [--warmup N] [--marker M] [--sync] [--echo] [--gso]
+ *         [--tunnel HOST:PORT]
  *
  * Opens one UDP socket per flow (distinct source ports), connected to --dst, and sends
  * batches with sendmmsg, round robin over the flows (one batch of --batch datagrams per
@@ -13,12 +14,17 @@
  * phase (the harness snapshots CPU counters in between).
  * --echo: also count the replies arriving on the flow sockets (round trips).
  * --gso: send each batch entry as one UDP_SEGMENT buffer of up to 64 datagrams.
+ * --tunnel: instead of UDP, play the client end of relay's multiplexed tunnel against the
+ * tunnel-server at HOST:PORT (SOCKS5 method 0x00, CMD 0xFA): frames to --dst, flow ids
+ * 1..--flows, one send() of --batch frames per flow in turn (the benchmark of
+ * tunnel-server alone, bench/bench_tunnel.py --stages); --rate paces the batches.
  * Prints one JSON object on stdout at the end.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <netinet/udp.h>
 #include <poll.h>
 #include <stdint.h>
@@ -136,9 +142,148 @@ static long drain(int fd, struct mmsghdr *msgs, int batch, int marker, long *byt
     return got;
 }
 
+/* --sync: report the end of the warm-up, wait for the go line; nonzero if stdin closed. */
+static int wait_go(long warm_sent)
+{
+    printf("warm %ld\n", warm_sent);
+    fflush(stdout);
+    char line[64];
+    if (!fgets(line, sizeof line, stdin)) {
+        fprintf(stderr, "blast: stdin closed before go\n");
+        return 1;
+    }
+    return 0;
+}
+
+/* Sends all of p (blocking, bounded by `until`); 0 when it all went. */
+static int send_full(int fd, const unsigned char *p, size_t n, double until)
+{
+    size_t done = 0;
+    while (done < n) {
+        ssize_t r = send(fd, p + done, n - done, MSG_NOSIGNAL);
+        if (r < 0) {
+            if ((errno == EAGAIN || errno == EINTR) && now_s() < until) continue;
+            return -1;
+        }
+        done += (size_t)r;
+    }
+    return 0;
+}
+
+static int recv_full(int fd, unsigned char *p, size_t n)
+{
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = recv(fd, p + got, n - got, 0);
+        if (r <= 0) return -1;
+        got += (size_t)r;
+    }
+    return 0;
+}
+
+/* Frames of `batch` datagrams of `size` bytes to dst on flow id `flow`, marker first. */
+static unsigned char *tunnel_frames(const struct sockaddr_storage *dst, uint32_t flow,
+                                    long size, long batch, int marker, size_t *len)
+{
+    size_t alen = dst->ss_family == AF_INET ? 4 : 16, hl = 4 + alen + 2 + 4;
+    unsigned char *b = malloc((hl + (size_t)size) * (size_t)batch), *o = b;
+    if (!b) die("malloc");
+    for (long i = 0; i < batch; i++) {
+        o[0] = (unsigned char)(size >> 8);
+        o[1] = (unsigned char)size;
+        o[2] = 0;
+        if (dst->ss_family == AF_INET) {
+            const struct sockaddr_in *a = (const struct sockaddr_in *)dst;
+            o[3] = 1;
+            memcpy(o + 4, &a->sin_addr, 4);
+            memcpy(o + 8, &a->sin_port, 2);
+        } else {
+            const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)dst;
+            o[3] = 4;
+            memcpy(o + 4, &a->sin6_addr, 16);
+            memcpy(o + 20, &a->sin6_port, 2);
+        }
+        o[hl - 4] = (unsigned char)(flow >> 24);
+        o[hl - 3] = (unsigned char)(flow >> 16);
+        o[hl - 2] = (unsigned char)(flow >> 8);
+        o[hl - 1] = (unsigned char)flow;
+        for (long k = 0; k < size; k++)
+            o[hl + (size_t)k] = (unsigned char)('a' + k % 26);
+        o[hl] = (unsigned char)marker;
+        o += hl + (size_t)size;
+    }
+    *len = (size_t)(o - b);
+    return b;
+}
+
+static int tunnel_blast(const char *server_s, const struct sockaddr_storage *dst, long size,
+                        long flows, long batch, double count, double duration, double rate,
+                        long warmup, int marker, int sync)
+{
+    struct sockaddr_storage srv;
+    socklen_t slen = parse_hostport(server_s, &srv);
+    int fd = socket(srv.ss_family, SOCK_STREAM, 0);
+    if (fd < 0) die("socket");
+    int one = 1, buf = 4 << 20;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &buf, sizeof buf) < 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
+    struct timeval tv = {0, 100000};
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    if (connect(fd, (struct sockaddr *)&srv, slen) < 0) die("connect");
+    static const unsigned char greet[3] = {5, 1, 0};
+    static const unsigned char req[10] = {5, 0xFA, 0, 1, 0, 0, 0, 0, 0, 0};
+    unsigned char h[32];
+    if (send_full(fd, greet, 3, now_s() + 5) || recv_full(fd, h, 2) || h[0] != 5 || h[1] != 0)
+        usage("tunnel server refused method 0x00 (no secret)");
+    if (send_full(fd, req, sizeof req, now_s() + 5) || recv_full(fd, h, 4) || h[1] != 0)
+        usage("tunnel server refused the CMD 0xFA request");
+    if (recv_full(fd, h + 4, (h[3] == 4 ? 16 : 4) + 2)) die("tunnel reply");
+
+    unsigned char **frames = calloc((size_t)flows, sizeof *frames);
+    if (!frames) die("calloc");
+    size_t flen = 0;
+    for (long f = 0; f < flows; f++)
+        frames[f] = tunnel_frames(dst, (uint32_t)f + 1, size, batch, marker, &flen);
+    long warm_sent = 0;
+    for (long f = 0; f < flows && warmup > 0; f++) {
+        size_t wlen;
+        unsigned char *w = tunnel_frames(dst, (uint32_t)f + 1, size, warmup, 0, &wlen);
+        if (send_full(fd, w, wlen, now_s() + 5) == 0) warm_sent += warmup;
+        free(w);
+    }
+    if (sync && wait_go(warm_sent))
+        return 3;
+    double sent = 0, t0 = now_s(), deadline = t0 + duration;
+    long errors = 0, f = 0;
+    int first_err = 0;
+    while (sent < count) {
+        if (rate > 0) {
+            double due = t0 + sent / rate;
+            if (due > deadline) break;
+            if (due > now_s()) sleep_until(due);
+        }
+        if (send_full(fd, frames[f], flen, deadline + 5)) {
+            errors++;
+            first_err = errno;
+            break;
+        }
+        sent += (double)batch;
+        if (++f == flows) f = 0;
+        if (now_s() >= deadline) break;
+    }
+    double elapsed = now_s() - t0;
+    close(fd);
+    printf("{\"sent\": %.0f, \"warm_sent\": %ld, \"elapsed\": %.6f, \"errors\": %ld, "
+           "\"first_error\": \"%s\", \"replies\": 0, \"reply_bytes\": 0, \"size\": %ld, "
+           "\"flows\": %ld, \"gso_segments\": 1}\n",
+           sent, warm_sent, elapsed, errors, first_err ? strerror(first_err) : "", size, flows);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
-    const char *dst_s = NULL;
+    const char *dst_s = NULL, *tunnel_s = NULL;
     long size = 64, flows = 1, batch = 64, warmup = 0, marker = 1;
     double count = 1e12, duration = 1.0, rate = 0;
     int sync = 0, echo = 0, gso = 0;
@@ -159,6 +304,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--sync")) sync = 1;
         else if (!strcmp(a, "--echo")) echo = 1;
         else if (!strcmp(a, "--gso")) gso = 1;
+        else if (!strcmp(a, "--tunnel")) { NEEDV(); tunnel_s = v; }
         else { fprintf(stderr, "blast: unknown option %s\n", a); return 2; }
     }
     if (!dst_s) usage("--dst is required");
@@ -172,6 +318,12 @@ int main(int argc, char **argv)
 
     struct sockaddr_storage dst;
     socklen_t dlen = parse_hostport(dst_s, &dst);
+    if (tunnel_s) {
+        if (echo || gso) usage("--tunnel goes without --echo or --gso");
+        if (size > 65535) usage("--size must be at most 65535 with --tunnel");
+        return tunnel_blast(tunnel_s, &dst, size, flows, batch, count, duration, rate, warmup,
+                            (int)marker, sync);
+    }
     raise_nofile();
 
     int *fds = calloc((size_t)flows, sizeof(int));
@@ -252,15 +404,8 @@ int main(int argc, char **argv)
                 setsockopt(fds[f], SOL_UDP, UDP_SEGMENT, &seg, sizeof seg);
         }
     }
-    if (sync) {
-        printf("warm %ld\n", warm_sent);
-        fflush(stdout);
-        char line[64];
-        if (!fgets(line, sizeof line, stdin)) {
-            fprintf(stderr, "blast: stdin closed before go\n");
-            return 3;
-        }
-    }
+    if (sync && wait_go(warm_sent))
+        return 3;
     if (echo) {
         long junk = 0;
         for (long f = 0; f < flows; f++)

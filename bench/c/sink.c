@@ -1,12 +1,16 @@
 /* sink: UDP sink (and optional echo) for the relay benchmark.
  *
- *   sink --listen HOST:PORT [--echo] [--batch 64] [--max-time 600]
+ *   sink --listen HOST:PORT [--echo | --tunnel] [--batch 64] [--max-time 600]
  *
  * Receives with recvmmsg and counts datagrams and bytes per marker (the first payload byte,
  * see blast.c), with the monotonic time of the first and last batch holding each marker.
  * Prints "ready" once bound; prints the counters as one JSON line on SIGUSR1 (and keeps
  * running) and on SIGTERM/SIGINT or after --max-time (and exits).
  * --echo sends every datagram back to its source (sendmmsg), for round-trip runs.
+ * --tunnel: instead of UDP, play the server end of relay's multiplexed tunnel (SOCKS5
+ * method 0x00, CMD 0xFA) on a TCP listen socket: take one connection and count the
+ * datagrams of the frames it carries, as the UDP mode counts datagrams (the benchmark of
+ * tunnel-client alone, bench/bench_tunnel.py --stages).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -19,6 +23,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <poll.h>
+#include <netinet/tcp.h>
 #include <unistd.h>
 
 #define MAX_BATCH 256
@@ -103,12 +109,100 @@ static void report(void)
     fflush(stdout);
 }
 
+static void count_one(const unsigned char *data, size_t len, double t)
+{
+    int m = len ? data[0] : 0;
+    if (count[m] == 0) first[m] = t;
+    count[m]++;
+    bytes[m] += (double)len;
+    last[m] = t;
+}
+
+/* Reads exactly n bytes of the handshake (blocking with the receive timeout); 0 on success. */
+static int read_full(int fd, unsigned char *p, size_t n)
+{
+    size_t got = 0;
+    while (got < n && !want_exit) {
+        ssize_t r = recv(fd, p + got, n - got, 0);
+        if (r == 0) return -1;
+        if (r < 0) {
+            if (errno == EINTR || errno == EAGAIN) continue;
+            return -1;
+        }
+        got += (size_t)r;
+    }
+    return got == n ? 0 : -1;
+}
+
+/* Server end of relay's multiplexed tunnel, no authentication: greeting, CMD 0xFA request,
+ * reply; then frames RSV(2, payload length) FRAG ATYP ADDR PORT FLOW(4) DATA, counted. */
+static int tunnel_main(int lfd, double end)
+{
+    int fd = -1;
+    while (fd < 0 && !want_exit) {
+        struct pollfd p = {lfd, POLLIN, 0};
+        if (want_report) { want_report = 0; report(); }
+        if (poll(&p, 1, 50) > 0)
+            fd = accept(lfd, NULL, NULL);
+        if (now_s() > end) return 0;
+    }
+    if (fd < 0) return 0;
+    struct timeval tv = {0, 50000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    unsigned char h[300];
+    if (read_full(fd, h, 2) || h[0] != 5 || read_full(fd, h + 2, h[1])) return 1;
+    if (!memchr(h + 2, 0, h[1])) { fprintf(stderr, "sink: client does not offer method 0\n"); return 1; }
+    static const unsigned char choice[2] = {5, 0};
+    if (send(fd, choice, 2, MSG_NOSIGNAL) != 2) return 1;
+    if (read_full(fd, h, 4) || h[1] != 0xFA) { fprintf(stderr, "sink: not a CMD 0xFA request\n"); return 1; }
+    size_t alen = h[3] == 1 ? 4 : h[3] == 4 ? 16 : 0;
+    if (h[3] == 3) { if (read_full(fd, h + 4, 1)) return 1; alen = h[4]; }
+    if (read_full(fd, h + 5, alen + 2)) return 1;
+    static const unsigned char reply[10] = {5, 0, 0, 1, 0, 0, 0, 0, 0, 0};
+    if (send(fd, reply, sizeof reply, MSG_NOSIGNAL) != sizeof reply) return 1;
+
+    size_t cap = 4 << 20, have = 0;
+    unsigned char *buf = malloc(cap);
+    if (!buf) die("malloc");
+    while (!want_exit) {
+        if (want_report) { want_report = 0; report(); }
+        ssize_t r = recv(fd, buf + have, cap - have, 0);
+        double t = now_s();
+        if (r == 0) break;
+        if (r < 0) {
+            if (errno != EINTR && errno != EAGAIN) break;
+            if (t > end) break;
+            continue;
+        }
+        batches++;
+        have += (size_t)r;
+        size_t pos = 0;
+        while (have - pos >= 4) {
+            const unsigned char *f = buf + pos;
+            size_t al = f[3] == 1 ? 4 : f[3] == 4 ? 16 : (have - pos >= 5 ? 1 + (size_t)f[4] : 0);
+            if (al == 0) break;
+            size_t hl = 4 + al + 2 + 4, dl = ((size_t)f[0] << 8) | f[1];
+            if (have - pos < hl + dl) break;
+            count_one(f + hl, dl, t);
+            pos += hl + dl;
+        }
+        memmove(buf, buf + pos, have - pos);
+        have -= pos;
+        if (t > end) break;
+    }
+    free(buf);
+    close(fd);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *listen_s = NULL;
     long batch = 64;
     double max_time = 600;
-    int echo = 0;
+    int echo = 0, tunnel = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -117,6 +211,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--batch")) { NEEDV(); batch = atol(v); }
         else if (!strcmp(a, "--max-time")) { NEEDV(); max_time = atof(v); }
         else if (!strcmp(a, "--echo")) echo = 1;
+        else if (!strcmp(a, "--tunnel")) tunnel = 1;
         else { fprintf(stderr, "sink: unknown option %s\n", a); return 2; }
     }
     if (!listen_s) usage("--listen is required");
@@ -125,7 +220,7 @@ int main(int argc, char **argv)
 
     struct sockaddr_storage la;
     socklen_t llen = parse_hostport(listen_s, &la);
-    int fd = socket(la.ss_family, SOCK_DGRAM, 0);
+    int fd = socket(la.ss_family, tunnel ? SOCK_STREAM : SOCK_DGRAM, 0);
     if (fd < 0) die("socket");
     int one = 1, buf = 16 << 20;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -136,6 +231,7 @@ int main(int argc, char **argv)
     struct timeval tv = {0, 50000};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     if (bind(fd, (struct sockaddr *)&la, llen) < 0) die("bind");
+    if (tunnel && listen(fd, 4) < 0) die("listen");
 
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -165,6 +261,11 @@ int main(int argc, char **argv)
     printf("ready\n");
     fflush(stdout);
     double end = now_s() + max_time;
+    if (tunnel) {
+        int rc = tunnel_main(fd, end);
+        report();
+        return rc;
+    }
     while (!want_exit) {
         if (want_report) {
             want_report = 0;
@@ -179,14 +280,8 @@ int main(int argc, char **argv)
             continue;
         }
         batches++;
-        for (int i = 0; i < n; i++) {
-            unsigned len = rm[i].msg_len;
-            int m = len ? ((unsigned char *)riov[i].iov_base)[0] : 0;
-            if (count[m] == 0) first[m] = t;
-            count[m]++;
-            bytes[m] += len;
-            last[m] = t;
-        }
+        for (int i = 0; i < n; i++)
+            count_one(riov[i].iov_base, rm[i].msg_len, t);
         if (echo) {
             for (int i = 0; i < n; i++) {
                 siov[i].iov_len = rm[i].msg_len;
