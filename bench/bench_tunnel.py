@@ -46,7 +46,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench.cbuild import compile_c  # noqa: E402
+from bench.harness import tree_cpu  # noqa: E402
 from bench.loadgen import Blaster, LoadError, Sink  # noqa: E402
+from bench.topo import taskset  # noqa: E402
 
 SIZES = (64, 1350)
 FLOWS = (1, 64)
@@ -55,9 +57,8 @@ STAGES = ("forward", "forward-gro", "client", "server", "tunnel")
 
 
 def pinned(args, cpus):
-    """argv that runs on the CPUs ``cpus`` (taskset execs: the pid stays the same)."""
-    args = [str(a) for a in args]
-    return ["taskset", "-c", ",".join(map(str, sorted(cpus)))] + args if cpus else args
+    """argv that runs on the CPUs ``cpus`` (all CPUs when None)."""
+    return taskset(cpus) + [str(a) for a in args]
 
 
 class Here:
@@ -167,24 +168,6 @@ def total_bytes(snap):
     return sum(m.get("bytes", 0) for m in snap.get("markers", {}).values())
 
 
-def cpu_seconds(procs):
-    """CPU time (user + system) of the processes and their children, or None without psutil."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    total = 0.0
-    for p in procs:
-        try:
-            top = psutil.Process(p.pid)
-            for q in [top] + top.children(recursive=True):
-                t = q.cpu_times()
-                total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
 def one_run(impl, size, flows, duration, tools, load_cpus=None, impl_cpus=None, rate=0,
             gso=False):
     blast_bin, sink_bin = tools
@@ -217,7 +200,7 @@ def one_run(impl, size, flows, duration, tools, load_cpus=None, impl_cpus=None, 
                     gso=gso and impl != "server").start()
         b.wait_warm()
         before = total_bytes(sink.snapshot())
-        cpu0 = cpu_seconds(procs)
+        cpu0 = tree_cpu(p.pid for p in procs)
         b.go()
         res = b.result()
         sink.wait_count(1, res["sent"], quiet=0.3, limit=3.0)
@@ -232,8 +215,8 @@ def one_run(impl, size, flows, duration, tools, load_cpus=None, impl_cpus=None, 
                "mbit_per_s": delivered * 8 / elapsed / 1e6,
                "offered_per_s": res["sent"] / (res["elapsed"] or duration),
                "delivery": delivered / size / res["sent"] if res["sent"] else 0.0}
-        if cpu0 is not None and impl != "socat":
-            cpu1 = cpu_seconds(procs)           # including the backlog's delivery
+        if impl != "socat":
+            cpu1 = tree_cpu(p.pid for p in procs)     # including the backlog's delivery
             out["cpu"] = (cpu1 - cpu0) / elapsed        # cores busy in the relay processes
             if delivered:
                 out["us_per_dgram"] = (cpu1 - cpu0) / (delivered / size) * 1e6
@@ -287,7 +270,6 @@ def run(quick=False, rounds=None, duration=None, log=print, stages=False, rate=0
                     f"(offered {row['offered_per_s']:,.0f}/s, delivered {row['delivery']:.0%}{cpu})")
             r = {x["impl"]: x for x in rows
                  if x["bench"] == bench and x["size"] == size and x["flows"] == flows}
-            fwd = r.get("forward", {}).get("dgrams_per_s", 0)
             if stages:
                 # Full rate: every stage saturates, its rate is its capacity on one core.
                 # Paced: every stage keeps up; 1 / (CPU per datagram) is its capacity.

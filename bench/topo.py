@@ -30,6 +30,12 @@ _counter = itertools.count()
 _NAME = re.compile(rf"^{PREFIX}(\d+)x\d+-\w+$")
 
 
+def taskset(cpus):
+    """argv prefix that runs a command on the CPUs ``cpus`` (none: no prefix); taskset
+    execs, so the process keeps the pid Popen reports."""
+    return ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+
+
 class TopoError(RuntimeError):
     pass
 
@@ -90,8 +96,7 @@ class Netns:
     def command(self, args, cpus=None):
         """argv that runs ``args`` inside this namespace, on the CPUs ``cpus`` if given
         (``ip netns exec`` and ``taskset`` exec, so the process keeps the pid Popen reports)."""
-        pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
-        return ["ip", "netns", "exec", self.name] + pin + [str(a) for a in args]
+        return ["ip", "netns", "exec", self.name] + taskset(cpus) + [str(a) for a in args]
 
     def popen(self, args, cpus=None, **kw):
         kw.setdefault("start_new_session", True)

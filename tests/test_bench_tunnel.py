@@ -23,8 +23,7 @@ def test_every_datagram_of_a_paced_run_is_counted(tools, impl, size, flows):
     r = bt.one_run(impl, size, flows, 0.3, tools, rate=20_000)
     assert r["offered_per_s"] > 0
     assert r["delivery"] == 1.0, r
-    assert r["dgrams_per_s"] > 0
-    assert r["us_per_dgram"] >= 0           # CPU time has 10 ms ticks: a short run may read 0
+    assert r["dgrams_per_s"] > 0 and r["us_per_dgram"] > 0
 
 
 def test_a_full_rate_server_stage_loses_nothing(tools):
