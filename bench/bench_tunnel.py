@@ -107,12 +107,14 @@ def start_chain(impl, sink_port, cpus=None):
     tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     env = dict(os.environ, PYTHONPATH=ROOT)
-    tun = [sys.executable, "-m", "relay.engine.tunnel"]
+    # one worker each, no control socket: the bench starts several relays at once
+    tun = [sys.executable, "-m", "relay"]
+    one = ["--workers", "1", "--control", ""]
 
     def server():
         p = subprocess.Popen(pinned(tun + ["tunnel-server", "--listen", f"127.0.0.1:{tcp_port}",
                                            "--allow", "127.0.0.0/8", "--batch", "64",
-                                           "--log-level", "error"], cpus),
+                                           "--log-level", "error", *one], cpus),
                              start_new_session=True, env=env, **quiet)
         # the accept probe of wait_tcp is a connection that never handshakes: harmless
         wait_tcp(tcp_port)
@@ -122,7 +124,7 @@ def start_chain(impl, sink_port, cpus=None):
         return subprocess.Popen(pinned(tun + ["tunnel-client", "--server", f"127.0.0.1:{server_port}",
                                               "--listen", f"127.0.0.1:{udp_port}",
                                               "--to", f"127.0.0.1:{sink_port}", "--batch", "64",
-                                              "--log-level", "error"], cpus),
+                                              "--log-level", "error", *one], cpus),
                                 start_new_session=True, env=env, **quiet)
 
     if impl in ("relay", "tunnel"):

@@ -730,6 +730,8 @@ cdef class Engine:
         elif e == ECONNREFUSED:
             self.st[C_ICMP_ERRORS] += 1
             self.st[C_DROP_SEND_ERROR] += 1
+        elif e == EACCES or e == EPERM:
+            self.st[C_DROP_PERMISSION] += 1
         else:
             self.st[C_DROP_SEND_ERROR] += 1
 
@@ -1081,8 +1083,10 @@ cdef class Engine:
             setsockopt(fd, SOL_SOCKET, SO_MARK, &self.mark, sizeof(self.mark))
         nl = akey_to_sockaddr(remote, remote.family, &sa)
         if e < 0 or bind(fd, &sa.sa, nl) < 0:
+            # IP_TRANSPARENT needs CAP_NET_ADMIN, a remote port below 1024 CAP_NET_BIND_SERVICE
+            e = errno
             close(fd)
-            self.st[C_DROP_SEND_ERROR] += 1
+            self._count_error(e)
             return -1
         idx = table_insert(&self.tp, remote, now)
         if idx < 0:

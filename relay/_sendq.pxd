@@ -22,12 +22,12 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp
 from relay.includes.system cimport (
     errno, EAGAIN, EINTR, EINVAL, EIO, EMSGSIZE, ENETUNREACH, EHOSTUNREACH, EADDRNOTAVAIL,
-    memcpy, iovec, msghdr, mmsghdr, socklen_t, sendmmsg, sendmsg, MSG_DONTWAIT,
+    EACCES, EPERM, memcpy, iovec, msghdr, mmsghdr, socklen_t, sendmmsg, sendmsg, MSG_DONTWAIT,
 )
 from relay._addr cimport sockaddr_any
 from relay._ring cimport msg_put_gso
 from relay._stats cimport (
-    C_DROP_BUFFER_FULL, C_DROP_TOO_BIG, C_DROP_NO_ROUTE, C_DROP_SEND_ERROR,
+    C_DROP_BUFFER_FULL, C_DROP_TOO_BIG, C_DROP_NO_ROUTE, C_DROP_SEND_ERROR, C_DROP_PERMISSION,
 )
 
 
@@ -164,6 +164,8 @@ cdef inline void _sq_drop(uint64_t *st, int e, uint64_t count) noexcept nogil:
         st[C_DROP_TOO_BIG] += count
     elif e == ENETUNREACH or e == EHOSTUNREACH or e == EADDRNOTAVAIL:
         st[C_DROP_NO_ROUTE] += count
+    elif e == EACCES or e == EPERM:
+        st[C_DROP_PERMISSION] += count
     else:
         st[C_DROP_SEND_ERROR] += count
 

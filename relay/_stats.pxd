@@ -30,5 +30,6 @@ cdef enum:
     C_FRAMES_BAD
     C_QUEUE_DROPS
     C_ICMP_ERRORS
-    C_DROP_RCVBUF             # the kernel's count for the listen socket (SO_RXQ_OVFL)
+    C_DROP_RCVBUF             # the kernel's count for the listen socket (SO_MEMINFO)
+    C_DROP_PERMISSION         # a send or reply socket refused for lack of a privilege
     N_COUNTERS

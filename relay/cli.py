@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 
 DEFAULT_CONTROL = "/run/relay/relay.sock"
 LOG_FORMAT = "%(asctime)s relay[%(process)d] %(levelname)s %(message)s"
@@ -37,56 +38,111 @@ def _runtime_options(p):
                    help="serve Prometheus metrics over HTTP at /metrics")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level (logs go to stderr)")
-    g.add_argument("--user", default=None,
+    g.add_argument("--user", dest="run_as", default=None, metavar="USER",
                    help="once their sockets are open, workers switch to this user keeping only "
-                        "CAP_NET_ADMIN and CAP_NET_RAW (default: nobody when started as root; "
-                        "'root' keeps root)")
+                        "the capabilities their listeners need (docs/systemd.md; default: "
+                        "nobody when started as root; 'root' keeps root)")
 
 
-def _flow_options(p):
+# Options that become listener keys: dest -> config key (most are the same name).
+_KEY = {"username": "user"}
+_LISTS = ("allow", "deny")          # repeatable, comma-separated
+_LISTENER_DESTS = set()             # every option that _opt made
+
+
+def _opt(g, mode, flag, help, *, key=None, **kw):
+    """An option whose default lives in relay.config (shown in --help, never duplicated
+    here): argparse leaves it None when not given and the configuration fills it in."""
+    from relay.config import mode_defaults
+    dest = flag.lstrip("-").replace("-", "_")
+    _LISTENER_DESTS.add(dest)
+    default = mode_defaults(mode).get(_KEY.get(dest, dest))
+    if kw.get("action") == "store_true" or default is None or default is False or \
+            default in ((), ""):
+        shown = ""
+    else:
+        shown = f" (default: {default})"
+    g.add_argument(flag, default=None, help=help.replace("%", "%%") + shown, **kw)
+
+
+def _flow_options(p, mode):
     g = p.add_argument_group("flows")
-    g.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="idle time after which an association is closed (traffic in either "
-                        "direction refreshes it)")
-    g.add_argument("--max-associations", type=int, default=65536, metavar="N",
-                   help="associations per worker; at the cap the least recently used is evicted")
-    g.add_argument("--mark", type=int, default=255,
-                   help="SO_MARK on every upstream and reply socket, so the relay's own traffic "
-                        "is never captured again (0: none)")
-    g.add_argument("--batch", type=int, default=64, metavar="N",
-                   help="datagrams per recvmmsg/sendmmsg call")
-    g.add_argument("--gro", action="store_true",
-                   help="bulk path: take coalesced datagrams from the kernel (UDP_GRO) and pass "
-                        "each run on as one segmentation-offload send (UDP_SEGMENT)")
-    g.add_argument("--upstream", default=None, metavar="URL",
-                   help="send through tunnel://HOST:PORT (relay tunnel-server), "
-                        "gost://[USER:PASS@]HOST:PORT (a gost server's UDP-over-TCP tunnel, one "
-                        "TCP connection per flow) or socks5://[USER:PASS@]HOST:PORT (SOCKS5 UDP "
-                        "ASSOCIATE) instead of directly; USER and PASS are percent-encoded")
-    g.add_argument("--secret", default=None,
-                   help="with --upstream tunnel:// only: the tunnel server's secret (proved "
-                        "with an HMAC, never sent)")
-    g.add_argument("--connections", type=int, default=None, metavar="N",
-                   help="with --upstream tunnel:// only: TCP connections the flows are spread "
-                        "over (default: 1)")
+    _opt(g, mode, "--timeout", "idle time after which an association (flow) is closed; "
+         "traffic in either direction refreshes it", type=float, metavar="SECONDS")
+    _opt(g, mode, "--max-associations", "associations (flows) per worker at most",
+         type=int, metavar="N")
+    _opt(g, mode, "--mark", "SO_MARK on every upstream and reply socket, so the relay's own "
+         "traffic is never captured again (0: none; a mark needs CAP_NET_ADMIN)", type=int)
+    _opt(g, mode, "--batch", "datagrams per recvmmsg/sendmmsg call", type=int, metavar="N")
+    _opt(g, mode, "--name", "listener name in stats, metrics and logs (default: the mode)")
+
+
+def _upstream_options(p, mode):
+    g = p.add_argument_group("upstream")
+    _opt(g, mode, "--gro", "bulk path: take coalesced datagrams from the kernel (UDP_GRO) and "
+         "pass each run on as one segmentation-offload send (UDP_SEGMENT)", action="store_true")
+    _opt(g, mode, "--upstream", "send through tunnel://HOST:PORT (relay tunnel-server), "
+         "gost://[USER:PASS@]HOST:PORT (a gost server's UDP-over-TCP tunnel, one TCP connection "
+         "per flow) or socks5://[USER:PASS@]HOST:PORT (SOCKS5 UDP ASSOCIATE) instead of "
+         "directly; USER and PASS are percent-encoded", metavar="URL")
+    _opt(g, mode, "--secret", "with --upstream tunnel:// only: the tunnel server's secret "
+         "(proved with an HMAC, never sent); visible in `ps`: prefer --secret-file or "
+         "RELAY_SECRET")
+    _opt(g, mode, "--secret-file", "with --upstream tunnel:// only: read the secret from this "
+         "file (mode 600)", metavar="FILE")
+    _opt(g, mode, "--connections", "with --upstream tunnel:// only: TCP connections the flows "
+         "are spread over (default: 1)", type=int, metavar="N")
+
+
+def _secret_options(g, mode, help):
+    _opt(g, mode, "--secret", help + "; visible in `ps`: prefer --secret-file or the "
+         "RELAY_SECRET environment variable")
+    _opt(g, mode, "--secret-file", "read the secret from this file (its owner only may read "
+         "it: mode 600)", metavar="FILE")
+
+
+def _login_options(g, mode, help):
+    _opt(g, mode, "--username", help)
+    _opt(g, mode, "--password", "password that goes with --username; visible in `ps`: prefer "
+         "--password-file or the RELAY_PASSWORD environment variable")
+    _opt(g, mode, "--password-file", "read the password from this file (mode 600)",
+         metavar="FILE")
+
+
+def _acl_options(g, mode, what):
+    _opt(g, mode, "--allow", "destinations to allow (repeat or comma-separate)",
+         action="append", metavar="CIDR")
+    _opt(g, mode, "--deny", "destinations to deny (repeat or comma-separate)",
+         action="append", metavar="CIDR")
+    _opt(g, mode, "--insecure", f"allow a non-loopback listen address without {what} (an "
+         "open relay)", action="store_true")
+
+
+# Which environment variable stands for which key when its options are not given.
+_ENV = {"secret": ("RELAY_SECRET", ("secret", "secret_file")),
+        "password": ("RELAY_PASSWORD", ("password", "password_file"))}
 
 
 def _listener_from_args(args, mode):
-    lc = {"name": args.name or mode, "mode": mode, "listen": args.listen,
-          "timeout": args.timeout, "max_associations": args.max_associations,
-          "mark": args.mark, "batch": args.batch, "gro": args.gro}
-    if args.upstream:
-        lc["upstream"] = args.upstream
-    # given without a tunnel:// upstream, the configuration refuses them, naming the option
-    if args.secret is not None:
-        lc["secret"] = args.secret
-    if args.connections is not None:
-        lc["connections"] = args.connections
-    if mode == "forward":
-        lc["to"] = args.to
-    if mode == "redir":
-        lc.update(reply=args.reply, transparent_cache=args.transparent_cache,
-                  transparent_idle=args.transparent_idle)
+    """The [[listener]] table the options amount to: only what was given, so every default
+    comes from relay.config, and the command line and a TOML file build the same object."""
+    from relay.config import MODE_KEYS
+    lc = {"name": args.name or mode, "mode": mode}
+    for dest in sorted(_LISTENER_DESTS):
+        key, value = _KEY.get(dest, dest), getattr(args, dest, None)
+        if value is None or key not in MODE_KEYS[mode] or key in ("name", "mode"):
+            continue
+        if key in _LISTS:
+            value = [x for v in value for x in v.replace(" ", ",").split(",") if x]
+        lc[key] = value
+    for key, (env, options) in _ENV.items():
+        if key in MODE_KEYS[mode] and not any(k in lc for k in options) and os.environ.get(env):
+            if key == "password" and "user" not in lc:
+                continue            # a password goes with a username
+            if mode in ("forward", "redir") and not str(lc.get("upstream", "")).startswith(
+                    "tunnel://"):
+                continue            # a secret only goes with a tunnel:// upstream
+            lc[key] = os.environ[env]
     return lc
 
 
@@ -96,8 +152,8 @@ def _global_from_args(args):
         g["workers"] = args.workers
     if args.metrics:
         g["metrics"] = args.metrics
-    if args.user:
-        g["user"] = args.user
+    if args.run_as:
+        g["user"] = args.run_as
     return g
 
 
@@ -112,7 +168,8 @@ def serve(config, *, config_path=None, loader=None):
     try:
         return Supervisor(config, config_path=config_path, loader=loader).run()
     except (StartError, OSError) as e:
-        logging.getLogger("relay").error("cannot start: %s", e)
+        why = e.strerror if isinstance(e, OSError) and e.strerror and not e.filename else e
+        logging.getLogger("relay").error("cannot start: %s", why)
         return 1
 
 
@@ -167,6 +224,106 @@ def _cmd_stats(args):
     return 0
 
 
+def _mode_parser(sub, mode, help, description):
+    p = sub.add_parser(mode, formatter_class=Formatter, help=help,
+                       description=textwrap.fill(" ".join(description.split()), width=88))
+    p.set_defaults(func=_cmd_mode, mode=mode)
+    return p
+
+
+def _add_forward(sub):
+    p = _mode_parser(sub, "forward", "UDP port forwarding: LISTEN -> TO, one upstream socket per "
+                     "client", "Forward UDP datagrams arriving at --listen to --to. Each client "
+                     "address gets its own upstream socket (association); replies return to the "
+                     "client from the address it sent to.")
+    _opt(p, "forward", "--listen", "address to listen on; [::]:PORT listens on IPv6 and IPv4",
+         required=True, metavar="HOST:PORT")
+    _opt(p, "forward", "--to", "destination", required=True, metavar="HOST:PORT")
+    _flow_options(p, "forward")
+    _upstream_options(p, "forward")
+    _runtime_options(p)
+
+
+def _add_redir(sub):
+    p = _mode_parser(sub, "redir", "transparent proxy for TPROXY'd UDP, replies spoofed as the "
+                     "remote", "Receive TPROXY'd UDP (see `relay rules`), send each datagram to "
+                     "its original destination, and send every reply back to the client with the "
+                     "remote's own address as source (full cone: any remote that answers an "
+                     "association's socket is delivered).")
+    _opt(p, "redir", "--listen", "TPROXY target address; [::]:PORT takes IPv4 and IPv6",
+         required=True, metavar="HOST:PORT")
+    _opt(p, "redir", "--reply", "raw: headers built by relay, sent on a raw socket, no "
+         "descriptor per remote; transparent: sockets bound to each remote (bounded LRU)",
+         choices=["raw", "transparent"])
+    _opt(p, "redir", "--transparent-cache", "transparent reply sockets kept open per worker "
+         "(LRU)", type=int, metavar="N")
+    _opt(p, "redir", "--transparent-idle", "idle time after which a transparent reply socket "
+         "is closed", type=float, metavar="SECONDS")
+    _flow_options(p, "redir")
+    _upstream_options(p, "redir")
+    _runtime_options(p)
+
+
+def _add_tunnel_server(sub):
+    m = "tunnel-server"
+    p = _mode_parser(sub, m, "UDP-over-TCP tunnel server (gost-compatible framing)",
+                     "Accept tunnel clients (relay tunnel-client, gost's UDP-over-TCP) and send "
+                     "their datagrams from a UDP socket per flow; replies go back framed. "
+                     "Destinations in loopback, link-local, private and other special ranges are "
+                     "refused unless --allow'ed (docs/tunnel.md).")
+    _opt(p, m, "--listen", "TCP address to listen on", required=True, metavar="HOST:PORT")
+    g = p.add_argument_group("clients")
+    _secret_options(g, m, "shared secret clients must prove (HMAC-SHA256 challenge); a "
+                    "non-loopback address needs it or --username/--password, unless --insecure")
+    _login_options(g, m, "username for clients that cannot prove a secret, such as gost clients "
+                   "(RFC 1929; sent in clear, unlike --secret); with --secret as well, relay "
+                   "clients prove the secret and gost clients log in")
+    _acl_options(g, m, "--secret or --username/--password")
+    _flow_options(p, m)
+    _runtime_options(p)
+
+
+def _add_tunnel_client(sub):
+    m = "tunnel-client"
+    p = _mode_parser(sub, m, "UDP-over-TCP tunnel client",
+                     "Receive UDP on --listen and carry every datagram to --to through a relay "
+                     "tunnel-server; each client address is its own flow, multiplexed over "
+                     "--connections TCP connections that reconnect with backoff. With --gost the "
+                     "server is a gost server instead: every flow gets its own TCP connection "
+                     "(CMD 0xF3), opened when the flow starts and closed when it idles out "
+                     "(docs/tunnel.md).")
+    _opt(p, m, "--server", "the tunnel server", required=True, metavar="HOST:PORT")
+    _opt(p, m, "--listen", "UDP address to listen on", required=True, metavar="HOST:PORT")
+    _opt(p, m, "--to", "destination of every datagram, as seen from the server", required=True,
+         metavar="HOST:PORT")
+    g = p.add_argument_group("server")
+    _secret_options(g, m, "shared secret of a relay tunnel-server (not with --gost)")
+    _opt(g, m, "--connections", "TCP connections to spread flows over (default: 1; refused with "
+         "--gost, which opens one connection per flow)", type=int, metavar="N")
+    _opt(g, m, "--gost", "the server is a gost server (gost -L socks5://...): gost's UDP tunnel, "
+         "one TCP connection per flow; empty datagrams cannot be carried and are dropped "
+         "(counted in drop_malformed)", action="store_true")
+    _login_options(g, m, "with --gost: username for the server (RFC 1929)")
+    _flow_options(p, m)
+    _runtime_options(p)
+
+
+def _add_socks5(sub):
+    m = "socks5"
+    p = _mode_parser(sub, m, "SOCKS5 server with UDP ASSOCIATE (and CONNECT)",
+                     "A SOCKS5 server (RFC 1928, username/password per RFC 1929): UDP ASSOCIATE "
+                     "relays datagrams in C, one relay socket per association; CONNECT relays "
+                     "TCP so ordinary clients work. Fragmented datagrams (FRAG != 0) are dropped "
+                     "and counted. Destinations in loopback, link-local, private and other "
+                     "special ranges are refused unless --allow'ed (docs/tunnel.md).")
+    _opt(p, m, "--listen", "TCP address to listen on", required=True, metavar="HOST:PORT")
+    g = p.add_argument_group("clients")
+    _login_options(g, m, "username clients must give (RFC 1929)")
+    _acl_options(g, m, "--username/--password")
+    _flow_options(p, m)
+    _runtime_options(p)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="relay", formatter_class=Formatter,
@@ -174,40 +331,8 @@ def build_parser():
                     "with spoofed replies, UDP over TCP tunnel, SOCKS5 UDP.",
         epilog="Run `relay COMMAND --help` for the options of each command.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    f = sub.add_parser("forward", formatter_class=Formatter,
-                       help="UDP port forwarding: LISTEN -> TO, one upstream socket per client",
-                       description="Forward UDP datagrams arriving at --listen to --to. Each "
-                                   "client address gets its own upstream socket (association); "
-                                   "replies return to the client from the listen address.")
-    f.add_argument("--listen", required=True, metavar="HOST:PORT",
-                   help="address to listen on; [::]:PORT listens on IPv6 and IPv4")
-    f.add_argument("--to", required=True, metavar="HOST:PORT", help="destination")
-    f.add_argument("--name", default=None, help="listener name in stats and metrics (default: forward)")
-    _flow_options(f)
-    _runtime_options(f)
-    f.set_defaults(func=_cmd_mode, mode="forward")
-
-    r = sub.add_parser("redir", formatter_class=Formatter,
-                       help="transparent proxy for TPROXY'd UDP, replies spoofed as the remote",
-                       description="Receive TPROXY'd UDP (see `relay rules`), send each datagram "
-                                   "to its original destination, and send every reply back to the "
-                                   "client with the remote's own address as source (full cone: "
-                                   "any remote that answers an association's socket is delivered).")
-    r.add_argument("--listen", required=True, metavar="HOST:PORT",
-                   help="TPROXY target address; [::]:PORT takes IPv4 and IPv6")
-    r.add_argument("--reply", choices=["raw", "transparent"], default="raw",
-                   help="raw: headers built by relay, sent on a raw socket, no descriptor per "
-                        "remote; transparent: sockets bound to each remote (bounded LRU). Replies "
-                        "too big for a raw packet always go the transparent way")
-    r.add_argument("--transparent-cache", type=int, default=1024, metavar="N",
-                   help="transparent reply sockets kept open per worker (LRU)")
-    r.add_argument("--transparent-idle", type=float, default=30.0, metavar="SECONDS",
-                   help="idle time after which a transparent reply socket is closed")
-    r.add_argument("--name", default=None, help="listener name in stats and metrics (default: redir)")
-    _flow_options(r)
-    _runtime_options(r)
-    r.set_defaults(func=_cmd_mode, mode="redir")
+    _add_forward(sub)
+    _add_redir(sub)
 
     run = sub.add_parser("run", formatter_class=Formatter,
                          help="run every listener of a TOML configuration file",
@@ -232,9 +357,9 @@ def build_parser():
 
     from relay import rules
     rules.add_cli(sub)
-    from relay.engine import socks5, tunnel
-    tunnel.add_cli(sub)
-    socks5.add_cli(sub)
+    _add_tunnel_server(sub)
+    _add_tunnel_client(sub)
+    _add_socks5(sub)
     return p
 
 

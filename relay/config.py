@@ -18,11 +18,13 @@ e.g. ``relay.toml: listener[1].listen: port out of range 1-65535: 70000``. Addre
 parsed here: ``listen`` is an IP literal, ``to``/``server``/``upstream`` may be host names,
 resolved once at load time. docs/config.md lists every key.
 """
+import dataclasses
 import difflib
 import ipaddress
 import math
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -31,8 +33,8 @@ from relay.addr import Upstream, format_hostport, parse_cidr, parse_hostport, pa
 
 __all__ = [
     "ConfigError", "Config", "GlobalConfig", "ListenerConfig", "ConfigDiff",
-    "load_config", "parse_config", "parse_listener",
-    "MODES", "LOG_LEVELS", "REPLY_MODES", "MODE_KEYS",
+    "load_config", "parse_config", "parse_listener", "listener", "mode_defaults",
+    "read_secret_file", "MODES", "LOG_LEVELS", "REPLY_MODES", "MODE_KEYS",
 ]
 
 MODES = ("forward", "redir", "tunnel-server", "tunnel-client", "socks5")
@@ -136,19 +138,47 @@ class Config:
         return ConfigDiff(added, removed, tuple(changed), tuple(unchanged))
 
 
+# Defaults that differ by mode (every other default is the ListenerConfig field's). The
+# servers that face the internet mark nothing by default: a mark needs CAP_NET_ADMIN, and
+# only a router running `relay rules` needs its own traffic marked.
+MODE_DEFAULTS = {
+    "tunnel-server": {"mark": 0},
+    "socks5": {"mark": 0},
+}
+
+
+def mode_defaults(mode):
+    """{field: default} of a listener of this mode: the one table of defaults that the
+    command line's --help, the TOML parser and listener() all read."""
+    out = {f.name: f.default for f in fields(ListenerConfig)
+           if f.default is not dataclasses.MISSING}
+    out.update(MODE_DEFAULTS.get(mode, {}))
+    return out
+
+
+def listener(mode, **kw):
+    """A ListenerConfig of ``mode`` with that mode's defaults for what ``kw`` leaves out
+    (not validated: for code and tests that build listeners directly)."""
+    values = {**MODE_DEFAULTS.get(mode, {}), "name": mode, **kw}
+    return ListenerConfig(mode=mode, **values)
+
+
 # --- which keys each mode takes -------------------------------------------------------
 
 _COMMON = {"name", "mode", "listen", "mark", "timeout", "max_associations", "batch", "workers"}
-_TUNNEL_UP = {"secret", "connections"}       # with a tunnel:// upstream
+_SECRET = {"secret", "secret_file"}
+_LOGIN = {"user", "password", "password_file"}
+_TUNNEL_UP = _SECRET | {"connections"}       # with a tunnel:// upstream
 MODE_KEYS = {
     "forward": _COMMON | {"to", "upstream", "gro"} | _TUNNEL_UP,
     "redir": _COMMON | {"upstream", "reply", "transparent_cache", "transparent_idle", "gro"}
     | _TUNNEL_UP,
-    "tunnel-server": _COMMON | {"secret", "user", "password", "allow", "deny", "insecure"},
-    "tunnel-client": _COMMON | {"to", "server", "secret", "connections", "gost", "user",
-                                "password"},
-    "socks5": _COMMON | {"user", "password", "allow", "deny", "insecure"},
+    "tunnel-server": _COMMON | _SECRET | _LOGIN | {"allow", "deny", "insecure"},
+    "tunnel-client": _COMMON | _SECRET | _LOGIN | {"to", "server", "connections", "gost"},
+    "socks5": _COMMON | _LOGIN | {"allow", "deny", "insecure"},
 }
+# Keys that name a file holding a field's value (kept out of `ps` and of the TOML file).
+FILE_KEYS = {"secret_file": "secret", "password_file": "password"}
 MODE_REQUIRED = {
     "forward": ("to",),
     "redir": (),
@@ -156,11 +186,11 @@ MODE_REQUIRED = {
     "tunnel-client": ("server", "to"),
     "socks5": (),
 }
-LISTENER_KEYS = tuple(f.name for f in fields(ListenerConfig))
+LISTENER_KEYS = tuple(f.name for f in fields(ListenerConfig)) + tuple(FILE_KEYS)
 GLOBAL_KEYS = tuple(f.name for f in fields(GlobalConfig))
 TOP_KEYS = ("global", "listener")
-# Which sockets a listen address binds: two listeners may not share one.
-_LISTEN_PROTO = {"forward": "udp", "redir": "udp", "tunnel-client": "udp",
+# Which sockets a listen address binds: two listeners may not share one, nor two relays.
+LISTEN_PROTO = {"forward": "udp", "redir": "udp", "tunnel-client": "udp",
                  "tunnel-server": "tcp", "socks5": "tcp"}
 
 
@@ -365,8 +395,9 @@ def _parse_listener(ctx, index, table):
         if key not in table:
             raise ctx.error(f"{p}.{key}", f"missing required key for mode \"{mode}\"")
 
-    kw = {"name": name, "mode": mode}
+    kw = {**MODE_DEFAULTS.get(mode, {}), "name": name, "mode": mode}
     k = lambda key: f"{p}.{key}"  # noqa: E731
+    given = {}                  # field -> the key that set it (secret_file sets secret, ...)
     kw["listen"] = _get_addr(ctx, k("listen"), table["listen"], listen=True)
     for key in ("to", "server"):
         if key in table:
@@ -402,6 +433,19 @@ def _parse_listener(ctx, index, table):
     for key in ("user", "password"):
         if key in table:
             kw[key] = _get_credential(ctx, k(key), table[key])
+    for key, target in FILE_KEYS.items():
+        if key not in table:
+            continue
+        if target in table:
+            raise ctx.error(k(key), f"give {target} or {key}, not both")
+        path = _get_str(ctx, k(key), table[key])
+        try:
+            value = read_secret_file(path)
+        except ValueError as exc:
+            raise ctx.error(k(key), str(exc)) from None
+        kw[target] = (_get_credential(ctx, k(key), value) if target == "password"
+                      else _get_str(ctx, k(key), value))
+        given[target] = key
     for key in ("allow", "deny"):
         if key in table:
             kw[key] = _get_cidrs(ctx, k(key), table[key])
@@ -419,19 +463,20 @@ def _parse_listener(ctx, index, table):
     if ("user" in kw) != ("password" in kw):
         missing = "password" if "user" in kw else "user"
         raise ctx.error(k(missing), "user and password go together: both or neither")
+    k_given = lambda key: k(given.get(key, key))  # noqa: E731
     if mode in ("forward", "redir"):
         up = kw.get("upstream")
         for key in ("secret", "connections"):
             if key in kw and up is not None and up.kind == "gost":
-                raise ctx.error(k(key), _GOST_REFUSES[key].format(what="a gost:// upstream",
+                raise ctx.error(k_given(key), _GOST_REFUSES[key].format(what="a gost:// upstream",
                                                                   cred="USER:PASS@ in the URL"))
             if key in kw and (up is None or up.kind != "tunnel"):
-                raise ctx.error(k(key), f"only applies with a tunnel:// upstream "
+                raise ctx.error(k_given(key), f"only applies with a tunnel:// upstream "
                                         f"(upstream is {str(up) if up else 'direct'})")
     if mode == "tunnel-client":
         for key in ("secret", "connections"):
             if kw.get("gost") and key in kw:
-                raise ctx.error(k(key), _GOST_REFUSES[key].format(what="gost = true",
+                raise ctx.error(k_given(key), _GOST_REFUSES[key].format(what="gost = true",
                                                                   cred="user and password"))
         if "user" in kw and not kw.get("gost"):
             raise ctx.error(k("user"), "only applies with gost = true (a relay tunnel-server "
@@ -450,6 +495,42 @@ def _parse_listener(ctx, index, table):
                                            f"({format_hostport(kw['listen'])}); set insecure = "
                                            f"true to run an open relay")
     return ListenerConfig(**kw)
+
+
+MAX_SECRET_FILE = 4096
+
+
+def read_secret_file(path):
+    """The secret (or password) kept in the file at ``path``: its text without the final
+    line break. Refused (ValueError) unless it is a regular file that only its owner may
+    read or write: a secret other local users can read is no secret."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ValueError(f"{path} can be read or written by other users (mode "
+                             f"{stat.S_IMODE(st.st_mode):04o}): chmod 600 {path}")
+        data = os.read(fd, MAX_SECRET_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SECRET_FILE:
+        raise ValueError(f"{path} is larger than {MAX_SECRET_FILE} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    if text.endswith("\n"):
+        text = text[:-1]
+        if text.endswith("\r"):
+            text = text[:-1]
+    if not text:
+        raise ValueError(f"{path} is empty")
+    return text
 
 
 def _overlaps(a, b):
@@ -486,7 +567,7 @@ def _build(ctx, doc):
             raise ctx.error(f"listener[{i}].name", f"duplicate name \"{lst.name}\" "
                                                     f"(also listener[{names[lst.name]}])")
         for j, other in enumerate(listeners):
-            if _LISTEN_PROTO[other.mode] == _LISTEN_PROTO[lst.mode] and \
+            if LISTEN_PROTO[other.mode] == LISTEN_PROTO[lst.mode] and \
                     _overlaps(other.listen, lst.listen):
                 raise ctx.error(f"listener[{i}].listen",
                                 f"{format_hostport(lst.listen)} is already used by "

@@ -1,17 +1,28 @@
 """Dropping root in the workers once their sockets are open.
 
-A worker keeps exactly the capabilities its data path still needs after start:
-CAP_NET_ADMIN (SO_MARK and IP_TRANSPARENT on the sockets it opens per flow) and
-CAP_NET_RAW (raw sockets). Capabilities are per thread on Linux, so this must run before
-the worker starts any thread; threads started afterwards inherit the reduced set.
+A worker keeps exactly the capabilities its listeners still need after start
+(``needed_capabilities``), none when they need none:
+
+- CAP_NET_ADMIN: SO_MARK on the sockets opened per flow (any listener with a mark), and
+  IP_TRANSPARENT on redir's reply sockets;
+- CAP_NET_RAW: redir's raw reply sockets (opened again when a listener restarts);
+- CAP_NET_BIND_SERVICE: redir's transparent replies leave from sockets bound to the
+  remote's address and port, which is below 1024 for DNS, NTP and the like; and a listener
+  on a port below 1024 that a reload restarts binds it again.
+
+Capabilities are per thread on Linux, so this must run before the worker starts any
+thread; threads started afterwards inherit the reduced set.
 """
 import ctypes
 import os
 import pwd
 
+CAP_NET_BIND_SERVICE = 10
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
-KEEP = (CAP_NET_ADMIN, CAP_NET_RAW)
+NAMES = {CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE", CAP_NET_ADMIN: "CAP_NET_ADMIN",
+         CAP_NET_RAW: "CAP_NET_RAW"}
+PRIVILEGED_PORTS = 1024         # ports below need CAP_NET_BIND_SERVICE (net.ipv4.ip_unprivileged_port_start)
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 PR_SET_KEEPCAPS = 8
@@ -48,6 +59,24 @@ def default_user():
         return None
 
 
+def needed_capabilities(listeners):
+    """The capabilities the data path of these listeners (relay.config.ListenerConfig)
+    needs once running, as a sorted tuple."""
+    caps = set()
+    for lc in listeners:
+        if lc.mark:
+            caps.add(CAP_NET_ADMIN)
+        if lc.listen[1] < PRIVILEGED_PORTS:
+            caps.add(CAP_NET_BIND_SERVICE)
+        if lc.mode == "redir":
+            # every reply mode may use transparent sockets (the raw mode for what it cannot
+            # send itself), bound to remotes on any port
+            caps.update((CAP_NET_ADMIN, CAP_NET_BIND_SERVICE))
+            if lc.reply == "raw":
+                caps.add(CAP_NET_RAW)
+    return tuple(sorted(caps))
+
+
 def set_capabilities(caps):
     """Make caps the whole effective and permitted set of the calling thread."""
     mask = 0
@@ -60,7 +89,7 @@ def set_capabilities(caps):
     _check(_libc.capset(ctypes.byref(hdr), data), "capset")
 
 
-def drop_privileges(user, keep=KEEP):
+def drop_privileges(user, keep=()):
     """Switch to user (name or uid) and its primary group, keeping only the keep caps.
 
     ``user`` of None, "" or "root" (uid 0) leaves the process as it is."""

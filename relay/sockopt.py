@@ -1,4 +1,5 @@
 """Socket options a router relay needs, set in one place with errors that say why."""
+import errno
 import socket
 
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
@@ -93,6 +94,36 @@ def udp_listen(addr, *, transparent=False, reuseport=True, bufsize=4 << 20):
     except BaseException:
         s.close()
         raise
+
+
+def check_port_free(addr, proto="udp"):
+    """Refuse a listen address that another process already serves.
+
+    Every worker binds its own SO_REUSEPORT socket, and the kernel lets any later socket
+    with SO_REUSEPORT (of the same effective user) join that group and take a share of the
+    traffic - a second relay started on the same port would do just that, silently. This
+    binds a probe socket without SO_REUSEPORT, which fails while any socket holds the
+    address, then closes it; the supervisor calls it before its workers bind. (TCP probes
+    take SO_REUSEADDR, which on Linux still fails against a listening socket but not
+    against connections of an earlier run waiting in TIME_WAIT.)"""
+    host, port = addr
+    fam = family_of(host)
+    s = socket.socket(fam, socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM)
+    try:
+        if proto == "tcp":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fam == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        s.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(e.errno, f"{proto.upper()} {format_addr(addr)} is already in use by "
+                                   f"another process (another relay?); only the workers of one "
+                                   f"relay may share a port") from None
+        raise OSError(e.errno, f"cannot listen on {proto.upper()} {format_addr(addr)}: "
+                               f"{e.strerror}") from None
+    finally:
+        s.close()
 
 
 def raw_socket(family, mark=0, bufsize=REPLY_SNDBUF):

@@ -15,7 +15,7 @@ COUNTERS = (
     "drop_too_big", "drop_no_route", "drop_denied",
     "reply_fallback", "transparent_open",
     "conn_open", "conn_accepted", "conn_rejected", "conn_reconnects", "frames_bad",
-    "queue_drops", "icmp_errors", "drop_rcvbuf",
+    "queue_drops", "icmp_errors", "drop_rcvbuf", "drop_permission",
 )
 N_COUNTERS = len(COUNTERS)
 INDEX = {name: i for i, name in enumerate(COUNTERS)}
@@ -49,6 +49,7 @@ HELP = {
     "queue_drops": "datagrams dropped from a bounded queue (e.g. while reconnecting)",
     "icmp_errors": "ICMP errors (unreachable, refused) seen on upstream sockets",
     "drop_rcvbuf": "datagrams the kernel dropped because a listen socket's receive buffer was full",
+    "drop_permission": "datagrams dropped because the worker lacks a privilege (EACCES, EPERM)",
 }
 assert set(HELP) == set(COUNTERS)
 

@@ -11,16 +11,21 @@ import pickle
 import select
 import signal
 import socket
+import stat
 import threading
 import time
 
+from relay import sockopt
 from relay import stats as stats_mod
+from relay.config import LISTEN_PROTO
+from relay.droplog import DropLog
 from relay.worker import worker_main
 
 log = logging.getLogger("relay")
 
 MAX_SLOTS = 4096
 RESTART_BACKOFF_MAX = 5.0
+DROP_CHECK_INTERVAL = 1.0       # seconds between looks at the drop counters (DropLog)
 
 
 class StartError(RuntimeError):
@@ -69,6 +74,9 @@ class Supervisor:
         self.metrics_server = None
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
+        os.set_blocking(self.wake_r, False)     # the loop drains it without waiting
+        self.drop_log = DropLog(log)
+        self.next_drop_check = 0.0
 
     # ---- slots -----------------------------------------------------------------------
 
@@ -99,17 +107,30 @@ class Supervisor:
                     acc[k] = acc.get(k, 0) + v
             self.stats.clear(base + index)
 
+    # ---- listen addresses --------------------------------------------------------------
+
+    @staticmethod
+    def _bound(config):
+        return {(LISTEN_PROTO[lc.mode], tuple(lc.listen)) for lc in config.listeners}
+
+    def _check_ports(self, config, held=()):
+        """Refuse listen addresses another process serves (see sockopt.check_port_free);
+        ``held`` are the (proto, address) this relay's workers hold already."""
+        for proto, addr in sorted(self._bound(config) - set(held)):
+            sockopt.check_port_free(addr, proto)
+
     # ---- workers ---------------------------------------------------------------------
 
     def _spawn(self, w):
         parent, child = socket.socketpair()
+        me = os.getpid()
         pid = os.fork()
         if pid == 0:
             parent.close()
             if self.control:
                 self.control.close()
             worker_main(w.index, self.config, self.stats, dict(self.slots), child,
-                        pin=self.config.global_.pin)
+                        pin=self.config.global_.pin, supervisor_pid=me)
         child.close()
         w.pid = pid
         w.chan = parent
@@ -237,9 +258,10 @@ class Supervisor:
             log.warning("reload: the number of workers cannot change without a restart; keeping %d",
                         self.nworkers)
         try:
+            self._check_ports(new, held=self._bound(self.config))
             self._assign_slots(new)
-        except StartError as e:
-            log.error("reload refused: %s", e)
+        except (StartError, OSError) as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
             return
         self.config = new
         blob = pickle.dumps(new).hex()
@@ -257,9 +279,18 @@ class Supervisor:
     # ---- control socket and metrics ----------------------------------------------------
 
     def _check_control(self, path):
-        """Refuse to start when another relay serves this control socket; remove a stale one."""
-        if not path or not os.path.exists(path):
+        """Refuse to start when another relay serves this control socket, or when the path
+        holds anything but a socket (never delete what is not ours); remove a stale socket."""
+        if not path:
             return
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a file that is not a socket"
+            raise StartError(f"control socket path {path} is {kind}; remove it or choose "
+                             f"another path (--control / control_socket)")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
@@ -273,16 +304,7 @@ class Supervisor:
         if not path:
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-                probe.close()
-                raise StartError(f"another relay is already serving the control socket {path}")
-            except (ConnectionRefusedError, FileNotFoundError):
-                os.unlink(path)
-            finally:
-                probe.close()
+        self._check_control(path)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(path)
         os.chmod(path, 0o660)
@@ -359,6 +381,7 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         try:
             self._check_control(self.config.global_.control_socket)
+            self._check_ports(self.config)
             self.start()
             # Only now: a control socket that answers means every worker's sockets are bound.
             self.open_metrics(self.config.global_.metrics)
@@ -370,8 +393,7 @@ class Supervisor:
                     pass
                 try:
                     while os.read(self.wake_r, 4096):
-                        if not select.select([self.wake_r], [], [], 0)[0]:
-                            break
+                        pass
                 except BlockingIOError:
                     pass
                 self._reap()
@@ -381,6 +403,10 @@ class Supervisor:
                     self.reload_requested = False
                     self.reload()
                 self._restart_due()
+                now = time.monotonic()
+                if now >= self.next_drop_check:
+                    self.next_drop_check = now + DROP_CHECK_INTERVAL
+                    self.drop_log.check(self.counters())
             log.info("stopping")
             return 0
         finally:

@@ -1061,6 +1061,8 @@ def _send_error_counter(e):
         return "drop_too_big"
     if e in (_errno.ENETUNREACH, _errno.EHOSTUNREACH, _errno.EADDRNOTAVAIL):
         return "drop_no_route"
+    if e in (_errno.EACCES, _errno.EPERM):
+        return "drop_permission"
     return "drop_send_error"
 
 

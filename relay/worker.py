@@ -133,10 +133,11 @@ class Worker:
         self.services.clear()
 
 
-def worker_main(index, config, stats, slots, chan, pin=False):
+def worker_main(index, config, stats, slots, chan, pin=False, supervisor_pid=None):
     """Entry point in the forked child. Never returns."""
     code = 0
     try:
+        _die_with_parent(supervisor_pid)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if pin:
@@ -152,13 +153,14 @@ def worker_main(index, config, stats, slots, chan, pin=False):
             w.send({"error": str(e)})
             os._exit(3)
         # Before any thread exists: capabilities are per thread, new threads inherit them.
-        from relay.privileges import default_user, drop_privileges
+        from relay.privileges import default_user, drop_privileges, needed_capabilities
         user = config.global_.user if config.global_.user is not None else default_user()
         try:
-            drop_privileges(user)
+            drop_privileges(user, needed_capabilities(w.mine(config).values()))
         except Exception as e:
             w.send({"error": f"dropping privileges to {user}: {e}"})
             os._exit(3)
+        _die_with_parent(supervisor_pid)     # a change of user clears the setting
         w.start_all()
         w.send({"ready": True})
         w.serve()
@@ -169,6 +171,18 @@ def worker_main(index, config, stats, slots, chan, pin=False):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent):
+    """A worker never outlives its supervisor (killed with SIGKILL, say): it would go on
+    holding its SO_REUSEPORT sockets, unsupervised, and keep a new relay off the port."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:      # the supervisor died before the prctl
+        os._exit(1)
 
 
 def _pin(index):

@@ -153,9 +153,18 @@ class LoopbackEcho:
         self.close()
 
 
-def free_udp_port(host="127.0.0.1"):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def free_port(kind=socket.SOCK_DGRAM, host="127.0.0.1"):
+    """A port nothing on host uses now (UDP by default, or kind=socket.SOCK_STREAM)."""
+    s = socket.socket(socket.AF_INET, kind)
     s.bind((host, 0))
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def free_udp_port(host="127.0.0.1"):
+    return free_port(socket.SOCK_DGRAM, host)
+
+
+def free_tcp_port(host="127.0.0.1"):
+    return free_port(socket.SOCK_STREAM, host)

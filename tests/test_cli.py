@@ -94,8 +94,8 @@ FORWARD = ["forward", "--listen", "127.0.0.1:7000", "--to", "198.51.100.2:53"]
     (TUNNEL_CLIENT + ["--gost", "--secret", "s"], "listener[0].secret: does not apply with gost"),
     (TUNNEL_CLIENT + ["--gost", "--connections", "2"],
      "listener[0].connections: does not apply with gost"),
-    (TUNNEL_CLIENT + ["--user", "u", "--password", "p"], "listener[0].user: only applies with gost"),
-    (TUNNEL_CLIENT + ["--gost", "--user", "u"], "user and password go together"),
+    (TUNNEL_CLIENT + ["--username", "u", "--password", "p"], "listener[0].user: only applies with gost"),
+    (TUNNEL_CLIENT + ["--gost", "--username", "u"], "user and password go together"),
     (FORWARD + ["--upstream", "gost://u:hunter2@127.0.0.1:8443", "--secret", "s"],
      "listener[0].secret: does not apply with a gost:// upstream"),
     (FORWARD + ["--upstream", "gost://127.0.0.1:8443", "--connections", "2"],
@@ -114,7 +114,7 @@ def test_gost_and_tunnel_option_combinations_refused(args, reason):
 
 def test_help_explains_gost():
     out = " ".join(relay("tunnel-client", "--help").stdout.split())
-    for text in ("--gost", "--user", "--password", "one TCP connection per flow",
+    for text in ("--gost", "--username", "--password", "one TCP connection per flow",
                  "refused with --gost", "drop_malformed", "(default: 1;"):
         assert text in out
     out = " ".join(relay("redir", "--help").stdout.split())

@@ -11,18 +11,11 @@ import time
 
 import pytest
 
+from tests.relayproc import free_tcp_port as free_port
 from tests.test_tunnel import Echo
 
 _tunnel = pytest.importorskip("relay._tunnel")
 pytestmark = pytest.mark.interop
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture

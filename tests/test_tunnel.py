@@ -11,12 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-import types
 
 import pytest
 
 from relay import stats as _stats
 from relay import tunnelproto as proto
+from relay.config import listener
 from relay.engine.base import WorkerContext
 from tests import netns as N
 
@@ -42,11 +42,11 @@ def impl(request, monkeypatch):
 
 
 def cfg(mode, **kw):
-    d = dict(name=mode, mode=mode, listen=None, to=None, server=None, mark=0, timeout=60.0,
-             max_associations=4096, batch=32, secret=None, user=None, password=None,
-             allow=(), deny=(), connections=1, insecure=False)
+    """A listener of mode as relay.config builds it (its defaults), unmarked and with
+    smaller tables than the defaults unless kw says otherwise."""
+    d = dict(mark=0, max_associations=4096, batch=32)
     d.update(kw)
-    return types.SimpleNamespace(**d)
+    return listener(mode, **d)
 
 
 class Running:
@@ -324,9 +324,9 @@ def restart_mid_stream(echo_topo, running, server_args, **client_kw):
     """Send a numbered stream through tunnel-client while the tunnel-server process dies and
     comes back: traffic must resume. Returns the client's counters."""
     env = dict(os.environ, PYTHONPATH=REPO)
-    cmd = [sys.executable, "-m", "relay.engine.tunnel", "tunnel-server",
+    cmd = [sys.executable, "-m", "relay", "tunnel-server",
            "--listen", f"{N.RTR4_CLI}:9000", "--allow", ALLOW_DOC[0], "--log-level", "warning",
-           *server_args]
+           "--workers", "1", "--control", "", *server_args]
     proc = echo_topo.rtr.popen(cmd, env=env)
     client = running(cfg("tunnel-client", listen=("127.0.0.1", 5000), server=(N.RTR4_CLI, 9000),
                          to=(N.SRV4, 7), **client_kw), echo_topo.cli)
@@ -417,9 +417,9 @@ def echo():
 
 
 @pytest.fixture
-def lo_server(running):
-    return running(cfg("tunnel-server", listen=("127.0.0.1", 0), allow=["127.0.0.0/8"],
-                       stall_timeout=1.0))
+def lo_server(running, monkeypatch):
+    monkeypatch.setattr(tunnel, "STALL_TIMEOUT", 1.0)
+    return running(cfg("tunnel-server", listen=("127.0.0.1", 0), allow=["127.0.0.0/8"]))
 
 
 def raw_client(server, cmd=proto.CMD_UDP_TUN_MUX, rcvbuf=None):
@@ -557,15 +557,16 @@ def test_flows_idle_out(running, echo):
     sock.close()
 
 
-def test_queue_while_server_down(running, echo):
+def test_queue_while_server_down(running, echo, monkeypatch):
     """Datagrams sent before the server exists wait in the bounded queue; the excess is
     counted as queue_drops."""
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
+    monkeypatch.setattr(tunnel, "QUEUE_LIMIT", 200000)
     client = running(cfg("tunnel-client", listen=("127.0.0.1", 0), server=("127.0.0.1", port),
-                         to=echo.addr, queue_limit=200000))
+                         to=echo.addr))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.sendto(b"queued", client.address)
     for _ in range(10):
@@ -580,11 +581,11 @@ def test_queue_while_server_down(running, echo):
 
 def test_cli_refuses_open_relay_and_shows_defaults():
     env = dict(os.environ, PYTHONPATH=REPO)
-    r = subprocess.run([sys.executable, "-m", "relay.engine.tunnel", "tunnel-server",
+    r = subprocess.run([sys.executable, "-m", "relay", "tunnel-server",
                         "--listen", "192.0.2.1:9000"], capture_output=True, text=True,
                        env=env, timeout=30)
     assert r.returncode == 2 and "secret" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "relay.engine.tunnel", "tunnel-client", "--help"],
+    r = subprocess.run([sys.executable, "-m", "relay", "tunnel-client", "--help"],
                        capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode == 0 and "--connections" in r.stdout and "default: 1" in r.stdout
     with pytest.raises(ValueError, match="secret"):

@@ -21,7 +21,10 @@ SOCKS_SIZES = (0, 1, 1472, 3000, 65485)
 
 
 def serve_in(ns, *args):
-    p = ns.popen([sys.executable, "-m", "relay", *args], env=relay_env())
+    """`relay ARGS` in namespace ns: one worker, no control socket (the path would be shared
+    with every other relay on the machine: namespaces do not separate the file system)."""
+    p = ns.popen([sys.executable, "-m", "relay", *args, "--workers", "1", "--control", ""],
+                 env=relay_env())
     return p
 
 
@@ -58,7 +61,7 @@ def gost_server(topo):
 @pytest.fixture
 def socks_server(topo):
     start_echo(topo.srv, f"{SRV4}:5000", f"[{SRV6}]:5000")
-    serve_in(topo.srv, "socks5", "--listen", "[::]:1080", "--user", "u", "--password", "p w",
+    serve_in(topo.srv, "socks5", "--listen", "[::]:1080", "--username", "u", "--password", "p w",
              "--allow", ALLOW)
     wait_tcp(topo.srv, (SRV4, 1080))
     return topo

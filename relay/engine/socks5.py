@@ -14,9 +14,7 @@ import time
 from relay import stats as _stats
 from relay import tunnelproto as proto
 from relay.engine.base import Service
-from relay.engine.tunnel import (
-    _Formatter, _common, _core, _get, _run_cli, _wrap, check_exposure, tcp_listen,
-)
+from relay.engine.tunnel import _core, check_exposure, tcp_listen
 
 log = logging.getLogger("relay.socks5")
 _I = _stats.INDEX
@@ -58,14 +56,13 @@ class Socks5Service(Service):
     def __init__(self, cfg, ctx):
         check_exposure(cfg, "user")
         self.cfg, self.ctx, self.st = cfg, ctx, ctx.stats
-        self.user = _get(cfg, "user")
-        self.password = _get(cfg, "password")
-        self.acl = proto.AccessList(allow=_get(cfg, "allow", ()), deny=_get(cfg, "deny", ()))
+        self.user = cfg.user
+        self.password = cfg.password
+        self.acl = proto.AccessList(allow=cfg.allow, deny=cfg.deny)
         self.lsock = tcp_listen(cfg.listen, reuseport=ctx.reuseport)
         self.relay = _core().Socks5Relay(self.acl.table(), ctx.stats,
-                                         max_assoc=min(int(_get(cfg, "max_associations", 1024)),
-                                                       MAX_CONTROL),
-                                         batch=min(int(_get(cfg, "batch", 32)), 256), log=log)
+                                         max_assoc=min(cfg.max_associations, MAX_CONTROL),
+                                         batch=min(cfg.batch, 256), log=log)
         self.relay.watch(self.lsock.fileno(), 0)
         self.controls = {}        # token -> _Control (client side)
         self.sides = {}           # token -> (_Side, _Control)
@@ -367,26 +364,3 @@ class Socks5Service(Service):
 
 def create(cfg, ctx):
     return Socks5Service(cfg, ctx)
-
-
-def add_cli(subparsers):
-    p = subparsers.add_parser(
-        "socks5", formatter_class=_Formatter,
-        help="SOCKS5 server with UDP ASSOCIATE (and CONNECT)",
-        description=_wrap("A SOCKS5 server (RFC 1928, username/password per RFC 1929): UDP "
-                          "ASSOCIATE relays datagrams in C, one relay socket per association; "
-                          "CONNECT relays TCP so ordinary clients work. Fragmented datagrams "
-                          "(FRAG != 0) are dropped and counted. Destinations in loopback, "
-                          "link-local, private and other special ranges are refused unless "
-                          "--allow'ed (docs/tunnel.md)."))
-    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="TCP address to listen on")
-    p.add_argument("--user", default=None, help="username clients must give (RFC 1929)")
-    p.add_argument("--password", default=None, help="password clients must give")
-    p.add_argument("--allow", action="append", default=[], metavar="CIDR",
-                   help="destinations to allow (repeat or comma-separate)")
-    p.add_argument("--deny", action="append", default=[], metavar="CIDR",
-                   help="destinations to deny (repeat or comma-separate)")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow a non-loopback listen address without --user (open proxy)")
-    _common(p)
-    p.set_defaults(func=_run_cli, mode="socks5")
