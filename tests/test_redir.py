@@ -183,3 +183,26 @@ def test_bursts_to_interleaved_destinations_stay_apart(router, fam, size):
         relay.settled_stats(lambda st: st["up_datagrams"] == len(items) + 1
                             and st["up_bytes"] == 4 + sum(len(p) for p, _ in items)
                             and st["drop_send_error"] == 0 and st["drop_too_big"] == 0)
+
+
+@pytest.mark.parametrize("reply", ["raw", "transparent"])
+@pytest.mark.parametrize("fam", [4, 6])
+def test_replies_from_a_low_port_reach_the_client_as_the_default_user(router, fam, reply):
+    """A DNS server answers from port 53: a transparent reply socket must bind the remote's
+    port below 1024, which the workers (nobody) may only with CAP_NET_BIND_SERVICE. The
+    answers over the MTU (EDNS: 2,020 bytes) take the same way out of the raw mode."""
+    import psutil
+    topo = router
+    family, srv, _ = FAMILIES[fam]
+    start_echo(topo.srv, f"{SRV4}:53", f"[{SRV6}]:53")
+    with start_redir(topo, reply) as relay:
+        for pid in relay.worker_pids():
+            assert psutil.Process(pid).uids().effective != 0
+        c = topo.cli.socket(family)
+        for size in (40, 512, 1232, 2020, 4096):
+            payload = bytes((i * 3 + size) & 0xff for i in range(size))
+            data, src = udp_roundtrip(c, (srv, 53), payload)
+            assert data == payload and src == (srv, 53)
+        st = relay.settled_stats(lambda s: s["down_datagrams"] == 5)
+        assert st["up_datagrams"] == 5
+        assert {k: v for k, v in st.items() if k.startswith("drop_") and v} == {}
