@@ -333,3 +333,27 @@ def test_a_denied_destination_is_logged_by_the_tunnel_server():
                 wait_until(denied, 10, interval=0.2, what="drop_denied")
             wait_until(lambda: "(drop_denied)" in server.log(), 10, what="drop_denied logged")
             assert "--allow" in server.log()
+
+
+@needs_root
+@pytest.mark.parametrize("mode", ["tunnel-server", "socks5"])
+def test_tcp_listeners_get_a_reuseport_socket_per_worker(mode):
+    import psutil
+    port = free_tcp_port()
+    with RelayProcess([mode, "--listen", f"127.0.0.1:{port}"], workers=2) as relay:
+        relay.wait_ready()
+        pids = relay.worker_pids()
+        assert len(pids) == 2
+        for pid in pids:
+            listening = [c for c in tcp_sockets(pid)
+                         if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+            assert len(listening) == 1, pid
+        # and the supervisor holds none of them: it only supervises
+        assert not [c for c in tcp_sockets(relay._main_pid())
+                    if c.laddr and c.laddr.port == port]
+
+
+def tcp_sockets(pid):
+    import psutil
+    p = psutil.Process(pid)
+    return (p.net_connections if hasattr(p, "net_connections") else p.connections)(kind="tcp")
