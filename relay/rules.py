@@ -150,6 +150,11 @@ def _rule(text, comment):
     return f"\t\t{text} comment \"{comment}\""
 
 
+# The comment on every table relay creates: apply replaces and remove deletes a table only
+# when it carries it, so a table of the same name that relay did not make is never touched.
+OWNER = "managed by relay rules"
+
+
 def render_nft(opts):
     """The nftables ruleset (text for ``nft -f``) of one table holding everything."""
     t = opts.nft_table
@@ -158,7 +163,8 @@ def render_nft(opts):
            f"# the whole table is replaced atomically and nothing outside it is touched.",
            f"table inet {t}",
            f"delete table inet {t}",
-           f"table inet {t} {{"]
+           f"table inet {t} {{",
+           f'\tcomment "{OWNER}"']
     out += _set("reserved4", "ipv4_addr", RESERVED4, "special IPv4 destinations")
     out += _set("exclude4", "ipv4_addr", opts.exclude_of(4), "IPv4 destinations left alone")
     if opts.ipv6:
@@ -293,11 +299,17 @@ def _find_routes(runner, opts, version, *, tagged):
 
 
 def _nft_table_exists(runner, opts):
-    """(exists, listing) of our nft table; RulesError when nft itself fails."""
+    """(exists, listing) of our nft table; RulesError when nft itself fails or when a table
+    of that name exists that relay did not create (it has no OWNER comment)."""
     cmd = ["nft", "list", "table", "inet", opts.nft_table]
     r = _run(runner, cmd)
     if r.returncode == 0:
-        return True, (r.stdout or "")
+        listing = r.stdout or ""
+        if f'comment "{OWNER}"' not in listing:
+            raise RulesError(f"nft table inet {opts.nft_table} exists and was not created by "
+                             f"relay rules: it is left alone; choose another --nft-table",
+                             cmd=cmd)
+        return True, listing
     err = (r.stderr or "").strip()
     if "No such file or directory" in err:
         return False, ""

@@ -333,6 +333,28 @@ def test_remove_spares_everything_else(ns):
     assert "table ip relay" in after["nft list ruleset"]
 
 
+@pytest.mark.parametrize("name", ["filter", "relay"])
+def test_a_table_relay_did_not_create_is_never_touched(ns, name):
+    """`--nft-table filter` must not replace or delete a distribution's own table, nor a
+    hand-made table that happens to be called relay: only tables carrying relay's mark."""
+    ns.sh("nft", "add", "table", "inet", name)
+    ns.sh("nft", "add", "chain", "inet", name, "input",
+          "{ type filter hook input priority 0; policy accept; }")
+    ns.sh("nft", "add", "rule", "inet", name, "input", "tcp", "dport", "22", "accept")
+    before = ns.snapshot()
+    opts = RulesOptions(5300, nft_table=name)
+    for step in (apply, remove):
+        with pytest.raises(RulesError, match=f"nft table inet {name} exists and was not "
+                                             f"created by relay rules"):
+            step(opts, runner=ns.runner)
+        assert ns.snapshot() == before
+    err = io.StringIO()
+    args = make_parser().parse_args(["rules", "remove", "--port", "5300", "--nft-table", name])
+    assert rules.run_cli(args, runner=ns.runner, out=io.StringIO(), err=err) == 1
+    assert "was not created by relay rules" in err.getvalue()
+    assert ns.snapshot() == before
+
+
 def test_an_equivalent_rule_already_there_is_used_and_kept(ns):
     """Someone set up fwmark 1 -> table 100 by hand: apply adds no duplicate, remove keeps it."""
     ns.sh("ip", "rule", "add", "fwmark", "1", "lookup", "100")
