@@ -336,32 +336,8 @@ class Supervisor:
     def open_metrics(self, addr):
         if not addr:
             return
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        sup = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.path.split("?")[0] not in ("/metrics", "/"):
-                    self.send_error(404)
-                    return
-                body = stats_mod.prometheus(sup.counters()).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        host, port = addr
-        server_cls = ThreadingHTTPServer
-        if ":" in host:
-            class V6(ThreadingHTTPServer):
-                address_family = socket.AF_INET6
-            server_cls = V6
-        self.metrics_server = server_cls((host, port), Handler)
-        threading.Thread(target=self.metrics_server.serve_forever, daemon=True, name="metrics").start()
+        from relay.metrics import MetricsServer
+        self.metrics_server = MetricsServer(addr, lambda: stats_mod.prometheus(self.counters()))
 
     # ---- main loop -------------------------------------------------------------------
 
