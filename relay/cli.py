@@ -198,8 +198,9 @@ def build_parser():
                    help="TPROXY target address; [::]:PORT takes IPv4 and IPv6")
     r.add_argument("--reply", choices=["raw", "transparent"], default="raw",
                    help="raw: headers built by relay, sent on a raw socket, no descriptor per "
-                        "remote; transparent: sockets bound to each remote (bounded LRU). Replies "
-                        "too big for a raw packet always go the transparent way")
+                        "remote (replies larger than the MTU to the client go as IP fragments "
+                        "built by relay); transparent: sockets bound to each remote (bounded "
+                        "LRU). Raw replies that cannot be fragmented go the transparent way")
     r.add_argument("--transparent-cache", type=int, default=1024, metavar="N",
                    help="transparent reply sockets kept open per worker (LRU)")
     r.add_argument("--transparent-idle", type=float, default=30.0, metavar="SECONDS",

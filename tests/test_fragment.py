@@ -8,6 +8,8 @@ namespaces, the receiving kernel reassembles what RawSender and `relay redir` se
 """
 import random
 import socket
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
@@ -16,6 +18,7 @@ from scapy.all import IP, UDP, IPv6, IPv6ExtHdrFragment, defragment, defragment6
 from relay.errors import PacketTooBig
 from relay._pure import fast as pure
 from tests.netns import CLI4, CLI6, SRV4, SRV6
+from tests.relayproc import RelayProcess, relay_env
 from tests.test_rawsock import RawSender  # noqa: F401  (the fixture: native, then pure)
 
 try:
@@ -352,3 +355,141 @@ def test_sender_mtu_above_the_interface(RawSender, fam, topo):
             s.send((spoof, 1), sink.addr, data(2000))      # fits the mtu: one packet
         assert info.value.size == 2000 + (48 if fam == 6 else 28)
     assert sink.read(1) == [(b"a", (spoof, 1))]
+
+
+# -- relay redir: raw replies larger than the MTU -----------------------------------------
+
+# Answers a datagram "SIZE[,SIZE...]" with one datagram of each size (deterministic bytes),
+# from port 53: binding it needs CAP_NET_BIND_SERVICE, which the relay's workers (user
+# nobody) do not have, so the transparent fallback could not send these.
+SIZED_SERVER = r"""
+import random, selectors, socket, sys
+sel = selectors.DefaultSelector()
+for host in sys.argv[1:]:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    s.bind((host, 53))
+    sel.register(s, selectors.EVENT_READ)
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        q, peer = key.fileobj.recvfrom(65535)
+        for n in q.decode().split(","):
+            n = int(n)
+            key.fileobj.sendto(random.Random(n * 7919).randbytes(n), peer)
+"""
+
+DROPS = ("drop_malformed", "drop_buffer_full", "drop_send_error", "drop_table_full",
+         "drop_too_big", "drop_no_route", "drop_denied", "reply_fallback")
+
+
+def start_sized(ns, *hosts):
+    p = ns.python(SIZED_SERVER, *hosts, text=True)
+    assert p.stdout.readline().strip() == "ready", p.stderr.read()
+    return p
+
+
+def tproxy(topo, action, *ifaces):
+    r = subprocess.run(
+        ["ip", "netns", "exec", topo.rtr.name, sys.executable, "-m", "relay", "rules", action,
+         "--port", "7000", *[a for i in ifaces for a in ("--iface", i)]],
+        capture_output=True, text=True, env=relay_env(), timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+def ask(sock, server, sizes):
+    """Send one query for replies of these sizes; the replies (payload, source) in order
+    of arrival."""
+    sock.sendto(",".join(map(str, sizes)).encode(), server)
+    return [(d, peer[:2]) for d, peer in (sock.recvfrom(70000) for _ in sizes)]
+
+
+def redir(topo):
+    return RelayProcess(["redir", "--listen", "[::]:7000"], ns=topo.rtr).wait_ready()
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_redir_large_replies_arrive_as_fragments(topo, fam):
+    """DNS-like answers of 2020 and 65000 bytes from port 53, through the relay's raw
+    replies over a 1500-byte MTU: they arrive whole at the client, counted as fragmented
+    replies, with nothing dropped and no transparent fallback."""
+    family, srv = (socket.AF_INET, SRV4) if fam == 4 else (socket.AF_INET6, SRV6)
+    tproxy(topo, "apply", "rtr0")
+    start_sized(topo.srv, SRV4, SRV6)
+    with redir(topo) as relay:
+        c = topo.cli.socket(family)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        c.settimeout(5)
+        small = 1400 if fam == 4 else 1300
+        got = ask(c, (srv, 53), [2020])
+        got += ask(c, (srv, 53), [65000])
+        top = MAX6 if fam == 6 else MAX4
+        got += ask(c, (srv, 53), [small, 3000, 12, top, 1473, 1])
+        sizes = [2020, 65000, small, 3000, 12, top, 1473, 1]
+        assert sorted(got) == sorted((data(n), (srv, 53)) for n in sizes)
+        big = sum(1 for n in sizes if n + (48 if fam == 6 else 28) > 1500)
+        st = relay.settled_stats(lambda st: st["down_datagrams"] == len(sizes))
+        assert st["reply_fragmented"] == big
+        assert st["down_bytes"] == sum(sizes)
+        assert {k: st[k] for k in DROPS} == dict.fromkeys(DROPS, 0)
+        assert st["transparent_open"] == 0
+
+
+def test_redir_replies_within_the_mtu_are_not_fragmented(topo):
+    """Replies that fit the MTU (1500 bytes and less, both families) go whole: nothing
+    is counted as fragmented."""
+    tproxy(topo, "apply", "rtr0")
+    start_sized(topo.srv, SRV4, SRV6)
+    with redir(topo) as relay:
+        c4 = topo.cli.socket(socket.AF_INET)
+        c6 = topo.cli.socket(socket.AF_INET6)
+        for c in (c4, c6):
+            c.settimeout(5)
+        got4 = ask(c4, (SRV4, 53), [1472, 1281, 0])
+        got6 = ask(c6, (SRV6, 53), [1452, 1300, 5])
+        assert sorted(d for d, _ in got4) == sorted(data(n) for n in (1472, 1281, 0))
+        assert sorted(d for d, _ in got6) == sorted(data(n) for n in (1452, 1300, 5))
+        st = relay.settled_stats(lambda st: st["down_datagrams"] == 6)
+        assert st["reply_fragmented"] == 0 and st["reply_fallback"] == 0
+
+
+def test_redir_learns_a_smaller_mtu_from_the_kernel(topo):
+    """Two client links: cli0 (MTU 1500) and a second one with MTU 1400. After a reply to
+    a client on cli0 has taught the relay MTU 1500, a 1450-byte reply to a client on the
+    1400 link is refused by the kernel (EMSGSIZE); the relay learns 1400 from it and sends
+    that reply again as fragments. Both families."""
+    c4b, r4b, c6b, r6b = "203.0.113.2", "203.0.113.1", "2001:db8:3::2", "2001:db8:3::1"
+    topo.rtr.run("ip", "link", "add", "rtr2", "type", "veth", "peer", "name", "cli1",
+                 "netns", topo.cli.name)
+    for ns, dev, addrs in ((topo.rtr, "rtr2", (f"{r4b}/24", f"{r6b}/64")),
+                           (topo.cli, "cli1", (f"{c4b}/24", f"{c6b}/64"))):
+        for a in addrs:
+            ns.run("ip", "addr", "add", a, "dev", dev, *(["nodad"] if ":" in a else []))
+        ns.run("ip", "link", "set", dev, "mtu", "1400", "up")
+    # traffic from the second client addresses leaves through cli1
+    topo.cli.run("ip", "rule", "add", "from", c4b, "table", "100")
+    topo.cli.run("ip", "route", "add", "default", "via", r4b, "table", "100")
+    topo.cli.run("ip", "-6", "rule", "add", "from", c6b, "table", "100")
+    topo.cli.run("ip", "-6", "route", "add", "default", "via", r6b, "dev", "cli1", "table", "100")
+    tproxy(topo, "apply", "rtr0", "rtr2")
+    start_sized(topo.srv, SRV4, SRV6)
+    with redir(topo) as relay:
+        n = 0
+        for family, srv, host_a, host_b in ((socket.AF_INET, SRV4, CLI4, c4b),
+                                            (socket.AF_INET6, SRV6, CLI6, c6b)):
+            a, b = topo.cli.socket(family), topo.cli.socket(family)
+            a.bind((host_a, 0))
+            b.bind((host_b, 0))
+            for s in (a, b):
+                s.settimeout(5)
+            assert ask(a, (srv, 53), [2020]) == [(data(2020), (srv, 53))]
+            # 1450 may come after 3000: it is sent again after the batch it was refused in
+            assert sorted(ask(b, (srv, 53), [1350, 1450, 3000])) == sorted(
+                (data(k), (srv, 53)) for k in (1350, 1450, 3000))
+            assert ask(b, (srv, 53), [1450]) == [(data(1450), (srv, 53))]
+            n += 5
+            st = relay.settled_stats(lambda st: st["down_datagrams"] == n)
+            # fragmented: 2020 to a; 1450 (sent again), 3000 and the second 1450 to b
+            assert st["reply_fragmented"] == 4 * n // 5
+            assert {k: st[k] for k in DROPS} == dict.fromkeys(DROPS, 0)
