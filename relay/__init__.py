@@ -1,7 +1,7 @@
 """relay: UDP redirection for Linux routers with a Cython data path.
 
 Public packet API (compiled extension or pure-Python fallback, same names and errors):
-    inet_checksum, checksum_update, build_udp, build_udp_into, parse_udp,
+    inet_checksum, checksum_update, build_udp, build_udp_into, build_udp_fragments, parse_udp,
     BatchSocket, RawSender, PacketTooBig
 
 ``relay.EXTENSIONS`` maps each module name to True when its compiled extension is in
@@ -17,6 +17,7 @@ _FROM = {
     "checksum_update": "_fast",
     "build_udp": "_fast",
     "build_udp_into": "_fast",
+    "build_udp_fragments": "_fast",
     "parse_udp": "_fast",
     "BatchSocket": "_fast",
     "RawSender": "_rawsock",

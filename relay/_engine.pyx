@@ -6,9 +6,11 @@ client ──► listen socket ──recvmmsg──► association table (client
 remote ──► upstream sockets ──recvmmsg──► reply ring ──► forward: sendmmsg on the listen socket
                                                     └─► redir: IPv4/IPv6+UDP headers written in
                                                         front of each payload, sendmmsg on a raw
-                                                        socket (source = the remote: full cone);
-                                                        or sendto on a transparent socket bound to
-                                                        the remote (asked for, or too big for raw)
+                                                        socket (source = the remote: full cone;
+                                                        larger than the MTU to the client: as IP
+                                                        fragments, in the same sendmmsg); or sendto
+                                                        on a transparent socket bound to the remote
+                                                        (asked for, or what raw cannot carry)
 
 Nothing here creates a Python object per datagram. Python sets up sockets, calls
 ``Engine.run(ms)`` in a loop and reads counters from shared memory.
@@ -34,7 +36,11 @@ from relay.includes.system cimport (
 from relay._addr cimport sockaddr_any, sockaddr_from_tuple, raise_oserror
 from relay._ring cimport msg_put_gso
 from relay._sendq cimport run_join, run_start, SQ_GSO_MAX
-from relay._pkt cimport write_udp_headers, IPV4_UDP_HDR_LEN, IPV6_UDP_HDR_LEN
+from relay._pkt cimport (
+    write_udp_headers, write_udp_header, write_fragment, frag_chunk, frag_next_ident,
+    IPV4_UDP_HDR_LEN, IPV6_UDP_HDR_LEN, UDP_HDR_LEN, IPV4_MIN_MTU, IPV6_MIN_MTU, FRAG_HDR_MAX,
+)
+from relay._mtu cimport errqueue_mtu, route_mtu
 from relay._table cimport (
     akey_t, entry_t, table_t, table_init, table_free, table_find, table_insert, table_remove,
     table_touch, akey_from_sockaddr, akey_to_sockaddr,
@@ -63,6 +69,13 @@ cdef enum:
     UPSTREAM_RCVBUF = 1 << 20     # cap on an upstream socket's receive buffer (used only if full)
     FD_RESERVE = 32               # descriptors kept free for reply sockets and the control plane
     SEND_RETRIES = 1              # waits for a full buffer per run: a shared socket must not stall the loop
+    FRAG_CAP = 256                # raw reply fragments per sendmmsg (more: flush and continue)
+    MTU_CACHE = 4096              # client hosts whose route MTU is remembered (oldest learned go first)
+    MTU_UNASKED = 1280            # raw replies this size or less go whole until an MTU is learned
+    MTU_TTL = 600                 # seconds a learned MTU is trusted (the kernel's PMTU expiry)
+    K_WHOLE = 0                   # raw reply messages: a whole datagram,
+    K_FRAG = 1                    # a fragment, or
+    K_LAST = 2                    # a datagram's last fragment
 
 
 cdef inline double monotonic() noexcept nogil:
@@ -176,6 +189,21 @@ cdef class Engine:
     cdef uint32_t *out_seg        # forward replies: a run's segment size, bytes, whether closed
     cdef uint32_t *out_bytes
     cdef bint *out_closed
+    # raw replies larger than the MTU to their client: fragments, a header each in fr_hdr and
+    # two iovecs (header, piece of the payload where it lies in the reply ring); out_msgs has
+    # room for batch whole replies and FRAG_CAP fragments, out_kind says which each is
+    cdef uint8_t *fr_hdr
+    cdef iovec *fr_iov
+    cdef int nfr
+    cdef uint8_t *out_kind
+    cdef uint32_t frag_ident      # identification of the last fragmented reply
+    cdef int fr_abort             # reply slot whose remaining fragments are not to be sent
+    cdef int *retry               # reply slots refused as too big, sent again once the MTU is known
+    cdef int nretry
+    cdef bint retrying
+    cdef table_t mtus             # client host (port 0) -> MTU of the route to it, entry .mtu
+    cdef uint32_t frag_over[2]    # [IPv4, IPv6]: raw replies larger than this ask for the MTU
+    cdef bint mtu_known[2]
     cdef epoll_event[MAX_EVENTS] events
 
     def __cinit__(self):
@@ -234,6 +262,13 @@ cdef class Engine:
         if table_init(&self.tp, transparent_cache if self.mode == MODE_REDIR else 1,
                       <uint32_t>((seed >> 32) & 0xffffffff)) < 0:
             raise MemoryError("transparent socket cache")
+        seed = int.from_bytes(os.urandom(8), "little")
+        if table_init(&self.mtus, min(max_associations, MTU_CACHE) if self.mode == MODE_REDIR
+                      else 1, <uint32_t>(seed & 0xffffffff)) < 0:
+            raise MemoryError("MTU cache")
+        self.frag_ident = <uint32_t>(seed >> 32)
+        self.frag_over[0] = self.frag_over[1] = MTU_UNASKED
+        self.mtu_known[0] = self.mtu_known[1] = False
         import resource
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft == resource.RLIM_INFINITY or soft > (1 << 21):
@@ -257,10 +292,14 @@ cdef class Engine:
         self.ry_iov = <iovec *>calloc(batch, sizeof(iovec))
         self.ry_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
         self.ry_client = <akey_t *>calloc(batch, sizeof(akey_t))
-        self.out_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
-        self.out_iov = <iovec *>calloc(batch, sizeof(iovec))
-        self.out_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
-        self.out_slot = <int *>calloc(batch, sizeof(int))
+        self.out_msgs = <mmsghdr *>calloc(batch + FRAG_CAP, sizeof(mmsghdr))
+        self.out_iov = <iovec *>calloc(batch + FRAG_CAP, sizeof(iovec))
+        self.out_names = <sockaddr_any *>calloc(batch + FRAG_CAP, sizeof(sockaddr_any))
+        self.out_slot = <int *>calloc(batch + FRAG_CAP, sizeof(int))
+        self.out_kind = <uint8_t *>calloc(batch + FRAG_CAP, 1)
+        self.fr_hdr = <uint8_t *>calloc(FRAG_CAP, FRAG_HDR_MAX)
+        self.fr_iov = <iovec *>calloc(2 * FRAG_CAP, sizeof(iovec))
+        self.retry = <int *>calloc(batch, sizeof(int))
         self.out_seg = <uint32_t *>calloc(batch, sizeof(uint32_t))
         self.out_bytes = <uint32_t *>calloc(batch, sizeof(uint32_t))
         self.out_closed = <bint *>calloc(batch, sizeof(bint))
@@ -277,7 +316,9 @@ cdef class Engine:
                 or self.out_seg == NULL or self.out_bytes == NULL or self.out_closed == NULL
                 or self.ry == NULL or self.ry_msgs == NULL or self.ry_iov == NULL
                 or self.ry_names == NULL or self.ry_client == NULL or self.out_msgs == NULL
-                or self.out_iov == NULL or self.out_names == NULL or self.out_slot == NULL):
+                or self.out_iov == NULL or self.out_names == NULL or self.out_slot == NULL
+                or self.out_kind == NULL or self.fr_hdr == NULL or self.fr_iov == NULL
+                or self.retry == NULL):
             self._free()
             raise MemoryError("engine buffers")
         self.ep = epoll_create1(EPOLL_CLOEXEC)
@@ -381,6 +422,7 @@ cdef class Engine:
             self.ep = -1
         table_free(&self.assoc)
         table_free(&self.tp)
+        table_free(&self.mtus)
         free(self.rx); self.rx = NULL
         free(self.rx_msgs); self.rx_msgs = NULL
         free(self.rx_iov); self.rx_iov = NULL
@@ -405,6 +447,10 @@ cdef class Engine:
         free(self.out_iov); self.out_iov = NULL
         free(self.out_names); self.out_names = NULL
         free(self.out_slot); self.out_slot = NULL
+        free(self.out_kind); self.out_kind = NULL
+        free(self.fr_hdr); self.fr_hdr = NULL
+        free(self.fr_iov); self.fr_iov = NULL
+        free(self.retry); self.retry = NULL
         free(self.cl_names); self.cl_names = NULL
         free(self.tx_ctrl); self.tx_ctrl = NULL
         free(self.out_ctrl); self.out_ctrl = NULL
@@ -952,27 +998,38 @@ cdef class Engine:
             k += 1
         self._send_counted(self.lfd, self.out_msgs, k, C_DOWN_DATAGRAMS)
 
-    cdef inline void _out_msg(self, int k, iovec *iov, socklen_t namelen) noexcept nogil:
+    cdef inline socklen_t _raw_msg(self, int k, iovec *iov, size_t niov, int slot,
+                                   uint8_t kind, int family) noexcept nogil:
+        """Message k of a raw send: iovecs iov, to the client of reply slot (port 0: raw
+        sockets want it so, for IPv6 the port is the protocol; the headers carry it)."""
         cdef mmsghdr *m = &self.out_msgs[k]
-        self.out_iov[k] = iov[0]
-        m.msg_hdr.msg_iov = &self.out_iov[k]
-        m.msg_hdr.msg_iovlen = 1
+        cdef socklen_t nl = akey_to_sockaddr(&self.ry_client[slot], family, &self.out_names[k])
+        if family == AF_INET6:
+            self.out_names[k].v6.sin6_port = 0
+        else:
+            self.out_names[k].v4.sin_port = 0
+        m.msg_hdr.msg_iov = iov
+        m.msg_hdr.msg_iovlen = niov
         m.msg_hdr.msg_name = &self.out_names[k]
-        m.msg_hdr.msg_namelen = namelen
+        m.msg_hdr.msg_namelen = nl
         m.msg_hdr.msg_control = NULL
         m.msg_hdr.msg_controllen = 0
         m.msg_hdr.msg_flags = 0
+        self.out_slot[k] = slot
+        self.out_kind[k] = kind
+        return nl
 
     cdef void _replies_raw(self, int n, int family, double now) noexcept nogil:
         """Build headers in front of each reply of this family and send them raw, spoofed as
-        the remote. A reply the kernel refuses as too big for the route goes out from a
-        transparent socket instead (the kernel fragments that one)."""
-        cdef int i, k = 0, done, r, e
+        the remote, with one sendmmsg. A reply larger than the MTU towards its client goes
+        as IP fragments in the same batch; one the kernel refuses as too big (an MTU not
+        known yet) goes again, fragmented, once the kernel has said the MTU."""
+        cdef int i, j, k = 0
         cdef int fd = self.raw4 if family == AF_INET else self.raw6
         cdef akey_t remote
-        cdef uint8_t *payload
-        cdef size_t plen, hl
-        cdef iovec v
+        self.nfr = 0
+        self.nretry = 0
+        self.fr_abort = -1
         for i in range(n):
             akey_from_sockaddr(&self.ry_names[i], &remote)
             if remote.family != family:
@@ -983,43 +1040,170 @@ cdef class Engine:
             if fd < 0:
                 self._replies_transparent(i, i + 1, now)
                 continue
-            payload = <uint8_t *>self.ry_iov[i].iov_base
-            plen = self.ry_iov[i].iov_len
-            hl = IPV6_UDP_HDR_LEN if family == AF_INET6 else IPV4_UDP_HDR_LEN
-            write_udp_headers(payload - hl, family == AF_INET6, remote.addr, ntohs(remote.port),
-                              self.ry_client[i].addr, ntohs(self.ry_client[i].port), payload,
-                              plen, 64, 0, 0, False, 0)
-            v.iov_base = payload - hl
-            v.iov_len = plen + hl
-            self._out_msg(k, &v, akey_to_sockaddr(&self.ry_client[i], family, &self.out_names[k]))
-            # raw sockets want port 0 in the destination (IPv6: the port is the protocol)
-            if family == AF_INET6:
-                self.out_names[k].v6.sin6_port = 0
-            else:
-                self.out_names[k].v4.sin_port = 0
-            self.out_slot[k] = i
+            k = self._raw_queue(fd, i, &remote, k, now)
+        self._raw_send(fd, k, now)
+        if self.nretry:
+            self.retrying = True
+            self.fr_abort = -1
+            k = 0
+            for j in range(self.nretry):
+                i = self.retry[j]
+                akey_from_sockaddr(&self.ry_names[i], &remote)
+                k = self._raw_queue(fd, i, &remote, k, now)
+            self._raw_send(fd, k, now)
+            self.retrying = False
+
+    cdef int _raw_queue(self, int fd, int i, akey_t *remote, int k, double now) noexcept nogil:
+        """Queue reply slot i as message k (whole), or as its fragments when it is larger than
+        the MTU towards its client; returns the next free message."""
+        cdef uint8_t *payload = <uint8_t *>self.ry_iov[i].iov_base
+        cdef size_t plen = self.ry_iov[i].iov_len
+        cdef bint v6 = remote.family == AF_INET6
+        cdef size_t hl = IPV6_UDP_HDR_LEN if v6 else IPV4_UDP_HDR_LEN
+        cdef uint32_t mtu
+        if plen + hl > self.frag_over[v6]:
+            mtu = self._client_mtu(&self.ry_client[i], 0, False, now)
+            if mtu and plen + hl > mtu:
+                if mtu < <uint32_t>(IPV6_MIN_MTU if v6 else IPV4_MIN_MTU):
+                    self._fallback_one(i, now)      # no fragment fits such a route
+                    return k
+                return self._raw_fragments(fd, i, remote, mtu, k, now)
+        write_udp_headers(payload - hl, v6, remote.addr, ntohs(remote.port),
+                          self.ry_client[i].addr, ntohs(self.ry_client[i].port), payload,
+                          plen, 64, 0, 0, False, 0)
+        self.out_iov[k].iov_base = payload - hl
+        self.out_iov[k].iov_len = plen + hl
+        self._raw_msg(k, &self.out_iov[k], 1, i, K_WHOLE, remote.family)
+        return k + 1
+
+    cdef int _raw_fragments(self, int fd, int i, akey_t *remote, uint32_t mtu, int k,
+                            double now) noexcept nogil:
+        """Queue reply slot i as IP fragments of at most mtu bytes from message k on (the
+        payload stays where it is: each fragment is its header + an iovec into it); when
+        the fragment headers run out, what is queued goes first. Returns the next message."""
+        cdef const uint8_t *payload = <const uint8_t *>self.ry_iov[i].iov_base
+        cdef size_t plen = self.ry_iov[i].iov_len
+        cdef akey_t *client = &self.ry_client[i]
+        cdef bint v6 = remote.family == AF_INET6
+        cdef size_t chunk = frag_chunk(v6, mtu), udp_len = UDP_HDR_LEN + plen, off = 0
+        cdef size_t doff = 0, dlen = 0
+        cdef uint8_t udp[UDP_HDR_LEN]
+        cdef uint8_t *hdr
+        cdef iovec *iov
+        write_udp_header(udp, v6, remote.addr, ntohs(remote.port), client.addr,
+                         ntohs(client.port), payload, plen)
+        self.frag_ident = frag_next_ident(self.frag_ident)
+        while off < udp_len:
+            if self.nfr == FRAG_CAP:
+                k = self._raw_send(fd, k, now)
+                if self.fr_abort == i:          # a fragment of this reply was refused
+                    return k
+            hdr = self.fr_hdr + <size_t>self.nfr * FRAG_HDR_MAX
+            iov = &self.fr_iov[2 * self.nfr]
+            iov[0].iov_base = hdr
+            iov[0].iov_len = write_fragment(hdr, v6, remote.addr, client.addr, udp, udp_len,
+                                            off, chunk, self.frag_ident, 64, 0, 0,
+                                            &doff, &dlen)
+            iov[1].iov_base = <void *>(payload + doff)
+            iov[1].iov_len = dlen
+            self._raw_msg(k, iov, 2, i, K_FRAG, remote.family)
+            self.nfr += 1
             k += 1
-        done = 0
+            off += chunk
+        self.out_kind[k - 1] = K_LAST
+        return k
+
+    cdef uint32_t _client_mtu(self, akey_t *client, uint32_t told, bint refresh,
+                              double now) noexcept nogil:
+        """The MTU of the route to client's host: remembered (for MTU_TTL seconds, unless
+        refresh), told by the kernel (told > 0, after it refused a packet), or asked of it
+        (route_mtu: a socket connected there, then closed). 0 when there is no route."""
+        cdef akey_t host = client[0]
+        cdef int32_t idx
+        cdef sockaddr_any sa
+        cdef socklen_t nl
+        cdef uint32_t mtu = told
+        cdef bint v6 = client.family == AF_INET6
+        host.port = 0
+        idx = table_find(&self.mtus, &host)
+        if idx >= 0 and told == 0 and not refresh and self.mtus.e[idx].last + MTU_TTL > now:
+            return self.mtus.e[idx].mtu
+        if mtu == 0:
+            nl = akey_to_sockaddr(&host, host.family, &sa)
+            mtu = route_mtu(&sa, nl, self.mark) if nl else 0
+            if mtu == 0:
+                return 0
+        if mtu > 0xffff:
+            mtu = 0xffff                    # loopback says 65536; no packet is larger anyway
+        if idx < 0:
+            if self.mtus.count >= self.mtus.cap:
+                table_remove(&self.mtus, self.mtus.tail)
+            idx = table_insert(&self.mtus, &host, now)
+            if idx < 0:
+                return mtu
+        else:
+            table_touch(&self.mtus, idx, now)
+        self.mtus.e[idx].mtu = <uint16_t>mtu
+        if not self.mtu_known[v6] or mtu < self.frag_over[v6]:
+            self.frag_over[v6] = mtu
+            self.mtu_known[v6] = True
+        return mtu
+
+    cdef int _raw_send(self, int fd, int k, double now) noexcept nogil:
+        """Send raw messages 0..k-1 and count them; returns 0 (the next free message). A
+        reply the kernel refuses loses its remaining fragments; refused as too big, it
+        goes again after this batch (see _replies_raw), or the transparent way."""
+        cdef int done = 0, r, e, slot
+        self.nfr = 0
         while done < k:
             r = self._send_some(fd, self.out_msgs + done, k - done, &e)
             self._count_raw(done, r)
             done += r
-            if done < k:
-                if e == EAGAIN or e == ENOBUFS:
-                    self.st[C_DROP_BUFFER_FULL] += k - done
-                    return
-                if e == EMSGSIZE:
-                    self._fallback_one(self.out_slot[done], now)
+            if done >= k:
+                break
+            if e == EAGAIN or e == ENOBUFS:
+                self.st[C_DROP_BUFFER_FULL] += self._raw_datagrams(done, k)
+                if self.out_kind[k - 1] == K_FRAG:
+                    self.fr_abort = self.out_slot[k - 1]
+                return 0
+            slot = self.out_slot[done]
+            if e == EMSGSIZE:
+                # the kernel says the MTU (IP_RECVERR); send again fragmented to fit it
+                if (self._client_mtu(&self.ry_client[slot], errqueue_mtu(fd), True, now) == 0
+                        or self.retrying or self.nretry == self.batch):
+                    self._fallback_one(slot, now)
                 else:
-                    self._count_error(e)
+                    self.retry[self.nretry] = slot
+                    self.nretry += 1
+            else:
+                self._count_error(e)
+            done += 1
+            while done < k and self.out_slot[done] == slot:
                 done += 1
+            if self.out_kind[done - 1] == K_FRAG:   # its last fragments were still to come
+                self.fr_abort = slot
+        return 0
+
+    cdef inline uint64_t _raw_datagrams(self, int start, int stop) noexcept nogil:
+        """Replies among raw messages start..stop-1 (a reply cut at stop counts)."""
+        cdef uint64_t n = 0
+        cdef int i
+        for i in range(start, stop):
+            if self.out_kind[i] != K_FRAG or i == stop - 1:
+                n += 1
+        return n
 
     cdef void _count_raw(self, int start, int n) noexcept nogil:
+        """Count the replies raw messages start..start+n-1 completed (whole, or last fragment)."""
         cdef int i
-        cdef uint64_t nbytes = 0
+        cdef uint64_t nbytes = 0, ndgrams = 0
         for i in range(start, start + n):
-            nbytes += self.ry_msgs[self.out_slot[i]].msg_len
-        self._count_down(n, nbytes)
+            if self.out_kind[i] != K_FRAG:
+                ndgrams += 1
+                nbytes += self.ry_msgs[self.out_slot[i]].msg_len
+                if self.out_kind[i] == K_LAST:
+                    self.st[C_REPLY_FRAGMENTED] += 1
+        self._count_down(ndgrams, nbytes)
 
     cdef void _fallback_one(self, int slot, double now) noexcept nogil:
         self.st[C_REPLY_FALLBACK] += 1

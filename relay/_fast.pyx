@@ -18,22 +18,23 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memmove, memchr
 
 from relay._pkt cimport (
-    csum_partial, csum_fold, csum_finish, udp_pseudo_sum, write_udp_headers, get16,
-    IPV4_UDP_HDR_LEN, IPV6_UDP_HDR_LEN, MAX_IPV4_UDP_PAYLOAD, MAX_IPV6_UDP_PAYLOAD,
+    csum_partial, csum_fold, csum_finish, udp_pseudo_sum, write_udp_headers, write_udp_header,
+    write_fragment, frag_chunk, get16, IPV4_UDP_HDR_LEN, IPV6_UDP_HDR_LEN, UDP_HDR_LEN,
+    MAX_IPV4_UDP_PAYLOAD, MAX_IPV6_UDP_PAYLOAD, FRAG_HDR_MAX,
 )
 from relay._addr cimport ip_to_tuple
 from relay.includes.system cimport AF_INET, AF_INET6, inet_pton
 
 from relay.errors import PacketTooBig
 from relay._pure.fast import (  # the one table of parse_udp reasons and messages
-    _parse_error, PARSE_REASONS, TRUNCATED, BAD_VERSION, BAD_IHL, BAD_IPV4_CHECKSUM,
+    _parse_error, _mtu_arg, PARSE_REASONS, TRUNCATED, BAD_VERSION, BAD_IHL, BAD_IPV4_CHECKSUM,
     BAD_TOTAL_LENGTH, FRAGMENTED, NOT_UDP, BAD_IPV6_PAYLOAD_LENGTH, BAD_ROUTING_HEADER,
     BAD_UDP_LENGTH, BAD_UDP_CHECKSUM,
 )
 
 __all__ = [
-    "inet_checksum", "checksum_update", "build_udp", "build_udp_into", "parse_udp",
-    "MAX_IPV4_PAYLOAD", "MAX_IPV6_PAYLOAD", "BatchSocket",
+    "inet_checksum", "checksum_update", "build_udp", "build_udp_into", "build_udp_fragments",
+    "parse_udp", "MAX_IPV4_PAYLOAD", "MAX_IPV6_PAYLOAD", "BatchSocket",
 ]
 
 MAX_IPV4_PAYLOAD = MAX_IPV4_UDP_PAYLOAD     # 65507
@@ -225,6 +226,20 @@ def checksum_update(csum, old, new):
 
 # -- build --------------------------------------------------------------------------------
 
+cdef bytes _packet(udp_args *a, Py_buffer *pv, bint df):
+    """The whole packet for the checked arguments a and payload pv, as bytes."""
+    cdef size_t plen = <size_t>pv.len
+    cdef bytes out = PyBytes_FromStringAndSize(
+        NULL, (IPV6_UDP_HDR_LEN if a.is_v6 else IPV4_UDP_HDR_LEN) + pv.len)
+    cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(out)
+    if plen >= NOGIL_MIN:
+        with nogil:
+            _write(p, a, <const uint8_t *>pv.buf, plen, df)
+    else:
+        _write(p, a, <const uint8_t *>pv.buf, plen, df)
+    return out
+
+
 def build_udp(src, dst, payload, *, ttl=64, tos=0, ident=0, df=True, flowlabel=0):
     """A complete IPv4+UDP or IPv6+UDP packet as bytes.
 
@@ -239,27 +254,72 @@ def build_udp(src, dst, payload, *, ttl=64, tos=0, ident=0, df=True, flowlabel=0
     """
     cdef udp_args a
     cdef Py_buffer pv
-    cdef bytes out
-    cdef bint dfl
-    cdef size_t plen
-    cdef uint8_t *p
     _addresses(src, dst, &a)
     _get_buffer(payload, &pv, "payload", False)
     try:
         _options(&a, ttl, tos, ident, flowlabel, pv.len)
-        dfl = df
-        plen = <size_t>pv.len
-        out = PyBytes_FromStringAndSize(NULL, (IPV6_UDP_HDR_LEN if a.is_v6 else IPV4_UDP_HDR_LEN)
-                                        + pv.len)
-        p = <uint8_t *>PyBytes_AS_STRING(out)
-        if plen >= NOGIL_MIN:
-            with nogil:
-                _write(p, &a, <const uint8_t *>pv.buf, plen, dfl)
-        else:
-            _write(p, &a, <const uint8_t *>pv.buf, plen, dfl)
+        return _packet(&a, &pv, df)
     finally:
         PyBuffer_Release(&pv)
-    return out
+
+
+def build_udp_fragments(src, dst, payload, mtu, *, ttl=64, tos=0, ident=0, flowlabel=0):
+    """The UDP datagram build_udp() would make, as the list of packets (bytes) that carry
+    it over a link of mtu bytes: one whole packet when it fits, else its fragments.
+
+    Every packet is at most mtu bytes (mtu: an int, at least 68 for IPv4 and 1280 for
+    IPv6, else ValueError; from 65575 on, the largest IPv6 packet, nothing is fragmented). Each fragment carries
+    a multiple of 8 bytes of the datagram (the last: the rest), the first one with the
+    UDP header, whose checksum covers the whole datagram. IPv4: DF clear, MF on all but
+    the last, ident (0..0xFFFF) as identification, each header with its own checksum.
+    IPv6: a Fragment header (next header 44) with the M flag and ident (0..0xFFFFFFFF)
+    as the 32-bit identification. The whole packet (when the datagram fits) has DF clear
+    and ident too. A raw IPv4 socket replaces an identification of 0 in each packet, so
+    fragments sent through one need a nonzero ident. ttl, tos, flowlabel and the errors
+    are those of build_udp().
+    """
+    cdef udp_args a
+    cdef Py_buffer pv
+    cdef size_t plen, m, chunk, off, udp_len, hl, doff = 0, dlen = 0
+    cdef uint32_t idv
+    cdef uint8_t udp[UDP_HDR_LEN]
+    cdef uint8_t hdr[FRAG_HDR_MAX]
+    cdef const uint8_t *data
+    cdef bytes pkt
+    cdef uint8_t *p
+    cdef list out
+    _addresses(src, dst, &a)
+    _get_buffer(payload, &pv, "payload", False)
+    try:
+        _options(&a, ttl, tos, 0, flowlabel, pv.len)
+        idv = <uint32_t>_int_arg(ident, "ident", 0, 0xFFFFFFFF if a.is_v6 else 0xFFFF)
+        m = <size_t>_mtu_arg(mtu, a.is_v6)
+        plen = <size_t>pv.len
+        data = <const uint8_t *>pv.buf
+        if (IPV6_UDP_HDR_LEN if a.is_v6 else IPV4_UDP_HDR_LEN) + plen <= m:
+            a.ident = <uint16_t>idv
+            return [_packet(&a, &pv, False)]
+        if plen >= NOGIL_MIN:
+            with nogil:
+                write_udp_header(udp, a.is_v6, a.src, a.sport, a.dst, a.dport, data, plen)
+        else:
+            write_udp_header(udp, a.is_v6, a.src, a.sport, a.dst, a.dport, data, plen)
+        chunk = frag_chunk(a.is_v6, m)
+        udp_len = UDP_HDR_LEN + plen
+        out = []
+        off = 0
+        while off < udp_len:
+            hl = write_fragment(hdr, a.is_v6, a.src, a.dst, udp, udp_len, off, chunk, idv,
+                                a.ttl, a.tos, a.flowlabel, &doff, &dlen)
+            pkt = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(hl + dlen))
+            p = <uint8_t *>PyBytes_AS_STRING(pkt)
+            memmove(p, hdr, hl)
+            memmove(p + hl, data + doff, dlen)
+            out.append(pkt)
+            off += chunk
+        return out
+    finally:
+        PyBuffer_Release(&pv)
 
 
 def build_udp_into(buffer, offset, src, dst, payload, *, ttl=64, tos=0, ident=0, df=True,

@@ -1,33 +1,41 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """RawSender: spoofed IPv4/IPv6 + UDP datagrams through IPPROTO_RAW sockets.
 
-Headers are written by ``write_udp_headers`` into a ring of ``batch`` 48-byte slots;
-each message is two iovecs (header, payload — the payload is not copied) and the
-ring goes out with one sendmmsg() when full, when the address family changes, or
-at the end of the call. The payload buffers are held (Py_buffer) until their batch
-has been sent.
+Headers are written by ``write_udp_headers`` into a ring of 56-byte slots; each message
+is two iovecs (header, payload — the payload is not copied) and the ring goes out with
+one sendmmsg() when ``batch`` datagrams are queued, when the address family changes, or
+at the end of the call. With ``mtu``, a datagram larger than it takes one message per
+fragment (``write_fragment``: the fragment's headers in its slot, the second iovec
+pointing at its piece of the payload), all in the same ring and the same sendmmsg; the
+ring has room for ``batch`` datagrams plus the fragments of the largest one. The payload
+buffers are held (Py_buffer) until their batch has been sent.
 """
 from cpython.buffer cimport PyBuffer_Release, PyBUF_SIMPLE, PyObject_CheckBuffer
 from cpython.exc cimport PyErr_Clear, PyErr_CheckSignals
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
+import os
 
 from relay.includes.system cimport (
     errno, EAGAIN, EINTR, ENOBUFS, EMSGSIZE, EPERM, EACCES,
     memcpy, memset, strerror, close,
-    iovec, msghdr, mmsghdr, cmsghdr, CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_DATA,
-    socket, setsockopt, sendmmsg, recvmsg, sockaddr_in, sockaddr_in6,
-    AF_INET, AF_INET6, SOCK_RAW, SOCK_NONBLOCK, SOCK_CLOEXEC, SOL_SOCKET, MSG_DONTWAIT,
+    iovec, mmsghdr,
+    socket, setsockopt, sendmmsg, sockaddr_in, sockaddr_in6,
+    AF_INET, AF_INET6, SOCK_RAW, SOCK_NONBLOCK, SOCK_CLOEXEC, SOL_SOCKET,
     IPPROTO_IP, IPPROTO_IPV6, IPPROTO_RAW, IP_HDRINCL, SO_MARK, IP_RECVERR, IPV6_RECVERR,
-    MSG_ERRQUEUE, sock_extended_err, pollfd, poll, POLLOUT, ntohs,
+    pollfd, poll, POLLOUT, ntohs,
 )
 from relay._pkt cimport (
-    write_udp_headers, IPV4_UDP_HDR_LEN, IPV6_UDP_HDR_LEN,
+    write_udp_headers, write_udp_header, write_fragment, frag_chunk, frag_count, frag_next_ident,
+    IPV4_UDP_HDR_LEN, IPV6_UDP_HDR_LEN, UDP_HDR_LEN, IPV6_MIN_MTU, FRAG_HDR_MAX,
     MAX_IPV4_UDP_PAYLOAD, MAX_IPV6_UDP_PAYLOAD,
 )
 from relay._addr cimport sockaddr_any, sockaddr_from_tuple
+from relay._mtu cimport errqueue_mtu
 
 from relay.errors import PacketTooBig
+from relay._pure.fast import _mtu_arg
+from relay._pure.rawsock import _fragments_need_ipv6_mtu, _too_big
 
 cdef extern from "Python.h":
     # Same function as cpython.buffer's, declared without exception propagation so
@@ -36,7 +44,7 @@ cdef extern from "Python.h":
 
 
 cdef enum:
-    SLOT_LEN = 48           # room for the IPv6 + UDP headers
+    SLOT_LEN = FRAG_HDR_MAX  # room for the IPv6 + Fragment + UDP headers
     MAX_BATCH = 1024        # UIO_MAXIOV, the kernel's limit for one sendmmsg()
     MAX_RETRIES = 50        # transient errors (ENOBUFS/EAGAIN) in a row before giving up
 
@@ -97,7 +105,7 @@ def _validate_addr(addr):
 cdef class RawSender:
     """Send spoofed UDP datagrams (any source address and port) from raw sockets.
 
-    RawSender(*, mark=None, ttl=64, batch=64)
+    RawSender(*, mark=None, ttl=64, batch=64, mtu=None)
 
     ``send(src, dst, payload)`` sends one datagram; ``send_many(items)`` sends an
     iterable of ``(src, dst, payload)`` with one sendmmsg() per ``batch`` datagrams
@@ -106,10 +114,17 @@ cdef class RawSender:
     same family. Packets carry the given TTL, DF set, and the kernel picks the IPv4
     identification. Needs CAP_NET_RAW; ``mark`` (SO_MARK) needs CAP_NET_ADMIN.
 
+    ``mtu`` (an int >= 68, or None: never fragment): a datagram whose packet would be
+    larger goes out as fragments of at most mtu bytes (see ``build_udp_fragments``),
+    in the same sendmmsg as the datagrams around it, with an identification from a
+    per-sender counter (random start, never 0). IPv6 fragments need mtu >= 1280: an
+    IPv6 datagram that would need them at a smaller mtu raises ValueError.
+
     Errors: ``PacketTooBig`` (limit "IPv4 maximum", "IPv6 maximum" or "interface
     MTU"), ValueError/TypeError for bad input, OSError for the rest; in send_many
     each carries ``.sent``, the number of datagrams that went out before the
-    failing one (queued datagrams are flushed before raising, none after it goes).
+    failing one (queued datagrams are flushed before raising, none after it goes;
+    a datagram counts once all its fragments went).
     """
 
     def __cinit__(self, *args, **kwargs):
@@ -122,11 +137,13 @@ cdef class RawSender:
         self._msgs = NULL
         self._names = NULL
         self._views = NULL
+        self._kind = NULL
         self._nq = 0
+        self._nd = 0
         self._sent = 0
 
-    def __init__(self, *, mark=None, ttl=DEFAULT_TTL, batch=DEFAULT_BATCH):
-        cdef unsigned int i
+    def __init__(self, *, mark=None, ttl=DEFAULT_TTL, batch=DEFAULT_BATCH, mtu=None):
+        cdef unsigned int i, cap
         if mark is not None:
             if not isinstance(mark, int):
                 raise TypeError(f"mark must be an int or None, not {type(mark).__name__}")
@@ -140,6 +157,8 @@ cdef class RawSender:
             raise TypeError(f"batch must be an int, not {type(batch).__name__}")
         if batch < 1 or batch > MAX_BATCH:
             raise ValueError(f"batch out of range 1-{MAX_BATCH}: {batch}")
+        if mtu is not None:
+            mtu = _mtu_arg(mtu, False)
         if self._busy:
             raise RuntimeError("RawSender is in use by another thread")
         self._teardown()
@@ -147,16 +166,27 @@ cdef class RawSender:
         self._mark = mark if mark is not None else 0
         self._ttl = ttl
         self._batch = batch
-        self._hdrs = <uint8_t *>PyMem_Calloc(batch, SLOT_LEN)
-        self._iov = <iovec *>PyMem_Calloc(2 * batch, sizeof(iovec))
-        self._msgs = <mmsghdr *>PyMem_Calloc(batch, sizeof(mmsghdr))
-        self._names = <sockaddr_any *>PyMem_Calloc(batch, sizeof(sockaddr_any))
-        self._views = <Py_buffer *>PyMem_Calloc(batch, sizeof(Py_buffer))
+        self._mtu = mtu if mtu is not None else 0
+        # Room for batch datagrams plus the fragments of the largest one (IPv4 at any mtu,
+        # IPv6 at 1280 and more), so a datagram always fits into an emptied ring.
+        cap = batch
+        if self._mtu:
+            cap += max(frag_count(UDP_HDR_LEN + MAX_IPV4_UDP_PAYLOAD, frag_chunk(0, self._mtu)),
+                       frag_count(UDP_HDR_LEN + MAX_IPV6_UDP_PAYLOAD, frag_chunk(1, self._mtu))
+                       if self._mtu >= IPV6_MIN_MTU else 0)
+        self._cap = cap
+        self._ident = int.from_bytes(os.urandom(4), "little")
+        self._hdrs = <uint8_t *>PyMem_Calloc(cap, SLOT_LEN)
+        self._iov = <iovec *>PyMem_Calloc(2 * cap, sizeof(iovec))
+        self._msgs = <mmsghdr *>PyMem_Calloc(cap, sizeof(mmsghdr))
+        self._names = <sockaddr_any *>PyMem_Calloc(cap, sizeof(sockaddr_any))
+        self._views = <Py_buffer *>PyMem_Calloc(cap, sizeof(Py_buffer))
+        self._kind = <uint8_t *>PyMem_Calloc(cap, 1)
         if (self._hdrs == NULL or self._iov == NULL or self._msgs == NULL
-                or self._names == NULL or self._views == NULL):
+                or self._names == NULL or self._views == NULL or self._kind == NULL):
             self._teardown()
             raise MemoryError()
-        for i in range(batch):
+        for i in range(cap):
             self._msgs[i].msg_hdr.msg_name = &self._names[i]
             self._msgs[i].msg_hdr.msg_iov = &self._iov[2 * i]
             self._msgs[i].msg_hdr.msg_iovlen = 2
@@ -180,6 +210,8 @@ cdef class RawSender:
         PyMem_Free(self._msgs)
         PyMem_Free(self._names)
         PyMem_Free(self._views)
+        PyMem_Free(self._kind)
+        self._kind = NULL
         self._hdrs = NULL
         self._iov = NULL
         self._msgs = NULL
@@ -205,6 +237,10 @@ cdef class RawSender:
     def batch(self):
         return self._batch
 
+    @property
+    def mtu(self):
+        return self._mtu if self._mtu else None
+
     def close(self):
         """Close the raw sockets; further sends raise ValueError. Idempotent."""
         if self._busy:
@@ -221,6 +257,8 @@ cdef class RawSender:
         state = "closed" if self._closed else f"ttl={self._ttl} batch={self._batch}"
         if self._has_mark:
             state += f" mark={self._mark:#x}"
+        if self._mtu and not self._closed:
+            state += f" mtu={self._mtu}"
         return f"<RawSender {state}>"
 
     def send(self, src, dst, payload):
@@ -331,7 +369,6 @@ cdef class RawSender:
     cdef int _queue(self, object src, object dst, object payload) except -1:
         cdef Py_buffer view
         cdef bint is_v6
-        cdef int fd
         cdef size_t plen
         self._resolve(src, True)
         self._resolve(dst, False)
@@ -356,32 +393,76 @@ cdef class RawSender:
                 f"UDP payload of {plen} bytes is over the IPv4 maximum of "
                 f"{MAX_IPV4_UDP_PAYLOAD} bytes", size=plen + IPV4_UDP_HDR_LEN,
                 limit="IPv4 maximum", sent=self._sent)
-        fd = self._fd6 if is_v6 else self._fd4
-        if fd < 0 or (self._nq and is_v6 != self._q_v6):
-            try:
-                if self._nq and is_v6 != self._q_v6:
-                    self.flush()
-                if fd < 0:
-                    self._open(is_v6)
-            except BaseException:
-                PyBuffer_Release(&view)
-                raise
         if is_v6:
-            self._slot(True, <const uint8_t *>&self._src_sa.v6.sin6_addr,
-                       ntohs(self._src_sa.v6.sin6_port),
-                       <const uint8_t *>&self._dst_sa.v6.sin6_addr,
-                       ntohs(self._dst_sa.v6.sin6_port), &self._dst_sa,
-                       <const uint8_t *>view.buf, plen)
+            self._put(True, <const uint8_t *>&self._src_sa.v6.sin6_addr,
+                      ntohs(self._src_sa.v6.sin6_port),
+                      <const uint8_t *>&self._dst_sa.v6.sin6_addr,
+                      ntohs(self._dst_sa.v6.sin6_port), &self._dst_sa,
+                      <const uint8_t *>view.buf, plen, &view)
         else:
-            self._slot(False, <const uint8_t *>&self._src_sa.v4.sin_addr,
-                       ntohs(self._src_sa.v4.sin_port),
-                       <const uint8_t *>&self._dst_sa.v4.sin_addr,
-                       ntohs(self._dst_sa.v4.sin_port), &self._dst_sa,
-                       <const uint8_t *>view.buf, plen)
-        # The slot owns the buffer from here on; flush() releases it.
-        self._views[self._nq] = view
-        self._nq += 1
-        if self._nq >= self._batch:
+            self._put(False, <const uint8_t *>&self._src_sa.v4.sin_addr,
+                      ntohs(self._src_sa.v4.sin_port),
+                      <const uint8_t *>&self._dst_sa.v4.sin_addr,
+                      ntohs(self._dst_sa.v4.sin_port), &self._dst_sa,
+                      <const uint8_t *>view.buf, plen, &view)
+        return 0
+
+    cdef int _put(self, bint is_v6, const uint8_t *src, uint16_t sport,
+                  const uint8_t *dst, uint16_t dport, const sockaddr_any *dst_sa,
+                  const uint8_t *payload, size_t plen, Py_buffer *view) except -1:
+        """Queue one datagram: one message, or one per fragment when it is larger than
+        the mtu. The ring owns view (NULL: queued from C) from here on; on failure
+        before that, it is released."""
+        cdef unsigned int need = 1, first, i
+        cdef size_t chunk = 0, udp_len = UDP_HDR_LEN + plen, off, doff = 0, dlen = 0
+        cdef size_t size = (IPV6_UDP_HDR_LEN if is_v6 else IPV4_UDP_HDR_LEN) + plen
+        cdef uint8_t udp[UDP_HDR_LEN]
+        cdef uint8_t *hdr
+        cdef uint32_t ident
+        try:
+            if self._mtu and size > self._mtu:
+                if is_v6 and self._mtu < IPV6_MIN_MTU:
+                    raise _fragments_need_ipv6_mtu(size, self._mtu)
+                chunk = frag_chunk(is_v6, self._mtu)
+                need = <unsigned int>frag_count(udp_len, chunk)
+            if self._nq and (is_v6 != self._q_v6 or self._cap - self._nq < need):
+                self.flush()
+            if (self._fd6 if is_v6 else self._fd4) < 0:
+                self._open(is_v6)
+        except BaseException:
+            if view != NULL:
+                PyBuffer_Release(view)
+            raise
+        first = self._nq
+        if need == 1:
+            self._slot(is_v6, src, sport, dst, dport, dst_sa, payload, plen)
+            self._kind[first] = 0
+            self._nq += 1
+        else:
+            write_udp_header(udp, is_v6, src, sport, dst, dport, payload, plen)
+            ident = self._ident = frag_next_ident(self._ident)
+            off = 0
+            while off < udp_len:
+                i = self._nq
+                hdr = self._hdrs + i * SLOT_LEN
+                self._iov[2 * i].iov_base = hdr
+                self._iov[2 * i].iov_len = write_fragment(
+                    hdr, is_v6, src, dst, udp, udp_len, off, chunk, ident, self._ttl, 0, 0,
+                    &doff, &dlen)
+                self._iov[2 * i + 1].iov_base = <void *>(payload + doff)
+                self._iov[2 * i + 1].iov_len = dlen
+                self._name(i, is_v6, dst, dst_sa)
+                self._kind[i] = 1
+                _set_no_owner(&self._views[i])
+                self._nq += 1
+                off += chunk
+            self._kind[self._nq - 1] = 2
+        if view != NULL:
+            self._views[first] = view[0]
+        else:
+            _set_no_owner(&self._views[first])
+        self._nd += 1
+        if self._nd >= self._batch:
             self.flush()
         return 0
 
@@ -392,14 +473,19 @@ cdef class RawSender:
         cdef unsigned int i = self._nq
         cdef uint8_t *hdr = self._hdrs + i * SLOT_LEN
         cdef iovec *iov = &self._iov[2 * i]
-        cdef sockaddr_any *name = &self._names[i]
         iov[0].iov_base = hdr
         iov[0].iov_len = write_udp_headers(hdr, is_v6, src, sport, dst, dport, payload,
                                            plen, self._ttl, 0, 0, True, 0)
         iov[1].iov_base = <void *>payload
         iov[1].iov_len = plen
-        # Raw sockets take the destination with port 0 (IPv6: the port would name
-        # the protocol); the headers carry the real ports.
+        self._name(i, is_v6, dst, dst_sa)
+        return 0
+
+    cdef void _name(self, unsigned int i, bint is_v6, const uint8_t *dst,
+                    const sockaddr_any *dst_sa) noexcept:
+        """The destination of message i. Raw sockets take it with port 0 (IPv6: the port
+        would name the protocol); the headers carry the real ports."""
+        cdef sockaddr_any *name = &self._names[i]
         if is_v6:
             name.v6.sin6_family = AF_INET6
             name.v6.sin6_port = 0
@@ -413,14 +499,12 @@ cdef class RawSender:
             memcpy(&name.v4.sin_addr, dst, 4)
             self._msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
         self._q_v6 = is_v6
-        return 0
 
     cdef int queue_raw(self, bint is_v6, const uint8_t *src, uint16_t sport,
                        const uint8_t *dst, uint16_t dport,
                        const uint8_t *payload, size_t plen) except -1:
         """Queue one datagram from C (addresses in network order, ports in host order).
         The payload must stay valid until the next queue_raw()/flush() returns."""
-        cdef int fd
         if self._closed:
             raise ValueError("send on a closed RawSender")
         if plen > <size_t>(MAX_IPV6_UDP_PAYLOAD if is_v6 else MAX_IPV4_UDP_PAYLOAD):
@@ -428,17 +512,7 @@ cdef class RawSender:
                 f"UDP payload of {plen} bytes is over the {'IPv6' if is_v6 else 'IPv4'} "
                 "maximum", size=plen + (IPV6_UDP_HDR_LEN if is_v6 else IPV4_UDP_HDR_LEN),
                 limit="IPv6 maximum" if is_v6 else "IPv4 maximum", sent=self._sent)
-        if self._nq and is_v6 != self._q_v6:
-            self.flush()
-        fd = self._fd6 if is_v6 else self._fd4
-        if fd < 0:
-            self._open(is_v6)
-        self._slot(is_v6, src, sport, dst, dport, NULL, payload, plen)
-        _set_no_owner(&self._views[self._nq])
-        self._nq += 1
-        if self._nq >= self._batch:
-            self.flush()
-        return 0
+        return self._put(is_v6, src, sport, dst, dport, NULL, payload, plen, NULL)
 
     cdef void _release(self) noexcept:
         cdef unsigned int i
@@ -446,6 +520,7 @@ cdef class RawSender:
             if _has_owner(&self._views[i]):
                 PyBuffer_Release(&self._views[i])
         self._nq = 0
+        self._nd = 0
 
     cdef int _open(self, bint is_v6) except -1:
         cdef int fd, err, one = 1
@@ -487,7 +562,7 @@ cdef class RawSender:
 
     cdef int flush(self) except -1:
         """Send every queued datagram (one sendmmsg per try), then empty the ring."""
-        cdef unsigned int n = self._nq, off = 0
+        cdef unsigned int n = self._nq, off = 0, j
         cdef int r, err = 0, fd, retries = 0
         if n == 0:
             return 0
@@ -501,8 +576,10 @@ cdef class RawSender:
                     elif r == 0:
                         err = EAGAIN
                 if r > 0:
+                    for j in range(off, off + <unsigned int>r):
+                        if self._kind[j] != 1:      # a whole datagram or its last fragment
+                            self._sent += 1
                     off += <unsigned int>r
-                    self._sent += r
                     retries = 0
                     continue
                 if err == EINTR:
@@ -527,35 +604,7 @@ cdef class RawSender:
 
     cdef int _too_big_mtu(self, int fd, unsigned int off) except -1:
         """Raise PacketTooBig for message off, with the MTU the kernel queued."""
-        cdef msghdr *m = &self._msgs[off].msg_hdr
-        cdef size_t size = m.msg_iov[0].iov_len + m.msg_iov[1].iov_len
-        cdef size_t plen = m.msg_iov[1].iov_len
-        cdef uint32_t mtu = 0
-        cdef msghdr em
-        cdef cmsghdr *cm
-        cdef sock_extended_err *ee
-        cdef char ctrl[512]
-        cdef char dummy[8]
-        cdef iovec eiov
-        # Drain the error queue (IP_RECVERR): the last EMSGSIZE entry has the MTU.
-        while True:
-            memset(&em, 0, sizeof(em))
-            eiov.iov_base = dummy
-            eiov.iov_len = sizeof(dummy)
-            em.msg_iov = &eiov
-            em.msg_iovlen = 1
-            em.msg_control = ctrl
-            em.msg_controllen = sizeof(ctrl)
-            if recvmsg(fd, &em, MSG_ERRQUEUE | MSG_DONTWAIT) < 0:
-                break
-            cm = CMSG_FIRSTHDR(&em)
-            while cm != NULL:
-                ee = <sock_extended_err *>CMSG_DATA(cm)
-                if ee.ee_errno == EMSGSIZE:
-                    mtu = ee.ee_info
-                cm = CMSG_NXTHDR(&em, cm)
-        mtu_text = f"the interface MTU ({mtu} bytes)" if mtu else "the interface MTU"
-        raise PacketTooBig(
-            f"packet of {size} bytes (UDP payload {plen}) is larger than {mtu_text}; "
-            "raw packets are not fragmented", size=size, limit="interface MTU",
-            sent=self._sent)
+        cdef mmsghdr *m = &self._msgs[off]
+        cdef size_t size = m.msg_hdr.msg_iov[0].iov_len + m.msg_hdr.msg_iov[1].iov_len
+        raise _too_big(size, m.msg_hdr.msg_iov[1].iov_len, errqueue_mtu(fd),
+                       self._mtu if self._kind[off] else 0, self._sent)

@@ -22,6 +22,7 @@ cdef enum:
     C_DROP_NO_ROUTE
     C_DROP_DENIED
     C_REPLY_FALLBACK          # replies sent the transparent way because raw could not
+    C_REPLY_FRAGMENTED        # raw replies larger than the MTU, sent as IP fragments
     C_TRANSPARENT_OPEN        # gauge: transparent reply sockets open
     C_CONN_OPEN               # gauge: tunnel / SOCKS5 TCP connections
     C_CONN_ACCEPTED

@@ -27,6 +27,7 @@ cdef struct entry_t:
     int32_t hnext            # hash chain / free list
     uint32_t hash
     uint8_t used
+    uint16_t mtu             # the MTU of the route to the key (the engine's MTU cache)
     double last
 
 

@@ -253,8 +253,9 @@ def _add_redir(sub):
     _opt(p, "redir", "--listen", "TPROXY target address; [::]:PORT takes IPv4 and IPv6",
          required=True, metavar="HOST:PORT")
     _opt(p, "redir", "--reply", "raw: headers built by relay, sent on a raw socket, no "
-         "descriptor per remote; transparent: sockets bound to each remote (bounded LRU)",
-         choices=["raw", "transparent"])
+         "descriptor per remote (replies larger than the MTU to the client go as IP fragments "
+         "built by relay); transparent: sockets bound to each remote (bounded LRU). Raw "
+         "replies that cannot be fragmented go the transparent way", choices=["raw", "transparent"])
     _opt(p, "redir", "--transparent-cache", "transparent reply sockets kept open per worker "
          "(LRU)", type=int, metavar="N")
     _opt(p, "redir", "--transparent-idle", "idle time after which a transparent reply socket "

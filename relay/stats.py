@@ -13,7 +13,7 @@ COUNTERS = (
     "assoc_open", "assoc_created", "assoc_expired", "assoc_evicted", "assoc_refused",
     "drop_malformed", "drop_buffer_full", "drop_send_error", "drop_table_full",
     "drop_too_big", "drop_no_route", "drop_denied",
-    "reply_fallback", "transparent_open",
+    "reply_fallback", "reply_fragmented", "transparent_open",
     "conn_open", "conn_accepted", "conn_rejected", "conn_reconnects", "frames_bad",
     "queue_drops", "icmp_errors", "drop_rcvbuf", "drop_permission",
 )
@@ -40,6 +40,7 @@ HELP = {
     "drop_no_route": "datagrams dropped for lack of a route or destination",
     "drop_denied": "datagrams dropped by the destination access list",
     "reply_fallback": "replies sent from a transparent socket because the raw way could not",
+    "reply_fragmented": "raw replies larger than the MTU to the client, sent as IP fragments",
     "transparent_open": "transparent reply sockets open now",
     "conn_open": "tunnel or SOCKS5 TCP connections open now",
     "conn_accepted": "tunnel or SOCKS5 TCP connections accepted",

@@ -5,6 +5,7 @@ signatures, results and error messages.
 ``checksum_update`` RFC 1624 incremental checksum update for a replaced field
 ``build_udp``       a complete IPv4+UDP or IPv6+UDP packet as bytes
 ``build_udp_into``  the same, written into a caller's buffer
+``build_udp_fragments`` the packets (one, or the fragments) carrying it over an MTU
 ``parse_udp``       validate an IPv4/IPv6 UDP packet, return (src, dst, payload)
 
 This module also holds the one table of ``parse_udp`` error reasons and messages: the
@@ -22,12 +23,16 @@ import struct as _struct
 from relay.errors import PacketTooBig
 
 __all__ = [
-    "inet_checksum", "checksum_update", "build_udp", "build_udp_into", "parse_udp",
-    "MAX_IPV4_PAYLOAD", "MAX_IPV6_PAYLOAD", "BatchSocket",
+    "inet_checksum", "checksum_update", "build_udp", "build_udp_into", "build_udp_fragments",
+    "parse_udp", "MAX_IPV4_PAYLOAD", "MAX_IPV6_PAYLOAD", "BatchSocket",
 ]
 
 MAX_IPV4_PAYLOAD = 65507     # 65535 - 20 (IPv4 header) - 8 (UDP header)
 MAX_IPV6_PAYLOAD = 65527     # 65535 (payload length field) - 8 (UDP header)
+IPV4_MIN_MTU = 68            # RFC 791
+IPV6_MIN_MTU = 1280          # RFC 8200
+IPV4_MAX_PACKET = 65535      # total length field
+IPV6_MAX_PACKET = 65575      # 40-byte header + payload length field
 
 # -- parse_udp error reasons: every ValueError message starts with one of these ----------
 TRUNCATED = "truncated"
@@ -230,23 +235,63 @@ def _prepare(src, dst, payload, ttl, tos, ident, flowlabel):
     return v6s, sip, sport, dip, dport, pv, ttl, tos, ident, flowlabel
 
 
+def _ip_header(v6, sip, dip, length, proto, ttl, tos, ident, frag, flowlabel):
+    """IPv4 header (20 B, checksum included; frag: flags + fragment offset) or IPv6
+    header (40 B; proto is the next header) for length bytes after it."""
+    if v6:
+        return _struct.pack("!IHBB16s16s", (6 << 28) | (tos << 20) | flowlabel,
+                            length, proto, ttl, sip, dip)
+    ip = _struct.pack("!BBHHHBBH4s4s", 0x45, tos, 20 + length, ident, frag, ttl, proto, 0,
+                      sip, dip)
+    csum = ~_fold(int.from_bytes(ip, "big")) & 0xFFFF
+    return ip[:10] + csum.to_bytes(2, "big") + ip[12:]
+
+
 def _headers(v6, sip, sport, dip, dport, pv, ttl, tos, ident, df, flowlabel):
     """IPv4 (20 B) or IPv6 (40 B) header + UDP header (8 B), checksums included."""
     udp_len = 8 + len(pv)
+    ip = _ip_header(v6, sip, dip, udp_len, 17, ttl, tos, ident, 0x4000 if df else 0, flowlabel)
     if v6:
-        ip = _struct.pack("!IHBB16s16s", (6 << 28) | (tos << 20) | flowlabel,
-                          udp_len, 17, ttl, sip, dip)
         pseudo = _struct.pack("!16s16sII", sip, dip, udp_len, 17)
     else:
-        ip = _struct.pack("!BBHHHBBH4s4s", 0x45, tos, 20 + udp_len, ident,
-                          0x4000 if df else 0, ttl, 17, 0, sip, dip)
-        csum = ~_fold(int.from_bytes(ip, "big")) & 0xFFFF
-        ip = ip[:10] + csum.to_bytes(2, "big") + ip[12:]
         pseudo = _struct.pack("!4s4sHH", sip, dip, 17, udp_len)
     udp = _struct.pack("!HHHH", sport, dport, udp_len, 0)
     # pseudo-header and UDP header have even lengths, so the sums just add up
     csum = ~_fold(int.from_bytes(pseudo + udp, "big") + _sum(pv)) & 0xFFFF
     return ip + udp[:6] + (csum or 0xFFFF).to_bytes(2, "big")
+
+
+def _mtu_arg(mtu, v6):
+    """mtu checked against the family's minimum, capped at 65575 (the largest packet:
+    IPv6, 40 + 65535 bytes)."""
+    if not isinstance(mtu, int):
+        raise TypeError(f"mtu must be an int, not {type(mtu).__name__}")
+    low = IPV6_MIN_MTU if v6 else IPV4_MIN_MTU
+    if mtu < low:
+        raise ValueError(f"mtu of {mtu} bytes is below the {'IPv6' if v6 else 'IPv4'} "
+                         f"minimum of {low}")
+    return min(int(mtu), IPV6_MAX_PACKET)
+
+
+def _fragments(v6, sip, dip, udp, plen, mtu, ident, ttl, tos=0, flowlabel=0):
+    """The fragments of a datagram (UDP header udp, checksum done, + plen payload bytes)
+    at mtu, as (header, start, end): each fragment is header + payload[start:end], the
+    first one's header ending with the UDP header (see build_udp_fragments)."""
+    chunk = (min(mtu, IPV6_MAX_PACKET if v6 else IPV4_MAX_PACKET) - (48 if v6 else 20)) & ~7
+    udp_len = 8 + plen
+    for off in range(0, udp_len, chunk):
+        n = min(chunk, udp_len - off)
+        more = off + n < udp_len
+        if v6:
+            hdr = _ip_header(True, sip, dip, 8 + n, 44, ttl, tos, 0, 0, flowlabel) + \
+                _struct.pack("!BBHI", 17, 0, off | more, ident)
+        else:
+            hdr = _ip_header(False, sip, dip, n, 17, ttl, tos, ident & 0xFFFF,
+                             (off >> 3) | (0x2000 if more else 0), 0)
+        if off == 0:
+            yield hdr + udp, 0, n - 8
+        else:
+            yield hdr, off - 8, off - 8 + n
 
 
 def build_udp(src, dst, payload, *, ttl=64, tos=0, ident=0, df=True, flowlabel=0):
@@ -299,6 +344,32 @@ def build_udp_into(buffer, offset, src, dst, payload, *, ttl=64, tos=0, ident=0,
     bv[offset + len(hdr):offset + size] = data
     bv[offset:offset + len(hdr)] = hdr
     return size
+
+
+def build_udp_fragments(src, dst, payload, mtu, *, ttl=64, tos=0, ident=0, flowlabel=0):
+    """The UDP datagram build_udp() would make, as the list of packets (bytes) that carry
+    it over a link of mtu bytes: one whole packet when it fits, else its fragments.
+
+    Every packet is at most mtu bytes (mtu: an int, at least 68 for IPv4 and 1280 for
+    IPv6, else ValueError; from 65575 on, the largest IPv6 packet, nothing is fragmented). Each fragment carries
+    a multiple of 8 bytes of the datagram (the last: the rest), the first one with the
+    UDP header, whose checksum covers the whole datagram. IPv4: DF clear, MF on all but
+    the last, ident (0..0xFFFF) as identification, each header with its own checksum.
+    IPv6: a Fragment header (next header 44) with the M flag and ident (0..0xFFFFFFFF)
+    as the 32-bit identification. The whole packet (when the datagram fits) has DF clear
+    and ident too. A raw IPv4 socket replaces an identification of 0 in each packet, so
+    fragments sent through one need a nonzero ident. ttl, tos, flowlabel and the errors
+    are those of build_udp().
+    """
+    v6, sip, sport, dip, dport, pv, ttl, tos, _, flowlabel = _prepare(
+        src, dst, payload, ttl, tos, 0, flowlabel)
+    ident = _int_arg(ident, "ident", 0, 0xFFFFFFFF if v6 else 0xFFFF)
+    mtu = _mtu_arg(mtu, v6)
+    hdr = _headers(v6, sip, sport, dip, dport, pv, ttl, tos, ident & 0xFFFF, False, flowlabel)
+    if len(hdr) + len(pv) <= mtu:
+        return [hdr + pv]
+    return [h + pv[a:b] for h, a, b in _fragments(v6, sip, dip, hdr[-8:], len(pv), mtu, ident,
+                                                 ttl, tos, flowlabel)]
 
 
 # -- parse --------------------------------------------------------------------------------

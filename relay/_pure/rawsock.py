@@ -1,16 +1,19 @@
 """Pure-Python RawSender: the same API and errors as the relay._rawsock extension.
 
-Python has no sendmmsg(), so each datagram goes out with its own sendmsg() of two
-buffers (headers, payload) as soon as it is checked; what callers can observe — what
-is sent, the errors and their ``.sent`` — is the same as with the batched extension.
+Python has no sendmmsg(), so each datagram (each fragment, with ``mtu``) goes out with
+its own sendmsg() of two buffers (headers, payload) as soon as it is checked; what
+callers can observe — what is sent, the errors and their ``.sent`` — is the same as
+with the batched extension.
 """
 import errno
+import os
 import select
 import socket
 import struct
 import time
 
 from relay.errors import PacketTooBig
+from relay._pure.fast import IPV6_MIN_MTU, _fragments, _mtu_arg
 
 DEFAULT_TTL = 64
 DEFAULT_BATCH = 64
@@ -110,10 +113,36 @@ def _parse_addr(addr):
     raise ValueError(f"not an IPv4 or IPv6 address literal: {host!r}")
 
 
+def _next_ident(ident):
+    """The identification after ident (a 32-bit counter whose low 16 bits, the IPv4
+    field, are never 0: a raw IPv4 socket would replace 0 in each fragment)."""
+    ident = (ident + 1) & 0xFFFFFFFF
+    return ident + 1 if ident & 0xFFFF == 0 else ident
+
+
+def _fragments_need_ipv6_mtu(size, mtu):
+    return ValueError(f"an IPv6 packet of {size} bytes needs fragments, and mtu {mtu} is "
+                      f"below the IPv6 minimum of {IPV6_MIN_MTU}")
+
+
+def _too_big(size, plen, mtu, sender_mtu, sent):
+    """PacketTooBig for a packet of size bytes (plen of them after its headers) the
+    kernel refused; mtu is the one it reported (0: unknown), sender_mtu the sender's
+    when the packet was a fragment."""
+    mtu_text = f"the interface MTU ({mtu} bytes)" if mtu else "the interface MTU"
+    if sender_mtu:
+        text = (f"fragment of {size} bytes is larger than {mtu_text}; the sender's mtu of "
+                f"{sender_mtu} is too large for this route")
+    else:
+        text = (f"packet of {size} bytes (UDP payload {plen}) is larger than {mtu_text}; "
+                "raw packets are not fragmented")
+    return PacketTooBig(text, size=size, limit="interface MTU", sent=sent)
+
+
 class RawSender:
     """Send spoofed UDP datagrams (any source address and port) from raw sockets.
 
-    RawSender(*, mark=None, ttl=64, batch=64)
+    RawSender(*, mark=None, ttl=64, batch=64, mtu=None)
 
     ``send(src, dst, payload)`` sends one datagram; ``send_many(items)`` sends an
     iterable of ``(src, dst, payload)`` and returns how many went out. Addresses are
@@ -122,13 +151,19 @@ class RawSender:
     and the kernel picks the IPv4 identification. Needs CAP_NET_RAW; ``mark``
     (SO_MARK) needs CAP_NET_ADMIN.
 
+    ``mtu`` (an int >= 68, or None: never fragment): a datagram whose packet would be
+    larger goes out as fragments of at most mtu bytes (see ``build_udp_fragments``),
+    with an identification from a per-sender counter (random start, never 0). IPv6
+    fragments need mtu >= 1280: an IPv6 datagram that would need them at a smaller
+    mtu raises ValueError.
+
     Errors: ``PacketTooBig`` (limit "IPv4 maximum", "IPv6 maximum" or "interface
     MTU"), ValueError/TypeError for bad input, OSError for the rest; in send_many
     each carries ``.sent``, the number of datagrams that went out before the
-    failing one (none after it goes).
+    failing one (none after it goes; a datagram counts once all its fragments went).
     """
 
-    def __init__(self, *, mark=None, ttl=DEFAULT_TTL, batch=DEFAULT_BATCH):
+    def __init__(self, *, mark=None, ttl=DEFAULT_TTL, batch=DEFAULT_BATCH, mtu=None):
         if mark is not None:
             if not isinstance(mark, int):
                 raise TypeError(f"mark must be an int or None, not {type(mark).__name__}")
@@ -142,12 +177,16 @@ class RawSender:
             raise TypeError(f"batch must be an int, not {type(batch).__name__}")
         if batch < 1 or batch > MAX_BATCH:
             raise ValueError(f"batch out of range 1-{MAX_BATCH}: {batch}")
+        if mtu is not None:
+            mtu = _mtu_arg(mtu, False)
         if getattr(self, "_busy", False):
             raise RuntimeError("RawSender is in use by another thread")
         self._teardown()
         self._mark = None if mark is None else int(mark)
         self._ttl = int(ttl)
         self._batch = int(batch)
+        self._mtu = mtu
+        self._ident = int.from_bytes(os.urandom(4), "little")
         self._socks = {}
         self._busy = False
         self._sent = 0
@@ -183,6 +222,10 @@ class RawSender:
     def batch(self):
         return self._batch
 
+    @property
+    def mtu(self):
+        return self._mtu
+
     def close(self):
         """Close the raw sockets; further sends raise ValueError. Idempotent."""
         if self._busy:
@@ -199,6 +242,8 @@ class RawSender:
         state = "closed" if self._closed else f"ttl={self._ttl} batch={self._batch}"
         if self._mark is not None:
             state += f" mark={self._mark:#x}"
+        if self._mtu and not self._closed:
+            state += f" mtu={self._mtu}"
         return f"<RawSender {state}>"
 
     def send(self, src, dst, payload):
@@ -280,14 +325,25 @@ class RawSender:
                     f"UDP payload of {plen} bytes is over the IPv4 maximum of "
                     f"{MAX_IPV4_UDP_PAYLOAD} bytes", size=plen + IPV4_UDP_HDR_LEN,
                     limit="IPv4 maximum", sent=self._sent)
+            size = (IPV6_UDP_HDR_LEN if is_v6 else IPV4_UDP_HDR_LEN) + plen
+            frag = self._mtu is not None and size > self._mtu
+            if frag and is_v6 and self._mtu < IPV6_MIN_MTU:
+                raise _fragments_need_ipv6_mtu(size, self._mtu)
             sock = self._socks.get(dfam) or self._open(dfam)
             hdr = _headers(is_v6, sip, sport, dip, dport, view, plen, self._ttl)
             host = socket.inet_ntop(dfam, dip)
             addr = (host, 0, 0, scope) if is_v6 else (host, 0)
-            self._sendmsg(sock, [hdr, view], addr, len(hdr) + plen, plen)
+            if not frag:
+                self._sendmsg(sock, [hdr, view], addr, size, plen)
+            else:
+                self._ident = _next_ident(self._ident)
+                for fhdr, a, b in _fragments(is_v6, sip, dip, hdr[-8:], plen, self._mtu,
+                                             self._ident, self._ttl):
+                    self._sendmsg(sock, [fhdr, view[a:b]], addr, len(fhdr) + b - a, b - a,
+                                  self._mtu)
         self._sent += 1
 
-    def _sendmsg(self, sock, buffers, addr, size, plen):
+    def _sendmsg(self, sock, buffers, addr, size, plen, sender_mtu=0):
         retries = 0
         while True:
             try:
@@ -302,13 +358,13 @@ class RawSender:
                     retries += 1
                     continue
                 if err == errno.EMSGSIZE:
-                    self._too_big_mtu(sock, size, plen)
+                    self._too_big_mtu(sock, size, plen, sender_mtu)
                 exc = OSError(err, f"sending on the raw socket: {e.strerror}"
                               + (f" (after {retries} retries)" if retries else ""))
                 exc.sent = self._sent
                 raise exc from None
 
-    def _too_big_mtu(self, sock, size, plen):
+    def _too_big_mtu(self, sock, size, plen, sender_mtu):
         mtu = 0
         while True:
             try:
@@ -320,11 +376,7 @@ class RawSender:
                     ee_errno, _, _, _, _, ee_info, _ = _EE.unpack_from(data)
                     if ee_errno == errno.EMSGSIZE:
                         mtu = ee_info
-        mtu_text = f"the interface MTU ({mtu} bytes)" if mtu else "the interface MTU"
-        raise PacketTooBig(
-            f"packet of {size} bytes (UDP payload {plen}) is larger than {mtu_text}; "
-            "raw packets are not fragmented", size=size, limit="interface MTU",
-            sent=self._sent) from None
+        raise _too_big(size, plen, mtu, sender_mtu, self._sent) from None
 
     def _open(self, fam):
         try:

@@ -43,6 +43,12 @@
 #ifndef IPV6_HDRINCL
 #define IPV6_HDRINCL 36
 #endif
+#ifndef IP_MTU
+#define IP_MTU 14
+#endif
+#ifndef IPV6_MTU
+#define IPV6_MTU 24
+#endif
 #ifndef SO_MEMINFO
 #define SO_MEMINFO 55
 #endif

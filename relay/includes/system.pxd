@@ -163,6 +163,8 @@ cdef extern from "compat.h" nogil:
         IPV6_ORIGDSTADDR
         IP_MTU_DISCOVER
         IP_PMTUDISC_DONT
+        IP_MTU
+        IPV6_MTU
         SO_MARK
         SOL_UDP
         UDP_SEGMENT
