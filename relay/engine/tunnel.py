@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 
+from relay import sockopt
 from relay import stats as _stats
 from relay import tunnelproto as proto
 from relay.engine.base import Service, WorkerContext
@@ -121,6 +122,8 @@ def udp_listen(addr, reuseport=False):
                 s.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
             except OSError:
                 pass
+        if sockopt.is_wildcard(host):
+            sockopt.set_pktinfo(s)      # replies leave from the address each client asked
         s.bind((host, port))
         s.setblocking(False)
     except BaseException:
@@ -272,12 +275,13 @@ class TunnelClientService(Service):
     def __init__(self, cfg, ctx):
         self.cfg, self.ctx = cfg, ctx
         t = _core()
+        timeout = float(_get(cfg, "timeout", 60.0))
+        max_flows = min(int(_get(cfg, "max_associations", 4096)), 65536)
         self.upstream = t.TunnelUpstream(
             cfg.server, secret=_get(cfg, "secret"),
             connections=int(_get(cfg, "connections", 1)),
             mark=usable_mark(_get(cfg, "mark", 0)), stats=ctx.stats,
-            timeout=float(_get(cfg, "timeout", 60.0)),
-            max_flows=min(int(_get(cfg, "max_associations", 4096)), 65536),
+            timeout=timeout, max_flows=max_flows,
             queue_limit=_get(cfg, "queue_limit"), log=log,
             gost=bool(_get(cfg, "gost", False)), user=_get(cfg, "user"),
             password=_get(cfg, "password"))
@@ -288,14 +292,17 @@ class TunnelClientService(Service):
         if t is not proto:
             # The engine's forward loop with the tunnel as its upstream core: recvmmsg
             # batches, UDP_GRO on the listen socket (coalesced receives are handed to the
-            # core as the datagrams they were), replies sendmmsg'd from the listen socket.
+            # core as the datagrams they were), replies sendmmsg'd from the listen socket
+            # (on a wildcard address, each from the address its client sent to).
             from relay._engine import Engine
             self.engine = Engine(self.usock.fileno(), "forward", to=tuple(cfg.to),
                                  batch=batch, stats=ctx.stats, core=self.upstream, gro=True,
-                                 listen_family=self.usock.family)
+                                 listen_family=self.usock.family, timeout=timeout,
+                                 max_associations=max_flows)
         else:
             self.frontend = t.UdpFrontend(self.usock.fileno(), cfg.to, self.upstream,
-                                          batch=batch, log=log)
+                                          batch=batch, log=log, max_flows=max_flows,
+                                          timeout=timeout)
 
     def run(self):
         stop = self.ctx.stop
