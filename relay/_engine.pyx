@@ -393,6 +393,11 @@ cdef class Engine:
         return bool(self.local_src)
 
     @property
+    def local_addresses(self):
+        """Clients in the client -> local address table (pktinfo with an upstream core)."""
+        return self.locals.count if self.local_map else 0
+
+    @property
     def transparent_sockets(self):
         return self.tp.count
 

@@ -2068,6 +2068,11 @@ class UdpFrontend(_Poller):
         self._add(self.sock.fileno(), "listen", 0)
         self._add(upstream.fileno(), "upstream", 0)
 
+    @property
+    def local_addresses(self):
+        """Clients in the client -> local address table (a socket with packet info)."""
+        return 0 if self.locals is None else len(self.locals)
+
     def _reply(self, client, src, data):
         local = None if self.locals is None else self.locals.get(client, _time.monotonic())
         try:
