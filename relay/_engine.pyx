@@ -31,10 +31,13 @@ from relay.includes.system cimport (
     IP_TRANSPARENT, IPV6_TRANSPARENT, IP_ORIGDSTADDR, IPV6_ORIGDSTADDR, SO_MARK,
     epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLL_CTL_ADD, EPOLL_CTL_DEL,
     EPOLL_CLOEXEC, htons, ntohs, pollfd, poll, POLLOUT, SOL_UDP, UDP_GRO, UDP_SEGMENT,
-    CMSG_SPACE, SO_RCVBUFFORCE, SO_MEMINFO, RELAY_SK_MEMINFO_DROPS,
+    CMSG_SPACE, SO_RCVBUFFORCE, SO_MEMINFO, RELAY_SK_MEMINFO_DROPS, IP_PKTINFO, IPV6_RECVPKTINFO,
+    sendmsg,
 )
 from relay._addr cimport sockaddr_any, sockaddr_from_tuple, raise_oserror
-from relay._ring cimport msg_put_gso
+from relay._ring cimport (
+    msg_put_gso, msg_put_src, msg_gso_size, msg_one_of, cmsg_local, SRC_CTRL,
+)
 from relay._sendq cimport run_join, run_start, SQ_GSO_MAX
 from relay._pkt cimport (
     write_udp_headers, write_udp_header, write_fragment, frag_chunk, frag_next_ident,
@@ -58,8 +61,10 @@ cdef enum:
     HEADROOM = 64                 # room in front of each reply payload for IPv6+UDP headers
     MAXDGRAM = 65535
     SLOT = MAXDGRAM + HEADROOM
-    CTRL = 128                    # IPV6_ORIGDSTADDR (48) + UDP_GRO (24) control messages
+    CTRL = 128                    # IPV6_ORIGDSTADDR (48) or IPV6_PKTINFO (40) + IP_PKTINFO (32),
+                                  # + UDP_GRO (24) control messages
     GSO_CTRL = 32                 # one UDP_SEGMENT control message (24)
+    OUT_CTRL = SRC_CTRL + 24      # a reply's source address (IPV6_PKTINFO, 40) + UDP_SEGMENT (24)
     K_CORE = 0                    # the upstream core's own epoll fd
     K_LISTEN = 1
     K_ASSOC = 2
@@ -99,9 +104,7 @@ cdef inline uint64_t _segments(msghdr *h) noexcept nogil:
     cdef size_t n
     if h.msg_iovlen > 1:
         return h.msg_iovlen
-    if h.msg_controllen == 0:
-        return 1
-    memcpy(&seg, CMSG_DATA(CMSG_FIRSTHDR(h)), sizeof(uint16_t))
+    seg = msg_gso_size(h)
     n = h.msg_iov[0].iov_len
     return (n + seg - 1) // seg if seg else 1
 
@@ -120,6 +123,17 @@ cdef inline uint64_t _datagrams(mmsghdr *m, int n) noexcept nogil:
     for i in range(n):
         total += _segments(&m[i].msg_hdr)
     return total
+
+
+cdef bint _reports_local(int fd, int family) noexcept nogil:
+    """Whether socket fd has IP_PKTINFO (or, AF_INET6, IPV6_RECVPKTINFO) on."""
+    cdef int on = 0
+    cdef socklen_t ln = sizeof(int)
+    if getsockopt(fd, IPPROTO_IP, IP_PKTINFO, &on, &ln) == 0 and on:
+        return True
+    ln = sizeof(int)
+    return (family == AF_INET6 and getsockopt(fd, IPPROTO_IPV6, IPV6_RECVPKTINFO, &on, &ln) == 0
+            and on != 0)
 
 
 cdef int _core_reply(void *ctx, const sockaddr_any *client, const sockaddr_any *src,
@@ -154,6 +168,11 @@ cdef class Engine:
     cdef bint gro                 # UDP_GRO on receive, the same segments out as one GSO send
     cdef uint64_t rcvbuf_base     # drop_rcvbuf when this engine started (slots outlive engines)
     cdef uint32_t drops0          # the listen socket's own drop count then (sockets do too)
+    cdef bint local_src           # forward on a wildcard address: the listen socket reports
+                                  # each datagram's local address (IP_PKTINFO/IPV6_RECVPKTINFO)
+                                  # and replies leave from it (association aux, or `locals`)
+    cdef bint local_map           # local_src with an upstream core: no association entries, so
+    cdef table_t locals           # client -> local address (aux), LRU-capped, idle-expired
     cdef uint8_t *tx_ctrl
     cdef uint8_t *ry_ctrl
     cdef uint8_t *out_ctrl
@@ -181,6 +200,7 @@ cdef class Engine:
     cdef iovec *ry_iov
     cdef sockaddr_any *ry_names
     cdef akey_t *ry_client
+    cdef akey_t *ry_local         # local_src: the local address the slot's client last sent to
     cdef int ry_count
     cdef mmsghdr *out_msgs
     cdef iovec *out_iov
@@ -204,6 +224,7 @@ cdef class Engine:
     cdef table_t mtus             # client host (port 0) -> MTU of the route to it, entry .mtu
     cdef uint32_t frag_over[2]    # [IPv4, IPv6]: raw replies larger than this ask for the MTU
     cdef bint mtu_known[2]
+    cdef akey_t *out_local        # local_src: forward reply message k leaves from this address
     cdef epoll_event[MAX_EVENTS] events
 
     def __cinit__(self):
@@ -305,10 +326,13 @@ cdef class Engine:
         self.out_closed = <bint *>calloc(batch, sizeof(bint))
         self.cl_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
         self.tx_ctrl = <uint8_t *>calloc(batch, GSO_CTRL)
-        self.out_ctrl = <uint8_t *>calloc(batch, GSO_CTRL)
+        self.out_ctrl = <uint8_t *>calloc(batch, OUT_CTRL)
+        self.ry_local = <akey_t *>calloc(batch, sizeof(akey_t))
+        self.out_local = <akey_t *>calloc(batch, sizeof(akey_t))
         self.ry_ctrl = <uint8_t *>calloc(batch, CTRL)
         self.ry_gro = <int *>calloc(batch, sizeof(int))
         if (self.tx_ctrl == NULL or self.out_ctrl == NULL or self.ry_ctrl == NULL
+                or self.ry_local == NULL or self.out_local == NULL
                 or self.ry_gro == NULL or self.cl_names == NULL or self.rx == NULL or self.rx_msgs == NULL or self.rx_iov == NULL
                 or self.rx_names == NULL or self.rx_ctrl == NULL or self.tx_msgs == NULL
                 or self.tx_iov == NULL or self.tx_names == NULL or self.tx_fd == NULL
@@ -341,6 +365,15 @@ cdef class Engine:
                 e = errno
                 self._free()
                 raise_oserror(e, "UDP_GRO on the listen socket")
+        # A wildcard forward listener (relay.sockopt.udp_listen turned packet info on):
+        # each reply leaves from the address its client sent to, not from the one the
+        # kernel's route would pick. Other listeners keep replies without control data.
+        self.local_src = self.mode == MODE_FORWARD and _reports_local(listen_fd, listen_family)
+        if self.local_src and core is not None:
+            if table_init(&self.locals, max_associations, <uint32_t>((seed >> 16) & 0xffffffff)) < 0:
+                self._free()
+                raise MemoryError("local address table")
+            self.local_map = True
         if core is not None:
             ev.events = EPOLLIN
             ev.data.u64 = <uint64_t>K_CORE << 32
@@ -393,6 +426,17 @@ cdef class Engine:
     @property
     def associations(self):
         return self.assoc.count
+
+    @property
+    def pktinfo(self):
+        """True when replies leave from the address each client sent to (a wildcard
+        forward listener with packet info on)."""
+        return bool(self.local_src)
+
+    @property
+    def local_addresses(self):
+        """Clients in the client -> local address table (pktinfo with an upstream core)."""
+        return self.locals.count if self.local_map else 0
 
     @property
     def transparent_sockets(self):
@@ -456,6 +500,9 @@ cdef class Engine:
         free(self.out_ctrl); self.out_ctrl = NULL
         free(self.ry_ctrl); self.ry_ctrl = NULL
         free(self.ry_gro); self.ry_gro = NULL
+        free(self.ry_local); self.ry_local = NULL
+        free(self.out_local); self.out_local = NULL
+        table_free(&self.locals)
 
     def __dealloc__(self):
         if not self.closed:
@@ -511,6 +558,9 @@ cdef class Engine:
             self._close_assoc(self.assoc.tail, C_ASSOC_EXPIRED)
         while self.tp.tail >= 0 and self.tp.e[self.tp.tail].last + self.tp_idle <= now:
             self._close_tp(self.tp.tail)
+        while (self.local_map and self.locals.tail >= 0
+               and self.locals.e[self.locals.tail].last + idle <= now):
+            table_remove(&self.locals, self.locals.tail)
         self.next_sweep = now + (1.0 if idle > 4.0 else idle / 4.0)
         self._read_drops()
 
@@ -532,7 +582,7 @@ cdef class Engine:
     cdef void _on_listen(self, double now) noexcept nogil:
         cdef int rounds, n, i, b = self.batch
         cdef mmsghdr *m
-        cdef akey_t ck, dk
+        cdef akey_t ck, dk, lk
         cdef int32_t idx
         cdef socklen_t nl
         cdef bint got
@@ -563,11 +613,13 @@ cdef class Engine:
                 if ck.family == 0:
                     self.st[C_DROP_MALFORMED] += 1
                     continue
-                got = self._cmsgs(&m.msg_hdr, &dk, &seg)
+                got = self._cmsgs(&m.msg_hdr, &dk, &lk, &seg)
                 if self.mode == MODE_REDIR and not got:
                     self.st[C_DROP_NO_ROUTE] += 1
                     continue
                 if self.core is not None:
+                    if self.local_map:
+                        self._note_local(&ck, &lk, now)
                     self._core_queue(i, &ck, &dk, seg)
                     continue
                 idx = table_find(&self.assoc, &ck)
@@ -577,6 +629,8 @@ cdef class Engine:
                         continue
                 else:
                     table_touch(&self.assoc, idx, now)
+                if self.local_src:          # the client may have moved to another address
+                    self.assoc.e[idx].aux = lk
                 if self.mode == MODE_REDIR:
                     nl = akey_to_sockaddr(&dk, self.up_family if ck.family != AF_INET else AF_INET,
                                           &self.tx_names[self.ntx])
@@ -677,6 +731,7 @@ cdef class Engine:
                          const uint8_t *data, size_t n) noexcept nogil:
         """A reply from the core: copy it into the reply ring like one from a socket."""
         cdef int slot
+        cdef int32_t idx
         if n > MAXDGRAM:
             self.st[C_DROP_TOO_BIG] += 1
             return 0
@@ -690,15 +745,25 @@ cdef class Engine:
         self.ry_gro[slot] = 0
         memcpy(&self.ry_names[slot], src, sizeof(sockaddr_any))
         akey_from_sockaddr(client, &self.ry_client[slot])
+        if self.local_map:
+            idx = table_find(&self.locals, &self.ry_client[slot])
+            if idx >= 0:
+                self.ry_local[slot] = self.locals.e[idx].aux
+                table_touch(&self.locals, idx, monotonic())
+            else:
+                memset(&self.ry_local[slot], 0, sizeof(akey_t))
         self.ry_count += 1
         return 0
 
-    cdef bint _cmsgs(self, msghdr *h, akey_t *origdst, int *gro) noexcept nogil:
-        """Read the original destination (returns whether there was one) and the GRO
-        segment size (0 when the datagram was not coalesced) from the control messages."""
+    cdef bint _cmsgs(self, msghdr *h, akey_t *origdst, akey_t *local, int *gro) noexcept nogil:
+        """Read the original destination (returns whether there was one), the GRO
+        segment size (0 when the datagram was not coalesced) and, with local_src, the
+        local address it came to (family 0: unknown) from the control messages."""
         cdef cmsghdr *c = CMSG_FIRSTHDR(h)
         cdef bint got = False
         gro[0] = 0
+        if self.local_src:
+            memset(local, 0, sizeof(akey_t))
         while c != NULL:
             if ((c.cmsg_level == IPPROTO_IP and c.cmsg_type == IP_ORIGDSTADDR)
                     or (c.cmsg_level == IPPROTO_IPV6 and c.cmsg_type == IPV6_ORIGDSTADDR)):
@@ -706,8 +771,24 @@ cdef class Engine:
                 got = origdst.family != 0
             elif c.cmsg_level == SOL_UDP and c.cmsg_type == UDP_GRO:
                 memcpy(gro, CMSG_DATA(c), sizeof(int))
+            elif self.local_src:
+                cmsg_local(c, &local.family, local.addr)
             c = CMSG_NXTHDR(h, c)
         return got
+
+    cdef void _note_local(self, akey_t *client, akey_t *local, double now) noexcept nogil:
+        """Remember the local address client sent to last (with an upstream core replies
+        come back through _core_reply, without an association entry to keep it in)."""
+        cdef int32_t idx = table_find(&self.locals, client)
+        if idx < 0:
+            if self.locals.count >= self.locals.cap:
+                table_remove(&self.locals, self.locals.tail)
+            idx = table_insert(&self.locals, client, now)
+            if idx < 0:
+                return
+        else:
+            table_touch(&self.locals, idx, now)
+        self.locals.e[idx].aux = local[0]
 
     cdef void _flush_tx(self) noexcept nogil:
         """Send the pending upstream datagrams: one sendmmsg per run of the same socket."""
@@ -795,7 +876,7 @@ cdef class Engine:
                     # than stall every other flow behind this socket.
                     self.st[C_DROP_BUFFER_FULL] += _datagrams(m + done, n - done)
                     return
-                if m[done].msg_hdr.msg_controllen and (e == EINVAL or e == EMSGSIZE or e == EIO):
+                if msg_gso_size(&m[done].msg_hdr) and (e == EINVAL or e == EMSGSIZE or e == EIO):
                     if m[done].msg_hdr.msg_iovlen > 1:
                         # a route (MTU) that refuses this segment size, or a device without
                         # GSO (EIO): stop coalescing such runs
@@ -811,19 +892,23 @@ cdef class Engine:
     cdef void _send_split(self, int fd, msghdr *h, int counter) noexcept nogil:
         """The kernel refused a GSO send (segment larger than the route allows, ...):
         send its datagrams one by one instead (each iovec of a coalesced run, or each
-        segment of a GRO buffer)."""
-        cdef uint16_t seg
-        cdef cmsghdr *c = CMSG_FIRSTHDR(h)
+        segment of a GRO buffer), each with the message's source address if it has one."""
+        cdef uint16_t seg = msg_gso_size(h)
         cdef uint8_t *p
         cdef size_t left, k, v
         cdef ssize_t r
-        memcpy(&seg, CMSG_DATA(c), sizeof(uint16_t))
+        cdef msghdr one
+        cdef iovec part
+        msg_one_of(h, &one)
+        one.msg_iov = &part
         for v in range(h.msg_iovlen):
             p = <uint8_t *>h.msg_iov[v].iov_base
             left = h.msg_iov[v].iov_len
             while True:
                 k = seg if left > seg else left
-                r = sendto(fd, p, k, MSG_DONTWAIT, <sockaddr *>h.msg_name, h.msg_namelen)
+                part.iov_base = p
+                part.iov_len = k
+                r = sendmsg(fd, &one, MSG_DONTWAIT)
                 if r < 0:
                     self._count_error(errno)
                 elif counter == C_DOWN_DATAGRAMS:
@@ -914,8 +999,9 @@ cdef class Engine:
         cdef int rounds, n, i, space, base
         cdef int fd = self.assoc.e[idx].fd
         cdef mmsghdr *m
-        cdef akey_t scratch
+        cdef akey_t scratch, scratch_local
         cdef akey_t client = self.assoc.e[idx].key
+        cdef akey_t local = self.assoc.e[idx].aux
         for rounds in range(REPLY_ROUNDS):
             if self.ry_count == self.batch:
                 self._flush_replies(now)
@@ -944,10 +1030,12 @@ cdef class Engine:
                 return
             for i in range(base, base + n):
                 self.ry_client[i] = client
+                if self.local_src:
+                    self.ry_local[i] = local
                 self.ry_iov[i].iov_len = self.ry_msgs[i].msg_len
                 self.ry_gro[i] = 0
                 if self.ry_msgs[i].msg_hdr.msg_controllen:
-                    self._cmsgs(&self.ry_msgs[i].msg_hdr, &scratch, &self.ry_gro[i])
+                    self._cmsgs(&self.ry_msgs[i].msg_hdr, &scratch, &scratch_local, &self.ry_gro[i])
             self.ry_count += n
             table_touch(&self.assoc, idx, now)
             if n < space:
@@ -968,7 +1056,10 @@ cdef class Engine:
 
     cdef void _replies_forward(self, int n) noexcept nogil:
         """Replies to clients from the listen socket. A run of equal-size replies to one
-        client (the last may be shorter) goes as one UDP_SEGMENT message, an iovec each."""
+        client (the last may be shorter) goes as one UDP_SEGMENT message, an iovec each.
+        With local_src each message also carries the local address its client sent to
+        as its source (IP_PKTINFO / IPV6_PKTINFO), and a run joins only replies that
+        leave from the same address."""
         cdef int i, j, k = 0, v = 0
         cdef socklen_t nl
         cdef uint32_t ln
@@ -982,7 +1073,9 @@ cdef class Engine:
             j = k - 1
             if (j >= 0 and self.ry_gro[i] <= 0 and self.out_msgs[j].msg_hdr.msg_namelen == nl
                     and memcmp(&self.out_names[j], &self.out_names[k], nl) == 0
-                    and run_join(&self.out_msgs[j].msg_hdr, self.out_ctrl + j * GSO_CTRL,
+                    and (not self.local_src
+                         or memcmp(&self.out_local[j], &self.ry_local[i], sizeof(akey_t)) == 0)
+                    and run_join(&self.out_msgs[j].msg_hdr, self.out_ctrl + j * OUT_CTRL,
                                  &self.out_seg[j], &self.out_bytes[j], &self.out_closed[j],
                                  &self.out_iov[v], self.ry_iov[i].iov_base, ln, self.gso_max)):
                 v += 1
@@ -990,10 +1083,15 @@ cdef class Engine:
             h = &self.out_msgs[k].msg_hdr
             run_start(h, &self.out_iov[v], &self.out_names[k], nl, self.ry_iov[i].iov_base, ln,
                       &self.out_seg[k], &self.out_bytes[k], &self.out_closed[k])
+            if self.local_src:
+                self.out_local[k] = self.ry_local[i]
+                if self.ry_local[i].family:
+                    msg_put_src(h, self.out_ctrl + k * OUT_CTRL, self.ry_local[i].family,
+                                self.ry_local[i].addr)
             if self.ry_gro[i] > 0:      # a GRO buffer: sent as it came, never joined
                 self.out_closed[k] = True
                 if <int>ln > self.ry_gro[i]:
-                    msg_put_gso(h, self.out_ctrl + k * GSO_CTRL, <uint16_t>self.ry_gro[i])
+                    msg_put_gso(h, self.out_ctrl + k * OUT_CTRL, <uint16_t>self.ry_gro[i])
             v += 1
             k += 1
         self._send_counted(self.lfd, self.out_msgs, k, C_DOWN_DATAGRAMS)

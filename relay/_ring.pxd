@@ -14,6 +14,9 @@
 #     ring_set_send(&t, i, buf, len, &dst, dstlen)   # dst NULL: connected socket
 #     ring_set_gso(&t, i, segment_size)              # optional UDP_SEGMENT
 #     rc = ring_send(&t, fd, count, &sent)           # 0, or -errno of message `sent`
+# Any message: msg_put_src(m, ctrl, family, addr) makes it leave from a local address
+# (a socket on a wildcard address answering from the address its client sent to, which
+# cmsg_local() reads on receive); msg_put_gso(m, ctrl, size) appends a UDP_SEGMENT.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport calloc, free
 from relay.includes.system cimport (
@@ -23,6 +26,7 @@ from relay.includes.system cimport (
     CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_DATA, CMSG_SPACE, CMSG_LEN,
     recvmmsg, sendmmsg, MSG_DONTWAIT, MSG_TRUNC, AF_UNSPEC,
     IPPROTO_IP, IPPROTO_IPV6, IP_ORIGDSTADDR, IPV6_ORIGDSTADDR, SOL_UDP, UDP_GRO, UDP_SEGMENT,
+    AF_INET, AF_INET6, IP_PKTINFO, IPV6_PKTINFO, in_pktinfo, in6_pktinfo,
 )
 from relay._addr cimport sockaddr_any
 
@@ -33,6 +37,8 @@ cdef enum:
     # leaves room for options the caller may enable (packet info, TTL...). A multiple of
     # 8 so every slot's control buffer stays aligned for cmsghdr.
     RING_CTRL_SIZE = 128
+    # Control bytes for a source address (msg_put_src): CMSG_SPACE(sizeof(in6_pktinfo)).
+    SRC_CTRL = 40
 
 
 cdef struct ring_slot_t:
@@ -126,6 +132,35 @@ cdef inline void _ring_parse_cmsgs(msghdr *m, ring_slot_t *s) noexcept nogil:
             memcpy(&gso, CMSG_DATA(c), sizeof(int))
             s.gro_size = gso
         c = CMSG_NXTHDR(m, c)
+
+
+cdef inline bint cmsg_local(cmsghdr *c, uint16_t *family, uint8_t *addr) noexcept nogil:
+    """If c is a packet-info cmsg, note the local address it reports in *family and addr
+    (4 bytes for AF_INET, 16 for AF_INET6; both start zeroed) and return True.
+
+    IP_PKTINFO gives ipi_spec_dst, the address to answer from (a local unicast address
+    even for a broadcast), and always wins; IPV6_PKTINFO gives the destination, used
+    when nothing is noted yet: IPv4-mapped as AF_INET (an IPv4 datagram on a dual-stack
+    socket), multicast never (a reply cannot leave from it; the kernel chooses)."""
+    cdef uint8_t *a
+    if (c.cmsg_level == IPPROTO_IP and c.cmsg_type == IP_PKTINFO
+            and c.cmsg_len >= CMSG_LEN(sizeof(in_pktinfo))):
+        family[0] = AF_INET
+        memcpy(addr, &(<in_pktinfo *>CMSG_DATA(c)).ipi_spec_dst, 4)
+        return True
+    if (c.cmsg_level == IPPROTO_IPV6 and c.cmsg_type == IPV6_PKTINFO
+            and c.cmsg_len >= CMSG_LEN(sizeof(in6_pktinfo))):
+        a = (<in6_pktinfo *>CMSG_DATA(c)).ipi6_addr.s6_addr
+        if family[0] == 0 and a[0] != 0xff:
+            if (a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9]) == 0 \
+                    and a[10] == 0xff and a[11] == 0xff:
+                family[0] = AF_INET
+                memcpy(addr, a + 12, 4)
+            else:
+                family[0] = AF_INET6
+                memcpy(addr, a, 16)
+        return True
+    return False
 
 
 cdef inline int ring_recv(ring_t *r, int fd, unsigned max, int flags) noexcept nogil:
@@ -231,25 +266,83 @@ cdef inline void ring_set_send(ring_t *r, unsigned i, const void *buf, size_t le
 
 
 cdef inline void msg_put_gso(msghdr *m, unsigned char *ctrl, uint16_t segment_size) noexcept nogil:
-    """Attach a UDP_SEGMENT cmsg to m, written into ctrl (>= CMSG_SPACE(2) bytes, aligned
-    for cmsghdr): the kernel splits m's payload into datagrams of segment_size bytes."""
-    cdef cmsghdr *c
-    memset(ctrl, 0, CMSG_SPACE(sizeof(uint16_t)))
-    m.msg_control = ctrl
-    m.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
-    c = CMSG_FIRSTHDR(m)
+    """Attach a UDP_SEGMENT cmsg to m, written into ctrl (aligned for cmsghdr): the kernel
+    splits m's payload into datagrams of segment_size bytes. When m's control data already
+    is in ctrl (a source address, msg_put_src) the cmsg goes after it, so it is always the
+    last one; ctrl needs CMSG_SPACE(2) = 24 bytes more than what is there."""
+    cdef size_t off = m.msg_controllen if m.msg_control == <void *>ctrl else 0
+    cdef cmsghdr *c = <cmsghdr *>(ctrl + off)
+    memset(c, 0, CMSG_SPACE(sizeof(uint16_t)))
     c.cmsg_level = SOL_UDP
     c.cmsg_type = UDP_SEGMENT
     c.cmsg_len = CMSG_LEN(sizeof(uint16_t))
     memcpy(CMSG_DATA(c), &segment_size, sizeof(uint16_t))
+    m.msg_control = ctrl
+    m.msg_controllen = off + CMSG_SPACE(sizeof(uint16_t))
+
+
+cdef inline void msg_put_src(msghdr *m, unsigned char *ctrl, int family,
+                             const uint8_t *addr) noexcept nogil:
+    """Make m leave from the local address addr (4 bytes for AF_INET, 16 for AF_INET6): an
+    IP_PKTINFO (ipi_spec_dst) or IPV6_PKTINFO (ipi6_addr) cmsg at the start of ctrl, which
+    replaces m's control data (call it first; msg_put_gso appends). Interface index 0:
+    routing picks the interface. IP_PKTINFO works on AF_INET6 sockets too, for IPv4-mapped
+    destinations. ctrl needs SRC_CTRL bytes, SRC_CTRL + 24 with a UDP_SEGMENT after it."""
+    cdef cmsghdr *c = <cmsghdr *>ctrl
+    cdef size_t n
+    memset(ctrl, 0, SRC_CTRL)
+    if family == AF_INET:
+        c.cmsg_level = IPPROTO_IP
+        c.cmsg_type = IP_PKTINFO
+        n = sizeof(in_pktinfo)
+        memcpy(&(<in_pktinfo *>CMSG_DATA(c)).ipi_spec_dst, addr, 4)
+    else:
+        c.cmsg_level = IPPROTO_IPV6
+        c.cmsg_type = IPV6_PKTINFO
+        n = sizeof(in6_pktinfo)
+        memcpy(&(<in6_pktinfo *>CMSG_DATA(c)).ipi6_addr, addr, 16)
+    c.cmsg_len = CMSG_LEN(n)
+    m.msg_control = ctrl
+    m.msg_controllen = CMSG_SPACE(n)
+
+
+cdef inline uint16_t msg_gso_size(msghdr *m) noexcept nogil:
+    """The UDP_SEGMENT size m carries, 0 when it has none."""
+    cdef cmsghdr *c
+    cdef uint16_t seg
+    if m.msg_controllen == 0:
+        return 0
+    c = CMSG_FIRSTHDR(m)
+    while c != NULL:
+        if c.cmsg_level == SOL_UDP and c.cmsg_type == UDP_SEGMENT:
+            memcpy(&seg, CMSG_DATA(c), sizeof(uint16_t))
+            return seg
+        c = CMSG_NXTHDR(m, c)
+    return 0
+
+
+cdef inline void msg_one_of(msghdr *g, msghdr *one) noexcept nogil:
+    """Make one a message for one datagram of g at a time (the caller sets its msg_iov):
+    g's destination and control data without the UDP_SEGMENT cmsg (msg_put_gso puts it
+    last), so a source address stays."""
+    one.msg_name = g.msg_name
+    one.msg_namelen = g.msg_namelen
+    one.msg_iovlen = 1
+    one.msg_flags = 0
+    one.msg_control = g.msg_control
+    one.msg_controllen = g.msg_controllen
+    if msg_gso_size(g):
+        one.msg_controllen -= CMSG_SPACE(sizeof(uint16_t))
+    if one.msg_controllen == 0:
+        one.msg_control = NULL
 
 
 cdef inline void ring_set_gso(ring_t *r, unsigned i, uint16_t segment_size) noexcept nogil:
     """Attach a UDP_SEGMENT cmsg to slot i (after ring_set_send); 0 removes it."""
     cdef msghdr *m = &r.msgs[i].msg_hdr
+    m.msg_control = NULL
+    m.msg_controllen = 0
     if segment_size == 0:
-        m.msg_control = NULL
-        m.msg_controllen = 0
         return
     msg_put_gso(m, r.ctrl + <size_t>i * RING_CTRL_SIZE, segment_size)
 

@@ -14,6 +14,11 @@
 #     sq_add(&q, &dst, dstlen, data, n)
 #     sq_flush(&q, st, C_UP_DATAGRAMS, C_UP_BYTES)   # counts datagrams, every drop by reason
 #
+# sq_set_src(&q, family, addr) makes the datagrams queued next leave from that local
+# address (an IP_PKTINFO / IPV6_PKTINFO control message on each message, next to its
+# UDP_SEGMENT one): a socket bound to a wildcard address answers from the address its
+# client reached instead of the one the route would pick. Runs never cross a change.
+#
 # A route that refuses a segment size (larger than its MTU: EINVAL) gets that message's
 # datagrams one by one, and the queue stops coalescing datagrams that large (gso_max).
 # Every function runs without the GIL and allocates nothing after sq_init.
@@ -23,9 +28,10 @@ from libc.string cimport memcmp
 from relay.includes.system cimport (
     errno, EAGAIN, EINTR, EINVAL, EIO, EMSGSIZE, ENETUNREACH, EHOSTUNREACH, EADDRNOTAVAIL,
     EACCES, EPERM, memcpy, iovec, msghdr, mmsghdr, socklen_t, sendmmsg, sendmsg, MSG_DONTWAIT,
+    AF_INET,
 )
 from relay._addr cimport sockaddr_any
-from relay._ring cimport msg_put_gso
+from relay._ring cimport msg_put_gso, msg_put_src, msg_one_of, SRC_CTRL
 from relay._stats cimport (
     C_DROP_BUFFER_FULL, C_DROP_TOO_BIG, C_DROP_NO_ROUTE, C_DROP_SEND_ERROR, C_DROP_PERMISSION,
 )
@@ -34,7 +40,7 @@ from relay._stats cimport (
 cdef enum:
     SQ_MAX_SEGS = 64             # datagrams per GSO message (the kernel's older limit)
     SQ_GSO_BYTES = 65000         # payload bytes per GSO message (IP total length < 65536)
-    SQ_CTRL = 32                 # >= CMSG_SPACE(sizeof(uint16_t)), multiple of 8
+    SQ_CTRL = SRC_CTRL + 24      # source address (<= 40) + UDP_SEGMENT (24), multiple of 8
     SQ_GSO_MAX = 65000           # segment sizes tried before a route refuses one
 
 
@@ -51,6 +57,9 @@ cdef struct sendq_t:
     int niov                     # datagrams queued (iovecs used)
     int fd
     uint32_t gso_max             # largest segment size still coalesced (0: never)
+    int src_family               # messages queued from now leave from src (0: the route's)
+    uint8_t src[16]
+    int src_from                 # first message queued with this source
 
 
 cdef inline int sq_init(sendq_t *q, int cap) except -1:
@@ -69,6 +78,8 @@ cdef inline int sq_init(sendq_t *q, int cap) except -1:
     q.niov = 0
     q.fd = -1
     q.gso_max = SQ_GSO_MAX
+    q.src_family = 0
+    q.src_from = 0
     return 0
 
 
@@ -97,6 +108,16 @@ cdef inline bint sq_full(const sendq_t *q) noexcept nogil:
 cdef inline void sq_clear(sendq_t *q) noexcept nogil:
     q.n = 0
     q.niov = 0
+    q.src_from = 0
+
+
+cdef inline void sq_set_src(sendq_t *q, int family, const uint8_t *addr) noexcept nogil:
+    """Datagrams queued from now leave from addr (4 bytes for AF_INET, 16 for AF_INET6;
+    family 0: the address the route picks, as without this call)."""
+    q.src_family = family
+    if family:
+        memcpy(q.src, addr, 4 if family == AF_INET else 16)
+    q.src_from = q.n
 
 
 cdef inline bint run_join(msghdr *h, uint8_t *ctrl, uint32_t *seg, uint32_t *nbytes,
@@ -145,7 +166,7 @@ cdef inline void sq_add(sendq_t *q, const sockaddr_any *to, socklen_t tolen,
     """Queue one datagram (the caller flushes first when sq_full(q)). The payload must
     stay where it is until sq_flush()."""
     cdef int i = q.n - 1
-    if not (i >= 0 and q.msgs[i].msg_hdr.msg_namelen == tolen
+    if not (i >= q.src_from and q.msgs[i].msg_hdr.msg_namelen == tolen
             and memcmp(&q.names[i], to, tolen) == 0
             and run_join(&q.msgs[i].msg_hdr, q.ctrl + <size_t>i * SQ_CTRL, &q.seg[i],
                          &q.nbytes[i], &q.closed[i], &q.iovs[q.niov], data, n, q.gso_max)):
@@ -154,6 +175,8 @@ cdef inline void sq_add(sendq_t *q, const sockaddr_any *to, socklen_t tolen,
         memcpy(&q.names[i], to, tolen)
         run_start(&q.msgs[i].msg_hdr, &q.iovs[q.niov], &q.names[i], tolen, data, n,
                   &q.seg[i], &q.nbytes[i], &q.closed[i])
+        if q.src_family:
+            msg_put_src(&q.msgs[i].msg_hdr, q.ctrl + <size_t>i * SQ_CTRL, q.src_family, q.src)
     q.niov += 1
 
 
@@ -172,18 +195,14 @@ cdef inline void _sq_drop(uint64_t *st, int e, uint64_t count) noexcept nogil:
 
 cdef inline void _sq_one_by_one(sendq_t *q, int i, uint64_t *st, int c_dg,
                                 int c_bytes) noexcept nogil:
-    """Send the datagrams of message i as plain datagrams (a refused GSO message)."""
+    """Send the datagrams of message i as plain datagrams (a refused GSO message), from
+    its source address if it has one."""
     cdef msghdr h
     cdef msghdr *g = &q.msgs[i].msg_hdr
     cdef size_t j
     cdef ssize_t r
     cdef int e
-    h.msg_name = g.msg_name
-    h.msg_namelen = g.msg_namelen
-    h.msg_control = NULL
-    h.msg_controllen = 0
-    h.msg_flags = 0
-    h.msg_iovlen = 1
+    msg_one_of(g, &h)
     j = 0
     while j < g.msg_iovlen:
         h.msg_iov = &g.msg_iov[j]
@@ -238,4 +257,5 @@ cdef inline int sq_flush(sendq_t *q, uint64_t *st, int c_dg, int c_bytes) noexce
         i += 1
     q.n = 0
     q.niov = 0
+    q.src_from = 0
     return 0

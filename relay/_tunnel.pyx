@@ -27,7 +27,9 @@ from relay.includes.system cimport (
     EPOLL_CTL_MOD, EPOLL_CTL_DEL, EPOLL_CLOEXEC, epoll_create1, epoll_ctl, epoll_wait,
 )
 from relay._addr cimport sockaddr_any, sockaddr_from_tuple, sockaddr_to_tuple, raise_oserror
-from relay._sendq cimport sendq_t, sq_init, sq_free, sq_add, sq_flush, sq_full, sq_clear
+from relay._sendq cimport (
+    sendq_t, sq_init, sq_free, sq_add, sq_flush, sq_full, sq_clear, sq_set_src,
+)
 from relay._stats cimport (
     N_COUNTERS, C_UP_DATAGRAMS, C_UP_BYTES, C_DOWN_DATAGRAMS, C_DOWN_BYTES,
     C_ASSOC_OPEN, C_ASSOC_CREATED, C_ASSOC_EXPIRED, C_ASSOC_REFUSED, C_DROP_MALFORMED,
@@ -2327,6 +2329,8 @@ cdef struct assoc_t:
     uint32_t gen                 # bumped each time the slot is taken
     bint used
     bint port_known
+    int local_family             # replies to the client leave from local (0: the route's)
+    uint8_t local[16]
 
 
 cdef class Socks5Relay(Poller):
@@ -2389,16 +2393,30 @@ cdef class Socks5Relay(Poller):
     def associations(self):
         return self.nassoc
 
-    def add(self, int fd, client):
+    def add(self, int fd, client, local=None):
         """Relay for the client at (host, port) through UDP socket fd (owned by the
-        caller); port 0: learn it from the first datagram from that host. Returns a slot."""
+        caller); port 0: learn it from the first datagram from that host. local: the
+        address the client reaches the relay at (its control connection's local address)
+        when fd is bound to a wildcard: replies to the client leave from it. Returns a
+        slot, -1 when the table is full."""
         cdef int i
+        cdef sockaddr_any given, la
+        if local is not None:
+            sockaddr_from_tuple((local[0], 0), &given)
         for i in range(self.max_assoc):
             if not self.assocs[i].used:
                 break
         else:
             return -1
         sockaddr_from_tuple(tuple(client), &self.assocs[i].client)
+        self.assocs[i].local_family = 0
+        if local is not None:
+            sa_unmap(&given, &la)
+            self.assocs[i].local_family = la.sa.sa_family
+            if la.sa.sa_family == AF_INET:
+                memcpy(self.assocs[i].local, &la.v4.sin_addr, 4)
+            else:
+                memcpy(self.assocs[i].local, la.v6.sin6_addr.s6_addr, 16)
         self.assocs[i].port_known = client[1] != 0
         self.assocs[i].fd = fd
         self.assocs[i].gen += 1
@@ -2440,6 +2458,7 @@ cdef class Socks5Relay(Poller):
         sq_clear(&self.sb)
         self.sb_down.fd = a.fd
         sq_clear(&self.sb_down)
+        sq_set_src(&self.sb_down, a.local_family, a.local)
         for j in range(n):
             data = <uint8_t *>self.riovs[j].iov_base
             ln = self.rmsgs[j].msg_len

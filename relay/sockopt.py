@@ -1,6 +1,8 @@
 """Socket options a router relay needs, set in one place with errors that say why."""
 import errno
+import ipaddress
 import socket
+import struct
 
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = 75
@@ -12,6 +14,12 @@ SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 IPPROTO_RAW = getattr(socket, "IPPROTO_RAW", 255)
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+# recvmsg room for the packet info of an IPv4 datagram on a dual-stack socket, which
+# comes twice: IPV6_PKTINFO (in6_pktinfo, 20 bytes) and IP_PKTINFO (in_pktinfo, 12)
+PKTINFO_ANCBUF = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12)
 
 
 def family_of(host):
@@ -63,11 +71,69 @@ def set_mark(sock, mark):
 REPLY_SNDBUF = 64 << 20
 
 
+def is_wildcard(host):
+    """True for the unspecified address of either family (0.0.0.0, ::)."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def set_pktinfo(sock):
+    """Have sock report each datagram's local address, so that a socket bound to a
+    wildcard address can answer from the address its client sent to (the kernel's
+    route would pick its own source otherwise, and the client drops the reply). IPv4
+    datagrams come with IP_PKTINFO, on a dual-stack AF_INET6 socket too; IPv6 ones
+    with IPV6_PKTINFO (IPV6_RECVPKTINFO)."""
+    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+
+
+def pktinfo_enabled(sock):
+    """Whether sock reports local addresses (set_pktinfo)."""
+    if sock.getsockopt(socket.IPPROTO_IP, IP_PKTINFO):
+        return True
+    return (sock.family == socket.AF_INET6
+            and bool(sock.getsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO)))
+
+
+def local_of(ancdata):
+    """The address to answer a datagram from, out of recvmsg's ancillary data on a
+    socket with set_pktinfo, or None. IP_PKTINFO's ipi_spec_dst (a local unicast address
+    even for a broadcast) wins over IPV6_PKTINFO's destination; an IPv4-mapped one is
+    given as IPv4, a multicast one not at all (the kernel chooses then). The same rules
+    as relay/_ring.pxd cmsg_local."""
+    found = None
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            return socket.inet_ntop(socket.AF_INET, data[4:8])
+        if (found is None and level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO
+                and len(data) >= 20 and data[0] != 0xFF):
+            ip = ipaddress.IPv6Address(data[:16])
+            found = str(ip.ipv4_mapped or ip)
+    return found
+
+
+def src_cmsg(host):
+    """sendmsg ancillary data that makes a datagram leave from local address host:
+    IP_PKTINFO (ipi_spec_dst) for IPv4, on AF_INET6 sockets too, else IPV6_PKTINFO;
+    interface index 0, routing picks the interface."""
+    ip = ipaddress.ip_address(host)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.version == 4:
+        return [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, ip.packed, bytes(4)))]
+    return [(socket.IPPROTO_IPV6, IPV6_PKTINFO, ip.packed + struct.pack("=I", 0))]
+
+
 def udp_listen(addr, *, transparent=False, reuseport=True, bufsize=4 << 20):
     """A bound non-blocking UDP socket on (host, port).
 
     An IPv6 wildcard ("::") listens on IPv4 too (dual stack). With transparent=True the
     socket accepts TPROXY'd datagrams and reports each one's original destination.
+    Otherwise a wildcard socket reports each datagram's local address (set_pktinfo), so
+    replies can leave from the address the client sent to.
     """
     host, port = addr
     fam = family_of(host)
@@ -83,6 +149,8 @@ def udp_listen(addr, *, transparent=False, reuseport=True, bufsize=4 << 20):
             s.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
             if fam == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+        elif is_wildcard(host):
+            set_pktinfo(s)
         _rcvbuf(s, bufsize)
         _sndbuf(s, REPLY_SNDBUF)
         try:

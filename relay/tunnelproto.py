@@ -1024,6 +1024,7 @@ class Resolver:
 import errno as _errno  # noqa: E402
 import select as _select  # noqa: E402
 
+from relay import sockopt as _sockopt  # noqa: E402
 from relay import stats as _stats  # noqa: E402
 
 _C = _stats.INDEX
@@ -1103,14 +1104,18 @@ class _Poller:
     def _count(self, name, n=1):
         self._stats[_C[name]] += n
 
-    def _sent(self, way, data, sock, to, counted=None):
-        """sendto, counted before the call (which lets other threads run) and undone on
-        failure, so a reader never sees a delivered datagram that is not counted yet."""
+    def _sent(self, way, data, sock, to, counted=None, src=None):
+        """sendto (sendmsg from the local address of ancillary data src, when given),
+        counted before the call (which lets other threads run) and undone on failure, so
+        a reader never sees a delivered datagram that is not counted yet."""
         n = len(data) if counted is None else counted
         self._count(way + "_datagrams")
         self._count(way + "_bytes", n)
         try:
-            sock.sendto(data, to)
+            if src:
+                sock.sendmsg([data], src, 0, to)
+            else:
+                sock.sendto(data, to)
         except OSError as e:
             self._count(way + "_datagrams", -1)
             self._count(way + "_bytes", -n)
@@ -2006,21 +2011,77 @@ class Socks5Upstream(_UpstreamBase):
         super().close()
 
 
-class UdpFrontend(_Poller):
-    """Pure fallback of relay._tunnel.UdpFrontend: a UDP socket in front of an upstream."""
+class LocalAddresses:
+    """client -> the local address it last sent to, as sendmsg ancillary data: for a
+    UDP socket on a wildcard address whose replies come back without an association
+    (through an upstream core). At most ``cap`` clients (the least recently used goes),
+    forgotten after ``timeout`` seconds without traffic either way, like the engine's
+    table (relay/_engine.pyx ``locals``)."""
 
-    def __init__(self, fd, to, upstream, batch=32, stats=None, log=None):
+    def __init__(self, cap, timeout):
+        self.cap, self.timeout = max(1, cap), timeout
+        self.map = collections.OrderedDict()     # client -> [host, ancillary, last use]
+
+    def __len__(self):
+        return len(self.map)
+
+    def note(self, client, host, now):
+        e = self.map.get(client)
+        if e is None:
+            if len(self.map) >= self.cap:
+                self.map.popitem(last=False)
+            self.map[client] = [host, _sockopt.src_cmsg(host) if host else None, now]
+            return
+        self.map.move_to_end(client)
+        if e[0] != host:
+            e[0], e[1] = host, _sockopt.src_cmsg(host) if host else None
+        e[2] = now
+
+    def get(self, client, now):
+        e = self.map.get(client)
+        if e is None:
+            return None
+        self.map.move_to_end(client)
+        e[2] = now
+        return e[1]
+
+    def expire(self, now):
+        while self.map:
+            client, e = next(iter(self.map.items()))
+            if e[2] + self.timeout > now:
+                return
+            del self.map[client]
+
+
+class UdpFrontend(_Poller):
+    """Pure fallback of the engine's forward loop with an upstream core (tunnel-client):
+    a UDP socket in front of an upstream. On a socket with packet info (a wildcard
+    address) each reply leaves from the address its client sent to."""
+
+    def __init__(self, fd, to, upstream, batch=32, stats=None, log=None, max_flows=65536,
+                 timeout=60.0):
         super().__init__(upstream.stats if stats is None else stats, log)
         self.sock = socket.socket(fileno=os.dup(fd))
         self.sock.setblocking(False)
         self.to, self.up, self.batch = tuple(to), upstream, batch
+        self.locals = (LocalAddresses(max_flows, timeout) if _sockopt.pktinfo_enabled(self.sock)
+                       else None)
         upstream.reply = self._reply
         self._add(self.sock.fileno(), "listen", 0)
         self._add(upstream.fileno(), "upstream", 0)
 
+    @property
+    def local_addresses(self):
+        """Clients in the client -> local address table (a socket with packet info)."""
+        return 0 if self.locals is None else len(self.locals)
+
     def _reply(self, client, src, data):
+        local = None if self.locals is None else self.locals.get(client, _time.monotonic())
         try:
-            self.sock.sendto(data, client)
+            if local:
+                self.sock.sendmsg([data], local, 0, client)
+            else:
+                self.sock.sendto(data, client)
         except OSError as e:
             self._count(_send_error_counter(e.errno))
 
@@ -2030,7 +2091,11 @@ class UdpFrontend(_Poller):
             return
         for _ in range(self.batch):
             try:
-                data, src = self.sock.recvfrom(65536)
+                if self.locals is None:
+                    data, src = self.sock.recvfrom(65536)
+                else:
+                    data, anc, _flags, src = self.sock.recvmsg(65536, _sockopt.PKTINFO_ANCBUF)
+                    self.locals.note(src[:2], _sockopt.local_of(anc), self.now)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -2039,7 +2104,10 @@ class UdpFrontend(_Poller):
         self.up.flush()
 
     def tick(self, now=0):
-        self.up.tick(now or _time.monotonic())
+        now = now or _time.monotonic()
+        if self.locals is not None:
+            self.locals.expire(now)
+        self.up.tick(now)
 
     def close(self):
         self.sock.close()
@@ -2062,13 +2130,14 @@ class Socks5Relay(_Poller):
     def associations(self):
         return len(self.assocs)
 
-    def add(self, fd, client):
+    def add(self, fd, client, local=None):
+        src = None if local is None else _sockopt.src_cmsg(local[0])
         if len(self.assocs) >= self.max_assoc:
             return -1
         self._idx += 1
         sock = socket.socket(fileno=os.dup(fd))
         sock.setblocking(False)
-        self.assocs[self._idx] = [sock, tuple(client[:2]), client[1] != 0]
+        self.assocs[self._idx] = [sock, tuple(client[:2]), client[1] != 0, src]
         self._add(sock.fileno(), "udp", self._idx)
         self._count("assoc_created")
         self._count("assoc_open")
@@ -2122,7 +2191,8 @@ class Socks5Relay(_Poller):
                 if not a[2]:
                     self._count("drop_no_route")
                     continue
-                self._sent("down", udp_header(*_unmap(src)) + data, sock, a[1], len(data))
+                self._sent("down", udp_header(*_unmap(src)) + data, sock, a[1], len(data),
+                           a[3])
 
     def _send_up(self, sock, host, port, data):
         if not self.acl.allowed(host):

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(gcc python3-dev python3-venv iproute2 nftables util-linux procps libcap2-bin
-              socat iperf3 v2ray shadowsocks-libev tcpdump)
+              socat iperf3 v2ray shadowsocks-libev tcpdump bind9-dnsutils dnsmasq-base)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()

@@ -8,6 +8,10 @@ Addresses come from the documentation ranges (RFC 5737, RFC 3849):
     srv  srv0 198.51.100.2/24   2001:db8:2::2/64   default via the router
               198.51.100.3/24   2001:db8:2::3/64   (a second remote, for full-cone tests)
 
+``Topology.add_router_addresses()`` gives rtr0 two more of each family (RTR4_MORE,
+RTR6_MORE): a client that asks one of them must get its reply from it, although the
+kernel's route towards the client would pick 192.0.2.1 / 2001:db8:1::1 as source.
+
 Every namespace name carries the pid and a counter, so parallel runs never collide, and
 ``Topology.close()`` deletes the namespaces and kills every process started through it.
 ``Netns.enter()`` moves the calling thread into the namespace (setns), so a test can open
@@ -30,6 +34,10 @@ CLONE_NEWNET = 0x40000000
 
 CLI4, RTR4_CLI, RTR4_SRV, SRV4, SRV4_B = "192.0.2.2", "192.0.2.1", "198.51.100.1", "198.51.100.2", "198.51.100.3"
 CLI6, RTR6_CLI, RTR6_SRV, SRV6, SRV6_B = "2001:db8:1::2", "2001:db8:1::1", "2001:db8:2::1", "2001:db8:2::2", "2001:db8:2::3"
+RTR4_MORE = ("192.0.2.10", "192.0.2.11")
+RTR6_MORE = ("2001:db8:1::10", "2001:db8:1::11")
+RTR4_ALL = (RTR4_CLI,) + RTR4_MORE
+RTR6_ALL = (RTR6_CLI,) + RTR6_MORE
 
 
 def unavailable_reason():
@@ -161,6 +169,14 @@ class Topology:
             # Reverse-path filtering would drop the spoofed replies in some setups.
             ns.run("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", check=False)
 
+    def add_router_addresses(self):
+        """RTR4_MORE and RTR6_MORE on rtr0, next to its first addresses."""
+        for a in RTR4_MORE:
+            self.rtr.run("ip", "addr", "add", f"{a}/24", "dev", "rtr0")
+        for a in RTR6_MORE:
+            self.rtr.run("ip", "addr", "add", f"{a}/64", "dev", "rtr0", "nodad")
+        return self
+
     def close(self):
         for p in self.procs:
             if p.poll() is None:
@@ -238,3 +254,71 @@ def start_echo(ns, *specs):
     if line.strip() != "ready":
         raise RuntimeError(f"echo server failed: {p.stderr.read()}")
     return p
+
+
+def _family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def check_reply_sources(ns, port, hosts, timeout=2.0):
+    """Ask each of hosts (a datagram to host:port from its own connected socket in ns) and
+    check the echo comes back from exactly the address asked: a connected UDP socket drops
+    datagrams from any other source, as resolvers such as dig do."""
+    for host in hosts:
+        s = ns.socket(_family(host))
+        try:
+            s.settimeout(timeout)
+            s.connect((host, port))
+            msg = f"ask {host}".encode()
+            s.send(msg)
+            try:
+                got = s.recv(65535)
+            except socket.timeout:
+                raise AssertionError(f"no reply from {host} port {port} (a reply from another "
+                                     f"source is dropped by the connected socket)") from None
+            assert got == msg, host
+        finally:
+            s.close()
+
+
+def check_moving_client(ns, port, hosts, rounds=2, timeout=2.0):
+    """One client socket asks each of hosts in turn, then again in the reverse order: every
+    reply comes from the address that client asked last."""
+    s = ns.socket(_family(hosts[0]))
+    try:
+        s.settimeout(timeout)
+        order = list(hosts)
+        for rnd in range(rounds):
+            for host in order:
+                msg = f"{rnd} {host}".encode()
+                s.sendto(msg, (host, port))
+                got, src = s.recvfrom(65535)
+                assert (got, src[:2]) == (msg, (host, port))
+            order.reverse()
+    finally:
+        s.close()
+
+
+def check_runs_alternate(ns, port, pair, bursts=6, size=600, count=12, timeout=3.0):
+    """One client sends bursts of equal-size datagrams (one sendmmsg each, so their echoes
+    come back to back and leave the relay as GSO runs), alternately to the two addresses of
+    pair; every echo arrives intact, in order, from the address its burst went to. Returns
+    how many datagrams went each way."""
+    from relay import BatchSocket
+    s = ns.socket(_family(pair[0]))
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        s.settimeout(timeout)
+        with BatchSocket(s.fileno(), batch=64) as b:
+            for i in range(bursts):
+                host = pair[i % 2]
+                burst = [bytes([i, k]) * (size // 2) for k in range(count)]
+                assert b.send([(p, (host, port)) for p in burst]) == count
+                got = []
+                for _ in burst:
+                    data, src = s.recvfrom(65535)
+                    got.append((data, src[:2]))
+                assert got == [(p, (host, port)) for p in burst], f"burst {i} to {host}"
+        return bursts * count
+    finally:
+        s.close()

@@ -6,7 +6,10 @@ import urllib.request
 
 import pytest
 
-from tests.netns import RTR4_CLI, RTR6_CLI, SRV4, SRV6, start_echo, wait_until
+from tests.netns import (
+    RTR4_ALL, RTR4_CLI, RTR4_MORE, RTR6_ALL, RTR6_CLI, RTR6_MORE, SRV4, SRV6, check_moving_client,
+    check_reply_sources, check_runs_alternate, start_echo, wait_until,
+)
 from tests.relayproc import RelayProcess, udp_roundtrip
 
 pytestmark = pytest.mark.netns
@@ -18,8 +21,8 @@ def echo(topo):
     return topo
 
 
-def start_forward(topo, to, *extra, workers=1, port=6000):
-    return RelayProcess(["forward", "--listen", f"[::]:{port}", "--to", to, *extra],
+def start_forward(topo, to, *extra, workers=1, port=6000, host="[::]"):
+    return RelayProcess(["forward", "--listen", f"{host}:{port}", "--to", to, *extra],
                         ns=topo.rtr, workers=workers).wait_ready()
 
 
@@ -237,18 +240,8 @@ def test_gro_through_an_upstream_core_keeps_datagrams_apart(topo, upstream):
     """With --gro a coalesced receive holds many datagrams; a tunnel or SOCKS5 upstream
     must carry them as the datagrams they were (one frame each), never as one."""
     from relay import BatchSocket
-    from tests.test_upstream import ALLOW, serve_in, wait_tcp
-    start_echo(topo.srv, f"{SRV4}:5000", f"[{SRV6}]:5000")
-    if upstream == "tunnel":
-        serve_in(topo.srv, "tunnel-server", "--listen", "[::]:8443", "--secret", "s",
-                 "--allow", ALLOW)
-        wait_tcp(topo.srv, (SRV4, 8443))
-        extra = ["--upstream", f"tunnel://{SRV4}:8443", "--secret", "s"]
-    else:
-        serve_in(topo.srv, "socks5", "--listen", "[::]:1080", "--username", "u", "--password",
-                 "p", "--allow", ALLOW)
-        wait_tcp(topo.srv, (SRV4, 1080))
-        extra = ["--upstream", f"socks5://u:p@{SRV4}:1080"]
+    from tests.test_upstream import upstream_in_srv
+    extra = upstream_in_srv(topo, upstream)
     with start_forward(topo, f"{SRV4}:5000", "--gro", *extra) as relay:
         c = topo.cli.socket(socket.AF_INET)
         c.connect((RTR4_CLI, 6000))
@@ -309,3 +302,61 @@ def test_runs_of_replies_to_two_clients_stay_apart(echo):
             for c in (a, b):
                 assert [c.recv(65535) for _ in range(12)] == burst[c]
         relay.settled_stats(lambda st: st["down_datagrams"] == st["up_datagrams"] == 122)
+
+
+@pytest.mark.parametrize("host,extra", [("[::]", ()), ("[::]", ("--gro",)), ("0.0.0.0", ())],
+                         ids=["dual-stack", "dual-stack-gro", "ipv4"])
+def test_wildcard_listener_replies_from_the_address_asked(echo, host, extra):
+    """A router with three addresses of each family on its client side, the listener on
+    the wildcard: whichever address a client asks, the reply comes from that address (the
+    route towards the client would pick the first one), for single replies, for a client
+    that moves between addresses, and for runs of replies leaving as GSO messages."""
+    echo.add_router_addresses()
+    v6 = host == "[::]"
+    with start_forward(echo, f"{SRV4}:5000", *extra, host=host) as relay:
+        check_reply_sources(echo.cli, 6000, RTR4_ALL + (RTR6_ALL if v6 else ()))
+        check_moving_client(echo.cli, 6000, RTR4_ALL)
+        sent = len(RTR4_ALL) * (1 + 2) + check_runs_alternate(echo.cli, 6000, RTR4_MORE)
+        # runs of 1400-byte replies: a 1280-byte MTU on the client side refuses them as GSO
+        # (the server side takes them), so they leave one by one, each from its address
+        for ns, dev in ((echo.rtr, "rtr0"), (echo.cli, "cli0")):
+            ns.run("ip", "link", "set", dev, "mtu", "1280")
+        sent += check_runs_alternate(echo.cli, 6000, RTR4_MORE, size=1400, bursts=4)
+        if v6:
+            check_moving_client(echo.cli, 6000, RTR6_ALL)
+            sent += len(RTR6_ALL) * (1 + 2) + check_runs_alternate(echo.cli, 6000, RTR6_MORE)
+        relay.settled_stats(lambda st: st["up_datagrams"] == sent == st["down_datagrams"]
+                            and st["drop_no_route"] == st["drop_send_error"] == 0)
+
+
+def test_listener_on_one_address_is_unchanged(echo):
+    """A listener bound to one address answers from it without packet info."""
+    echo.add_router_addresses()
+    with start_forward(echo, f"{SRV4}:5000", host=RTR4_MORE[0]) as relay:
+        check_reply_sources(echo.cli, 6000, RTR4_MORE[:1])
+        check_runs_alternate(echo.cli, 6000, RTR4_MORE[:1] * 2, bursts=2)
+        relay.settled_stats(lambda st: st["down_datagrams"] == 25)
+
+
+def test_dig_through_a_wildcard_listener(topo):
+    """The product check: dig (which ignores answers from another source) against dnsmasq
+    in srv, through `relay forward --listen [::]:5353`, asking every router address."""
+    import shutil
+    import subprocess
+    if not (shutil.which("dig") and shutil.which("dnsmasq")):
+        pytest.skip("needs dig (bind9-dnsutils) and dnsmasq (dnsmasq-base)")
+    topo.add_router_addresses()
+    topo.srv.popen(["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+                    "--no-hosts", "--bind-interfaces", f"--listen-address={SRV4}",
+                    "--port=53", "--user=root", "--pid-file=",
+                    "--address=/relay.test/198.51.100.53"])
+    with start_forward(topo, f"{SRV4}:53", port=5353) as relay:
+        wait_until(lambda: topo.cli.run("dig", f"@{RTR4_CLI}", "-p", "5353", "+short",
+                                        "+tries=1", "+timeout=1", "relay.test", check=False)
+                   .stdout.strip() == "198.51.100.53", 10, what="dnsmasq through the relay")
+        for server in RTR4_ALL + RTR6_ALL:
+            r = topo.cli.run("dig", f"@{server}", "-p", "5353", "+short", "+tries=1",
+                             "+timeout=2", "relay.test", check=False)
+            assert (r.returncode, r.stdout.strip()) == (0, "198.51.100.53"), \
+                f"dig @{server}: {r.stdout} {r.stderr}"
+        assert relay.stats()["drop_no_route"] == 0

@@ -283,6 +283,57 @@ def test_connection_pool(echo_topo, running):
 
 
 @pytest.mark.netns
+@pytest.mark.parametrize("host", ["::", "0.0.0.0"], ids=["dual-stack", "ipv4"])
+def test_wildcard_client_replies_from_the_address_asked(echo_topo, running, host):
+    """tunnel-client on the wildcard of a router with several addresses (the engine's loop
+    with the tunnel as its core, or the pure UdpFrontend), tunnel-server and echo in srv:
+    every reply leaves from the address its client asked, also for a client that moves
+    between addresses and for runs of replies."""
+    topo = echo_topo.add_router_addresses()
+    running(cfg("tunnel-server", listen=(N.SRV4, 9000), allow=ALLOW_DOC, secret=SECRET), topo.srv)
+    client = running(cfg("tunnel-client", listen=(host, 5000), server=(N.SRV4, 9000),
+                         to=(N.SRV4, 7), secret=SECRET), topo.rtr)
+    v6 = host == "::"
+    N.check_reply_sources(topo.cli, 5000, N.RTR4_ALL + (N.RTR6_ALL if v6 else ()), timeout=3)
+    N.check_moving_client(topo.cli, 5000, N.RTR4_ALL)
+    sent = len(N.RTR4_ALL) * 3 + N.check_runs_alternate(topo.cli, 5000, N.RTR4_MORE)
+    # 3000-byte runs exceed the 1500-byte MTU as GSO sends: they leave one by one
+    sent += N.check_runs_alternate(topo.cli, 5000, N.RTR4_MORE, size=3000, bursts=2)
+    if v6:
+        N.check_moving_client(topo.cli, 5000, N.RTR6_ALL)
+        sent += len(N.RTR6_ALL) * 3 + N.check_runs_alternate(topo.cli, 5000, N.RTR6_MORE)
+    N.wait_until(lambda: client.stats()["down_datagrams"] == sent, 5, what="every reply counted")
+    st = client.stats()
+    assert st["up_datagrams"] == sent
+    assert st["drop_no_route"] == st["drop_send_error"] == st["drop_buffer_full"] == 0
+
+
+@pytest.mark.netns
+def test_wildcard_client_local_address_table_is_bounded(echo_topo, running):
+    """The client -> local address table of a wildcard tunnel-client holds at most
+    max_associations clients (the least recently used goes first) and forgets idle ones;
+    afterwards a new client is served from the address it asked."""
+    topo = echo_topo.add_router_addresses()
+    running(cfg("tunnel-server", listen=(N.SRV4, 9000), allow=ALLOW_DOC, secret=SECRET), topo.srv)
+    client = running(cfg("tunnel-client", listen=("::", 5000), server=(N.SRV4, 9000),
+                         to=(N.SRV4, 7), secret=SECRET, max_associations=4, timeout=1.0),
+                     topo.rtr)
+    front = client.svc.engine or client.svc.frontend
+    hosts = [N.RTR4_MORE[i % 2] for i in range(4)]
+    N.check_reply_sources(topo.cli, 5000, hosts, timeout=3)
+    assert front.local_addresses == 4
+    extra = topo.cli.socket(socket.AF_INET)        # one more client: the core is full too
+    extra.sendto(b"fifth", (N.RTR4_CLI, 5000))
+    wait_stat(client, "drop_table_full")
+    assert front.local_addresses == 4
+    extra.close()
+    N.wait_until(lambda: front.local_addresses == 0 and client.svc.upstream.flows_open == 0, 10,
+                 what="idle clients forgotten")
+    N.check_reply_sources(topo.cli, 5000, N.RTR6_MORE + N.RTR4_MORE[1:], timeout=3)
+    assert front.local_addresses == 3
+
+
+@pytest.mark.netns
 def test_wrong_secret_refused(echo_topo, running):
     server, client, addr = tunnel_pair(echo_topo, running, False, secret="not-it")
     sock = echo_topo.cli.socket(socket.AF_INET)

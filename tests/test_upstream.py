@@ -8,7 +8,10 @@ import sys
 
 import pytest
 
-from tests.netns import CLI4, RTR4_CLI, RTR6_CLI, SRV4, SRV6, start_echo, wait_until
+from tests.netns import (
+    CLI4, RTR4_ALL, RTR4_CLI, RTR4_MORE, RTR6_ALL, RTR6_CLI, SRV4, SRV6, check_moving_client,
+    check_reply_sources, check_runs_alternate, start_echo, wait_until,
+)
 from tests.relayproc import LoopbackEcho, RelayProcess, free_udp_port, relay_env, udp_roundtrip
 from tests.test_interop_socks import v2ray  # noqa: F401  (fixture)
 
@@ -37,6 +40,21 @@ def wait_tcp(ns, addr):
             except OSError:
                 return False
     wait_until(up, 10, what=f"TCP {addr}")
+
+
+def upstream_in_srv(topo, kind):
+    """Echo servers and a relay tunnel-server (kind "tunnel") or socks5 server in srv;
+    returns the forward options that use it as the upstream."""
+    start_echo(topo.srv, f"{SRV4}:5000", f"[{SRV6}]:5000")
+    if kind == "tunnel":
+        serve_in(topo.srv, "tunnel-server", "--listen", "[::]:8443", "--secret", "s3cret",
+                 "--allow", ALLOW)
+        wait_tcp(topo.srv, (SRV4, 8443))
+        return ["--upstream", f"tunnel://{SRV4}:8443", "--secret", "s3cret"]
+    serve_in(topo.srv, "socks5", "--listen", "[::]:1080", "--username", "u", "--password", "p",
+             "--allow", ALLOW)
+    wait_tcp(topo.srv, (SRV4, 1080))
+    return ["--upstream", f"socks5://u:p@{SRV4}:1080"]
 
 
 @pytest.fixture
@@ -173,3 +191,20 @@ def test_forward_through_v2ray_socks_inbound(v2ray):  # noqa: F811
                     msg = bytes([i]) * size
                     assert udp_roundtrip(c, listen, msg, timeout=3) == (msg, listen)
             relay.settled_stats(lambda st: st["down_datagrams"] == 15)
+
+
+@pytest.mark.parametrize("upstream", ["tunnel", "socks5"])
+def test_wildcard_forward_through_an_upstream_replies_from_the_address_asked(topo, upstream):
+    """forward on `[::]` with a tunnel or SOCKS5 upstream: replies come back through the
+    core without an association entry, and still leave from the address each client
+    asked (the engine's bounded client -> local address table)."""
+    topo.add_router_addresses()
+    extra = upstream_in_srv(topo, upstream)
+    with RelayProcess(["forward", "--listen", "[::]:6000", "--to", f"{SRV4}:5000", *extra],
+                      ns=topo.rtr).wait_ready() as relay:
+        check_reply_sources(topo.cli, 6000, RTR4_ALL + RTR6_ALL, timeout=3)
+        check_moving_client(topo.cli, 6000, RTR4_ALL)
+        check_moving_client(topo.cli, 6000, RTR6_ALL)
+        sent = 6 + 12 + check_runs_alternate(topo.cli, 6000, RTR4_MORE)
+        relay.settled_stats(lambda st: st["up_datagrams"] == sent == st["down_datagrams"]
+                            and st["drop_no_route"] == st["drop_send_error"] == 0)

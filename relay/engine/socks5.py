@@ -232,7 +232,11 @@ class Socks5Service(Service):
         # The client's port comes from the request when it gives one, else from the first
         # datagram its host sends (clients behind NAT cannot know it).
         client_port = port
-        idx = self.relay.add(udp.fileno(), (peer[0], client_port))
+        # On the wildcard, replies to the client leave from the address its control
+        # connection reached (the one it sends its datagrams to), not the route's choice.
+        wildcard = sock.family == socket.AF_INET6
+        idx = self.relay.add(udp.fileno(), (peer[0], client_port),
+                             local[:2] if wildcard else None)
         if idx < 0:
             udp.close()
             return self._close(ctl, "association table full", rejected=True,

@@ -115,6 +115,8 @@ def udp_listen(addr, reuseport=False):
                 s.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
             except OSError:
                 pass
+        if sockopt.is_wildcard(host):
+            sockopt.set_pktinfo(s)      # replies leave from the address each client asked
         s.bind((host, port))
         s.setblocking(False)
     except BaseException:
@@ -262,12 +264,13 @@ class TunnelClientService(Service):
     def __init__(self, cfg, ctx):
         self.cfg, self.ctx = cfg, ctx
         t = _core()
+        timeout = cfg.timeout
+        max_flows = min(cfg.max_associations, 65536)
         self.upstream = t.TunnelUpstream(
             cfg.server, secret=cfg.secret, connections=cfg.connections,
-            mark=usable_mark(cfg.mark), stats=ctx.stats, timeout=cfg.timeout,
-            max_flows=min(cfg.max_associations, 65536), queue_limit=QUEUE_LIMIT, log=log,
-            gost=cfg.gost,
-            user=cfg.user, password=cfg.password)
+            mark=usable_mark(cfg.mark), stats=ctx.stats, timeout=timeout, max_flows=max_flows,
+            queue_limit=QUEUE_LIMIT, log=log, gost=cfg.gost, user=cfg.user,
+            password=cfg.password)
         self.usock = udp_listen(cfg.listen, reuseport=ctx.reuseport)
         self.address = self.usock.getsockname()
         self.engine = self.frontend = None
@@ -275,14 +278,17 @@ class TunnelClientService(Service):
         if t is not proto:
             # The engine's forward loop with the tunnel as its upstream core: recvmmsg
             # batches, UDP_GRO on the listen socket (coalesced receives are handed to the
-            # core as the datagrams they were), replies sendmmsg'd from the listen socket.
+            # core as the datagrams they were), replies sendmmsg'd from the listen socket
+            # (on a wildcard address, each from the address its client sent to).
             from relay._engine import Engine
             self.engine = Engine(self.usock.fileno(), "forward", to=tuple(cfg.to),
                                  batch=batch, stats=ctx.stats, core=self.upstream, gro=True,
-                                 listen_family=self.usock.family)
+                                 listen_family=self.usock.family, timeout=timeout,
+                                 max_associations=max_flows)
         else:
             self.frontend = t.UdpFrontend(self.usock.fileno(), cfg.to, self.upstream,
-                                          batch=batch, log=log)
+                                          batch=batch, log=log, max_flows=max_flows,
+                                          timeout=timeout)
 
     def run(self):
         stop = self.ctx.stop

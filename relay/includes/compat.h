@@ -52,6 +52,15 @@
 #ifndef SO_MEMINFO
 #define SO_MEMINFO 55
 #endif
+#ifndef IP_PKTINFO
+#define IP_PKTINFO 8
+#endif
+#ifndef IPV6_RECVPKTINFO
+#define IPV6_RECVPKTINFO 49
+#endif
+#ifndef IPV6_PKTINFO
+#define IPV6_PKTINFO 50
+#endif
 /* index of the socket's drop count in SO_MEMINFO's array (linux/sock_diag.h) */
 #define RELAY_SK_MEMINFO_DROPS 8
 #endif

@@ -138,6 +138,16 @@ cdef extern from "<netinet/in.h>" nogil:
         in6_addr sin6_addr
         uint32_t sin6_scope_id
 
+    # IP_PKTINFO / IPV6_PKTINFO: a datagram's local address (received), its source (sent)
+    struct in_pktinfo:
+        int ipi_ifindex
+        in_addr ipi_spec_dst
+        in_addr ipi_addr
+
+    struct in6_pktinfo:
+        in6_addr ipi6_addr
+        unsigned int ipi6_ifindex
+
     enum:
         IPPROTO_IP
         IPPROTO_IPV6
@@ -172,6 +182,9 @@ cdef extern from "compat.h" nogil:
         IPV6_HDRINCL
         SO_MEMINFO
         RELAY_SK_MEMINFO_DROPS
+        IP_PKTINFO
+        IPV6_RECVPKTINFO
+        IPV6_PKTINFO
 
 cdef extern from "<netinet/tcp.h>" nogil:
     enum:
