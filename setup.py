@@ -8,16 +8,18 @@ CFLAGS = ["-O3", "-fno-strict-aliasing", "-Wno-unused-function"]
 if os.environ.get("RELAY_DEBUG_BUILD"):
     CFLAGS = ["-O0", "-g"]
 
-MODULES = ["_fast", "_rawsock", "_engine", "_tunnel"]
+# The extensions: the packet library's two and the data path's two.
+MODULES = ["relay.packet._fast", "relay.packet._rawsock", "relay.datapath.engine",
+           "relay.datapath.tunnel"]
 
-# RELAY_MODULES=_fast,_rawsock builds only those (handy while one module is being edited).
+# RELAY_MODULES=engine,tunnel builds only those (handy while one module is being edited).
 only = [m for m in os.environ.get("RELAY_MODULES", "").split(",") if m]
 
 extensions = [
-    Extension(f"relay.{name}", [f"relay/{name}.pyx"], extra_compile_args=CFLAGS,
+    Extension(name, [name.replace(".", "/") + ".pyx"], extra_compile_args=CFLAGS,
               include_dirs=["relay/includes"])
     for name in MODULES
-    if os.path.exists(f"relay/{name}.pyx") and (not only or name in only)
+    if not only or name.rsplit(".", 1)[1].lstrip("_") in [m.lstrip("_") for m in only]
 ]
 
 setup(

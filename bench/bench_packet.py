@@ -14,14 +14,14 @@ import pytest
 from scapy.all import IP, UDP, raw
 from scapy.utils import checksum as scapy_checksum
 
-from relay._pure import fast as pure
+from relay.packet.pure import fast as pure
 
 try:
-    from relay import _fast as native
+    from relay.packet import _fast as native
     NATIVE_MISSING = None
 except ImportError as exc:
     native = None
-    NATIVE_MISSING = f"relay._fast extension is not built ({exc})"
+    NATIVE_MISSING = f"relay.packet._fast extension is not built ({exc})"
 
 SRC, DST = ("192.0.2.1", 40000), ("198.51.100.2", 53)
 CHECKSUM_SIZES = [20, 1400, 65536]

@@ -6,8 +6,8 @@
 Contenders, each sending COUNT identical-size spoofed UDP datagrams from a raw socket:
 
   c-sendmmsg        bench/c/raw_sendmmsg.c: prebuilt packets, sendmmsg of 64 — the limit
-  relay-send_many   relay._rawsock.RawSender.send_many (Cython), headers built per packet
-  pure-send_many    the pure-Python fallback (relay._pure.rawsock), fewer datagrams
+  relay-send_many   relay.packet._rawsock.RawSender.send_many (Cython), headers built per packet
+  pure-send_many    the pure-Python fallback (relay.packet.pure.rawsock), fewer datagrams
   python-sendto     a Python loop of socket.sendto over prebuilt packets
   scapy-send        scapy's send() over L3RawSocket, few datagrams (it is slow)
 
@@ -58,7 +58,7 @@ import os, sys, time
 if sys.argv[8] == "pure":
     os.environ["RELAY_PURE_PYTHON"] = "1"
 from relay import _select
-mod, native = _select.load("_rawsock")
+mod, native = _select.load("rawsock")
 if native != (sys.argv[8] == "native"):
     sys.exit(f"wanted the {sys.argv[8]} RawSender, got native={native}")
 src, dst = (sys.argv[1], int(sys.argv[2])), (sys.argv[3], int(sys.argv[4]))
@@ -75,7 +75,7 @@ print(f"sent {n} seconds {t:.6f} rate {n / t:.1f} cpu {c:.6f}")
 
 _SENDTO = _CPU + r"""
 import socket, sys, time
-from relay._pure.rawsock import _headers
+from relay.packet.pure.rawsock import _headers
 src, sport, dst, dport = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 size, count, batch = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
 fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
@@ -237,9 +237,9 @@ def available(name):
     """None when the contender can run here, else the reason."""
     if name == "relay-send_many":
         try:
-            import relay._rawsock  # noqa: F401
+            import relay.packet._rawsock  # noqa: F401
         except ImportError as e:
-            return f"relay._rawsock is not built ({e})"
+            return f"relay.packet._rawsock is not built ({e})"
     if name == "scapy-send":
         try:
             import scapy  # noqa: F401

@@ -29,7 +29,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-from relay.addr import Upstream, format_hostport, parse_cidr, parse_hostport, parse_upstream
+from relay.net.addr import Upstream, format_hostport, parse_cidr, parse_hostport, parse_upstream
 
 __all__ = [
     "ConfigError", "Config", "GlobalConfig", "ListenerConfig", "ConfigDiff",
@@ -290,7 +290,7 @@ def _get_addr(ctx, key, value, *, listen):
 
 
 def _strip_what(message, value):
-    """Drop the "address '...': " prefix of relay.addr messages (the key already says which
+    """Drop the "address '...': " prefix of relay.net.addr messages (the key already says which
     address); keep the value at the end when the reason does not quote it already."""
     prefix = f"address {value!r}: "
     if message.startswith(prefix):

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from relay.addr import parse_cidr
+from relay.net.addr import parse_cidr
 
 __all__ = [
     "RulesOptions", "RulesError", "render_nft", "render_ip", "apply", "remove", "add_cli",

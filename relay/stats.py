@@ -2,7 +2,7 @@
 
 The supervisor maps one anonymous shared region before it forks workers; a worker's data
 path writes its own slot without locks (one writer per slot), and readers sum slots. The
-names below match the ``Counter`` enum in ``relay/_stats.pxd`` one for one.
+names below match the ``Counter`` enum in ``relay/datapath/stats.pxd`` one for one.
 """
 import json
 import mmap

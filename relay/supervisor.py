@@ -15,7 +15,7 @@ import stat
 import threading
 import time
 
-from relay import sockopt
+from relay.net import sockopt
 from relay import stats as stats_mod
 from relay.config import LISTEN_PROTO
 from relay.droplog import DropLog

@@ -14,8 +14,8 @@ import socket
 import sys
 import threading
 
-from relay.engine import create_service
-from relay.engine.base import WorkerContext
+from relay.services import create_service
+from relay.services.base import WorkerContext
 
 log = logging.getLogger("relay")
 

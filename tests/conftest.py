@@ -1,6 +1,18 @@
+import json
+import socket
+import os
+import shutil
+import signal
+import subprocess
+import time
+
 import pytest
 
+from relay.packet.pure.rawsock import RawSender as PureRawSender
 from tests import netns as _netns
+from tests import netns as N
+from tests.relayproc import free_tcp_port as free_port
+from tests.support import Echo, Running, native_rawsender
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +31,103 @@ def topo(netns_available):
         yield t
     finally:
         t.close()
+
+
+@pytest.fixture(params=["c", "pure"])
+def impl(request, monkeypatch):
+    """Every test runs against the C cores (relay.datapath.tunnel) and the pure-Python fallback
+    (relay.datapath.pure), which the services pick by RELAY_PURE_PYTHON."""
+    if request.param == "pure":
+        monkeypatch.setenv("RELAY_PURE_PYTHON", "1")
+    else:
+        monkeypatch.delenv("RELAY_PURE_PYTHON", raising=False)
+    return request.param
+
+
+@pytest.fixture
+def running():
+    started = []
+
+    def start(c, ns=None):
+        r = Running(c, ns)
+        started.append(r)
+        return r
+    yield start
+    errors = []
+    for r in reversed(started):
+        try:
+            r.stop()
+        except BaseException as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def echo_topo(topo):
+    N.start_echo(topo.srv, f"{N.SRV4}:7", f"[{N.SRV6}]:7", f"{N.SRV4_B}:7")
+    return topo
+
+
+@pytest.fixture
+def echo():
+    e = Echo()
+    yield e
+    e.close()
+
+
+@pytest.fixture(params=["native", "pure"])
+def RawSender(request):
+    if request.param == "pure":
+        return PureRawSender
+    cls = native_rawsender()
+    if cls is None:
+        pytest.skip("relay.packet._rawsock is not built (python setup.py build_ext --inplace)")
+    return cls
+
+
+@pytest.fixture
+def v2ray(tmp_path):
+    exe = shutil.which("v2ray")
+    if exe is None:
+        pytest.skip("v2ray is not installed (Debian package v2ray)")
+    port = free_port()
+    conf = {"log": {"loglevel": "warning"},
+            "inbounds": [{"listen": "127.0.0.1", "port": port, "protocol": "socks",
+                          "settings": {"auth": "noauth", "udp": True, "ip": "127.0.0.1"}}],
+            "outbounds": [{"protocol": "freedom", "settings": {}}]}
+    path = tmp_path / "v2ray.json"
+    path.write_text(json.dumps(conf))
+    version = subprocess.run([exe, "version"], capture_output=True, text=True, timeout=10).stdout
+    # v4 takes -config FILE; v5 takes `run -c FILE`
+    cmd = [exe, "-config", str(path)] if " 4." in version else [exe, "run", "-c", str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                    pytest.fail(f"v2ray did not start: {out[-2000:]}")
+                time.sleep(0.05)
+        yield ("127.0.0.1", port)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        proc.stdout.close()
+
+
+@pytest.fixture
+def core(impl):
+    """The tunnel cores of the implementation under test (relay._select chooses)."""
+    from relay import _select
+    return _select.module("tunnel")

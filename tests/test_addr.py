@@ -1,11 +1,11 @@
-"""relay.addr: HOST:PORT, CIDR and upstream URL parsing, with the exact error reasons."""
+"""relay.net.addr: HOST:PORT, CIDR and upstream URL parsing, with the exact error reasons."""
 import ipaddress
 import socket
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from relay.addr import (Upstream, family_of, format_hostport, is_v6, parse_cidr,
+from relay.net.addr import (Upstream, family_of, format_hostport, is_v6, parse_cidr,
                         parse_hostport, parse_ip, parse_upstream)
 
 

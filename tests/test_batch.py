@@ -1,5 +1,5 @@
 """BatchSocket (recvmmsg/sendmmsg, original destination, GSO/GRO): the extension in
-relay._fast and the pure-Python fallback in relay._pure.batch, run through the same tests.
+relay.packet._fast and the pure-Python fallback in relay.packet.pure.batch, run through the same tests.
 
 Loopback tests use 127.0.0.1/::1; the backpressure and TPROXY tests run in network
 namespaces made for them (a token-bucket qdisc on a namespace's lo, the cli/rtr/srv
@@ -34,16 +34,16 @@ FAMILIES = [pytest.param(socket.AF_INET, id="v4"), pytest.param(socket.AF_INET6,
 
 def _native():
     try:
-        from relay import _fast
+        from relay.packet import _fast
     except ImportError as e:
-        pytest.skip(f"relay._fast is not built: {e}")
+        pytest.skip(f"relay.packet._fast is not built: {e}")
     if not hasattr(_fast, "BatchSocket"):
-        pytest.skip("relay._fast was built without _batch.pxi")
+        pytest.skip("relay.packet._fast was built without _batch.pxi")
     return _fast.BatchSocket
 
 
 def _pure():
-    from relay._pure.batch import BatchSocket
+    from relay.packet.pure.batch import BatchSocket
     return BatchSocket
 
 

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from relay.addr import Upstream
+from relay.net.addr import Upstream
 from relay.config import (FILE_KEYS, LISTENER_KEYS, MODE_KEYS, MODES, Config, ConfigError, GlobalConfig,
                           ListenerConfig, load_config, parse_config, parse_listener)
 

@@ -2,14 +2,14 @@
 
 The engine reads the listen socket's drop count (SO_MEMINFO) once per sweep and whenever
 its counters are read, instead of asking for an SO_RXQ_OVFL control message on every
-datagram. Loopback only; the engine is driven directly (relay._engine.Engine).
+datagram. Loopback only; the engine is driven directly (relay.datapath.engine.Engine).
 """
 import socket
 import time
 
 import pytest
 
-_engine = pytest.importorskip("relay._engine", reason="relay._engine is not built")
+_engine = pytest.importorskip("relay.datapath.engine", reason="relay.datapath.engine is not built")
 
 N = 3000
 

@@ -240,7 +240,7 @@ def test_gro_through_an_upstream_core_keeps_datagrams_apart(topo, upstream):
     """With --gro a coalesced receive holds many datagrams; a tunnel or SOCKS5 upstream
     must carry them as the datagrams they were (one frame each), never as one."""
     from relay import BatchSocket
-    from tests.test_upstream import upstream_in_srv
+    from tests.support import upstream_in_srv
     extra = upstream_in_srv(topo, upstream)
     with start_forward(topo, f"{SRV4}:5000", "--gro", *extra) as relay:
         c = topo.cli.socket(socket.AF_INET)

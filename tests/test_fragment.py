@@ -16,13 +16,12 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from scapy.all import IP, UDP, IPv6, IPv6ExtHdrFragment, defragment, defragment6, raw
 
 from relay.errors import PacketTooBig
-from relay._pure import fast as pure
+from relay.packet.pure import fast as pure
 from tests.netns import CLI4, CLI6, SRV4, SRV6
 from tests.relayproc import RelayProcess, relay_env
-from tests.test_rawsock import RawSender  # noqa: F401  (the fixture: native, then pure)
 
 try:
-    from relay import _fast as native
+    from relay.packet import _fast as native
 except ImportError:
     native = None
 
@@ -37,7 +36,7 @@ PROPS = settings(max_examples=150, deadline=None,
 def m(request):
     if request.param == "native":
         if native is None:
-            pytest.skip("relay._fast is not built")
+            pytest.skip("relay.packet._fast is not built")
         return native
     return pure
 
@@ -208,7 +207,7 @@ def test_random_datagrams_reassemble_and_both_implementations_agree(spec):
         assert native.build_udp_fragments(src, dst, payload, mtu, ident=ident) == pkts
 
 
-@pytest.mark.skipif(native is None, reason="relay._fast is not built")
+@pytest.mark.skipif(native is None, reason="relay.packet._fast is not built")
 def test_both_implementations_write_the_same_bytes():
     for (src, dst), mtus in ((V4, (68, 500, 1500)), (V6, (1280, 1500, 4000))):
         for mtu in mtus:

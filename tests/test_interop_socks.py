@@ -12,50 +12,10 @@ import time
 import pytest
 
 from tests.relayproc import free_tcp_port as free_port
-from tests.test_tunnel import Echo
+from tests.support import Echo
 
-_tunnel = pytest.importorskip("relay._tunnel")
+_tunnel = pytest.importorskip("relay.datapath.tunnel")
 pytestmark = pytest.mark.interop
-
-
-@pytest.fixture
-def v2ray(tmp_path):
-    exe = shutil.which("v2ray")
-    if exe is None:
-        pytest.skip("v2ray is not installed (Debian package v2ray)")
-    port = free_port()
-    conf = {"log": {"loglevel": "warning"},
-            "inbounds": [{"listen": "127.0.0.1", "port": port, "protocol": "socks",
-                          "settings": {"auth": "noauth", "udp": True, "ip": "127.0.0.1"}}],
-            "outbounds": [{"protocol": "freedom", "settings": {}}]}
-    path = tmp_path / "v2ray.json"
-    path.write_text(json.dumps(conf))
-    version = subprocess.run([exe, "version"], capture_output=True, text=True, timeout=10).stdout
-    # v4 takes -config FILE; v5 takes `run -c FILE`
-    cmd = [exe, "-config", str(path)] if " 4." in version else [exe, "run", "-c", str(path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-                    pytest.fail(f"v2ray did not start: {out[-2000:]}")
-                time.sleep(0.05)
-        yield ("127.0.0.1", port)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        proc.stdout.close()
 
 
 @pytest.fixture
@@ -75,8 +35,8 @@ def pump(up, got, n, timeout=5.0):
 
 @pytest.mark.parametrize("impl", ["c", "pure"])
 def test_socks5_upstream_through_v2ray(v2ray, echo, impl):
-    from relay import tunnelproto
-    up = (_tunnel if impl == "c" else tunnelproto).Socks5Upstream(v2ray)
+    from relay.datapath import pure
+    up = (_tunnel if impl == "c" else pure).Socks5Upstream(v2ray)
     got = []
     up.collect_replies(got)
     try:

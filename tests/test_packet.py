@@ -1,7 +1,7 @@
 """Packet API: inet_checksum, checksum_update, build_udp(_into), parse_udp.
 
-Every test runs against the compiled extension (relay._fast) and the pure-Python
-fallback (relay._pure.fast); packets are cross-checked with scapy and with a naive
+Every test runs against the compiled extension (relay.packet._fast) and the pure-Python
+fallback (relay.packet.pure.fast); packets are cross-checked with scapy and with a naive
 reference checksum written here, and the two implementations are compared with each
 other byte for byte (results and error messages) on random input.
 """
@@ -21,14 +21,14 @@ from scapy.all import (
 )
 
 from relay.errors import PacketTooBig
-from relay._pure import fast as pure
+from relay.packet.pure import fast as pure
 
 try:
-    from relay import _fast as native
+    from relay.packet import _fast as native
     NATIVE_MISSING = None
 except ImportError as exc:  # extension not built
     native = None
-    NATIVE_MISSING = f"relay._fast extension is not built ({exc})"
+    NATIVE_MISSING = f"relay.packet._fast extension is not built ({exc})"
 
 SETTINGS = settings(max_examples=250, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -19,8 +19,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from relay.errors import PacketTooBig
-from relay._pure.rawsock import RawSender as PureRawSender
 from tests.netns import CLI4, CLI6, SRV4, SRV6, wait_until
+from relay.packet.pure.rawsock import RawSender as PureRawSender
+from tests.support import native_rawsender
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 ETH_P_ALL = 0x0003
@@ -31,24 +32,6 @@ FAMILIES = {
     "v4": (socket.AF_INET, CLI4, SRV4, 1472),
     "v6": (socket.AF_INET6, CLI6, SRV6, 1452),
 }
-
-
-def _native_class():
-    try:
-        from relay._rawsock import RawSender
-    except ImportError:
-        return None
-    return RawSender
-
-
-@pytest.fixture(params=["native", "pure"])
-def RawSender(request):
-    if request.param == "pure":
-        return PureRawSender
-    cls = _native_class()
-    if cls is None:
-        pytest.skip("relay._rawsock is not built (python setup.py build_ext --inplace)")
-    return cls
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -232,7 +215,7 @@ def test_pure_headers_match_scapy():
     """The fallback's header writer against scapy, odd and even lengths, both families."""
     from scapy.layers.inet import IP, UDP
     from scapy.layers.inet6 import IPv6
-    from relay._pure.rawsock import _headers
+    from relay.packet.pure.rawsock import _headers
     for is_v6, src, dst in ((False, "203.0.113.9", "192.0.2.200"),
                             (True, "2001:db8:ffff::9", "2001:db8:1::c8")):
         fam = socket.AF_INET6 if is_v6 else socket.AF_INET
@@ -257,7 +240,7 @@ def test_pure_headers_match_scapy():
 def test_pure_headers_match_scapy_property(v6, src, dst, sport, dport, ttl, payload):
     from scapy.layers.inet import IP, UDP
     from scapy.layers.inet6 import IPv6
-    from relay._pure.rawsock import _headers
+    from relay.packet.pure.rawsock import _headers
     fam = socket.AF_INET6 if v6 else socket.AF_INET
     src, dst = (src, dst) if v6 else (src[:4], dst[:4])
     hdr = _headers(v6, src, sport, dst, dport, payload, len(payload), ttl)
@@ -345,9 +328,9 @@ def test_bytes_on_the_wire(RawSender, fam, topo, recv_factory):
 
 
 def test_both_implementations_send_the_same_bytes(fam, topo, recv_factory):
-    native = _native_class()
+    native = native_rawsender()
     if native is None:
-        pytest.skip("relay._rawsock is not built")
+        pytest.skip("relay.packet._rawsock is not built")
     family, host, spoof, _ = FAMILIES[fam]
     rcv = recv_factory(topo.cli, family, host)
     cap = _capture(topo, "cli0")
@@ -549,7 +532,7 @@ def test_permission_error_without_cap_net_raw(RawSender, netns_available):
     pure = RawSender is PureRawSender
     code = (
         "from relay import _select\n"
-        "mod, native = _select.load('_rawsock')\n"
+        "mod, native = _select.load('rawsock')\n"
         f"assert native == {not pure}, native\n"
         "try:\n"
         "    mod.RawSender().send(('127.0.0.2', 9), ('127.0.0.1', 9), b'x')\n"

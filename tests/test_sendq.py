@@ -1,4 +1,4 @@
-"""relay/_sendq.pxd: queued datagrams go out with sendmmsg, runs coalesced into GSO.
+"""relay/datapath/sendq.pxd: queued datagrams go out with sendmmsg, runs coalesced into GSO.
 
 The .pxd has inline C only, so the test compiles a small probe module against it (Cython
 and a C compiler are what `pip install -e .` needs anyway). Checks: runs of equal-size
@@ -22,10 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = textwrap.dedent('''
     # cython: language_level=3
     from libc.stdint cimport uint8_t, uint64_t
-    from relay._addr cimport sockaddr_any, sockaddr_from_tuple
+    from relay.datapath.addr cimport sockaddr_any, sockaddr_from_tuple
     from relay.includes.system cimport socklen_t
-    from relay._sendq cimport sendq_t, sq_init, sq_free, sq_add, sq_flush, sq_full
-    from relay._stats cimport N_COUNTERS, C_UP_DATAGRAMS, C_UP_BYTES
+    from relay.datapath.sendq cimport sendq_t, sq_init, sq_free, sq_add, sq_flush, sq_full
+    from relay.datapath.stats cimport N_COUNTERS, C_UP_DATAGRAMS, C_UP_BYTES
     from relay.stats import COUNTERS
 
     def send(int fd, list items, int cap=8, unsigned gso_max=65000):

@@ -1,4 +1,4 @@
-"""relay.sockopt: wildcard listeners report each datagram's local address (IP_PKTINFO,
+"""relay.net.sockopt: wildcard listeners report each datagram's local address (IP_PKTINFO,
 IPV6_RECVPKTINFO) and replies can leave from it; listeners on one address and TPROXY
 listeners do not. Loopback only (127.0.0.0/8 has many addresses); the router tests with
 several addresses per family are in test_forward, test_tunnel, test_socks5, test_upstream."""
@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from relay import sockopt
+from relay.net import sockopt
 
 
 def _listen(host, **kw):
@@ -23,7 +23,7 @@ def _listen(host, **kw):
 def test_packet_info_only_on_wildcard_listeners(host, on):
     with _listen(host) as s:
         assert sockopt.pktinfo_enabled(s) is on
-        engine = pytest.importorskip("relay._engine")
+        engine = pytest.importorskip("relay.datapath.engine")
         e = engine.Engine(s.fileno(), "forward", to=("127.0.0.1", 9), listen_family=s.family)
         try:
             assert e.pktinfo is on

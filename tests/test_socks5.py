@@ -7,15 +7,18 @@ import time
 
 import pytest
 
-from relay import tunnelproto as proto
+from relay import _select
+
+from relay import proto, resolver
+from relay.datapath import pure
 from tests import netns as N
-from tests.test_tunnel import Echo, Running, cfg, wait_stat
+from tests.support import ALLOW_DOC, Echo, Running, cfg, wait_stat
 
 socks = pytest.importorskip("socks")
-_tunnel = pytest.importorskip("relay._tunnel")
+_tunnel = pytest.importorskip("relay.datapath.tunnel")
+pytestmark = pytest.mark.usefixtures("impl")     # every test: compiled, then pure
 
 # impl: every test runs against the C cores and the pure-Python fallback (autouse)
-from tests.test_tunnel import ALLOW_DOC, impl  # noqa: E402,F401
 
 
 @pytest.fixture
@@ -250,7 +253,7 @@ def test_auth_and_bad_handshakes(started):
 
 def test_socks5_upstream_against_relay_socks5(started, echo, impl):
     server = socks5(started, user="u", password="p", allow=["127.0.0.0/8"])
-    core = _tunnel if impl == "c" else proto
+    core = _select.module("tunnel")
     up = core.Socks5Upstream(server.address, user="u", password="p")
     got = []
     up.collect_replies(got)
@@ -282,6 +285,6 @@ def test_socks5_upstream_against_relay_socks5(started, echo, impl):
 
 
 def test_socks5_refuses_open_proxy():
-    from relay.engine import socks5 as mod
+    from relay.services import socks5_server as mod
     with pytest.raises(ValueError, match="user"):
         mod.check_exposure(cfg("socks5", listen=("192.0.2.1", 1080)))

@@ -15,150 +15,23 @@ import time
 import pytest
 
 from relay import stats as _stats
-from relay import tunnelproto as proto
-from relay.config import listener
-from relay.engine.base import WorkerContext
+from relay import proto, resolver
+from relay.datapath import pure
 from tests import netns as N
+from tests.support import (ALLOW_DOC, SECRET, Echo, Running, cfg, closed_by_peer, payload,  # noqa: F401
+                           raw_client, read_frames, restart_mid_stream, roundtrip, tunnel_pair,
+                           wait_stat)
 
-pytest.importorskip("relay._tunnel")
-from relay.engine import tunnel  # noqa: E402
+pytest.importorskip("relay.datapath.tunnel")
+pytestmark = pytest.mark.usefixtures("impl")     # every test: compiled, then pure
+from relay.services import common, tunnel_client, tunnel_server  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALLOW_DOC = ["198.51.100.0/24", "2001:db8::/32"]
-SECRET = "s3cret"
 SIZES = [0, 1, 2, 100, 1350, 1472, 4095, 4096, 4097, 8191, 8192, 8193, 16383, 16384,
          16385, 32768, 65000, 65506, 65507]
 
 
-@pytest.fixture(params=["c", "pure"], autouse=True)
-def impl(request, monkeypatch):
-    """Every test runs against the C cores (relay._tunnel) and the pure-Python fallback
-    (relay.tunnelproto), which the services pick by RELAY_PURE_PYTHON."""
-    if request.param == "pure":
-        monkeypatch.setenv("RELAY_PURE_PYTHON", "1")
-    else:
-        monkeypatch.delenv("RELAY_PURE_PYTHON", raising=False)
-    return request.param
-
-
-def cfg(mode, **kw):
-    """A listener of mode as relay.config builds it (its defaults), unmarked and with
-    smaller tables than the defaults unless kw says otherwise."""
-    d = dict(mark=0, max_associations=4096, batch=32)
-    d.update(kw)
-    return listener(mode, **d)
-
-
-class Running:
-    """A service running in a thread of this process, inside namespace ns (or here)."""
-
-    def __init__(self, c, ns=None):
-        self.region = _stats.StatsRegion(1)
-        self.ctx = WorkerContext(0, self.region.slot(0), reuseport=False)
-        self.ns = ns
-        if ns is not None:
-            with ns.enter():
-                self.svc = _create(c, self.ctx)
-        else:
-            self.svc = _create(c, self.ctx)
-        self.error = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            if self.ns is not None:
-                with self.ns.enter():
-                    self.svc.run()
-            else:
-                self.svc.run()
-        except BaseException as e:          # surfaced by stop()
-            self.error = e
-
-    @property
-    def address(self):
-        return self.svc.address
-
-    def stats(self):
-        return self.region.read(0)
-
-    def stop(self):
-        self.ctx.stop.set()
-        self.thread.join(5)
-        self.svc.close()
-        if self.error:
-            raise self.error
-
-
-def _create(c, ctx):
-    from relay.engine import create_service
-    return create_service(c, ctx)
-
-
-@pytest.fixture
-def running():
-    started = []
-
-    def start(c, ns=None):
-        r = Running(c, ns)
-        started.append(r)
-        return r
-    yield start
-    errors = []
-    for r in reversed(started):
-        try:
-            r.stop()
-        except BaseException as e:
-            errors.append(e)
-    if errors:
-        raise errors[0]
-
-
-def payload(size, seed=0):
-    base = bytes((i * 7 + seed) & 0xFF for i in range(256))
-    return (base * (size // 256 + 1))[:size]
-
-
-def roundtrip(sock, addr, data, timeout=2.0, tries=3):
-    sock.settimeout(timeout)
-    for _ in range(tries):
-        sock.sendto(data, addr)
-        try:
-            while True:
-                got, _src = sock.recvfrom(70000)
-                if got == data:
-                    return got
-        except socket.timeout:
-            continue
-    raise AssertionError(f"no echo of a {len(data)}-byte datagram")
-
-
-def wait_stat(r, name, at_least=1, timeout=5.0):
-    return N.wait_until(lambda: r.stats()[name] >= at_least, timeout, what=f"{name} >= {at_least}")
-
-
 # ----------------------------------------------------------------------------- namespaces
-
-def tunnel_pair(topo, running, v6, gost=False, **client_kw):
-    """tunnel-server in rtr, tunnel-client in cli (gost: the client speaks gost, so the
-    server has no secret, hence insecure)."""
-    if v6:
-        srv_listen, to, cli_listen = (N.RTR6_CLI, 9000), (N.SRV6, 7), ("::1", 5000)
-    else:
-        srv_listen, to, cli_listen = (N.RTR4_CLI, 9000), (N.SRV4, 7), ("127.0.0.1", 5000)
-    auth = dict(insecure=True) if gost else dict(secret=SECRET)
-    server = running(cfg("tunnel-server", listen=srv_listen, allow=ALLOW_DOC, **auth), topo.rtr)
-    kw = dict(listen=cli_listen, server=srv_listen, to=to,
-              **(dict(gost=True) if gost else dict(secret=SECRET)))
-    kw.update(client_kw)
-    client = running(cfg("tunnel-client", **kw), topo.cli)
-    return server, client, cli_listen
-
-
-@pytest.fixture
-def echo_topo(topo):
-    N.start_echo(topo.srv, f"{N.SRV4}:7", f"[{N.SRV6}]:7", f"{N.SRV4_B}:7")
-    return topo
 
 
 @pytest.mark.netns
@@ -179,7 +52,7 @@ def test_every_size(echo_topo, running, v6):
 @pytest.mark.netns
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 def test_runs_of_datagrams_leave_the_server_intact(echo_topo, running, v6):
-    """A burst of equal-size datagrams leaves the server as GSO runs (relay/_sendq.pxd);
+    """A burst of equal-size datagrams leaves the server as GSO runs (relay/datapath/sendq.pxd);
     runs of 3000-byte datagrams exceed the 1500-byte MTU towards the echo server, so the
     kernel refuses them as GSO and they go one by one. Every datagram comes back intact
     and in order, and the counters balance."""
@@ -371,59 +244,6 @@ def test_acl_default_and_explicit(echo_topo, running):
     sock.close()
 
 
-def restart_mid_stream(echo_topo, running, server_args, **client_kw):
-    """Send a numbered stream through tunnel-client while the tunnel-server process dies and
-    comes back: traffic must resume. Returns the client's counters."""
-    env = dict(os.environ, PYTHONPATH=REPO)
-    cmd = [sys.executable, "-m", "relay", "tunnel-server",
-           "--listen", f"{N.RTR4_CLI}:9000", "--allow", ALLOW_DOC[0], "--log-level", "warning",
-           "--workers", "1", "--control", "", *server_args]
-    proc = echo_topo.rtr.popen(cmd, env=env)
-    client = running(cfg("tunnel-client", listen=("127.0.0.1", 5000), server=(N.RTR4_CLI, 9000),
-                         to=(N.SRV4, 7), **client_kw), echo_topo.cli)
-    sock = echo_topo.cli.socket(socket.AF_INET)
-    roundtrip(sock, ("127.0.0.1", 5000), b"before", timeout=1, tries=10)
-    got = set()
-    stop = threading.Event()
-
-    def receiver():
-        sock.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                got.add(int(sock.recv(100).split()[1]))
-            except (socket.timeout, ValueError, IndexError):
-                pass
-
-    t = threading.Thread(target=receiver, daemon=True)
-    t.start()
-    try:
-        seq = 0
-        t0 = time.monotonic()
-        restarted_at = None
-        while time.monotonic() - t0 < 8:
-            sock.sendto(b"seq %d" % seq, ("127.0.0.1", 5000))
-            seq += 1
-            el = time.monotonic() - t0
-            if proc is not None and el > 0.5 and restarted_at is None:
-                proc.kill()
-                proc.wait(5)
-                proc = None
-            if proc is None and el > 1.0 and restarted_at is None:
-                proc = echo_topo.rtr.popen(cmd, env=env)
-                restarted_at = seq
-            if restarted_at is not None and any(s > restarted_at for s in got):
-                break
-            time.sleep(0.01)
-        assert restarted_at is not None
-        assert any(s > restarted_at for s in got), "no traffic after the restart"
-        assert any(s < restarted_at for s in got)
-        return client.stats()
-    finally:
-        stop.set()
-        t.join(2)
-        sock.close()
-
-
 @pytest.mark.netns
 def test_server_restart_mid_stream(echo_topo, running):
     """The server process dies and comes back: the client reconnects, traffic resumes."""
@@ -433,85 +253,11 @@ def test_server_restart_mid_stream(echo_topo, running):
 
 # ----------------------------------------------------------------------------- loopback, raw TCP
 
-class Echo:
-    """UDP echo on loopback (127.0.0.1 or ::1) in a thread (bad-input tests run on loopback)."""
-
-    def __init__(self, host="127.0.0.1"):
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                  socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.sock.settimeout(0.2)
-        self.addr = self.sock.getsockname()[:2]
-        self.stop = threading.Event()
-        self.t = threading.Thread(target=self.run, daemon=True)
-        self.t.start()
-
-    def run(self):
-        while not self.stop.is_set():
-            try:
-                d, a = self.sock.recvfrom(70000)
-                self.sock.sendto(d, a)
-            except OSError:
-                pass
-
-    def close(self):
-        self.stop.set()
-        self.t.join(2)
-        self.sock.close()
-
-
-@pytest.fixture
-def echo():
-    e = Echo()
-    yield e
-    e.close()
-
 
 @pytest.fixture
 def lo_server(running, monkeypatch):
-    monkeypatch.setattr(tunnel, "STALL_TIMEOUT", 1.0)
+    monkeypatch.setattr(tunnel_server, "STALL_TIMEOUT", 1.0)
     return running(cfg("tunnel-server", listen=("127.0.0.1", 0), allow=["127.0.0.0/8"]))
-
-
-def raw_client(server, cmd=proto.CMD_UDP_TUN_MUX, rcvbuf=None):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.settimeout(3)
-    s.connect(server.address)
-    hs = proto.ClientHandshake(cmd=cmd)
-    out = hs.start()
-    while not hs.done:
-        s.sendall(out)
-        out = hs.feed(s.recv(4096))
-    return s, hs.leftover
-
-
-def read_frames(s, n, mux=True, timeout=3.0):
-    buf = b""
-    frames = []
-    s.settimeout(timeout)
-    while len(frames) < n:
-        chunk = s.recv(70000)
-        if not chunk:
-            break
-        buf += chunk
-        got, used = proto.parse_frames(buf, mux=mux)
-        frames += got
-        buf = buf[used:]
-    return frames
-
-
-def closed_by_peer(s, timeout=3.0):
-    s.settimeout(timeout)
-    try:
-        while True:
-            if not s.recv(65536):
-                return True
-    except ConnectionResetError:
-        return True
-    except socket.timeout:
-        return False
 
 
 def test_mux_raw_client_and_zero_length(lo_server, echo):
@@ -615,7 +361,7 @@ def test_queue_while_server_down(running, echo, monkeypatch):
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    monkeypatch.setattr(tunnel, "QUEUE_LIMIT", 200000)
+    monkeypatch.setattr(tunnel_client, "QUEUE_LIMIT", 200000)
     client = running(cfg("tunnel-client", listen=("127.0.0.1", 0), server=("127.0.0.1", port),
                          to=echo.addr))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -640,6 +386,6 @@ def test_cli_refuses_open_relay_and_shows_defaults():
                        capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode == 0 and "--connections" in r.stdout and "default: 1" in r.stdout
     with pytest.raises(ValueError, match="secret"):
-        tunnel.check_exposure(cfg("tunnel-server", listen=("192.0.2.1", 1)))
-    tunnel.check_exposure(cfg("tunnel-server", listen=("192.0.2.1", 1), insecure=True))
-    tunnel.check_exposure(cfg("tunnel-server", listen=("::1", 1)))
+        common.check_exposure(cfg("tunnel-server", listen=("192.0.2.1", 1)))
+    common.check_exposure(cfg("tunnel-server", listen=("192.0.2.1", 1), insecure=True))
+    common.check_exposure(cfg("tunnel-server", listen=("::1", 1)))

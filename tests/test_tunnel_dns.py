@@ -12,13 +12,19 @@ import time
 
 import pytest
 
-from relay import tunnelproto as proto
-from tests import netns as N
-from tests.test_tunnel import Echo, Running, cfg, echo, impl, wait_stat  # noqa: F401
+from relay import _select
 
-_tunnel = pytest.importorskip("relay._tunnel")
+from relay import proto
+from relay import resolver as relay_resolver
+from relay.datapath import pure  # noqa: F401
+from relay.stats import INDEX as _stats_index
+from tests import netns as N
+from tests.support import Echo, Running, cfg, raw_client, read_frames, wait_stat  # noqa: F401
+
+_tunnel = pytest.importorskip("relay.datapath.tunnel")
+pytestmark = pytest.mark.usefixtures("impl")     # every test: compiled, then pure
 socks = pytest.importorskip("socks")
-C = proto._C
+C = _stats_index
 LOOPBACK = ["127.0.0.0/8", "::1/128"]
 
 
@@ -77,7 +83,7 @@ class Looping:
 
 
 def core_module(impl):
-    return _tunnel if impl == "c" else proto
+    return _select.module("tunnel")
 
 
 @pytest.fixture
@@ -222,24 +228,24 @@ def test_slow_lookup_parks_bounded_and_never_blocks(side, resolver, echo):
     gate = resolver.gate("slow.test")
     s = side(resolver)
     waiting, other = s.connection(), s.connection()
-    n = proto.DNS_PARK_PER_NAME + 4
+    n = relay_resolver.DNS_PARK_PER_NAME + 4
     for i in range(n):
         s.send(waiting, "slow.test", echo.addr[1], b"w%d" % i)
     s.loop.wait("queue_drops", 4)
     # another flow is served while the lookup hangs
     s.send(other, *echo.addr, b"meanwhile")
     assert s.recv(other) == (echo.addr, b"meanwhile")
-    assert s.loop.core.dns.parked == proto.DNS_PARK_PER_NAME
+    assert s.loop.core.dns.parked == relay_resolver.DNS_PARK_PER_NAME
     assert s.loop.stat("queue_drops") == 4 and s.loop.stat("up_datagrams") == 1
     gate.set()
-    got = sorted(s.recv(waiting)[1] for _ in range(proto.DNS_PARK_PER_NAME))
-    assert got == sorted(b"w%d" % i for i in range(proto.DNS_PARK_PER_NAME))
-    s.loop.wait("up_datagrams", proto.DNS_PARK_PER_NAME + 1)
+    got = sorted(s.recv(waiting)[1] for _ in range(relay_resolver.DNS_PARK_PER_NAME))
+    assert got == sorted(b"w%d" % i for i in range(relay_resolver.DNS_PARK_PER_NAME))
+    s.loop.wait("up_datagrams", relay_resolver.DNS_PARK_PER_NAME + 1)
     assert resolver.calls == ["slow.test"]
 
 
 def test_lookup_given_up_after_its_time(side, resolver, echo, monkeypatch):
-    monkeypatch.setattr(proto, "DNS_GIVE_UP", 0.3)
+    monkeypatch.setattr(relay_resolver, "DNS_GIVE_UP", 0.3)
     resolver.table["hang.test"] = ["127.0.0.1"]
     gate = resolver.gate("hang.test")
     s = side(resolver)
@@ -295,30 +301,30 @@ def test_default_resolver_fails_reserved_names_without_asking(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     for name in ("name.invalid", "x.y.INVALID.", "invalid"):
         with pytest.raises(OSError, match="RFC 6761") as e:
-            proto.resolve_name(name)
+            relay_resolver.resolve_name(name)
         assert e.value.errno == errno.EHOSTUNREACH
 
 
 def test_host_name_text():
-    assert proto.host_name_text(b"echo.test") == "echo.test"
-    assert proto.host_name_text(b"_sip._udp.example.") == "_sip._udp.example."
+    assert relay_resolver.host_name_text(b"echo.test") == "echo.test"
+    assert relay_resolver.host_name_text(b"_sip._udp.example.") == "_sip._udp.example."
     for bad in (b"", b"a..b", b".a", b"a b", b"a/b", b"\xffx", b"a" * 64 + b".b",
                 b"a." * 127 + b"b"):
-        assert proto.host_name_text(bad) is None, bad
+        assert relay_resolver.host_name_text(bad) is None, bad
 
 
 def test_pool_threads_are_bounded(resolver):
     gate = resolver.gate("x0.test")
     for i in range(1, 10):
         resolver.gates[f"x{i}.test"] = gate
-    pool = proto.ResolverPool(resolver)
+    pool = relay_resolver.ResolverPool(resolver)
     try:
         for i in range(10):
             assert pool.submit(i, b"x%d.test" % i) is None
         assert pool.submit(99, b"bad name") == "not a host name"
-        N.wait_until(lambda: len(resolver.calls) == proto.DNS_THREADS, 5, what="threads busy")
+        N.wait_until(lambda: len(resolver.calls) == relay_resolver.DNS_THREADS, 5, what="threads busy")
         time.sleep(0.1)
-        assert len(resolver.calls) == proto.DNS_THREADS    # the others wait their turn
+        assert len(resolver.calls) == relay_resolver.DNS_THREADS    # the others wait their turn
         gate.set()
         results = []
         N.wait_until(lambda: results.extend(pool.results()) or len(results) == 10, 5,
@@ -334,7 +340,6 @@ def test_pool_threads_are_bounded(resolver):
 def test_tunnel_server_localhost_denied_then_allowed(echo):
     """`localhost` through the real resolver: denied by the default ACL, delivered with
     --allow 127.0.0.0/8 (the service as `relay tunnel-server` runs it)."""
-    from tests.test_tunnel import raw_client, read_frames
     for allow in ([], ["127.0.0.0/8"]):
         r = Running(cfg("tunnel-server", listen=("127.0.0.1", 0), allow=allow))
         try:

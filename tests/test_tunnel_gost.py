@@ -12,16 +12,21 @@ import time
 
 import pytest
 
-from relay import tunnelproto as proto
-from tests import netns as N
-from tests.test_tunnel import (ALLOW_DOC as ALLOW, cfg, echo_topo, impl, payload,  # noqa: F401
-                               restart_mid_stream, roundtrip, running, tunnel_pair, wait_stat)
+from relay import _select
 
-_tunnel = pytest.importorskip("relay._tunnel")
+from relay import proto, resolver
+from relay.datapath import pure  # noqa: F401
+from relay.stats import INDEX
+from tests import netns as N
+from tests.support import (ALLOW_DOC as ALLOW, cfg, payload, restart_mid_stream, roundtrip,
+                           tunnel_pair, wait_stat)
+
+_tunnel = pytest.importorskip("relay.datapath.tunnel")
+pytestmark = pytest.mark.usefixtures("impl")     # every test: compiled, then pure
 
 
 def core_module(impl):
-    return _tunnel if impl == "c" else proto
+    return _select.module("tunnel")
 
 
 # ----------------------------------------------------------------------------- namespaces
@@ -272,7 +277,7 @@ def test_gost_handshake_and_frames_byte_exact(scripted, upstream):
     frames = sorted(f for rec in g.conns for f in rec["frames"])
     assert frames == sorted(gost_frame(*dst, b"q%d" % i) for i in range(2))
     st = up.stats
-    assert st[proto._C["drop_malformed"]] == 1 and st[proto._C["conn_open"]] == 2
+    assert st[INDEX["drop_malformed"]] == 1 and st[INDEX["conn_open"]] == 2
     assert up.flows_open == 2 and up.connected == 2
 
 
@@ -281,12 +286,12 @@ def test_gost_refused_password(scripted, upstream):
     up, got = upstream(g.address, gost=True, user="gu", password="wrong")
     up.send(("192.0.2.1", 4000), ("198.51.100.7", 53), b"never")
     up.flush()
-    drive(up, lambda: up.stats[proto._C["conn_rejected"]] >= 2)       # and it retries
+    drive(up, lambda: up.stats[INDEX["conn_rejected"]] >= 2)       # and it retries
     assert all(rec.get("refused") for rec in g.conns)
     assert all(rec["auth"] == b"\x01\x02gu\x05wrong" for rec in g.conns)
     assert got == [] and up.connected == 0
-    assert up.stats[proto._C["conn_open"]] == 0
-    assert up.stats[proto._C["up_datagrams"]] == 1              # still queued
+    assert up.stats[INDEX["conn_open"]] == 0
+    assert up.stats[INDEX["up_datagrams"]] == 1              # still queued
 
 
 def test_mux_client_explains_rep7_once(scripted, upstream):
@@ -303,7 +308,7 @@ def test_mux_client_explains_rep7_once(scripted, upstream):
     log.propagate = False
     try:
         up, _got = upstream(g.address, log=log)
-        drive(up, lambda: up.stats[proto._C["conn_rejected"]] >= 3)
+        drive(up, lambda: up.stats[INDEX["conn_rejected"]] >= 3)
         assert all(rec["request"][1] == proto.CMD_UDP_TUN_MUX for rec in g.conns)
         hints = [r for r in records if "REP 7" in r.getMessage()]
         assert len(hints) == 1 and hints[0].levelno == logging.ERROR

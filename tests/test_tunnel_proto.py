@@ -1,16 +1,17 @@
 """Tunnel frame codec, SOCKS5 handshakes, secret proof and access list.
 
-The C codec (relay._tunnel) is cross-checked against the pure reference
-(relay.tunnelproto) on hand-made and hypothesis-generated input."""
+The C codec (relay.datapath.tunnel) is cross-checked against the pure reference
+(relay.datapath.pure) on hand-made and hypothesis-generated input."""
 import ipaddress
 import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from relay import tunnelproto as proto
+from relay import proto, resolver
+from relay.datapath import pure
 
-_tunnel = pytest.importorskip("relay._tunnel")
+_tunnel = pytest.importorskip("relay.datapath.tunnel")
 
 IMPLS = {"pure": proto.parse_frames, "c": _tunnel.parse_frames}
 FUZZ = settings(max_examples=150, deadline=None,
@@ -344,7 +345,7 @@ ALLOWED_BY_DEFAULT = ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700::1111",
 
 def test_default_acl():
     acl = proto.AccessList()
-    for matcher in (acl, _tunnel.Acl(acl.table()), proto.Acl(acl.table())):
+    for matcher in (acl, _tunnel.Acl(acl.table()), pure.Acl(acl.table())):
         for ip in DENIED_BY_DEFAULT:
             assert not matcher.allowed(ip), ip
         for ip in ALLOWED_BY_DEFAULT:
@@ -379,6 +380,6 @@ nets = st.one_of(
 def test_fuzz_acl_agree(allow, deny, addrs):
     acl = proto.AccessList(allow=allow, deny=deny)
     cacl = _tunnel.Acl(acl.table())
-    pacl = proto.Acl(acl.table())
+    pacl = pure.Acl(acl.table())
     for ip in addrs:
         assert acl.allowed(ip) == cacl.allowed(ip) == pacl.allowed(ip), ip

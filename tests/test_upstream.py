@@ -13,48 +13,13 @@ from tests.netns import (
     check_reply_sources, check_runs_alternate, start_echo, wait_until,
 )
 from tests.relayproc import LoopbackEcho, RelayProcess, free_udp_port, relay_env, udp_roundtrip
-from tests.test_interop_socks import v2ray  # noqa: F401  (fixture)
+from tests.support import ALLOW, serve_in, upstream_in_srv, wait_tcp  # noqa: F401
 
 pytestmark = pytest.mark.netns
-ALLOW = "198.51.100.0/24,2001:db8::/32"
 SIZES = (0, 1, 1472, 3000, 65507)
 # SOCKS5 UDP puts a 10 (IPv4 address) or 22 (IPv6 address) byte header in front of the data
 # in one UDP datagram; to an IPv4 server, the largest it can carry is 65507 - 22 bytes.
 SOCKS_SIZES = (0, 1, 1472, 3000, 65485)
-
-
-def serve_in(ns, *args):
-    """`relay ARGS` in namespace ns: one worker, no control socket (the path would be shared
-    with every other relay on the machine: namespaces do not separate the file system)."""
-    p = ns.popen([sys.executable, "-m", "relay", *args, "--workers", "1", "--control", ""],
-                 env=relay_env())
-    return p
-
-
-def wait_tcp(ns, addr):
-    def up():
-        with ns.enter():
-            try:
-                socket.create_connection(addr, timeout=0.2).close()
-                return True
-            except OSError:
-                return False
-    wait_until(up, 10, what=f"TCP {addr}")
-
-
-def upstream_in_srv(topo, kind):
-    """Echo servers and a relay tunnel-server (kind "tunnel") or socks5 server in srv;
-    returns the forward options that use it as the upstream."""
-    start_echo(topo.srv, f"{SRV4}:5000", f"[{SRV6}]:5000")
-    if kind == "tunnel":
-        serve_in(topo.srv, "tunnel-server", "--listen", "[::]:8443", "--secret", "s3cret",
-                 "--allow", ALLOW)
-        wait_tcp(topo.srv, (SRV4, 8443))
-        return ["--upstream", f"tunnel://{SRV4}:8443", "--secret", "s3cret"]
-    serve_in(topo.srv, "socks5", "--listen", "[::]:1080", "--username", "u", "--password", "p",
-             "--allow", ALLOW)
-    wait_tcp(topo.srv, (SRV4, 1080))
-    return ["--upstream", f"socks5://u:p@{SRV4}:1080"]
 
 
 @pytest.fixture

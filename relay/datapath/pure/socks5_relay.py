@@ -1,0 +1,119 @@
+"""The SOCKS5 server's UDP relay in pure Python (twin of relay.datapath.tunnel.Socks5Relay)."""
+import errno as _errno
+import logging as _logging
+import os
+import select as _select
+import socket
+import struct
+import time as _time
+
+from relay import stats as _stats
+from relay.net import sockopt as _sockopt
+from relay.proto import *  # noqa: F401,F403 (the sans-I/O wire protocols)
+from relay.proto.socks5 import parse_addr  # noqa: F401
+from relay.resolver import *  # noqa: F401,F403
+from relay.loglimit import LogLimiter  # noqa: F401
+from relay.datapath.pure.common import *  # noqa: F401,F403
+from relay.datapath.pure.common import (  # noqa: F401
+    C, TUNNEL_LOG, EPOLLIN, EPOLLOUT, BACKOFF_MIN, BACKOFF_MAX, CONNECT_TIMEOUT, Poller,
+    stats_view, unmap, send_error_counter)
+
+
+class Socks5Relay(Poller):
+    """Pure fallback of relay.datapath.tunnel.Socks5Relay (UDP ASSOCIATE data path)."""
+
+    def __init__(self, acl_table=(), stats=None, *, max_assoc=1024, batch=32, log=None,
+                 resolve=None):
+        super().__init__(stats, log)
+        self.acl = acl_table if isinstance(acl_table, Acl) else Acl(acl_table)
+        self.max_assoc, self.batch = max_assoc, batch
+        self.assocs = {}            # idx -> [sock, client, port_known]
+        self._idx = 0
+        self.init_dns(resolve)
+
+    @property
+    def associations(self):
+        return len(self.assocs)
+
+    def add(self, fd, client, local=None):
+        src = None if local is None else _sockopt.src_cmsg(local[0])
+        if len(self.assocs) >= self.max_assoc:
+            return -1
+        self._idx += 1
+        sock = socket.socket(fileno=os.dup(fd))
+        sock.setblocking(False)
+        self.assocs[self._idx] = [sock, tuple(client[:2]), client[1] != 0, src]
+        self._add(sock.fileno(), "udp", self._idx)
+        self._count("assoc_created")
+        self._count("assoc_open")
+        return self._idx
+
+    def remove(self, idx):
+        a = self.assocs.pop(idx, None)
+        if a is not None:
+            self._del(a[0].fileno())
+            a[0].close()
+            self._count("assoc_open", -1)
+
+    def tick(self, now=0):
+        """Give up lookups that take too long. Call about once a second."""
+        self.now = now or _time.monotonic()
+        self._dns_ready(self.dns.expire(self.now))
+
+    def on_event(self, kind, idx, ev):
+        a = self.assocs.get(idx)
+        if a is None:
+            return
+        sock = a[0]
+        for _ in range(self.batch):
+            try:
+                data, src = sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            src = tuple(src[:2])
+            if src[0] == a[1][0] and (not a[2] or src == a[1]):
+                if not a[2]:
+                    a[1], a[2] = src, True
+                h = udp_header_counted(data, self._count)
+                if h is None:
+                    continue
+                atyp, host, port, hl = h
+                if atyp == ATYP_DOMAIN:
+                    dst = self._name_dst(idx, host.encode("latin-1"), port, data[hl:],
+                                         sock.family)
+                    if dst is None:
+                        continue
+                    host = dst[0]
+                elif atyp == ATYP_IPV6 and sock.family == socket.AF_INET:
+                    self._count("drop_no_route")
+                    continue
+                elif atyp == ATYP_IPV4 and sock.family == socket.AF_INET6:
+                    host = "::ffff:" + host
+                self._send_up(sock, host, port, data[hl:])
+            else:
+                if not a[2]:
+                    self._count("drop_no_route")
+                    continue
+                self._sent("down", udp_header(*unmap(src)) + data, sock, a[1], len(data),
+                           a[3])
+
+    def _send_up(self, sock, host, port, data):
+        if not self.acl.allowed(host):
+            self._count("drop_denied")
+            return
+        self._sent("up", data, sock, (host, port))
+
+    def _dns_send(self, idx, e, port, data):
+        a = self.assocs.get(idx)
+        picked = None if a is None else Resolver.pick(e, a[0].family)
+        if picked is None:              # association gone, or no address of its family
+            self._count("drop_no_route")
+            return
+        self._send_up(a[0], picked[0], port, data)
+
+    def close(self):
+        for idx in list(self.assocs):
+            self.remove(idx)
+        super().close()

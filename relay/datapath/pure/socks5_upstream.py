@@ -1,0 +1,234 @@
+"""The SOCKS5 upstream core in pure Python (twin of relay.datapath.tunnel.Socks5Upstream)."""
+import errno as _errno
+import logging as _logging
+import os
+import select as _select
+import socket
+import struct
+import time as _time
+
+from relay import stats as _stats
+from relay.net import sockopt as _sockopt
+from relay.proto import *  # noqa: F401,F403 (the sans-I/O wire protocols)
+from relay.proto.socks5 import parse_addr  # noqa: F401
+from relay.resolver import *  # noqa: F401,F403
+from relay.loglimit import LogLimiter  # noqa: F401
+from relay.datapath.pure.common import *  # noqa: F401,F403
+from relay.datapath.pure.common import (  # noqa: F401
+    C, TUNNEL_LOG, EPOLLIN, EPOLLOUT, BACKOFF_MIN, BACKOFF_MAX, CONNECT_TIMEOUT, Poller,
+    stats_view, unmap, send_error_counter)
+from relay.datapath.pure.tunnel_upstream import UpstreamBase, resolve_server  # noqa: F401
+
+
+class _Assoc:
+    __slots__ = ("client", "tcp", "udp", "state", "relay", "queue", "qbytes", "last",
+                 "deadline", "hs")
+
+
+class Socks5Upstream(UpstreamBase):
+    """Pure fallback of relay.datapath.tunnel.Socks5Upstream (one association per client flow)."""
+
+    def __init__(self, server, user=None, password=None, mark=None, stats=None, timeout=60.0,
+                 max_flows=1024, queue_limit=65536 + 1024, batch=32, log=None):
+        super().__init__(stats, log)
+        self.server = tuple(server)
+        self.family, self.addr = resolve_server(self.server)
+        self.user, self.password, self.mark, self.timeout = user, password, mark, timeout
+        self.max_flows, self.queue_limit, self.batch = max_flows, max(queue_limit, 65600), batch
+        self.assocs = {}            # client -> _Assoc
+        self.byfd = {}              # fd -> _Assoc
+        self.next_expiry = 0.0
+        self.pending = []           # (sock, datagram, relay) to send on flush
+
+    @property
+    def flows_open(self):
+        return len(self.assocs)
+
+    def _open(self, client):
+        if len(self.assocs) >= self.max_flows:
+            self._count("drop_table_full")
+            return None
+        a = _Assoc()
+        a.client, a.state, a.relay, a.queue, a.qbytes = client, "connecting", None, [], 0
+        a.last, a.deadline, a.hs, a.tcp, a.udp = self.now, self.now + CONNECT_TIMEOUT, None, None, None
+        self.assocs[client] = a
+        self._count("assoc_created")
+        self._count("assoc_open")
+        try:
+            a.udp = socket.socket(self.family, socket.SOCK_DGRAM)
+            a.udp.setblocking(False)
+            if self.mark:
+                a.udp.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            a.udp.bind(("::" if self.family == socket.AF_INET6 else "0.0.0.0", 0))
+            a.tcp = socket.socket(self.family, socket.SOCK_STREAM)
+            a.tcp.setblocking(False)
+            a.tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.mark:
+                a.tcp.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            err = a.tcp.connect_ex(self.addr)
+            if err not in (0, _errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
+            self.ep.register(a.tcp.fileno(), EPOLLIN | EPOLLOUT)
+            self.ep.register(a.udp.fileno(), EPOLLIN)
+            self.byfd[a.tcp.fileno()] = a
+            self.byfd[a.udp.fileno()] = a
+        except OSError as e:
+            self.log.warning("SOCKS5 association via %s:%s failed: %s", *self.server[:2], e)
+            self._close(a, "assoc_refused")
+            return None
+        return a
+
+    def _close(self, a, counter):
+        if self.assocs.pop(a.client, None) is None:
+            return
+        for s in (a.tcp, a.udp):
+            if s is not None:
+                self.byfd.pop(s.fileno(), None)
+                try:
+                    self.ep.unregister(s.fileno())
+                except (OSError, ValueError):
+                    pass
+                s.close()
+        if a.state == "up":
+            self._count("conn_open", -1)
+        self._count("assoc_open", -1)
+        if counter:
+            self._count(counter)
+
+    def send(self, client, dst, data):
+        data = bytes(data)
+        if len(data) > MAX_PAYLOAD:
+            self._count("drop_too_big")
+            return
+        client = tuple(client[:2])
+        a = self.assocs.get(client) or self._open(client)
+        if a is None:
+            return
+        a.last = self.now
+        dgram = udp_header(dst[0], dst[1]) + data
+        if a.state != "up":
+            if self.queue_limit - a.qbytes < len(dgram) + 4:
+                self._count("queue_drops")
+                return
+            a.queue.append((dgram, len(data)))
+            a.qbytes += len(dgram) + 4
+            return
+        self.pending.append((a.udp, dgram, a.relay))
+        self._count("up_datagrams")
+        self._count("up_bytes", len(data))
+
+    def flush(self):
+        for sock, dgram, relay in self.pending:
+            try:
+                sock.sendto(dgram, relay)
+            except OSError as e:
+                self._count(send_error_counter(e.errno))
+        self.pending = []
+
+    def process(self):
+        self.now = _time.monotonic()
+        for fd, ev in self.ep.poll(0, 64):
+            a = self.byfd.get(fd)
+            if a is None or a.client not in self.assocs:
+                continue
+            if a.udp is not None and fd == a.udp.fileno():
+                self._recv(a)
+            elif a.state != "up":
+                self._handshake(a, ev)
+            else:
+                try:
+                    data = a.tcp.recv(512)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    self._close(a, None)
+
+    def _handshake(self, a, ev):
+        if a.state == "connecting":
+            err = a.tcp.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err or ev & (_select.EPOLLERR | _select.EPOLLHUP):
+                self.log.warning("SOCKS5 server %s:%s: %s", *self.server[:2],
+                                 os.strerror(err) if err else "connection failed")
+                return self._close(a, "assoc_refused")
+            a.hs = ClientHandshake(cmd=CMD_UDP_ASSOCIATE,
+                                   host="::" if self.family == socket.AF_INET6 else "0.0.0.0",
+                                   user=self.user, password=self.password)
+            a.state = "handshake"
+            self.ep.modify(a.tcp.fileno(), EPOLLIN)
+            try:
+                a.tcp.send(a.hs.start())
+            except OSError:
+                self._close(a, "assoc_refused")
+            return
+        try:
+            data = a.tcp.recv(4096)
+            if not data:
+                raise OSError("SOCKS5 server closed the connection during the handshake")
+            out = a.hs.feed(data)
+            if out:
+                a.tcp.send(out)
+            if not a.hs.done:
+                return
+            host, port = a.hs.bound
+            if host in ("0.0.0.0", "::"):
+                host = self.addr[0]
+            fam, relay = resolve_server((host, port), socket.SOCK_DGRAM)
+            if fam != self.family:
+                raise OSError(f"relay address {host} is not of the server's family")
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, ValueError) as e:
+            self.log.warning("SOCKS5 UDP ASSOCIATE via %s:%s failed: %s", *self.server[:2], e)
+            self._count("conn_rejected")
+            return self._close(a, "assoc_refused")
+        a.relay, a.state, a.hs = relay[:2], "up", None
+        self._count("conn_open")
+        for dgram, n in a.queue:
+            try:
+                a.udp.sendto(dgram, a.relay)
+                self._count("up_datagrams")
+                self._count("up_bytes", n)
+            except OSError:
+                self._count("drop_send_error")
+        a.queue, a.qbytes = [], 0
+
+    def _recv(self, a):
+        for _ in range(self.batch):
+            try:
+                data, src = a.udp.recvfrom(65536 + 262)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            a.last = self.now
+            if a.state != "up" or tuple(src[:2]) != tuple(a.relay[:2]):
+                self._count("drop_malformed")
+                continue
+            h = udp_header_counted(data, self._count)
+            if h is None:
+                continue
+            atyp, host, port, hl = h
+            if atyp == ATYP_DOMAIN:
+                self._count("drop_no_route")
+                continue
+            self._deliver(a.client, (host, port), data[hl:])
+
+    def tick(self, now=0):
+        now = now or _time.monotonic()
+        self.now = now
+        if now < self.next_expiry:
+            return
+        self.next_expiry = now + 0.5
+        for a in list(self.assocs.values()):
+            if a.state != "up" and now > a.deadline:
+                self.log.warning("SOCKS5 association via %s:%s timed out", *self.server[:2])
+                self._close(a, "assoc_refused")
+            elif now - a.last > self.timeout:
+                self._close(a, "assoc_expired")
+
+    def close(self):
+        for a in list(self.assocs.values()):
+            self._close(a, None)
+        super().close()

@@ -1,0 +1,270 @@
+"""The tunnel server's data path in pure Python (twin of relay.datapath.tunnel.TunnelServer)."""
+import errno as _errno
+import logging as _logging
+import os
+import select as _select
+import socket
+import struct
+import time as _time
+
+from relay import stats as _stats
+from relay.net import sockopt as _sockopt
+from relay.proto import *  # noqa: F401,F403 (the sans-I/O wire protocols)
+from relay.proto.socks5 import parse_addr  # noqa: F401
+from relay.resolver import *  # noqa: F401,F403
+from relay.loglimit import LogLimiter  # noqa: F401
+from relay.datapath.pure.common import *  # noqa: F401,F403
+from relay.datapath.pure.common import (  # noqa: F401
+    C, TUNNEL_LOG, EPOLLIN, EPOLLOUT, BACKOFF_MIN, BACKOFF_MAX, CONNECT_TIMEOUT, Poller,
+    stats_view, unmap, send_error_counter)
+
+
+class _SConn:
+    __slots__ = ("sock", "mux", "rx", "tx", "want_out", "stall_since", "flows", "slot")
+
+
+class _SFlow:
+    __slots__ = ("sock", "conn", "id", "last", "last_dst")
+
+
+class TunnelServer(Poller):
+    """Pure fallback of relay.datapath.tunnel.TunnelServer."""
+
+    def __init__(self, acl_table=(), stats=None, *, max_conns=1024, max_flows=4096,
+                 timeout=60.0, tx_limit=1 << 20, batch=32, mark=None, stall_timeout=5.0,
+                 log=None, resolve=None):
+        if not 1 <= batch <= 256:
+            raise ValueError(f"batch must be 1-256, got {batch}")
+        super().__init__(stats, log)
+        self.acl = acl_table if isinstance(acl_table, Acl) else Acl(acl_table)
+        self.max_conns, self.max_flows, self.batch = max_conns, max_flows, batch
+        self.timeout, self.tx_limit, self.stall_timeout = timeout, tx_limit, stall_timeout
+        self.mark = mark
+        self.conns = {}
+        self.flows = {}             # flow fd -> _SFlow
+        self.next_tick = 0.0
+        self._slot = 0
+        self.init_dns(resolve)
+
+    @property
+    def connections(self):
+        return len(self.conns)
+
+    @property
+    def flows_open(self):
+        return len(self.flows)
+
+    def add_conn(self, fd, mux, leftover=b""):
+        if len(self.conns) >= self.max_conns:
+            return -1
+        c = _SConn()
+        c.sock = socket.socket(fileno=fd)
+        c.sock.setblocking(False)
+        c.mux, c.rx, c.tx = mux, bytearray(leftover), bytearray()
+        c.want_out, c.stall_since, c.flows = False, 0.0, {}
+        self._slot += 1
+        c.slot = self._slot
+        self.conns[c.slot] = c
+        self._add(fd, "conn", c.slot)
+        if c.rx:
+            self._frames(c)
+        return c.slot
+
+    def close_all(self):
+        for c in list(self.conns.values()):
+            self._close(c, None, None)
+
+    def _close(self, c, why, counter):
+        if self.conns.pop(c.slot, None) is None:
+            return
+        for f in list(c.flows.values()):
+            self._release(f, None)
+        self._del(c.sock.fileno())
+        c.sock.close()
+        self._count("conn_open", -1)
+        if counter:
+            self._count(counter)
+        if why:
+            self.log.warning("tunnel connection closed: %s", why)
+
+    def _release(self, f, counter):
+        c = f.conn
+        c.flows.pop(f.id, None)
+        self.flows.pop(f.sock.fileno(), None)
+        self._del(f.sock.fileno())
+        f.sock.close()
+        f.sock = None
+        self._count("assoc_open", -1)
+        if counter:
+            self._count(counter)
+
+    def _flow(self, c, fid):
+        f = c.flows.get(fid)
+        if f is not None:
+            return f
+        if len(self.flows) >= self.max_flows:
+            self._count("drop_table_full")
+            return None
+        try:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            if self.mark:
+                s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            s.setblocking(False)
+        except OSError:
+            self._count("assoc_refused")
+            return None
+        f = _SFlow()
+        f.sock, f.conn, f.id, f.last, f.last_dst = s, c, fid, self.now, None
+        c.flows[fid] = f
+        self.flows[s.fileno()] = f
+        self._add(s.fileno(), "flow", s.fileno())
+        self._count("assoc_created")
+        self._count("assoc_open")
+        return f
+
+    def on_event(self, kind, idx, ev):
+        if kind == "conn":
+            c = self.conns.get(idx)
+            if c is None:
+                return
+            if ev & EPOLLOUT:
+                self._write(c)
+                if c.slot not in self.conns:
+                    return
+            if ev & ~EPOLLOUT:
+                self._read(c)
+        else:
+            f = self.flows.get(idx)
+            if f is not None:
+                self._flow_read(f)
+
+    def _read(self, c):
+        try:
+            data = c.sock.recv(RX_CAP - len(c.rx))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if c.rx:
+                self._close(c, f"truncated frame: stream ended with {len(c.rx)} bytes of an "
+                               f"incomplete frame", "frames_bad")
+            else:
+                self._close(c, None, None)
+            return
+        c.rx += data
+        self._frames(c)
+
+    def _frames(self, c):
+        try:
+            frames, used = parse_frames(c.rx, mux=c.mux)
+        except FrameError as e:
+            frames, used, err = None, 0, e
+        else:
+            err = None
+        if frames is None:
+            # deliver what precedes the bad frame, like the C loop, then close
+            good = []
+            pos = 0
+            while True:
+                try:
+                    r = parse_frame(c.rx, pos, mux=c.mux)
+                except FrameError:
+                    break
+                if r is None:
+                    break
+                good.append(r[0])
+                pos = r[1]
+            self._send_frames(c, good)
+            self._close(c, f"bad frame: {err}", "frames_bad")
+            return
+        del c.rx[:used]
+        self._send_frames(c, frames)
+
+    def _send_frames(self, c, frames):
+        for fr in frames:
+            f = self._flow(c, fr.flow if c.mux else 0)
+            if f is None:
+                continue
+            f.last = self.now
+            if fr.atyp == ATYP_DOMAIN:
+                dst = self._name_dst(f, fr.host.encode("latin-1"), fr.port, fr.data,
+                                     socket.AF_INET6)
+                if dst is None:
+                    continue
+            else:
+                dst = ("::ffff:" + fr.host if fr.atyp == ATYP_IPV4 else fr.host, fr.port)
+            self._send_up(f, dst, fr.data)
+
+    def _send_up(self, f, dst, data):
+        if dst != f.last_dst:
+            if not self.acl.allowed(dst[0]):
+                self._count("drop_denied")
+                return
+            f.last_dst = dst
+        self._sent("up", data, f.sock, dst)
+
+    def _dns_send(self, f, e, port, data):
+        if f.sock is None:              # the flow ended while its name was resolved
+            self._count("drop_no_route")
+            return
+        self._send_up(f, (Resolver.pick(e, socket.AF_INET6)[0], port), data)
+
+    def _flow_read(self, f):
+        c = f.conn
+        got = False
+        for _ in range(self.batch):
+            try:
+                data, src = f.sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue
+            got = True
+            if not data and not c.mux:
+                self._count("drop_malformed")
+                continue
+            frame = encode_frame(*unmap(src), data, flow=f.id if c.mux else None)
+            if self.tx_limit - len(c.tx) < len(frame):
+                self._count("drop_buffer_full")
+                if not c.stall_since:
+                    c.stall_since = self.now
+                continue
+            c.tx += frame
+            self._count("down_datagrams")
+            self._count("down_bytes", len(data))
+        if got:
+            f.last = self.now
+            if not c.want_out:
+                self._write(c)
+
+    def _write(self, c):
+        if c.tx:
+            try:
+                n = c.sock.send(c.tx)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                return self._close(c, None, None)
+            if n:
+                del c.tx[:n]
+                c.stall_since = 0.0
+        want = bool(c.tx)
+        if want != c.want_out:
+            c.want_out = want
+            self.ep.modify(c.sock.fileno(), EPOLLIN | (EPOLLOUT if want else 0))
+
+    def tick(self, now=0):
+        now = now or _time.monotonic()
+        self.now = now
+        if now < self.next_tick:
+            return
+        self.next_tick = now + 0.5
+        for f in [f for f in self.flows.values() if now - f.last > self.timeout]:
+            self._release(f, "assoc_expired")
+        self._dns_ready(self.dns.expire(now))
+        for c in [c for c in self.conns.values()
+                  if c.stall_since and now - c.stall_since > self.stall_timeout]:
+            self._close(c, f"peer has not read for {self.stall_timeout:g}s with its send "
+                           f"buffer full", "conn_rejected")

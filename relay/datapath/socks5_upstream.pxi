@@ -1,0 +1,349 @@
+# Included by relay/datapath/tunnel.pyx: Socks5Upstream: forward/redir through a SOCKS5 server's UDP ASSOCIATE.
+
+cdef enum:
+    A_CONNECTING = 1
+    A_HANDSHAKE = 2
+    A_UP = 3
+    SOCKS_QUEUE = 65536 + 1024
+
+
+cdef class Socks5Upstream(UpstreamCore):
+    """SOCKS5 UDP ASSOCIATE client core: one association (TCP control connection + UDP
+    socket) per client flow, so replies map back to their flow; datagrams wait in a small
+    per-flow queue while the association is being set up."""
+
+    def __init__(self, server, user=None, password=None, mark=None, stats=None,
+                 double timeout=60.0, int max_flows=1024, size_t queue_limit=SOCKS_QUEUE,
+                 int batch=32, log=None):
+        if not 1 <= max_flows <= 65536:
+            raise ValueError(f"max_flows must be 1-65536, got {max_flows}")
+        if not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch must be 1-{MAX_BATCH}, got {batch}")
+        self._init_stats(stats, log)
+        self.server = tuple(server)
+        self.family, self.addr = _resolve(self.server)
+        self.user, self.password, self.mark = user, password, mark
+        self.timeout = timeout
+        self.queue_limit = max(queue_limit, MAX_PAYLOAD + 64)
+        self.max_flows = max_flows
+        self.batch = batch
+        self.hs = {}
+        self.flows = <aflow_t *>calloc(max_flows, sizeof(aflow_t))
+        self.scratch = <uint8_t *>malloc(<size_t>batch * (DGRAM_SLOT + UDP_HDR_ROOM))
+        if self.flows == NULL or self.scratch == NULL:
+            raise MemoryError()
+        htab_init(&self.tab, max_flows)
+        sq_init(&self.sb, batch)
+
+    def __dealloc__(self):
+        if self.flows != NULL:
+            for i in range(self.max_flows):
+                if self.flows[i].used:
+                    if self.flows[i].tcp_fd >= 0:
+                        close(self.flows[i].tcp_fd)
+                    if self.flows[i].udp_fd >= 0:
+                        close(self.flows[i].udp_fd)
+                    free(self.flows[i].queue)
+            free(self.flows)
+        free(self.scratch)
+        free(self.tab.slots)
+        sq_free(&self.sb)
+
+    def close(self):
+        for i in range(self.max_flows):
+            if self.flows[i].used:
+                self.flow_close(i, -1)
+        UpstreamCore.close(self)
+
+    @property
+    def flows_open(self):
+        return self.nflows
+
+    cdef int flow_open(self, const sockaddr_any *client) except -2:
+        cdef uint64_t k[3]
+        cdef int i = 0
+        cdef aflow_t *a
+        if self.nflows >= self.max_flows:
+            self.st[C_DROP_TABLE_FULL] += 1
+            return -1
+        for i in range(self.max_flows):
+            if not self.flows[i].used:
+                break
+        a = &self.flows[i]
+        memset(a, 0, sizeof(aflow_t))
+        a.tcp_fd = a.udp_fd = -1
+        a.queue = <uint8_t *>malloc(self.queue_limit)
+        if a.queue == NULL:
+            self.st[C_ASSOC_REFUSED] += 1
+            return -1
+        memcpy(&a.client, client, sizeof(sockaddr_any))
+        a.used = True
+        a.last = self.now
+        a.deadline = self.now + CONNECT_TIMEOUT
+        a.state = A_CONNECTING
+        sa_key(client, k)
+        htab_put(&self.tab, k, i)
+        self.nflows += 1
+        self.st[C_ASSOC_CREATED] += 1
+        self.st[C_ASSOC_OPEN] += 1
+        try:
+            u = socket.socket(self.family, socket.SOCK_DGRAM)
+            u.setblocking(False)
+            if self.mark:
+                u.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            u.bind(("::" if self.family == socket.AF_INET6 else "0.0.0.0", 0))
+            a.udp_fd = u.detach()
+            t = socket.socket(self.family, socket.SOCK_STREAM)
+            t.setblocking(False)
+            t.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.mark:
+                t.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            err = t.connect_ex(self.addr)
+            if err not in (0, _errno.EINPROGRESS):
+                t.close()
+                raise OSError(err, os.strerror(err))
+            a.tcp_fd = t.detach()
+            epoll_set(self.epfd, EPOLL_CTL_ADD, a.tcp_fd, EPOLLIN | EPOLLOUT, KIND_TCP, i)
+            epoll_set(self.epfd, EPOLL_CTL_ADD, a.udp_fd, EPOLLIN, KIND_UDP, i)
+        except OSError as e:
+            self.log.warning("SOCKS5 association via %s:%s failed: %s", self.server[0],
+                             self.server[1], e)
+            self.flow_close(i, C_ASSOC_REFUSED)
+            return -1
+        return i
+
+    cdef int flow_close(self, int i, int counter) except -1:
+        cdef aflow_t *a = &self.flows[i]
+        cdef uint64_t k[3]
+        if not a.used:
+            return 0
+        if a.tcp_fd >= 0:
+            close(a.tcp_fd)
+        if a.udp_fd >= 0:
+            close(a.udp_fd)
+        if a.state == A_UP:
+            self.st[C_CONN_OPEN] -= 1
+        free(a.queue)
+        a.queue = NULL
+        a.tcp_fd = a.udp_fd = -1
+        sa_key(&a.client, k)
+        htab_del(&self.tab, k)
+        a.used = False
+        self.hs.pop(i, None)
+        self.nflows -= 1
+        self.st[C_ASSOC_OPEN] -= 1
+        if counter >= 0:
+            self.st[counter] += 1
+        return 0
+
+    cdef int c_send(self, const sockaddr_any *client, const sockaddr_any *dst,
+                    const uint8_t *data, size_t n) except -1:
+        cdef uint64_t k[3]
+        cdef int32_t i
+        cdef aflow_t *a
+        cdef size_t hl, need
+        cdef uint32_t ln
+        cdef uint8_t *slot
+        if n > MAX_PAYLOAD:
+            self.st[C_DROP_TOO_BIG] += 1
+            return 0
+        sa_key(client, k)
+        i = htab_find(&self.tab, k)
+        if i < 0:
+            i = self.flow_open(client)
+            if i < 0:
+                return 0
+        a = &self.flows[i]
+        a.last = self.now
+        if a.state != A_UP:
+            # [len(4)] [SOCKS UDP header] [data]
+            need = 4 + 22 + n
+            if self.queue_limit - a.qlen < need:
+                self.st[C_QUEUE_DROPS] += 1
+                return 0
+            slot = a.queue + a.qlen
+            hl = write_udp_req_hdr(slot + 4, dst)
+            memcpy(slot + 4 + hl, data, n)
+            ln = <uint32_t>(hl + n)
+            memcpy(slot, &ln, 4)
+            a.qlen += 4 + hl + n
+            return 0
+        if self.sb.n and (self.sb.fd != a.udp_fd or sq_full(&self.sb)):
+            self.c_flush()
+        slot = self.scratch + <size_t>self.sb.niov * (DGRAM_SLOT + UDP_HDR_ROOM)
+        hl = write_udp_req_hdr(slot, dst)
+        memcpy(slot + hl, data, n)
+        self.sb.fd = a.udp_fd
+        sq_add(&self.sb, &a.relay, sa_len(&a.relay), slot, hl + n)
+        self.st[C_UP_DATAGRAMS] += 1
+        self.st[C_UP_BYTES] += n
+        return 0
+
+    cdef int c_flush(self) except -1:
+        if self.sb.n:
+            sq_flush(&self.sb, self.st, -1, -1)
+        return 0
+
+    cdef int flow_send_queue(self, int i) except -1:
+        cdef aflow_t *a = &self.flows[i]
+        cdef size_t pos = 0
+        cdef uint32_t ln
+        cdef ssize_t r
+        while pos < a.qlen:
+            memcpy(&ln, a.queue + pos, 4)
+            r = sendto(a.udp_fd, a.queue + pos + 4, ln, MSG_DONTWAIT, &a.relay.sa,
+                       sa_len(&a.relay))
+            if r < 0:
+                self.st[C_DROP_SEND_ERROR] += 1
+            else:
+                self.st[C_UP_DATAGRAMS] += 1
+                self.st[C_UP_BYTES] += ln - (10 if a.queue[pos + 4 + 3] == 1 else 22)
+            pos += 4 + ln
+        a.qlen = 0
+        free(a.queue)
+        a.queue = NULL
+        return 0
+
+    cdef int flow_handshake(self, int i, uint32_t events) except -1:
+        cdef aflow_t *a = &self.flows[i]
+        cdef int err = 0
+        cdef socklen_t elen = sizeof(int)
+        cdef sockaddr_any relay
+        if a.state == A_CONNECTING:
+            getsockopt(a.tcp_fd, SOL_SOCKET, SO_ERROR, &err, &elen)
+            if err or events & (EPOLLERR | EPOLLHUP):
+                self.log.warning("SOCKS5 server %s:%s: %s", self.server[0], self.server[1],
+                                 os.strerror(err) if err else "connection failed")
+                self.flow_close(i, C_ASSOC_REFUSED)
+                return 0
+            hs = _proto.ClientHandshake(cmd=_proto.CMD_UDP_ASSOCIATE,
+                                        host="::" if self.family == socket.AF_INET6 else "0.0.0.0",
+                                        user=self.user, password=self.password)
+            self.hs[i] = hs
+            a.state = A_HANDSHAKE
+            epoll_set(self.epfd, EPOLL_CTL_MOD, a.tcp_fd, EPOLLIN | EPOLLRDHUP, KIND_TCP, i)
+            try:
+                os.write(a.tcp_fd, hs.start())
+            except OSError as e:
+                self.flow_close(i, C_ASSOC_REFUSED)
+            return 0
+        hs = self.hs[i]
+        try:
+            data = os.read(a.tcp_fd, 4096)
+            if not data:
+                raise OSError("SOCKS5 server closed the connection during the handshake")
+            out = hs.feed(data)
+            if out:
+                os.write(a.tcp_fd, out)
+            if not hs.done:
+                return 0
+            host, port = hs.bound
+            if host in ("0.0.0.0", "::"):
+                host = self.addr[0]
+            fam, raddr = _resolve((host, port), socket.SOCK_DGRAM)
+            if fam != self.family:
+                raise OSError(f"relay address {host} is not of the server's family")
+            sockaddr_from_tuple(raddr[:2], &relay)
+        except BlockingIOError:
+            return 0
+        except (OSError, ValueError) as e:
+            self.log.warning("SOCKS5 UDP ASSOCIATE via %s:%s failed: %s", self.server[0],
+                             self.server[1], e)
+            self.st[C_CONN_REJECTED] += 1
+            self.flow_close(i, C_ASSOC_REFUSED)
+            return 0
+        del self.hs[i]
+        memcpy(&a.relay, &relay, sizeof(sockaddr_any))
+        a.state = A_UP
+        self.st[C_CONN_OPEN] += 1
+        self.flow_send_queue(i)
+        return 0
+
+    cdef int flow_recv(self, int i) except -1:
+        cdef aflow_t *a = &self.flows[i]
+        cdef mmsghdr msgs[MAX_BATCH]
+        cdef iovec iovs[MAX_BATCH]
+        cdef sockaddr_any names[MAX_BATCH]
+        cdef sockaddr_any src
+        cdef frame_t f
+        cdef Py_ssize_t hl
+        cdef int n, j
+        for j in range(self.batch):
+            iovs[j].iov_base = self.scratch + <size_t>j * (DGRAM_SLOT + UDP_HDR_ROOM)
+            iovs[j].iov_len = DGRAM_SLOT + UDP_HDR_ROOM
+            msgs[j].msg_hdr.msg_iov = &iovs[j]
+            msgs[j].msg_hdr.msg_iovlen = 1
+            msgs[j].msg_hdr.msg_name = &names[j]
+            msgs[j].msg_hdr.msg_namelen = sizeof(sockaddr_any)
+            msgs[j].msg_hdr.msg_control = NULL
+            msgs[j].msg_hdr.msg_controllen = 0
+            msgs[j].msg_hdr.msg_flags = 0
+        with nogil:
+            n = recvmmsg(a.udp_fd, msgs, self.batch, MSG_DONTWAIT, NULL)
+        if n <= 0:
+            return 0
+        a.last = self.now
+        for j in range(n):
+            if a.state != A_UP or not sa_same(&names[j], &a.relay):
+                self.st[C_DROP_MALFORMED] += 1
+                continue
+            hl = parse_udp_req(<const uint8_t *>iovs[j].iov_base, msgs[j].msg_len, &f)
+            if hl < 0:
+                self.st[C_DROP_MALFORMED] += 1
+                continue
+            if f.flow != 0:
+                self.st[C_FRAMES_BAD] += 1
+                continue
+            if frame_to_sockaddr(&f, &src, 0) == 0:
+                self.st[C_DROP_NO_ROUTE] += 1
+                continue
+            self.st[C_DOWN_DATAGRAMS] += 1
+            self.st[C_DOWN_BYTES] += f.dlen
+            if self.reply_fn != NULL:
+                self.reply_fn(self.reply_ctx, &a.client, &src, f.data, f.dlen)
+        return 0
+
+    cdef int c_process(self) except -1:
+        cdef epoll_event evs[EV_MAX]
+        cdef int n, j
+        cdef uint32_t i, kind, ev
+        cdef aflow_t *a
+        cdef char junk[512]
+        cdef ssize_t r
+        with nogil:
+            n = epoll_wait(self.epfd, evs, EV_MAX, 0)
+        self.now = mono_now()
+        for j in range(n):
+            i = evs[j].data.u64 & 0xffffffff
+            kind = evs[j].data.u64 >> 32
+            ev = evs[j].events
+            a = &self.flows[i]
+            if not a.used:
+                continue
+            if kind == KIND_UDP:
+                self.flow_recv(i)
+            elif a.state != A_UP:
+                self.flow_handshake(i, ev)
+            else:
+                # the control connection: its end ends the association
+                r = read(a.tcp_fd, junk, sizeof(junk))
+                if r == 0 or (r < 0 and errno != EAGAIN and errno != EINTR):
+                    self.flow_close(i, -1)
+        return 0
+
+    cdef int c_tick(self, double now) except -1:
+        cdef int i
+        self.now = now
+        if now < self.next_expiry:
+            return 0
+        self.next_expiry = now + 0.5
+        for i in range(self.max_flows):
+            if not self.flows[i].used:
+                continue
+            if self.flows[i].state != A_UP and now > self.flows[i].deadline:
+                self.log.warning("SOCKS5 association via %s:%s timed out", self.server[0],
+                                 self.server[1])
+                self.flow_close(i, C_ASSOC_REFUSED)
+            elif now - self.flows[i].last > self.timeout:
+                self.flow_close(i, C_ASSOC_EXPIRED)
+        return 0

@@ -1,0 +1,186 @@
+# cython: language_level=3
+# UDP-over-TCP tunnel (gost-compatible framing, see docs/tunnel.md) and SOCKS5 UDP:
+# frame codec, destination access list, and the upstream cores the engine drives.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int16_t
+from relay.datapath.addr cimport sockaddr_any
+from relay.datapath.sendq cimport sendq_t
+from relay.includes.system cimport mmsghdr, iovec, epoll_event
+
+# Frame errors (same codes as relay.proto.errors.E_*), returned negated by parse_frame.
+cdef enum:
+    FE_TRUNCATED = 1
+    FE_TOO_BIG = 2
+    FE_BAD_ATYP = 3
+    FE_EMPTY_DOMAIN = 4
+    FE_FRAGMENTED = 5
+
+cdef enum:
+    MAX_PAYLOAD = 65527          # largest UDP payload (IPv6); larger RSV is an error
+    MAX_FRAME_HEADER = 266       # RSV FRAG ATYP LEN DOMAIN(255) PORT FLOW
+    RX_CAP = 135168              # two maximal frames
+    DGRAM_SLOT = 65536           # one receive slot per datagram of a batch
+    MAX_BATCH = 256
+
+cdef struct frame_t:
+    const uint8_t *addr          # 4 or 16 address bytes, or the domain name
+    const uint8_t *data
+    size_t dlen
+    uint32_t flow
+    uint16_t port
+    uint8_t atyp
+    uint8_t alen
+
+cdef struct acl_rule_t:
+    uint8_t family               # 4 or 6
+    uint8_t plen
+    uint8_t action               # 0 allow, 1 deny
+    uint8_t net[16]
+
+cdef struct hslot_t:             # open-addressing hash table slot, 24-byte key
+    uint64_t k0
+    uint64_t k1
+    uint64_t k2
+    int32_t val                  # -1: empty
+
+cdef struct htab_t:
+    hslot_t *slots
+    uint32_t mask
+    uint32_t count
+
+ctypedef int (*reply_fn_t)(void *ctx, const sockaddr_any *client, const sockaddr_any *src,
+                           const uint8_t *data, size_t n) except -1
+
+cdef Py_ssize_t parse_frame(const uint8_t *p, size_t n, bint mux, size_t maxp,
+                            frame_t *f) noexcept nogil
+cdef size_t frame_hdr_len(const sockaddr_any *a, bint mux) noexcept nogil
+cdef size_t write_frame_hdr(uint8_t *o, const sockaddr_any *a, uint32_t flow, bint mux,
+                            size_t dlen) noexcept nogil
+cdef int frame_to_sockaddr(const frame_t *f, sockaddr_any *out, int family) noexcept nogil
+
+
+cdef class Acl:
+    cdef acl_rule_t *rules
+    cdef int n
+    cdef bint denied(self, const sockaddr_any *a) noexcept nogil
+
+
+cdef class UpstreamCore:
+    """Carries datagrams of many client flows to an upstream; the engine polls ``epfd``."""
+    cdef int epfd
+    cdef reply_fn_t reply_fn
+    cdef void *reply_ctx
+    cdef uint64_t *st
+    cdef object _stats_ref
+    cdef double now
+    cdef double timeout
+    cdef Acl acl                 # unused by the clients, kept for symmetry
+    cdef object log
+    cdef object _collector
+    cdef int c_send(self, const sockaddr_any *client, const sockaddr_any *dst,
+                    const uint8_t *data, size_t n) except -1
+    cdef int c_flush(self) except -1
+    cdef int c_process(self) except -1
+    cdef int c_tick(self, double now) except -1
+
+
+cdef struct cconn_t:             # one tunnel TCP connection of TunnelUpstream
+    int fd
+    int state
+    double next_try
+    double backoff
+    double deadline
+    uint8_t *rx
+    size_t rx_len
+    uint8_t *tx
+    size_t tx_frame              # start of the first frame not completely sent
+    size_t tx_start              # first byte not sent
+    size_t tx_end
+    bint want_out
+    bint dirty
+    bint ever_up
+
+cdef struct cflow_t:
+    sockaddr_any client
+    double last
+    uint32_t id
+    uint16_t gen
+    int16_t conn
+    bint used
+
+
+cdef class TunnelUpstream(UpstreamCore):
+    cdef cconn_t *conns          # mux: `connections` of them; gost: one per flow slot
+    cdef int nconns
+    cdef int nup                 # connections whose handshake is done
+    cdef int *dirty              # connections with frames to write at the next flush
+    cdef int ndirty
+    cdef size_t queue_limit      # bytes waiting per connection (per flow in gost mode)
+    cdef size_t rx_cap
+    cdef cflow_t *flows
+    cdef int max_flows
+    cdef int nflows
+    cdef int flow_hi             # flow slots at or above are unused
+    cdef int next_conn
+    cdef htab_t tab
+    cdef double next_expiry
+    cdef double next_check
+    cdef bint gost               # gost server: CMD 0xF3, one connection per flow, no flow id
+    cdef bint mux
+    cdef bint rep7_logged
+    cdef object server
+    cdef object family
+    cdef object addr
+    cdef object secret
+    cdef object user
+    cdef object password
+    cdef object mark
+    cdef object say              # relay.loglimit.LogLimiter
+    cdef dict hs
+    cdef int conn_open_buffers(self, int i) except -1
+    cdef int conn_shut(self, int i) except -1
+    cdef int conn_close(self, int i) except -1
+    cdef object conn_name(self, int i)
+    cdef int conn_down(self, int i, str why) except -1
+    cdef int conn_write(self, int i) except -1
+    cdef int conn_read(self, int i) except -1
+    cdef int conn_connect(self, int i) except -1
+    cdef int conn_handshake(self, int i, uint32_t events) except -1
+    cdef int conn_frames(self, int i) except -1
+    cdef int flow_for(self, const sockaddr_any *client) except -2
+
+
+cdef struct aflow_t:             # one SOCKS5 UDP association of Socks5Upstream
+    sockaddr_any client
+    sockaddr_any relay
+    double last
+    double deadline
+    uint8_t *queue               # datagrams waiting for the association: [len(4) dst hdr data]
+    size_t qlen
+    int tcp_fd
+    int udp_fd
+    int state
+    bint used
+
+
+cdef class Socks5Upstream(UpstreamCore):
+    cdef aflow_t *flows
+    cdef int max_flows
+    cdef int nflows
+    cdef htab_t tab
+    cdef size_t queue_limit
+    cdef double next_expiry
+    cdef object server
+    cdef object family
+    cdef object addr
+    cdef object user
+    cdef object password
+    cdef object mark
+    cdef dict hs
+    cdef int batch
+    cdef uint8_t *scratch
+    cdef sendq_t sb
+    cdef int flow_open(self, const sockaddr_any *client) except -2
+    cdef int flow_handshake(self, int i, uint32_t events) except -1
+    cdef int flow_close(self, int i, int counter) except -1
+    cdef int flow_send_queue(self, int i) except -1
+    cdef int flow_recv(self, int i) except -1

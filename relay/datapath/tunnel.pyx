@@ -1,0 +1,182 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Data path of the UDP-over-TCP tunnel and of SOCKS5 UDP (see docs/tunnel.md).
+
+Control (accept, handshakes, logging) stays in Python and happens once per connection;
+datagrams and frames are handled here in batches: recvmmsg -> frames -> one TCP write,
+TCP read -> frames -> sendmmsg. relay.proto is the pure reference of the codec,
+relay.datapath.pure the pure twin of every class here. One module, one file per class or
+concern (the include lines at the end).
+"""
+import errno as _errno
+import os
+import socket
+import logging
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int16_t
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memmove
+from relay.includes.system cimport (
+    errno, EAGAIN, EINTR, EMSGSIZE, ENETUNREACH, EHOSTUNREACH, EADDRNOTAVAIL, EPERM, EACCES,
+    ECONNREFUSED, memcpy, memset, memcmp, close, read,
+    timespec, clock_gettime, CLOCK_MONOTONIC,
+    iovec, sockaddr, sockaddr_in, sockaddr_in6, socklen_t, msghdr, mmsghdr,
+    AF_INET, AF_INET6, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_CLOEXEC, SOL_SOCKET, SO_ERROR,
+    SO_RCVBUF, SO_SNDBUF, MSG_DONTWAIT, MSG_NOSIGNAL, MSG_TRUNC,
+    socket as c_socket, setsockopt, getsockopt, sendto, sendmmsg, recvmmsg,
+    IPPROTO_IPV6, IPV6_V6ONLY, SO_MARK,
+    htons, ntohs,
+    epoll_event, EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLRDHUP, EPOLL_CTL_ADD,
+    EPOLL_CTL_MOD, EPOLL_CTL_DEL, EPOLL_CLOEXEC, epoll_create1, epoll_ctl, epoll_wait,
+)
+from relay.datapath.addr cimport sockaddr_any, sockaddr_from_tuple, sockaddr_to_tuple, raise_oserror
+from relay.datapath.sendq cimport (
+    sendq_t, sq_init, sq_free, sq_add, sq_flush, sq_full, sq_clear, sq_set_src,
+)
+from relay.datapath.stats cimport (
+    N_COUNTERS, C_UP_DATAGRAMS, C_UP_BYTES, C_DOWN_DATAGRAMS, C_DOWN_BYTES,
+    C_ASSOC_OPEN, C_ASSOC_CREATED, C_ASSOC_EXPIRED, C_ASSOC_REFUSED, C_DROP_MALFORMED,
+    C_DROP_BUFFER_FULL, C_DROP_SEND_ERROR, C_DROP_TABLE_FULL, C_DROP_TOO_BIG,
+    C_DROP_NO_ROUTE, C_DROP_DENIED, C_CONN_OPEN, C_CONN_REJECTED, C_CONN_RECONNECTS,
+    C_FRAMES_BAD, C_QUEUE_DROPS,
+)
+
+from relay import proto as _proto
+from relay import resolver as _resolver
+from relay.loglimit import LogLimiter
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t c_send "send"(int fd, const void *buf, size_t n, int flags)
+
+cdef enum:
+    KIND_PY = 1          # fd watched for Python (listen sockets, handshakes)
+    KIND_CONN = 2
+    KIND_FLOW = 3
+    KIND_TCP = 6
+    KIND_UDP = 7
+    KIND_DNS = 8         # the resolver's eventfd
+    EV_MAX = 64
+    UDP_HDR_ROOM = 262   # RSV FRAG ATYP LEN DOMAIN PORT: headroom before a datagram
+
+DEF_LOG = logging.getLogger("relay.tunnel")
+FRAME_ERROR_TEXT = {FE_TRUNCATED: "truncated frame", FE_TOO_BIG: "RSV (length) too big",
+                    FE_BAD_ATYP: "unknown ATYP", FE_EMPTY_DOMAIN: "domain of length 0",
+                    FE_FRAGMENTED: "FRAG is not 0"}
+
+
+# ------------------------------------------------------------------------- small helpers
+
+cdef inline double mono_now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline uint16_t rd16(const uint8_t *p) noexcept nogil:
+    return (<uint16_t>p[0] << 8) | p[1]
+
+
+cdef inline void wr16(uint8_t *p, uint16_t v) noexcept nogil:
+    p[0] = v >> 8
+    p[1] = v & 0xff
+
+
+cdef inline bint is_mapped(const sockaddr_any *a) noexcept nogil:
+    cdef const uint8_t *b = <const uint8_t *>&a.v6.sin6_addr
+    cdef int i
+    for i in range(10):
+        if b[i]:
+            return False
+    return b[10] == 0xff and b[11] == 0xff
+
+
+cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
+    x ^= x >> 33
+    x *= 0xff51afd7ed558ccdULL
+    x ^= x >> 33
+    x *= 0xc4ceb9fe1a85ec53ULL
+    x ^= x >> 33
+    return x
+
+
+cdef inline void sa_key(const sockaddr_any *a, uint64_t *k) noexcept nogil:
+    k[1] = 0
+    k[2] = 0
+    if a.sa.sa_family == AF_INET:
+        k[0] = AF_INET | (<uint64_t>a.v4.sin_port << 16)
+        memcpy(&k[1], &a.v4.sin_addr, 4)
+    else:
+        k[0] = <uint64_t>a.sa.sa_family | (<uint64_t>a.v6.sin6_port << 16)
+        memcpy(&k[1], &a.v6.sin6_addr, 16)
+
+
+cdef inline socklen_t sa_len(const sockaddr_any *a) noexcept nogil:
+    return sizeof(sockaddr_in) if a.sa.sa_family == AF_INET else sizeof(sockaddr_in6)
+
+
+cdef inline bint sa_same(const sockaddr_any *a, const sockaddr_any *b) noexcept nogil:
+    if a.sa.sa_family != b.sa.sa_family:
+        return False
+    if a.sa.sa_family == AF_INET:
+        return a.v4.sin_port == b.v4.sin_port and a.v4.sin_addr.s_addr == b.v4.sin_addr.s_addr
+    return a.v6.sin6_port == b.v6.sin6_port and \
+        memcmp(&a.v6.sin6_addr, &b.v6.sin6_addr, 16) == 0
+
+
+cdef inline bint sa_same_ip(const sockaddr_any *a, const sockaddr_any *b) noexcept nogil:
+    if a.sa.sa_family != b.sa.sa_family:
+        return False
+    if a.sa.sa_family == AF_INET:
+        return a.v4.sin_addr.s_addr == b.v4.sin_addr.s_addr
+    return memcmp(&a.v6.sin6_addr, &b.v6.sin6_addr, 16) == 0
+
+
+cdef inline void sa_unmap(const sockaddr_any *a, sockaddr_any *out) noexcept nogil:
+    """Copy a, turning an IPv4-mapped IPv6 address into a plain IPv4 one."""
+    if a.sa.sa_family == AF_INET6 and is_mapped(a):
+        memset(out, 0, sizeof(sockaddr_in))
+        out.v4.sin_family = AF_INET
+        out.v4.sin_port = a.v6.sin6_port
+        memcpy(&out.v4.sin_addr, &a.v6.sin6_addr.s6_addr[12], 4)
+    else:
+        memcpy(out, a, sizeof(sockaddr_any))
+
+
+cdef object _stats_view(object stats):
+    if stats is None:
+        stats = memoryview(bytearray(8 * N_COUNTERS)).cast("Q")
+    if not isinstance(stats, memoryview):
+        stats = memoryview(stats)
+    if stats.format != "Q":
+        stats = stats.cast("B").cast("Q")
+    if len(stats) < N_COUNTERS:
+        raise ValueError(f"stats needs {N_COUNTERS} uint64 counters, got {len(stats)}")
+    if stats.readonly:
+        raise ValueError("stats must be writable")
+    return stats
+
+
+cdef uint64_t *_stats_ptr(object view):
+    cdef uint64_t[::1] mv = view
+    return &mv[0]
+
+
+cdef int epoll_set(int epfd, int op, int fd, uint32_t events, uint32_t kind,
+                   uint32_t idx) except -1:
+    cdef epoll_event ev
+    ev.events = events
+    ev.data.u64 = (<uint64_t>kind << 32) | idx
+    if epoll_ctl(epfd, op, fd, &ev) < 0:
+        raise_oserror(errno, "epoll_ctl")
+    return 0
+
+
+include "tunnel_codec.pxi"
+include "tunnel_acl.pxi"
+include "tunnel_htab.pxi"
+include "tunnel_names.pxi"
+include "tunnel_poller.pxi"
+include "tunnel_namecache.pxi"
+include "tunnel_server.pxi"
+include "tunnel_upstream.pxi"
+include "socks5_upstream.pxi"
+include "socks5_relay.pxi"

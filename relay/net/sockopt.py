@@ -1,0 +1,266 @@
+"""Socket options a router relay needs, set in one place with errors that say why."""
+import errno
+import logging
+import ipaddress
+import socket
+import struct
+
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = 75
+IP_RECVORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)
+IPV6_RECVORIGDSTADDR = 74
+SO_MARK = getattr(socket, "SO_MARK", 36)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+IPPROTO_RAW = getattr(socket, "IPPROTO_RAW", 255)
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+# recvmsg room for the packet info of an IPv4 datagram on a dual-stack socket, which
+# comes twice: IPV6_PKTINFO (in6_pktinfo, 20 bytes) and IP_PKTINFO (in_pktinfo, 12)
+PKTINFO_ANCBUF = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12)
+
+
+def family_of(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _need(what, cap, err):
+    return PermissionError(err.errno, f"{what} needs {cap} (run as root or grant {cap}): {err.strerror}")
+
+
+def _buf(sock, force, plain, size):
+    """Set a buffer size; the FORCE variant bypasses rmem_max/wmem_max when privileged."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+def _rcvbuf(sock, size):
+    _buf(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, size)
+
+
+def _sndbuf(sock, size):
+    _buf(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, size)
+
+
+def set_transparent(sock):
+    try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        # IP_TRANSPARENT is also accepted on AF_INET6 sockets (IPv4-mapped traffic).
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+    except PermissionError as e:
+        raise _need("IP_TRANSPARENT", "CAP_NET_ADMIN", e) from None
+
+
+def set_mark(sock, mark):
+    if not mark:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except PermissionError as e:
+        raise _need("SO_MARK", "CAP_NET_ADMIN", e) from None
+
+
+# Replies to clients whose address does not resolve (spoofed sources of a flood) wait in
+# the neighbour queue, charged to the sending socket, for seconds; a large send buffer cap
+# keeps those from blocking replies to everyone else. It is a cap, not an allocation.
+REPLY_SNDBUF = 64 << 20
+
+
+def is_wildcard(host):
+    """True for the unspecified address of either family (0.0.0.0, ::)."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def set_pktinfo(sock):
+    """Have sock report each datagram's local address, so that a socket bound to a
+    wildcard address can answer from the address its client sent to (the kernel's
+    route would pick its own source otherwise, and the client drops the reply). IPv4
+    datagrams come with IP_PKTINFO, on a dual-stack AF_INET6 socket too; IPv6 ones
+    with IPV6_PKTINFO (IPV6_RECVPKTINFO)."""
+    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+
+
+def pktinfo_enabled(sock):
+    """Whether sock reports local addresses (set_pktinfo)."""
+    if sock.getsockopt(socket.IPPROTO_IP, IP_PKTINFO):
+        return True
+    return (sock.family == socket.AF_INET6
+            and bool(sock.getsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO)))
+
+
+def local_of(ancdata):
+    """The address to answer a datagram from, out of recvmsg's ancillary data on a
+    socket with set_pktinfo, or None. IP_PKTINFO's ipi_spec_dst (a local unicast address
+    even for a broadcast) wins over IPV6_PKTINFO's destination; an IPv4-mapped one is
+    given as IPv4, a multicast one not at all (the kernel chooses then). The same rules
+    as relay/datapath/ring.pxd cmsg_local."""
+    found = None
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            return socket.inet_ntop(socket.AF_INET, data[4:8])
+        if (found is None and level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO
+                and len(data) >= 20 and data[0] != 0xFF):
+            ip = ipaddress.IPv6Address(data[:16])
+            found = str(ip.ipv4_mapped or ip)
+    return found
+
+
+def src_cmsg(host):
+    """sendmsg ancillary data that makes a datagram leave from local address host:
+    IP_PKTINFO (ipi_spec_dst) for IPv4, on AF_INET6 sockets too, else IPV6_PKTINFO;
+    interface index 0, routing picks the interface."""
+    ip = ipaddress.ip_address(host)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.version == 4:
+        return [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, ip.packed, bytes(4)))]
+    return [(socket.IPPROTO_IPV6, IPV6_PKTINFO, ip.packed + struct.pack("=I", 0))]
+
+
+def udp_listen(addr, *, transparent=False, reuseport=True, bufsize=4 << 20):
+    """A bound non-blocking UDP socket on (host, port).
+
+    An IPv6 wildcard ("::") listens on IPv4 too (dual stack). With transparent=True the
+    socket accepts TPROXY'd datagrams and reports each one's original destination.
+    Otherwise a wildcard socket reports each datagram's local address (set_pktinfo), so
+    replies can leave from the address the client sent to.
+    """
+    host, port = addr
+    fam = family_of(host)
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if fam == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        if transparent:
+            set_transparent(s)
+            s.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
+            if fam == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+        elif is_wildcard(host):
+            set_pktinfo(s)
+        _rcvbuf(s, bufsize)
+        _sndbuf(s, REPLY_SNDBUF)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(e.errno, f"cannot listen on {format_addr(addr)}: {e.strerror}") from None
+        s.setblocking(False)
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+def check_port_free(addr, proto="udp"):
+    """Refuse a listen address that another process already serves.
+
+    Every worker binds its own SO_REUSEPORT socket, and the kernel lets any later socket
+    with SO_REUSEPORT (of the same effective user) join that group and take a share of the
+    traffic - a second relay started on the same port would do just that, silently. This
+    binds a probe socket without SO_REUSEPORT, which fails while any socket holds the
+    address, then closes it; the supervisor calls it before its workers bind. (TCP probes
+    take SO_REUSEADDR, which on Linux still fails against a listening socket but not
+    against connections of an earlier run waiting in TIME_WAIT.)"""
+    host, port = addr
+    fam = family_of(host)
+    s = socket.socket(fam, socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM)
+    try:
+        if proto == "tcp":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fam == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        s.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(e.errno, f"{proto.upper()} {format_addr(addr)} is already in use by "
+                                   f"another process (another relay?); only the workers of one "
+                                   f"relay may share a port") from None
+        raise OSError(e.errno, f"cannot listen on {proto.upper()} {format_addr(addr)}: "
+                               f"{e.strerror}") from None
+    finally:
+        s.close()
+
+
+def raw_socket(family, mark=0, bufsize=REPLY_SNDBUF):
+    """An IPPROTO_RAW socket (header included) for spoofed replies."""
+    try:
+        s = socket.socket(family, socket.SOCK_RAW, IPPROTO_RAW)
+    except PermissionError as e:
+        raise _need("a raw socket", "CAP_NET_RAW", e) from None
+    try:
+        if family == socket.AF_INET:
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+            # Without IP_RECVERR the kernel reports success for a raw packet that a full
+            # queue dropped; with it, sendmmsg says ENOBUFS and the engine can retry/count.
+            s.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        else:
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        set_mark(s, mark)
+        _sndbuf(s, bufsize)
+        s.setblocking(False)
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+def ipv6_available():
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
+        return True
+    except OSError:
+        return False
+
+
+def format_addr(addr):
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def usable_mark(mark):
+    """The SO_MARK to use, or None when it is 0 or cannot be set here (not root)."""
+    if not mark:
+        return None
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        return mark
+    except OSError as e:
+        logging.getLogger("relay").warning("SO_MARK %d unavailable (%s); sockets stay unmarked", mark, e)
+        return None
+    finally:
+        probe.close()
+
+
+def tcp_listen(addr, reuseport=False, backlog=512):
+    """A bound, listening, non-blocking TCP socket on (host, port); "::" takes IPv4 too."""
+    host, port = addr[0], addr[1]
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if fam == socket.AF_INET6 and host not in ("::",):
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((host, port))
+        s.listen(backlog)
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s

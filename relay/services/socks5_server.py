@@ -1,0 +1,375 @@
+"""`relay socks5`: a SOCKS5 server (RFC 1928, RFC 1929) with UDP ASSOCIATE and CONNECT.
+
+Handshakes, CONNECT relaying (plain TCP, bounded buffers) and association setup run in
+Python; the datagrams of every association are relayed by ``relay.datapath.tunnel.Socks5Relay``
+in C (recvmmsg, header strip/prepend, access list, sendmmsg); destinations given as host
+names are resolved off the data path (relay.tunnelresolver.ResolverPool). An association ends
+when its TCP control connection closes. Fragments (FRAG != 0) are dropped and counted
+(frames_bad).
+"""
+import errno
+import logging
+import select
+import socket
+import time
+
+from relay import stats as _stats
+from relay import _select
+from relay import proto
+from relay import resolver
+from relay.services.base import Service
+from relay.net import sockopt
+from relay.services.common import check_exposure
+
+log = logging.getLogger("relay.socks5")
+_I = _stats.INDEX
+
+HANDSHAKE_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0
+PIPE_LIMIT = 256 * 1024        # bytes buffered towards one side of a CONNECT relay
+MAX_CONTROL = 1024             # control connections (handshakes, associations, CONNECTs)
+
+# states of a control connection
+HANDSHAKE, CONNECTING, PIPE, ASSOCIATED = range(4)
+
+
+class _Side:
+    """One socket of a CONNECT relay, with what waits to be written to it."""
+    __slots__ = ("sock", "token", "out", "eof", "peer", "reading", "writing", "shut")
+
+    def __init__(self, sock, token):
+        self.sock, self.token = sock, token
+        self.out = bytearray()
+        self.eof = False          # its reader said EOF
+        self.shut = False         # we shut down its write side
+        self.peer = None
+        self.reading = True
+        self.writing = False
+
+
+class _Control:
+    __slots__ = ("side", "hs", "state", "deadline", "peer", "udp", "assoc", "remote")
+
+    def __init__(self, side, hs, deadline, peer):
+        self.side, self.hs, self.state, self.deadline, self.peer = side, hs, HANDSHAKE, deadline, peer
+        self.udp = None
+        self.assoc = -1
+        self.remote = None
+
+
+class Socks5Service(Service):
+    def __init__(self, cfg, ctx):
+        check_exposure(cfg, "user")
+        self.cfg, self.ctx, self.st = cfg, ctx, ctx.stats
+        self.user = cfg.user
+        self.password = cfg.password
+        self.acl = proto.AccessList(allow=cfg.allow, deny=cfg.deny)
+        self.lsock = sockopt.tcp_listen(cfg.listen, reuseport=ctx.reuseport)
+        self.relay = _select.module("tunnel").Socks5Relay(self.acl.table(), ctx.stats,
+                                         max_assoc=min(cfg.max_associations, MAX_CONTROL),
+                                         batch=min(cfg.batch, 256), log=log)
+        self.relay.watch(self.lsock.fileno(), 0)
+        self.controls = {}        # token -> _Control (client side)
+        self.sides = {}           # token -> (_Side, _Control)
+        self._token = 0
+        self.address = self.lsock.getsockname()
+
+    # -- helpers
+    def _count(self, name, n=1):
+        self.st[_I[name]] += n
+
+    def _new_token(self):
+        self._token = self._token % 0x7FFFFFFF + 1
+        return self._token
+
+    def _update_watch(self, side):
+        want_read = side.reading and not side.eof
+        want_write = bool(side.out) or side.writing
+        try:
+            self.relay.watch(side.sock.fileno(), side.token, read=want_read, write=want_write,
+                             modify=True)
+        except OSError:
+            pass
+
+    # -- loop
+    def run(self):
+        stop = self.ctx.stop
+        while not stop.is_set():
+            try:
+                for token, events in self.relay.poll(100):
+                    if token == 0:
+                        self._accept()
+                        continue
+                    entry = self.sides.get(token)
+                    if entry is not None:
+                        self._side_event(entry[0], entry[1], events)
+                now = time.monotonic()
+                self.relay.tick(now)
+                for ctl in [c for c in self.controls.values()
+                            if c.state in (HANDSHAKE, CONNECTING) and now > c.deadline]:
+                    self._close(ctl, "timed out", rejected=True)
+            except Exception:            # never let one bad event stop the listener
+                log.exception("socks5 %s: unexpected error; continuing", self.address)
+                time.sleep(0.01)
+
+    def _accept(self):
+        for _ in range(64):
+            try:
+                sock, peer = self.lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("accept: %s", e)
+                return
+            self._count("conn_accepted")
+            if len(self.controls) >= MAX_CONTROL:
+                sock.close()
+                self._count("conn_rejected")
+                continue
+            self._count("conn_open")
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            side = _Side(sock, self._new_token())
+            hs = proto.ServerHandshake(user=self.user, password=self.password,
+                                       commands=(proto.CMD_CONNECT, proto.CMD_UDP_ASSOCIATE))
+            ctl = _Control(side, hs, time.monotonic() + HANDSHAKE_TIMEOUT, peer)
+            self.controls[side.token] = ctl
+            self.sides[side.token] = (side, ctl)
+            self.relay.watch(sock.fileno(), side.token)
+
+    def _close(self, ctl, why=None, rejected=False, reply=b""):
+        if self.controls.pop(ctl.side.token, None) is None:
+            return
+        for side in (ctl.side, ctl.remote):
+            if side is None:
+                continue
+            self.sides.pop(side.token, None)
+            try:
+                self.relay.unwatch(side.sock.fileno())
+            except OSError:
+                pass
+            if side is ctl.side and reply:
+                try:
+                    side.sock.send(reply)
+                except OSError:
+                    pass
+            side.sock.close()
+        if ctl.assoc >= 0:
+            self.relay.remove(ctl.assoc)
+        if ctl.udp is not None:
+            ctl.udp.close()
+        self._count("conn_open", -1)
+        if rejected:
+            self._count("conn_rejected")
+        if why:
+            (log.warning if rejected else log.debug)("SOCKS5 client %s: %s", ctl.peer[0], why)
+
+    def _side_event(self, side, ctl, events):
+        if ctl.state == HANDSHAKE:
+            return self._handshake(ctl)
+        if ctl.state == CONNECTING:
+            return self._connected(ctl)
+        if ctl.state == ASSOCIATED:
+            # the control connection: anything but EOF is ignored; EOF ends the association
+            try:
+                data = side.sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close(ctl, "association ended")
+            return
+        self._pipe_event(side, ctl, events)
+
+    # -- handshake and requests
+    def _handshake(self, ctl):
+        sock = ctl.side.sock
+        try:
+            data = sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            return self._close(ctl, str(e), rejected=True)
+        if not data:
+            return self._close(ctl, "closed during the handshake", rejected=True)
+        try:
+            out = ctl.hs.feed(data)
+            if out:
+                sock.send(out)
+        except proto.HandshakeError as e:
+            return self._close(ctl, f"{e.reason}: {e}", rejected=True, reply=e.reply)
+        except OSError as e:
+            return self._close(ctl, str(e), rejected=True)
+        if not ctl.hs.done:
+            return
+        cmd, _atyp, host, port = ctl.hs.request
+        if cmd == proto.CMD_UDP_ASSOCIATE:
+            return self._associate(ctl, host, port)
+        return self._connect(ctl, host, port)
+
+    def _resolve(self, host, port, socktype):
+        try:
+            infos = socket.getaddrinfo(host, port, 0, socktype)
+        except (OSError, UnicodeError):
+            return None
+        return infos[0][0], infos[0][4]
+
+    def _associate(self, ctl, host, port):
+        sock = ctl.side.sock
+        local = sock.getsockname()
+        peer = sock.getpeername()
+        try:
+            udp = socket.socket(sock.family, socket.SOCK_DGRAM)
+            udp.setblocking(False)
+            if sock.family == socket.AF_INET6:
+                # Dual stack on the wildcard: the relay socket reaches IPv4 and IPv6
+                # destinations whichever family the client's control connection used (its
+                # own datagrams are matched by source address, IPv4-mapped like the control
+                # connection's).
+                udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                udp.bind(("::", 0))
+            else:
+                udp.bind((local[0], 0))
+        except OSError as e:
+            return self._close(ctl, f"UDP ASSOCIATE: {e}", rejected=True,
+                               reply=ctl.hs.reply(proto.REP_FAILURE))
+        # The client's port comes from the request when it gives one, else from the first
+        # datagram its host sends (clients behind NAT cannot know it).
+        client_port = port
+        # On the wildcard, replies to the client leave from the address its control
+        # connection reached (the one it sends its datagrams to), not the route's choice.
+        wildcard = sock.family == socket.AF_INET6
+        idx = self.relay.add(udp.fileno(), (peer[0], client_port),
+                             local[:2] if wildcard else None)
+        if idx < 0:
+            udp.close()
+            return self._close(ctl, "association table full", rejected=True,
+                               reply=ctl.hs.reply(proto.REP_FAILURE))
+        ctl.udp, ctl.assoc, ctl.state = udp, idx, ASSOCIATED
+        # Tell the client the address it already reaches us at (IPv4 as IPv4), with the
+        # relay socket's port.
+        host = local[0]
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        try:
+            sock.send(ctl.hs.reply(proto.REP_SUCCEEDED, host, udp.getsockname()[1]))
+        except OSError as e:
+            return self._close(ctl, str(e))
+
+    def _connect(self, ctl, host, port):
+        r = self._resolve(host, port, socket.SOCK_STREAM)
+        if r is None:
+            return self._close(ctl, f"CONNECT {host}: cannot resolve", rejected=True,
+                               reply=ctl.hs.reply(proto.REP_HOST_UNREACHABLE))
+        fam, addr = r
+        if not self.acl.allowed(addr[0]):
+            self._count("drop_denied")
+            return self._close(ctl, f"CONNECT {addr[0]} denied by the access list",
+                               rejected=True, reply=ctl.hs.reply(proto.REP_NOT_ALLOWED))
+        remote = socket.socket(fam, socket.SOCK_STREAM)
+        remote.setblocking(False)
+        remote.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = remote.connect_ex(addr)
+        if err not in (0, errno.EINPROGRESS):
+            remote.close()
+            return self._close(ctl, f"CONNECT {addr[0]}: {err}", rejected=True,
+                               reply=ctl.hs.reply(proto.REP_CONN_REFUSED))
+        side = _Side(remote, self._new_token())
+        side.writing = True
+        side.reading = False
+        ctl.remote = side
+        ctl.state = CONNECTING
+        ctl.deadline = time.monotonic() + CONNECT_TIMEOUT
+        self.sides[side.token] = (side, ctl)
+        self.relay.watch(remote.fileno(), side.token, read=False, write=True)
+        # the client side stays quiet until the reply
+        ctl.side.reading = False
+        self._update_watch(ctl.side)
+
+    def _connected(self, ctl):
+        remote = ctl.remote
+        err = remote.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            return self._close(ctl, f"CONNECT failed: {err}", rejected=True,
+                               reply=ctl.hs.reply(proto.REP_CONN_REFUSED))
+        bound = remote.sock.getsockname()
+        try:
+            ctl.side.sock.send(ctl.hs.reply(proto.REP_SUCCEEDED, bound[0], bound[1]))
+        except OSError as e:
+            return self._close(ctl, str(e))
+        ctl.state = PIPE
+        ctl.side.peer, remote.peer = remote, ctl.side
+        remote.writing = False
+        remote.reading = ctl.side.reading = True
+        if ctl.hs.leftover:
+            remote.out += ctl.hs.leftover
+        self._update_watch(remote)
+        self._update_watch(ctl.side)
+
+    # -- CONNECT relay
+    def _pipe_event(self, side, ctl, events):
+        if events & select.EPOLLOUT or side.out:
+            if not self._drain(side, ctl):
+                return
+        if events & (0x001 | 0x008 | 0x010) and side.reading and not side.eof:   # IN ERR HUP
+            peer = side.peer
+            try:
+                data = side.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                side.eof = True
+                if not peer.out:
+                    self._shut(peer)
+            else:
+                peer.out += data
+                self._drain(peer, ctl)
+                if len(peer.out) >= PIPE_LIMIT:
+                    side.reading = False          # back-pressure until the peer drains
+            if side.eof and peer.eof and not side.out and not peer.out:
+                return self._close(ctl)
+            self._update_watch(side)
+
+    def _shut(self, side):
+        if not side.shut:
+            side.shut = True
+            try:
+                side.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _drain(self, side, ctl):
+        if side.out:
+            try:
+                n = side.sock.send(side.out)
+                del side.out[:n]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._close(ctl)
+                return False
+        peer = side.peer
+        if not side.out:
+            if peer is not None and peer.eof:
+                self._shut(side)
+                if side.eof:
+                    self._close(ctl)
+                    return False
+            if peer is not None and not peer.reading and not peer.eof:
+                peer.reading = True
+                self._update_watch(peer)
+        self._update_watch(side)
+        return True
+
+    def close(self):
+        for ctl in list(self.controls.values()):
+            self._close(ctl)
+        self.relay.close()
+        self.lsock.close()
+
+
+def create(cfg, ctx):
+    return Socks5Service(cfg, ctx)

@@ -1,0 +1,162 @@
+"""`relay tunnel-server`: UDP over TCP, the server end (docs/tunnel.md).
+
+Accepts TCP connections, runs the SOCKS5-style handshake in Python (relay.proto.handshake,
+once per connection) and hands each connection to the tunnel core (relay.datapath.tunnel's
+TunnelServer, or its pure twin: relay._select chooses), whose loop moves frames and
+datagrams.
+"""
+import logging
+import os
+import socket
+import time
+
+from relay import _select
+from relay import proto
+from relay import stats as _stats
+from relay.net import sockopt
+from relay.services.base import Service
+from relay.services.common import check_exposure
+
+log = logging.getLogger("relay.tunnel")
+
+HANDSHAKE_TIMEOUT = 10.0
+STALL_TIMEOUT = 5.0          # a client that reads none of its waiting replies this long is dropped
+MAX_PENDING = 256            # connections still in their handshake
+ACCEPT_BURST = 64
+_I = _stats.INDEX
+
+
+class _Pending:
+    __slots__ = ("sock", "hs", "deadline", "peer")
+
+    def __init__(self, sock, hs, deadline, peer):
+        self.sock, self.hs, self.deadline, self.peer = sock, hs, deadline, peer
+
+
+class TunnelServerService(Service):
+    """One tunnel-server listener in one worker."""
+
+    def __init__(self, cfg, ctx):
+        check_exposure(cfg, "secret")
+        self.cfg, self.ctx = cfg, ctx
+        self.secret = cfg.secret
+        self.user, self.password = cfg.user, cfg.password
+        self.st = ctx.stats
+        acl = proto.AccessList(allow=cfg.allow, deny=cfg.deny)
+        self.lsock = sockopt.tcp_listen(cfg.listen, reuseport=ctx.reuseport)
+        self.core = _select.module("tunnel").TunnelServer(
+            acl.table(), ctx.stats, max_flows=min(cfg.max_associations, 1 << 20),
+            timeout=cfg.timeout, batch=min(cfg.batch, 256), mark=sockopt.usable_mark(cfg.mark),
+            stall_timeout=STALL_TIMEOUT, log=log)
+        self.core.watch(self.lsock.fileno(), 0)
+        self.pending = {}
+        self._token = 0
+        self.address = self.lsock.getsockname()
+
+    def _count(self, name, n=1):
+        self.st[_I[name]] += n
+
+    def run(self):
+        stop = self.ctx.stop
+        while not stop.is_set():
+            try:
+                for token, _events in self.core.poll(100):
+                    if token == 0:
+                        self._accept()
+                    else:
+                        self._handshake(token)
+                now = time.monotonic()
+                self.core.tick(now)
+                for token in [t for t, p in self.pending.items() if now > p.deadline]:
+                    self._reject(token, "handshake timed out")
+            except Exception:            # never let one bad event stop the listener
+                log.exception("tunnel-server %s: unexpected error; continuing", self.address)
+                time.sleep(0.01)
+
+    def _accept(self):
+        for _ in range(ACCEPT_BURST):
+            try:
+                sock, peer = self.lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:        # EMFILE and friends: try again on the next round
+                log.warning("accept: %s", e)
+                return
+            self._count("conn_accepted")
+            self._count("conn_open")
+            if len(self.pending) >= MAX_PENDING:
+                sock.close()
+                self._count("conn_open", -1)
+                self._count("conn_rejected")
+                log.warning("too many connections in their handshake; refused %s", peer[0])
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._token = self._token % 0x7FFFFFFF + 1
+            hs = proto.ServerHandshake(secret=self.secret, user=self.user,
+                                       password=self.password)
+            self.pending[self._token] = _Pending(sock, hs, time.monotonic() + HANDSHAKE_TIMEOUT,
+                                                 peer)
+            self.core.watch(sock.fileno(), self._token)
+
+    def _reject(self, token, why, reply=b""):
+        p = self.pending.pop(token)
+        self.core.unwatch(p.sock.fileno())
+        if reply:
+            try:
+                p.sock.send(reply)
+            except OSError:
+                pass
+        p.sock.close()
+        self._count("conn_open", -1)
+        self._count("conn_rejected")
+        log.warning("tunnel client %s refused: %s", p.peer[0], why)
+
+    def _handshake(self, token):
+        p = self.pending.get(token)
+        if p is None:
+            return
+        try:
+            data = p.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            return self._reject(token, str(e))
+        if not data:
+            return self._reject(token, "closed during the handshake")
+        try:
+            out = p.hs.feed(data)
+        except proto.HandshakeError as e:
+            return self._reject(token, f"{e.reason}: {e}", e.reply)
+        try:
+            if out:
+                p.sock.send(out)
+            if not p.hs.done:
+                return
+            cmd = p.hs.request[0]
+            host, port = p.sock.getsockname()[:2]
+            p.sock.send(p.hs.reply(proto.REP_SUCCEEDED, host, port))
+        except OSError as e:
+            return self._reject(token, str(e))
+        del self.pending[token]
+        self.core.unwatch(p.sock.fileno())
+        fd = p.sock.detach()
+        slot = self.core.add_conn(fd, cmd == proto.CMD_UDP_TUN_MUX, p.hs.leftover)
+        if slot < 0:
+            os.close(fd)
+            self._count("conn_open", -1)
+            self._count("conn_rejected")
+            log.warning("tunnel client %s refused: connection table full", p.peer[0])
+
+    def close(self):
+        for token in list(self.pending):
+            p = self.pending.pop(token)
+            p.sock.close()
+            self._count("conn_open", -1)
+        self.core.close_all()
+        self.core.close()
+        self.lsock.close()
+
+
+def create(cfg, ctx):
+    return TunnelServerService(cfg, ctx)

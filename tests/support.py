@@ -1,0 +1,284 @@
+"""What the tunnel, SOCKS5 and upstream tests share: listener configs, services run in a
+thread, echo servers, raw tunnel clients, relays started in a namespace. Fixtures built on
+these are in conftest.py; test modules import from here, never from each other."""
+import os
+import socket
+import sys
+import threading
+import time
+
+from relay import proto
+from relay import stats as _stats
+from relay.config import listener
+from relay.services.base import WorkerContext
+from tests import netns as N
+from tests.netns import SRV4, SRV6, start_echo, wait_until
+from tests.relayproc import relay_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+ALLOW_DOC = ["198.51.100.0/24", "2001:db8::/32"]
+
+
+SECRET = "s3cret"
+
+
+def cfg(mode, **kw):
+    """A listener of mode as relay.config builds it (its defaults), unmarked and with
+    smaller tables than the defaults unless kw says otherwise."""
+    d = dict(mark=0, max_associations=4096, batch=32)
+    d.update(kw)
+    return listener(mode, **d)
+
+
+class Running:
+    """A service running in a thread of this process, inside namespace ns (or here)."""
+
+    def __init__(self, c, ns=None):
+        self.region = _stats.StatsRegion(1)
+        self.ctx = WorkerContext(0, self.region.slot(0), reuseport=False)
+        self.ns = ns
+        if ns is not None:
+            with ns.enter():
+                self.svc = _create(c, self.ctx)
+        else:
+            self.svc = _create(c, self.ctx)
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            if self.ns is not None:
+                with self.ns.enter():
+                    self.svc.run()
+            else:
+                self.svc.run()
+        except BaseException as e:          # surfaced by stop()
+            self.error = e
+
+    @property
+    def address(self):
+        return self.svc.address
+
+    def stats(self):
+        return self.region.read(0)
+
+    def stop(self):
+        self.ctx.stop.set()
+        self.thread.join(5)
+        self.svc.close()
+        if self.error:
+            raise self.error
+
+
+def _create(c, ctx):
+    from relay.services import create_service
+    return create_service(c, ctx)
+
+
+def payload(size, seed=0):
+    base = bytes((i * 7 + seed) & 0xFF for i in range(256))
+    return (base * (size // 256 + 1))[:size]
+
+
+def roundtrip(sock, addr, data, timeout=2.0, tries=3):
+    sock.settimeout(timeout)
+    for _ in range(tries):
+        sock.sendto(data, addr)
+        try:
+            while True:
+                got, _src = sock.recvfrom(70000)
+                if got == data:
+                    return got
+        except socket.timeout:
+            continue
+    raise AssertionError(f"no echo of a {len(data)}-byte datagram")
+
+
+def wait_stat(r, name, at_least=1, timeout=5.0):
+    return N.wait_until(lambda: r.stats()[name] >= at_least, timeout, what=f"{name} >= {at_least}")
+
+
+def tunnel_pair(topo, running, v6, gost=False, **client_kw):
+    """tunnel-server in rtr, tunnel-client in cli (gost: the client speaks gost, so the
+    server has no secret, hence insecure)."""
+    if v6:
+        srv_listen, to, cli_listen = (N.RTR6_CLI, 9000), (N.SRV6, 7), ("::1", 5000)
+    else:
+        srv_listen, to, cli_listen = (N.RTR4_CLI, 9000), (N.SRV4, 7), ("127.0.0.1", 5000)
+    auth = dict(insecure=True) if gost else dict(secret=SECRET)
+    server = running(cfg("tunnel-server", listen=srv_listen, allow=ALLOW_DOC, **auth), topo.rtr)
+    kw = dict(listen=cli_listen, server=srv_listen, to=to,
+              **(dict(gost=True) if gost else dict(secret=SECRET)))
+    kw.update(client_kw)
+    client = running(cfg("tunnel-client", **kw), topo.cli)
+    return server, client, cli_listen
+
+
+def restart_mid_stream(echo_topo, running, server_args, **client_kw):
+    """Send a numbered stream through tunnel-client while the tunnel-server process dies and
+    comes back: traffic must resume. Returns the client's counters."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "relay", "tunnel-server",
+           "--listen", f"{N.RTR4_CLI}:9000", "--allow", ALLOW_DOC[0], "--log-level", "warning",
+           "--workers", "1", "--control", "", *server_args]
+    proc = echo_topo.rtr.popen(cmd, env=env)
+    client = running(cfg("tunnel-client", listen=("127.0.0.1", 5000), server=(N.RTR4_CLI, 9000),
+                         to=(N.SRV4, 7), **client_kw), echo_topo.cli)
+    sock = echo_topo.cli.socket(socket.AF_INET)
+    roundtrip(sock, ("127.0.0.1", 5000), b"before", timeout=1, tries=10)
+    got = set()
+    stop = threading.Event()
+
+    def receiver():
+        sock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                got.add(int(sock.recv(100).split()[1]))
+            except (socket.timeout, ValueError, IndexError):
+                pass
+
+    t = threading.Thread(target=receiver, daemon=True)
+    t.start()
+    try:
+        seq = 0
+        t0 = time.monotonic()
+        restarted_at = None
+        while time.monotonic() - t0 < 8:
+            sock.sendto(b"seq %d" % seq, ("127.0.0.1", 5000))
+            seq += 1
+            el = time.monotonic() - t0
+            if proc is not None and el > 0.5 and restarted_at is None:
+                proc.kill()
+                proc.wait(5)
+                proc = None
+            if proc is None and el > 1.0 and restarted_at is None:
+                proc = echo_topo.rtr.popen(cmd, env=env)
+                restarted_at = seq
+            if restarted_at is not None and any(s > restarted_at for s in got):
+                break
+            time.sleep(0.01)
+        assert restarted_at is not None
+        assert any(s > restarted_at for s in got), "no traffic after the restart"
+        assert any(s < restarted_at for s in got)
+        return client.stats()
+    finally:
+        stop.set()
+        t.join(2)
+        sock.close()
+
+
+class Echo:
+    """UDP echo on loopback (127.0.0.1 or ::1) in a thread (bad-input tests run on loopback)."""
+
+    def __init__(self, host="127.0.0.1"):
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                  socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.settimeout(0.2)
+        self.addr = self.sock.getsockname()[:2]
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                d, a = self.sock.recvfrom(70000)
+                self.sock.sendto(d, a)
+            except OSError:
+                pass
+
+    def close(self):
+        self.stop.set()
+        self.t.join(2)
+        self.sock.close()
+
+
+def raw_client(server, cmd=proto.CMD_UDP_TUN_MUX, rcvbuf=None):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(3)
+    s.connect(server.address)
+    hs = proto.ClientHandshake(cmd=cmd)
+    out = hs.start()
+    while not hs.done:
+        s.sendall(out)
+        out = hs.feed(s.recv(4096))
+    return s, hs.leftover
+
+
+def read_frames(s, n, mux=True, timeout=3.0):
+    buf = b""
+    frames = []
+    s.settimeout(timeout)
+    while len(frames) < n:
+        chunk = s.recv(70000)
+        if not chunk:
+            break
+        buf += chunk
+        got, used = proto.parse_frames(buf, mux=mux)
+        frames += got
+        buf = buf[used:]
+    return frames
+
+
+def closed_by_peer(s, timeout=3.0):
+    s.settimeout(timeout)
+    try:
+        while True:
+            if not s.recv(65536):
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+ALLOW = "198.51.100.0/24,2001:db8::/32"
+
+
+def serve_in(ns, *args):
+    """`relay ARGS` in namespace ns: one worker, no control socket (the path would be shared
+    with every other relay on the machine: namespaces do not separate the file system)."""
+    p = ns.popen([sys.executable, "-m", "relay", *args, "--workers", "1", "--control", ""],
+                 env=relay_env())
+    return p
+
+
+def wait_tcp(ns, addr):
+    def up():
+        with ns.enter():
+            try:
+                socket.create_connection(addr, timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+    wait_until(up, 10, what=f"TCP {addr}")
+
+
+def upstream_in_srv(topo, kind):
+    """Echo servers and a relay tunnel-server (kind "tunnel") or socks5 server in srv;
+    returns the forward options that use it as the upstream."""
+    start_echo(topo.srv, f"{SRV4}:5000", f"[{SRV6}]:5000")
+    if kind == "tunnel":
+        serve_in(topo.srv, "tunnel-server", "--listen", "[::]:8443", "--secret", "s3cret",
+                 "--allow", ALLOW)
+        wait_tcp(topo.srv, (SRV4, 8443))
+        return ["--upstream", f"tunnel://{SRV4}:8443", "--secret", "s3cret"]
+    serve_in(topo.srv, "socks5", "--listen", "[::]:1080", "--username", "u", "--password", "p",
+             "--allow", ALLOW)
+    wait_tcp(topo.srv, (SRV4, 1080))
+    return ["--upstream", f"socks5://u:p@{SRV4}:1080"]
+
+
+def native_rawsender():
+    """relay.packet._rawsock.RawSender, or None when the extension is not built."""
+    try:
+        from relay.packet._rawsock import RawSender
+    except ImportError:
+        return None
+    return RawSender
