@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import pytest
 from relay import cli, doctor, rules
 from relay.doctor import AS_ROOT, Facts
 from relay.rules import RulesOptions
+from relay.supervisor import query
+from tests.netns import wait_until
 from tests.relayproc import RelayProcess, relay_env
 
 PORT = 7000
@@ -242,6 +245,45 @@ def test_fd_limit_of_the_workers_below_max_associations(topo):
         assert res.failed == {"fd-limit"}
         assert f"worker 0 (pid {relay.worker_pids()[0]}): 1500 for {NEEDED} needed" in \
             res["fd-limit"]["message"]
+
+
+def test_iface_outside_the_rules(setup, relay_bin):
+    topo, relay = setup
+    c = broken_then_fixed(topo, relay, "rules.iface", relay_bin, "--iface", "rtr1")
+    assert c["message"] == "the rules act only on UDP from rtr0, not from rtr1"
+    assert c["fix"] == "relay rules apply --port 7000 --iface rtr0,rtr1"
+    res = run_doctor(topo, relay, "--iface", "rtr9")
+    assert res.failed == {"rules.iface"} and "no interface rtr9 here" in res["rules.iface"]["message"]
+
+
+def test_workers_short_of_capabilities_after_a_reload_adds_redir(topo, tmp_path):
+    """Workers keep the capabilities of the listeners they started with: a reload that
+    adds a redir listener to a forward-only relay leaves them without CAP_NET_RAW."""
+    control = tmp_path / "relay.sock"
+    conf = tmp_path / "relay.toml"
+    forward = (f'[global]\nworkers = 1\ncontrol_socket = "{control}"\n\n[[listener]]\n'
+               f'name = "fwd"\nmode = "forward"\nlisten = "127.0.0.1:5353"\n'
+               f'to = "127.0.0.1:53"\nmax_associations = {ASSOC}\n')
+    conf.write_text(forward)
+    apply_rules(topo)
+    relay = RelayProcess(["run", "-c", conf], ns=topo.rtr, prefix=NOFILE)
+    try:
+        relay.control = str(control)
+        relay.wait_ready()
+        before = run_doctor(topo, relay, "--port", PORT)                     # no redir yet
+        assert before.failed == {"relay", "rules.listener"}
+        assert before["capabilities"]["ok"]
+        conf.write_text(forward + f'\n[[listener]]\nname = "tp"\nmode = "redir"\n'
+                                  f'listen = "[::]:{PORT}"\nmax_associations = {ASSOC}\n')
+        os.kill(relay._main_pid(), signal.SIGHUP)
+        wait_until(lambda: "tp" in query(str(control), "config"), what="the reload")
+        res = run_doctor(topo, relay)
+        assert res.failed == {"capabilities"}, res.doc
+        assert f"worker 0 (pid {relay.worker_pids()[0]}) lacks CAP_NET_BIND_SERVICE, " \
+               f"CAP_NET_RAW, which its listeners need" in res["capabilities"]["message"]
+        assert res["capabilities"]["fix"].startswith("restart the relay as root")
+    finally:
+        relay.close()
 
 
 def test_doctor_without_cap_net_admin(setup):
