@@ -356,8 +356,9 @@ def build_parser():
     fmt.add_argument("--prometheus", action="store_true", help="print Prometheus text format")
     st.set_defaults(func=_cmd_stats)
 
-    from relay import rules
+    from relay import doctor, rules
     rules.add_cli(sub)
+    doctor.add_cli(sub)
     _add_tunnel_server(sub)
     _add_tunnel_client(sub)
     _add_socks5(sub)

@@ -103,6 +103,27 @@ class ListenerConfig:
     def effective_workers(self, global_):
         return self.workers if self.workers is not None else global_.workers
 
+    def runs_on(self, index):
+        """Does worker ``index`` run this listener (a listener may ask for fewer workers)?"""
+        return self.workers is None or index < self.workers
+
+    def summary(self):
+        """The settings as JSON-ready values (addresses as HOST:PORT text, the upstream as
+        its URL with the password masked), without the secret and the password."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("secret", "password"):
+                continue
+            if f.name in ("listen", "to", "server") and value is not None:
+                value = format_hostport(value)
+            elif f.name == "upstream":
+                value = "direct" if value is None else str(value)
+            elif f.name in ("allow", "deny"):
+                value = [str(net) for net in value]
+            out[f.name] = value
+        return out
+
 
 @dataclass(frozen=True)
 class ConfigDiff:

@@ -113,9 +113,9 @@ def drop_privileges(user, keep=()):
     return True
 
 
-def effective_capabilities(pid="self"):
-    """The CapEff mask of a process (from /proc), for checks and tests."""
-    with open(f"/proc/{pid}/status") as f:
+def effective_capabilities(pid="self", proc="/proc"):
+    """The CapEff mask of a process (from /proc, or another proc root), for checks and tests."""
+    with open(f"{proc}/{pid}/status") as f:
         for line in f:
             if line.startswith("CapEff:"):
                 return int(line.split()[1], 16)

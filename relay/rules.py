@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from relay.net.addr import parse_cidr
 
 __all__ = [
-    "RulesOptions", "RulesError", "render_nft", "render_ip", "apply", "remove", "add_cli",
-    "RESERVED4", "RESERVED6", "RT_PROTO",
+    "RulesOptions", "RulesError", "render_nft", "render_ip", "render_shell", "parse_nft",
+    "cli_args", "apply", "remove", "add_cli", "find_rules", "find_routes", "nft_table_exists",
+    "RESERVED4", "RESERVED6", "RT_PROTO", "OWNER",
 ]
 
 # Destinations never redirected: "this network", loopback, link-local, multicast,
@@ -223,6 +224,72 @@ def render_shell(opts):
     return "\n".join(lines) + "\n"
 
 
+# What parse_nft looks for in `nft list table` output: the lines render_nft writes, as nft
+# prints them back.
+_TPROXY = re.compile(r"tproxy (ip6?) to :(\d+) meta mark set (0x[0-9a-f]+) accept")
+_SKIP = re.compile(r"meta mark (0x[0-9a-f]+) return")
+_ONLY_IFACES = re.compile(r'iifname != (?:\{ ([^}]*) \}|("[^"]*")) return')
+
+
+def _listed_set(listing, name):
+    """The networks of a named set in an nft listing (nft prints merged neighbours as
+    ranges, single addresses without /32 or /128)."""
+    m = re.search(r"\tset %s \{(.*?)\n\t\}" % name, listing, re.S)
+    el = re.search(r"elements = \{(.*?)\}", m.group(1), re.S) if m else None
+    nets = []
+    for item in (el.group(1).replace("\n", " ").split(",") if el else ()):
+        item = item.strip()
+        if "-" in item:
+            low, high = (ipaddress.ip_address(x.strip()) for x in item.split("-", 1))
+            nets.extend(ipaddress.summarize_address_range(low, high))
+        elif item:
+            nets.append(parse_cidr(item, what="set element"))
+    return nets
+
+
+def parse_nft(listing, *, nft_table="relay", table=100):
+    """The RulesOptions an installed table stands for, read back from ``nft list table``
+    output (the routing table is not in it: ``table`` is taken as given). RulesError when
+    the listing lacks a line render_nft writes or its TPROXY lines disagree."""
+    found = {fam: (int(port), int(mark, 16)) for fam, port, mark in _TPROXY.findall(listing)}
+    skip = _SKIP.search(listing)
+    if "ip" not in found or not skip:
+        missing = "the IPv4 TPROXY rule" if "ip" not in found else "the skip mark rule"
+        raise RulesError(f"nft table inet {nft_table} lacks {missing}: it was changed "
+                         f"since relay rules applied it")
+    if "ip6" in found and found["ip6"] != found["ip"]:
+        raise RulesError(f"nft table inet {nft_table}: the IPv4 and IPv6 TPROXY rules differ "
+                         f"(port, mark {found['ip']} and {found['ip6']})")
+    only = _ONLY_IFACES.search(listing)
+    ifaces = re.findall(r'"([^"]*)"', only.group(1) or only.group(2)) if only else ()
+    exclude = _listed_set(listing, "exclude4") + _listed_set(listing, "exclude6")
+    port, mark = found["ip"]
+    try:
+        return RulesOptions(port, mark=mark, table=table, ifaces=ifaces, ipv6="ip6" in found,
+                            exclude=exclude, skip_mark=int(skip.group(1), 16),
+                            nft_table=nft_table)
+    except (ValueError, TypeError) as exc:
+        raise RulesError(f"nft table inet {nft_table}: {exc}") from None
+
+
+def cli_args(opts):
+    """The ``relay rules`` options that make opts, defaults left out (the inverse of
+    options_from_args): ``["--port", "5300", "--iface", "br-lan", ...]``."""
+    default = RulesOptions(opts.port)
+    args = ["--port", str(opts.port)]
+    if opts.ifaces:
+        args += ["--iface", ",".join(opts.ifaces)]
+    for flag, name in (("--mark", "mark"), ("--table", "table"), ("--skip-mark", "skip_mark"),
+                       ("--nft-table", "nft_table")):
+        if getattr(opts, name) != getattr(default, name):
+            args += [flag, str(getattr(opts, name))]
+    if not opts.ipv6:
+        args.append("--no-ipv6")
+    if opts.exclude:
+        args += ["--exclude", ",".join(str(n) for n in opts.exclude)]
+    return args
+
+
 # --- running commands ------------------------------------------------------------------
 
 def _run(runner, cmd, input=None):
@@ -261,15 +328,16 @@ def _num(value):
         return None
 
 
-def _rule_matches(entry, opts, *, tagged):
-    """Is this `ip -j rule` entry `from all fwmark MARK lookup TABLE` (with our tag)?"""
+def _rule_matches(entry, opts, *, tagged, any_table=False):
+    """Is this `ip -j rule` entry `from all fwmark MARK lookup TABLE` (with our tag)?
+    With any_table, a rule sending the mark to any table counts."""
     if entry.get("src", "all") != "all" or "srclen" in entry:
         return False
     if _num(entry.get("fwmark", -1)) != opts.mark:
         return False
     if "fwmask" in entry and _num(entry["fwmask"]) != _U32:
         return False
-    if _num(entry.get("table", -1)) != opts.table:
+    if not any_table and _num(entry.get("table", -1)) != opts.table:
         return False
     extra = set(entry) - {"priority", "src", "fwmark", "fwmask", "table", "protocol"}
     if extra or entry.get("action", "to_tbl") != "to_tbl":
@@ -278,13 +346,16 @@ def _rule_matches(entry, opts, *, tagged):
     return is_ours if tagged else True
 
 
-def _find_rules(runner, opts, version, *, tagged):
+def find_rules(runner, opts, version, *, tagged, any_table=False):
+    """The `ip -j rule` entries (IPv4 or IPv6) `from all fwmark MARK lookup TABLE` of opts
+    (tagged: only those apply added; any_table: whatever table the mark goes to)."""
     fam = "-4" if version == 4 else "-6"
     entries = _json(runner, ["ip", "-N", "-j", fam, "rule", "show"])
-    return [e for e in entries if _rule_matches(e, opts, tagged=tagged)]
+    return [e for e in entries if _rule_matches(e, opts, tagged=tagged, any_table=any_table)]
 
 
-def _find_routes(runner, opts, version, *, tagged):
+def find_routes(runner, opts, version, *, tagged):
+    """The `local default dev lo` routes (IPv4 or IPv6) in the routing table of opts."""
     fam = "-4" if version == 4 else "-6"
     entries = _json(runner, ["ip", "-N", "-j", fam, "route", "show", "table", str(opts.table)],
                     missing_ok=True)
@@ -298,15 +369,15 @@ def _find_routes(runner, opts, version, *, tagged):
     return found
 
 
-def _nft_table_exists(runner, opts):
-    """(exists, listing) of our nft table; RulesError when nft itself fails or when a table
-    of that name exists that relay did not create (it has no OWNER comment)."""
-    cmd = ["nft", "list", "table", "inet", opts.nft_table]
+def nft_table_exists(runner, name):
+    """(exists, listing) of the nft table inet NAME; RulesError when nft itself fails or
+    when a table of that name exists that relay did not create (it has no OWNER comment)."""
+    cmd = ["nft", "list", "table", "inet", name]
     r = _run(runner, cmd)
     if r.returncode == 0:
         listing = r.stdout or ""
         if f'comment "{OWNER}"' not in listing:
-            raise RulesError(f"nft table inet {opts.nft_table} exists and was not created by "
+            raise RulesError(f"nft table inet {name} exists and was not created by "
                              f"relay rules: it is left alone; choose another --nft-table",
                              cmd=cmd)
         return True, listing
@@ -329,7 +400,7 @@ def apply(opts, runner=subprocess.run):
     stderr. ``runner`` is called like ``subprocess.run(args, input=, capture_output=True,
     text=True)`` (tests pass one that runs inside a network namespace).
     """
-    existed, previous = _nft_table_exists(runner, opts)
+    existed, previous = nft_table_exists(runner, opts.nft_table)
     undo = []
     try:
         _checked(runner, ["nft", "-f", "-"], input=render_nft(opts))
@@ -340,10 +411,10 @@ def apply(opts, runner=subprocess.run):
         versions = (4, 6) if opts.ipv6 else (4,)
         for version in versions:
             rule_cmd, route_cmd = _ip_cmds(opts, version)
-            if not _find_rules(runner, opts, version, tagged=False):
+            if not find_rules(runner, opts, version, tagged=False):
                 _checked(runner, rule_cmd)
                 undo.append([*rule_cmd[:3], "del", *rule_cmd[4:]])
-            if not _find_routes(runner, opts, version, tagged=False):
+            if not find_routes(runner, opts, version, tagged=False):
                 _checked(runner, route_cmd)
                 undo.append([*route_cmd[:3], "del", *route_cmd[4:]])
     except BaseException:
@@ -359,7 +430,7 @@ def remove(opts, runner=subprocess.run):
     """Remove what apply installed: the nft table, and the ip rules/routes tagged RT_PROTO
     with this mark and table (both families). Everything else stays. Nothing installed: OK."""
     errors = []
-    exists, _ = _nft_table_exists(runner, opts)
+    exists, _ = nft_table_exists(runner, opts.nft_table)
     if exists:
         try:
             _checked(runner, ["nft", "-f", "-"], input=_nft_delete_text(opts.nft_table))
@@ -368,8 +439,8 @@ def remove(opts, runner=subprocess.run):
     for version in (4, 6):
         fam = "-4" if version == 4 else "-6"
         try:
-            rules = _find_rules(runner, opts, version, tagged=True)
-            routes = _find_routes(runner, opts, version, tagged=True)
+            rules = find_rules(runner, opts, version, tagged=True)
+            routes = find_routes(runner, opts, version, tagged=True)
         except RulesError as exc:
             if version == 6 and not opts.ipv6:
                 continue        # IPv6 may be disabled here; nothing of ours can be there
@@ -399,7 +470,8 @@ def remove(opts, runner=subprocess.run):
 
 # --- command line ----------------------------------------------------------------------
 
-def _port(text):
+def port_arg(text):
+    """argparse type of a port number 1-65535."""
     try:
         value = int(text, 10)
     except ValueError:
@@ -426,7 +498,7 @@ def _cidr(text):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _split(values):
+def split_values(values):
     """Flatten repeated and comma-separated option values."""
     out = []
     for value in values or ():
@@ -441,8 +513,8 @@ def _split(values):
 
 def options_from_args(args):
     return RulesOptions(port=args.port, mark=args.mark, table=args.table,
-                        ifaces=_split(args.iface), ipv6=args.ipv6,
-                        exclude=_split(args.exclude), skip_mark=args.skip_mark,
+                        ifaces=split_values(args.iface), ipv6=args.ipv6,
+                        exclude=split_values(args.exclude), skip_mark=args.skip_mark,
                         nft_table=args.nft_table)
 
 
@@ -489,7 +561,7 @@ def add_cli(subparsers):
     )
     p.add_argument("action", choices=("print", "apply", "remove"),
                    help="print the rules, apply them, or remove them")
-    p.add_argument("--port", type=_port, required=True,
+    p.add_argument("--port", type=port_arg, required=True,
                    help="local port of the transparent listener (relay redir --listen) (required)")
     p.add_argument("--mark", type=_u32, default=1,
                    help="firewall mark set on redirected packets and matched by the ip rule "

@@ -327,11 +327,29 @@ class Supervisor:
                         body = stats_mod.to_json(self.counters())
                     elif req == "metrics":
                         body = stats_mod.prometheus(self.counters())
+                    elif req == "config":
+                        body = json.dumps(self.describe())
                     else:
                         body = json.dumps({"error": f"unknown request {req!r}"})
                     conn.sendall(body.encode())
                 except OSError:
                     pass
+
+    def describe(self):
+        """The running configuration for `relay doctor` (control request "config"): this
+        process, each worker with its listeners and the capabilities they need, and every
+        listener's settings (ListenerConfig.summary: no secret, no password)."""
+        from relay.privileges import NAMES, needed_capabilities
+        listeners = self.config.listeners
+        workers = []
+        for w in self.workers:
+            mine = [lc for lc in listeners if lc.runs_on(w.index)]
+            workers.append({"index": w.index, "pid": w.pid,
+                            "listeners": [lc.name for lc in mine],
+                            "capabilities": [NAMES[c] for c in needed_capabilities(mine)]})
+        g = self.config.global_
+        return {"pid": os.getpid(), "user": g.user, "control_socket": g.control_socket,
+                "workers": workers, "listeners": [lc.summary() for lc in listeners]}
 
     def open_metrics(self, addr):
         if not addr:

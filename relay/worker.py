@@ -61,8 +61,7 @@ class Worker:
 
     def mine(self, config):
         """The listeners this worker runs (a listener may ask for fewer workers)."""
-        return {lc.name: lc for lc in config.listeners
-                if lc.workers is None or self.index < lc.workers}
+        return {lc.name: lc for lc in config.listeners if lc.runs_on(self.index)}
 
     def open_all(self):
         """Open every listener's sockets; threads start later (see start_all)."""

@@ -485,3 +485,49 @@ def test_the_rules_redirect_udp(topo):
         for s in socks:
             s.close()
         remove(RulesOptions(5300), runner=runner)
+
+
+# --- reading an installed table back (relay doctor) ------------------------------------
+
+def normalized(o):
+    return (o.port, o.mark, o.table, sorted(o.ifaces), o.ipv6, o.exclude_of(4), o.exclude_of(6),
+            o.skip_mark, o.nft_table)
+
+
+READ_BACK = OPTION_SETS + [RulesOptions(5300, exclude=["10.0.1.0/24", "10.0.2.0/24", "192.0.2.7",
+                                                       "2001:db8:1::/48", "2001:db8:2::/48"])]
+
+
+@pytest.mark.parametrize("opts", READ_BACK, ids=range(len(READ_BACK)))
+def test_parse_nft_reads_back_the_rendered_ruleset(opts):
+    got = rules.parse_nft(render_nft(opts), nft_table=opts.nft_table, table=opts.table)
+    assert normalized(got) == normalized(opts)
+
+
+@pytest.mark.parametrize("opts", READ_BACK, ids=range(len(READ_BACK)))
+def test_parse_nft_reads_back_what_apply_installed(ns, opts):
+    """nft prints the table its own way (sorted interfaces, merged neighbours as ranges,
+    single addresses without a prefix length): parse_nft still finds the options."""
+    apply(opts, runner=ns.runner)
+    try:
+        exists, listing = rules.nft_table_exists(ns.runner, opts.nft_table)
+        assert exists
+        got = rules.parse_nft(listing, nft_table=opts.nft_table, table=opts.table)
+        assert normalized(got) == normalized(opts)
+    finally:
+        remove(opts, runner=ns.runner)
+
+
+@pytest.mark.parametrize("cut, reason", [
+    ("tproxy ip to", "lacks the IPv4 TPROXY rule"),
+    ("meta mark 0x000000ff return", "lacks the skip mark rule"),
+    ("tproxy ip6 to :5300 meta mark set 0x00000001", "the IPv4 and IPv6 TPROXY rules differ"),
+])
+def test_parse_nft_refuses_a_table_changed_by_hand(cut, reason):
+    text = render_nft(RulesOptions(5300))
+    if "ip6" in cut:
+        text = text.replace(cut, "tproxy ip6 to :5301 meta mark set 0x00000001")
+    else:
+        text = "\n".join(ln for ln in text.splitlines() if cut not in ln)
+    with pytest.raises(RulesError, match=reason):
+        rules.parse_nft(text)

@@ -3,6 +3,7 @@ runs supervised with workers that keep only the capabilities they need, secrets 
 files, a second relay cannot join a port, the supervisor deletes nothing that is not its own,
 and drops are logged with their reason."""
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -373,3 +374,40 @@ def test_every_built_extension_imports(name):
     if not built:
         pytest.skip(f"{name} is not built here (python setup.py build_ext --inplace)")
     importlib.import_module(name)
+
+
+# --- the control socket's "config" request --------------------------------------------------
+
+@needs_root
+def test_config_request_lists_listeners_without_secrets():
+    """What `relay doctor` reads: the supervisor, each worker's listeners and the
+    capabilities they need, every listener's settings - no secret, no password."""
+    from relay.supervisor import query
+    relay = RelayProcess(["socks5", "--listen", f"127.0.0.1:{free_tcp_port()}", "--username",
+                          "alice", "--password", "hunter2-secret", "--max-associations", 100])
+    try:
+        relay.wait_ready()
+        text = query(relay.control, "config")
+        doc = json.loads(text)
+        assert "hunter2" not in text and "password" not in doc["listeners"][0]
+        lc = doc["listeners"][0]
+        assert (lc["mode"], lc["user"], lc["max_associations"], lc["mark"]) == \
+            ("socks5", "alice", 100, 0)
+        assert doc["pid"] == relay._main_pid()
+        assert [w["pid"] for w in doc["workers"]] == relay.worker_pids()
+        assert doc["workers"][0]["listeners"] == ["socks5"]
+        assert doc["workers"][0]["capabilities"] == []
+    finally:
+        relay.close()
+    relay = RelayProcess(["forward", "--listen", f"127.0.0.1:{free_udp_port()}", "--to",
+                          "127.0.0.1:9", "--upstream", f"tunnel://127.0.0.1:{free_tcp_port()}",
+                          "--secret", "s3cret-value"])
+    try:
+        relay.wait_ready()
+        text = query(relay.control, "config")
+        assert "s3cret" not in text
+        lc = json.loads(text)["listeners"][0]
+        assert lc["upstream"].startswith("tunnel://127.0.0.1:") and "secret" not in lc
+        assert json.loads(text)["workers"][0]["capabilities"] == ["CAP_NET_ADMIN"]  # mark 255
+    finally:
+        relay.close()
