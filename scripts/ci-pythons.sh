@@ -4,39 +4,13 @@
 # place (.venv-3.9, .venv-3.13: `pip install -e '.[test]'`), and on the oldest once more
 # with the pure-Python fallback forced (RELAY_PURE_PYTHON=1).
 #
-#   scripts/ci-pythons.sh [--build-only | --test-only]
-#
 # The three runs go side by side (the tests wait on sockets and timers more than they
 # compute), each in a network namespace of its own when this is root, so that their
 # loopback ports can never meet, each with its own pytest temporary directory.
 # An interpreter that cannot be found or installed fails the run: nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/ci-common.sh      # OLDEST, NEWEST, isolate
-mode=${1:-all}
-
-find_python() {     # the newest X.Y.Z interpreter of minor version $1 on this machine
-    local v=$1 c found=""
-    for c in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/python3 \
-             /root/.pyenv/versions/"$v".*/bin/python3 \
-             /usr/local/bin/python"$v" /usr/bin/python"$v"; do
-        [ -x "$c" ] || continue
-        case "$("$c" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" in
-            "$v") found=$c ;;
-        esac
-    done
-    if [ -z "$found" ] && command -v pyenv >/dev/null; then
-        echo "ci-pythons: no Python $v here: pyenv install $v" >&2
-        pyenv install --skip-existing "$v" >&2 || true
-        found=$(ls -d "$(pyenv root)"/versions/"$v".*/bin/python3 2>/dev/null | sort -V | tail -1)
-    fi
-    if [ -z "$found" ]; then
-        echo "ci-pythons: FAILED: Python $v (a supported version) is not on this machine" \
-             "and could not be installed" >&2
-        return 1
-    fi
-    echo "$found"
-}
+. scripts/ci-common.sh      # OLDEST, NEWEST, find_python, isolate
 
 build() {           # .venv-$1: the test dependencies and relay built in place for Python $1
     local v=$1 py venv=.venv-$1
@@ -52,11 +26,8 @@ build() {           # .venv-$1: the test dependencies and relay built in place f
 print("ci-pythons: Python %d.%d.%d, extensions built" % sys.version_info[:3])'
 }
 
-if [ "$mode" != --test-only ]; then
-    build "$OLDEST"
-    build "$NEWEST"
-fi
-[ "$mode" = --build-only ] && exit 0
+build "$OLDEST"
+build "$NEWEST"
 
 logs=$(mktemp -d /tmp/relay-ci-pythons.XXXXXX)
 trap 'rm -rf "$logs"' EXIT
