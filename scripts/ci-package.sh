@@ -17,12 +17,11 @@ work=$(mktemp -d /tmp/relay-package.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 cd "$work"          # nothing below may import relay from the checkout
 
-# The sdist is made from a copy of the tree (what git would have, plus uncommitted work),
-# so that nothing here writes into the checkout while the unit tests run there.
+# The sdist is made from a copy of the tree (the files git tracks or would track, as they
+# are now), so that nothing here writes into the checkout while the unit tests run there.
 mkdir src
-tar -C "$here" -cf - --exclude=./.git --exclude='./.venv*' --exclude=./build --exclude=./dist \
-    --exclude='*.egg-info' --exclude='*.so' --exclude=__pycache__ --exclude=./bench/out \
-    --exclude=./.hypothesis --exclude=./.pytest_cache . | tar -C src -xf -
+git -C "$here" ls-files -z --cached --others --exclude-standard \
+    | tar -C "$here" --null --files-from=- --ignore-failed-read -cf - | tar -C src -xf -
 echo "ci-package: building the sdist and the wheel ($("$py_new" --version))"
 "$py_new" -m venv tools
 tools/bin/python -m pip install -q --upgrade pip build

@@ -19,15 +19,16 @@ build() {           # .venv-$1: the test dependencies and relay built in place f
         echo "ci-pythons: Python $v is $py"
         "$py" -m venv "$venv"
     fi
-    "$venv/bin/python" -m pip install -q --upgrade pip
     "$venv/bin/python" -m pip install -q -e '.[test]'
     # every extension must import: the tests of a missing one would only be skipped
     "$venv/bin/python" -c 'import sys, relay._fast, relay._rawsock, relay._engine, relay._tunnel
 print("ci-pythons: Python %d.%d.%d, extensions built" % sys.version_info[:3])'
 }
 
+start=$SECONDS
 build "$OLDEST"
 build "$NEWEST"
+echo "ci-pythons: built for Python $OLDEST and $NEWEST in $((SECONDS - start)) s"
 
 logs=$(mktemp -d /tmp/relay-ci-pythons.XXXXXX)
 trap 'rm -rf "$logs"' EXIT
