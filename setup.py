@@ -1,8 +1,8 @@
 """Build the Cython extensions. Configuration lives in pyproject.toml."""
 import os
 
-from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 CFLAGS = ["-O3", "-fno-strict-aliasing", "-Wno-unused-function"]
 if os.environ.get("RELAY_DEBUG_BUILD"):
@@ -14,6 +14,8 @@ MODULES = ["relay.packet._fast", "relay.packet._rawsock", "relay.datapath.engine
 
 # RELAY_MODULES=engine,tunnel builds only those (handy while one module is being edited).
 only = [m for m in os.environ.get("RELAY_MODULES", "").split(",") if m]
+# Cython and the C compiler run on every usable CPU (RELAY_BUILD_JOBS=N for N of them).
+JOBS = int(os.environ.get("RELAY_BUILD_JOBS") or len(os.sched_getaffinity(0)))
 
 extensions = [
     Extension(name, [name.replace(".", "/") + ".pyx"], extra_compile_args=CFLAGS,
@@ -22,10 +24,27 @@ extensions = [
     if not only or name.rsplit(".", 1)[1].lstrip("_") in [m.lstrip("_") for m in only]
 ]
 
-setup(
-    ext_modules=cythonize(
-        extensions,
-        compiler_directives={"language_level": "3", "embedsignature": True},
-        annotate=bool(os.environ.get("RELAY_ANNOTATE")),
-    )
-)
+
+class cython_build_ext(build_ext):
+    """Cythonize when the extensions are built, not whenever setup.py runs: making an sdist
+    or the metadata runs no Cython, and the sdist lists the .pyx sources, not generated C."""
+
+    def finalize_options(self):
+        if self.parallel is None:
+            self.parallel = JOBS
+        super().finalize_options()
+
+    def run(self):
+        from Cython.Build import cythonize
+        done = {m.name: m for m in cythonize(
+            self.extensions,
+            compiler_directives={"language_level": "3", "embedsignature": True},
+            annotate=bool(os.environ.get("RELAY_ANNOTATE")),
+            nthreads=JOBS if JOBS > 1 else 0,
+        )}
+        for ext in self.extensions:
+            ext.sources = done[ext.name].sources
+        super().run()
+
+
+setup(ext_modules=extensions, cmdclass={"build_ext": cython_build_ext})

@@ -32,6 +32,7 @@ coalesce) at --rate (default 250,000/s, below every stage's capacity): the compa
 then the CPU each stage spends per datagram.
 """
 import argparse
+import shutil
 import json
 import os
 import signal
@@ -39,6 +40,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,10 +102,11 @@ def wait_tcp(port, timeout=10.0):
     raise LoadError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def start_chain(impl, sink_port, cpus=None):
+def start_chain(impl, sink_port, cpus=None, control=None):
     """Start the chain (its relay processes on ``cpus``); returns ([procs], entry port):
     UDP for the load generator, except for the "server" stage (the tunnel-server's TCP
-    port, written to by ``blast --tunnel``)."""
+    port, written to by ``blast --tunnel``). ``control``: the tunnel-server's control socket
+    path, through which its counters are read (none when not given)."""
     tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -114,7 +117,8 @@ def start_chain(impl, sink_port, cpus=None):
     def server():
         p = subprocess.Popen(pinned(tun + ["tunnel-server", "--listen", f"127.0.0.1:{tcp_port}",
                                            "--allow", "127.0.0.0/8", "--batch", "64",
-                                           "--log-level", "error", *one], cpus),
+                                           "--log-level", "error", "--workers", "1",
+                                           "--control", control or ""], cpus),
                              start_new_session=True, env=env, **quiet)
         # the accept probe of wait_tcp is a connection that never handshakes: harmless
         wait_tcp(tcp_port)
@@ -152,18 +156,65 @@ def start_chain(impl, sink_port, cpus=None):
     return [a, b], udp_port
 
 
+def proc_net(kind, port, state=None):
+    """The IPv4 sockets of /proc/net/``kind`` (tcp, udp) on local ``port`` (in TCP state
+    ``state``, as written there: "0A" listening, "01" established), each as
+    (bytes in its receive queue, datagrams the kernel dropped at it)."""
+    hexport = f"{port:04X}"
+    out = []
+    with open(f"/proc/net/{kind}") as f:
+        for line in f:
+            parts = line.split()
+            if (len(parts) > 4 and parts[1].endswith(":" + hexport)
+                    and (state is None or parts[3] == state)):
+                drops = int(parts[12]) if kind == "udp" and len(parts) > 12 else 0
+                out.append((int(parts[4].split(":")[1], 16), drops))
+    return out
+
+
 def wait_tcp_listen(port, timeout=10.0):
     """Wait for a listening socket without connecting (socat TCP-LISTEN takes one peer)."""
     deadline = time.monotonic() + timeout
-    hexport = f"{port:04X}"
     while time.monotonic() < deadline:
-        with open("/proc/net/tcp") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 3 and parts[1].endswith(":" + hexport) and parts[3] == "0A":
-                    return
+        if proc_net("tcp", port, "0A"):
+            return
         time.sleep(0.05)
     raise LoadError(f"socat did not listen on {port}")
+
+
+def sink_drops(port):
+    """Datagrams the kernel dropped at the UDP sink on 127.0.0.1:``port`` (receive buffer
+    full), and the bytes waiting in its receive queue."""
+    rows = proc_net("udp", port)
+    return sum(d for _q, d in rows), sum(q for q, _d in rows)
+
+
+def settle_server(sink, tcp_port, udp_port, limit=10.0, quiet=0.3):
+    """Wait until the tunnel-server has taken every byte from its connection and the sink
+    every datagram from its socket, and the sink's count stood still for ``quiet``: then
+    nothing is in flight (bounded by ``limit`` seconds)."""
+    deadline = time.monotonic() + limit
+    prev, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        count = sink.snapshot().get("markers", {}).get("1", {}).get("count", 0)
+        queued = (sum(q for q, _d in proc_net("tcp", tcp_port, "01"))
+                  + sink_drops(udp_port)[1])
+        now = time.monotonic()
+        if count != prev or queued:
+            prev, since = count, now
+        elif now - since >= quiet:
+            return
+        time.sleep(0.03)
+    raise LoadError(f"the server stage did not settle in {limit:.0f} s")
+
+
+def server_counters(control):
+    """The tunnel-server's counters, read through its control socket."""
+    from relay.supervisor import query
+    try:
+        return json.loads(query(control))["total"]
+    except (RuntimeError, OSError, ValueError) as e:
+        raise LoadError(f"tunnel-server counters: {e}") from None
 
 
 def total_bytes(snap):
@@ -177,9 +228,12 @@ def one_run(impl, size, flows, duration, tools, load_cpus=None, impl_cpus=None, 
     sink_port = free_port(socket.SOCK_STREAM if to_tunnel else socket.SOCK_DGRAM)
     sink = Sink(Here(), sink_bin, f"127.0.0.1:{sink_port}", max_time=int(duration) + 60,
                 cpus=load_cpus, tunnel=to_tunnel).start()
-    procs = []
+    # the server stage accounts for every datagram: its counters come from its control socket
+    ctl_dir = tempfile.mkdtemp(prefix="relay-bench-") if impl == "server" else None
+    control = os.path.join(ctl_dir, "control.sock") if ctl_dir else None
+    procs, sent = [], 0
     try:
-        procs, entry = start_chain(impl, sink_port, impl_cpus)
+        procs, entry = start_chain(impl, sink_port, impl_cpus, control)
         if impl == "server":            # blast writes frames to the server, for the sink
             command, dst = [blast_bin, "--tunnel", f"127.0.0.1:{entry}"], f"127.0.0.1:{sink_port}"
         else:
@@ -191,7 +245,7 @@ def one_run(impl, size, flows, duration, tools, load_cpus=None, impl_cpus=None, 
                            duration=0.2, warmup=0, marker=2, count=flows * 4).start()
             warm.wait_warm()
             warm.go()
-            warm.result()
+            sent += warm.result()["sent"]
             snap = sink.wait_count(2, 1, quiet=0.3, limit=1.0)
             if total_bytes(snap) > 0:
                 break
@@ -205,7 +259,10 @@ def one_run(impl, size, flows, duration, tools, load_cpus=None, impl_cpus=None, 
         cpu0 = tree_cpu(p.pid for p in procs)
         b.go()
         res = b.result()
+        sent += res["sent"]
         sink.wait_count(1, res["sent"], quiet=0.3, limit=3.0)
+        if control:
+            settle_server(sink, entry, sink_port)
         snap = sink.snapshot()
         delivered = total_bytes(snap) - before
         # The rate over the sink's window (first to last datagram of the measured phase):
@@ -222,11 +279,28 @@ def one_run(impl, size, flows, duration, tools, load_cpus=None, impl_cpus=None, 
             out["cpu"] = (cpu1 - cpu0) / elapsed        # cores busy in the relay processes
             if delivered:
                 out["us_per_dgram"] = (cpu1 - cpu0) / (delivered / size) * 1e6
+        if control:
+            out["accounting"] = server_accounting(sent, snap, sink_drops(sink_port)[0],
+                                                  control)
         return out
     finally:
         for p in procs:
             stop(p)
         sink.stop()
+        if ctl_dir:
+            shutil.rmtree(ctl_dir, ignore_errors=True)
+
+
+def server_accounting(sent, snap, kernel_drops, control):
+    """Where each datagram of a server-stage run went, warm-up included: ``sent`` (by
+    blast --tunnel, over TCP: all reach the server), ``delivered`` (counted by the sink),
+    ``drops`` by the server (its counters) and by the kernel at the sink's full socket."""
+    counters = server_counters(control)
+    drops = {k: v for k, v in counters.items() if k.startswith("drop_") or k == "queue_drops"}
+    drops["sink_rcvbuf"] = kernel_drops
+    return {"sent": sent,
+            "delivered": sum(m.get("count", 0) for m in snap.get("markers", {}).values()),
+            "server_sent": counters.get("up_datagrams", 0), "drops": drops}
 
 
 def run(quick=False, rounds=None, duration=None, log=print, stages=False, rate=0, gso=False):

@@ -25,9 +25,13 @@ import math
 import os
 import re
 import stat
-import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Optional
+
+try:
+    import tomllib
+except ImportError:                 # Python < 3.11: the same parser as the tomli package
+    import tomli as tomllib
 
 from relay.net.addr import Upstream, format_hostport, parse_cidr, parse_hostport, parse_upstream
 

@@ -14,7 +14,7 @@ from relay.loglimit import LogLimiter
 # Destinations given as a domain name (ATYP 3) on the tunnel server and the SOCKS5 UDP
 # relay. The data path never waits for a lookup: a bounded cache answers at once, a miss
 # goes to a few resolver threads (getaddrinfo), and the datagrams waiting for the name are
-# parked in bounded queues until the answer wakes the loop through an eventfd. The threads
+# parked in bounded queues until the answer wakes the loop through a wake-up pipe. The threads
 # only see names and return addresses; they never touch the loop's structures.
 
 DNS_TTL_OK = 60.0           # seconds an answer is reused
@@ -76,14 +76,17 @@ def _packed_addrs(ips):
 class ResolverPool:
     """Resolver threads (started on the first lookup, at most ``threads``) working through
     a bounded queue of names. ``submit(token, raw_name)`` queues a lookup; each answer is
-    appended to a list and signalled on the eventfd ``fileno()``; the loop takes them with
-    ``results()`` as ``[(token, [(4 | 6, packed address)...], error text or None)]``.
+    appended to a list and signalled on ``fileno()``, the read end of a non-blocking pipe
+    (os.eventfd is Python 3.10+); the loop takes them with ``results()`` as
+    ``[(token, [(4 | 6, packed address)...], error text or None)]``.
     ``resolve(name) -> [ip text...]`` is injectable (tests); the default is getaddrinfo."""
 
     def __init__(self, resolve=None, threads=DNS_THREADS, max_queue=2 * DNS_INFLIGHT):
         self.resolve = resolve or resolve_name
         self.nthreads, self.max_queue = threads, max_queue
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.fd, self._wake = os.pipe()         # both close-on-exec (PEP 446)
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._wake, False)
         self._cv = threading.Condition()
         self._jobs = collections.deque()
         self._done = collections.deque()
@@ -133,12 +136,16 @@ class ResolverPool:
                 if self._closed:
                     return
                 self._done.append((token, addrs, err))
-                os.eventfd_write(self.fd, 1)
+                try:
+                    os.write(self._wake, b"\0")
+                except BlockingIOError:     # pipe full: a wake-up is pending already
+                    pass
 
     def results(self):
         try:
-            os.eventfd_read(self.fd)
-        except (BlockingIOError, OSError):
+            while len(os.read(self.fd, 4096)) == 4096:   # bounded by the pipe's capacity
+                pass
+        except OSError:                      # BlockingIOError: drained
             pass
         out = []
         while self._done:
@@ -152,6 +159,7 @@ class ResolverPool:
             self._closed = True
             self._cv.notify_all()
             os.close(self.fd)
+            os.close(self._wake)
 
 
 class _Name:

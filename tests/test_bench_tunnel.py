@@ -1,6 +1,7 @@
 """bench/bench_tunnel.py's stage tools: `blast --tunnel` writes frames to a tunnel-server,
 `sink --tunnel` plays the server end for a tunnel-client and counts the frames. Checks
-that every datagram is counted (the stage figures rest on it), never how fast."""
+that every datagram is counted (the stage figures rest on it), never how fast or how many
+a saturated stage loses."""
 import shutil
 
 import pytest
@@ -26,10 +27,18 @@ def test_every_datagram_of_a_paced_run_is_counted(tools, impl, size, flows):
     assert r["dgrams_per_s"] > 0 and r["us_per_dgram"] > 0
 
 
-def test_a_full_rate_server_stage_loses_nothing(tools):
-    # blast --tunnel is paced by TCP: the server takes what it can and sends all of it
+def test_a_full_rate_server_stage_accounts_for_every_datagram(tools):
+    # blast --tunnel is paced by TCP: the server takes every frame and sends every datagram
+    # or counts it as dropped; the sink receives it or the kernel counts it as dropped at
+    # the sink's full socket. How many a busy machine loses is a figure of the benchmark
+    # (`delivery`), not of this test.
     r = bt.one_run("server", 512, 2, 0.3, tools)
-    assert r["delivery"] == 1.0, r
+    a = r["accounting"]
+    server_drops = sum(v for k, v in a["drops"].items() if k != "sink_rcvbuf")
+    assert a["sent"] > 0 and a["delivered"] > 0, a
+    assert a["server_sent"] + server_drops == a["sent"], a
+    assert a["delivered"] + a["drops"]["sink_rcvbuf"] == a["server_sent"], a
+    assert r["delivery"] <= 1.0 and r["dgrams_per_s"] > 0 and r["us_per_dgram"] > 0, r
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -6,6 +6,7 @@ an association's UDP socket. A test-local resolver function stands in for getadd
 where a positive answer or a slow lookup is needed; `localhost` and `name.invalid` use the
 real resolver (neither needs the network). C core and pure fallback alike."""
 import errno
+import os
 import socket
 import threading
 import time
@@ -333,6 +334,32 @@ def test_pool_threads_are_bounded(resolver):
         assert all(err == "Name or service not known" for _t, _a, err in results)
     finally:
         pool.close()
+
+
+def test_pool_descriptor_wakes_once_per_batch_of_answers(resolver):
+    """fileno() turns readable when answers wait and results() clears it, on every
+    supported Python (it is a pipe: os.eventfd is 3.10+); both ends close."""
+    import select
+    resolver.table["a.test"] = ["192.0.2.1"]
+    pool = relay_resolver.ResolverPool(resolver)
+    fds = (pool.fileno(), pool._wake)
+    try:
+        assert select.select([pool.fileno()], [], [], 0)[0] == []
+        assert pool.results() == []                       # nothing waiting: no error
+        for i in range(5):
+            assert pool.submit(i, b"a.test") is None
+        assert select.select([pool.fileno()], [], [], 5)[0] == [pool.fileno()]
+        results = []
+        N.wait_until(lambda: results.extend(pool.results()) or len(results) == 5, 5,
+                     what="all answers")
+        assert sorted(results) == [(i, [(4, socket.inet_aton("192.0.2.1"))], None)
+                                   for i in range(5)]
+        assert select.select([pool.fileno()], [], [], 0)[0] == []
+    finally:
+        pool.close()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
 
 
 # ----------------------------------------------------------------------------- services

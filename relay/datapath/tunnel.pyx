@@ -53,7 +53,7 @@ cdef enum:
     KIND_FLOW = 3
     KIND_TCP = 6
     KIND_UDP = 7
-    KIND_DNS = 8         # the resolver's eventfd
+    KIND_DNS = 8         # the resolver's wake-up pipe
     EV_MAX = 64
     UDP_HDR_ROOM = 262   # RSV FRAG ATYP LEN DOMAIN PORT: headroom before a datagram
 

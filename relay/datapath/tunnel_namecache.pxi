@@ -6,7 +6,7 @@ cdef class NameCache:
     bounded set-associative cache name -> addresses with positive and negative lifetimes,
     and the datagrams waiting for a name parked in bounded queues. Lookups run in the
     threads of a relay.resolver.ResolverPool, which only see names, hand back addresses and
-    wake the owner's epoll through an eventfd; they never touch this memory."""
+    wake the owner's epoll through a wake-up pipe; they never touch this memory."""
     cdef dname_t *names
     cdef parked_t *park
     cdef uint32_t mask               # sets - 1
@@ -217,7 +217,7 @@ cdef class NameCache:
         return 0
 
     cdef int drain(self, Poller owner) except -1:
-        """Answers from the resolver threads (the eventfd said so)."""
+        """Answers from the resolver threads (the wake-up pipe said so)."""
         cdef double now = mono_now()
         for (idx, seq), addrs, err in self.pool.results():
             if self.names[<int>idx].state == N_PENDING and self.names[<int>idx].seq == seq:
