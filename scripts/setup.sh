@@ -14,7 +14,9 @@ APT_PACKAGES=(gcc python3-dev python3-venv iproute2 nftables util-linux procps l
 if command -v apt-get >/dev/null; then
     missing=()
     for p in "${APT_PACKAGES[@]}"; do
-        dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+        # (dpkg -s also succeeds for a removed package whose configuration files remain)
+        [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] \
+            || missing+=("$p")
     done
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ] || command -v sudo >/dev/null; then
