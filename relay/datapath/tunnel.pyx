@@ -28,6 +28,7 @@ from relay.includes.system cimport (
     epoll_event, EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLRDHUP, EPOLL_CTL_ADD,
     EPOLL_CTL_MOD, EPOLL_CTL_DEL, EPOLL_CLOEXEC, epoll_create1, epoll_ctl, epoll_wait,
 )
+from relay.datapath.table cimport is_v4mapped
 from relay.datapath.addr cimport sockaddr_any, sockaddr_from_tuple, sockaddr_to_tuple, raise_oserror
 from relay.datapath.sendq cimport (
     sendq_t, sq_init, sq_free, sq_add, sq_flush, sq_full, sq_clear, sq_set_src,
@@ -81,12 +82,7 @@ cdef inline void wr16(uint8_t *p, uint16_t v) noexcept nogil:
 
 
 cdef inline bint is_mapped(const sockaddr_any *a) noexcept nogil:
-    cdef const uint8_t *b = <const uint8_t *>&a.v6.sin6_addr
-    cdef int i
-    for i in range(10):
-        if b[i]:
-            return False
-    return b[10] == 0xff and b[11] == 0xff
+    return is_v4mapped(<const uint8_t *>&a.v6.sin6_addr)      # the one IPv4-mapped check
 
 
 cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
