@@ -17,6 +17,8 @@ from relay import stats as _stats
 from relay import _select
 from relay import proto
 from relay import resolver
+from relay.loglimit import LogLimiter
+from relay.services.admission import Acceptor
 from relay.services.base import Service
 from relay.net import sockopt
 from relay.services.common import check_exposure
@@ -68,7 +70,9 @@ class Socks5Service(Service):
         self.relay = _select.module("tunnel").Socks5Relay(self.acl.table(), ctx.stats,
                                          max_assoc=min(cfg.max_associations, MAX_CONTROL),
                                          batch=min(cfg.batch, 256), log=log)
-        self.relay.watch(self.lsock.fileno(), 0)
+        self.acceptor = Acceptor(self.lsock, lambda fd: self.relay.watch(fd, 0), self.relay.unwatch,
+                                 ctx.stats, _I, log)
+        self.say = LogLimiter(log)
         self.controls = {}        # token -> _Control (client side)
         self.sides = {}           # token -> (_Side, _Control)
         self._token = 0
@@ -105,6 +109,7 @@ class Socks5Service(Service):
                         self._side_event(entry[0], entry[1], events)
                 now = time.monotonic()
                 self.relay.tick(now)
+                self.acceptor.tick(now)
                 for ctl in [c for c in self.controls.values()
                             if c.state in (HANDSHAKE, CONNECTING) and now > c.deadline]:
                     self._close(ctl, "timed out", rejected=True)
@@ -113,21 +118,14 @@ class Socks5Service(Service):
                 time.sleep(0.01)
 
     def _accept(self):
-        for _ in range(64):
-            try:
-                sock, peer = self.lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                log.warning("accept: %s", e)
-                return
-            self._count("conn_accepted")
+        for sock, peer in self.acceptor.accept():
             if len(self.controls) >= MAX_CONTROL:
                 sock.close()
                 self._count("conn_rejected")
+                self.say(logging.WARNING, "SOCKS5 client %s refused: %d control connections",
+                         peer[0], MAX_CONTROL)
                 continue
             self._count("conn_open")
-            sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             side = _Side(sock, self._new_token())
             hs = proto.ServerHandshake(user=self.user, password=self.password,
@@ -162,7 +160,10 @@ class Socks5Service(Service):
         if rejected:
             self._count("conn_rejected")
         if why:
-            (log.warning if rejected else log.debug)("SOCKS5 client %s: %s", ctl.peer[0], why)
+            if rejected:
+                self.say(logging.WARNING, "SOCKS5 client %s: %s", ctl.peer[0], why)
+            else:
+                log.debug("SOCKS5 client %s: %s", ctl.peer[0], why)
 
     def _side_event(self, side, ctl, events):
         if ctl.state == HANDSHAKE:

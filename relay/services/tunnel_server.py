@@ -14,6 +14,8 @@ from relay import _select
 from relay import proto
 from relay import stats as _stats
 from relay.net import sockopt
+from relay.loglimit import LogLimiter
+from relay.services.admission import Acceptor
 from relay.services.base import Service
 from relay.services.common import check_exposure
 
@@ -22,7 +24,6 @@ log = logging.getLogger("relay.tunnel")
 HANDSHAKE_TIMEOUT = 10.0
 STALL_TIMEOUT = 5.0          # a client that reads none of its waiting replies this long is dropped
 MAX_PENDING = 256            # connections still in their handshake
-ACCEPT_BURST = 64
 _I = _stats.INDEX
 
 
@@ -48,7 +49,9 @@ class TunnelServerService(Service):
             acl.table(), ctx.stats, max_flows=min(cfg.max_associations, 1 << 20),
             timeout=cfg.timeout, batch=min(cfg.batch, 256), mark=sockopt.usable_mark(cfg.mark),
             stall_timeout=STALL_TIMEOUT, log=log)
-        self.core.watch(self.lsock.fileno(), 0)
+        self.acceptor = Acceptor(self.lsock, lambda fd: self.core.watch(fd, 0), self.core.unwatch,
+                                 ctx.stats, _I, log)
+        self.say = LogLimiter(log)
         self.pending = {}
         self._token = 0
         self.address = self.lsock.getsockname()
@@ -67,6 +70,7 @@ class TunnelServerService(Service):
                         self._handshake(token)
                 now = time.monotonic()
                 self.core.tick(now)
+                self.acceptor.tick(now)
                 for token in [t for t, p in self.pending.items() if now > p.deadline]:
                     self._reject(token, "handshake timed out")
             except Exception:            # never let one bad event stop the listener
@@ -74,23 +78,15 @@ class TunnelServerService(Service):
                 time.sleep(0.01)
 
     def _accept(self):
-        for _ in range(ACCEPT_BURST):
-            try:
-                sock, peer = self.lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:        # EMFILE and friends: try again on the next round
-                log.warning("accept: %s", e)
-                return
-            self._count("conn_accepted")
+        for sock, peer in self.acceptor.accept():
             self._count("conn_open")
             if len(self.pending) >= MAX_PENDING:
                 sock.close()
                 self._count("conn_open", -1)
                 self._count("conn_rejected")
-                log.warning("too many connections in their handshake; refused %s", peer[0])
+                self.say(logging.WARNING, "too many connections in their handshake; refused %s",
+                         peer[0])
                 continue
-            sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._token = self._token % 0x7FFFFFFF + 1
             hs = proto.ServerHandshake(secret=self.secret, user=self.user,
@@ -110,7 +106,7 @@ class TunnelServerService(Service):
         p.sock.close()
         self._count("conn_open", -1)
         self._count("conn_rejected")
-        log.warning("tunnel client %s refused: %s", p.peer[0], why)
+        self.say(logging.WARNING, "tunnel client %s refused: %s", p.peer[0], why)
 
     def _handshake(self, token):
         p = self.pending.get(token)
@@ -146,7 +142,7 @@ class TunnelServerService(Service):
             os.close(fd)
             self._count("conn_open", -1)
             self._count("conn_rejected")
-            log.warning("tunnel client %s refused: connection table full", p.peer[0])
+            self.say(logging.WARNING, "tunnel client %s refused: connection table full", p.peer[0])
 
     def close(self):
         for token in list(self.pending):
