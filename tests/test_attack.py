@@ -1,6 +1,7 @@
 """Attacks on the TCP front of tunnel-server and socks5 (issue "hold under attack"): idle
 connections that exhaust descriptors, and one address holding handshake slots. After each, a
 legitimate client from another address is still served. Loopback only."""
+import select
 import socket
 import time
 import types
@@ -9,9 +10,10 @@ import psutil
 import pytest
 
 from relay import proto
+from relay.services import admission, socks5_server, tunnel_server
 from tests.netns import wait_until
 from tests.relayproc import RelayProcess
-from tests.support import raw_associate, raw_client, read_frames
+from tests.support import cfg, closed_by_peer, raw_associate, raw_client, read_frames
 
 pytest.importorskip("relay.datapath.tunnel")
 pytestmark = pytest.mark.usefixtures("impl")     # every test: compiled, then pure
@@ -89,3 +91,94 @@ def test_descriptor_exhaustion_does_not_spin(mode, echo):
         wait_until(lambda: SERVED[mode](addr, echo), 10, what="a client served again")
         lines = r.log().splitlines()
         assert len(lines) < 100, "\n".join(lines[:20])
+
+
+# ------------------------------------------------------------------ handshake slots
+
+
+class Holder:
+    """count idle connections to addr from one source address, refilled on refill():
+    what the server closed is opened again (poll, not select: more than 1024 descriptors)."""
+
+    def __init__(self, addr, count, source="127.0.0.2"):
+        self.addr, self.count, self.source = addr, count, source
+        self.socks = {}
+        self.poll = select.poll()
+        self.refill()
+
+    def _open(self):
+        s = socket.socket()
+        s.bind((self.source, 0))
+        s.setblocking(False)
+        s.connect_ex(self.addr)
+        self.socks[s.fileno()] = s
+        self.poll.register(s, select.POLLIN | select.POLLHUP | select.POLLERR)
+
+    def refill(self):
+        for fd, _ev in self.poll.poll(0):
+            s = self.socks.pop(fd)
+            self.poll.unregister(fd)
+            s.close()
+        while len(self.socks) < self.count:
+            self._open()
+
+    def close(self):
+        for s in self.socks.values():
+            s.close()
+        self.socks.clear()
+
+
+def lo_service(running, mode):
+    return running(cfg(mode, listen=("127.0.0.1", 0), allow=["127.0.0.0/8"]))
+
+
+@pytest.mark.parametrize("mode,count", [("tunnel-server", 300), ("socks5", 300),
+                                        ("socks5", 1100)])
+def test_one_address_cannot_hold_the_handshake_slots(running, echo, mode, count):
+    server = lo_service(running, mode)
+    addr = server.address[:2]
+    holder = Holder(addr, count)
+    try:
+        served = 0
+        for _ in range(10):
+            time.sleep(0.5)
+            holder.refill()
+            served += SERVED[mode](addr, echo)
+        assert served == 10
+        assert server.stats()["conn_rejected"] >= count - admission.PER_SOURCE
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize("mode,cap", [("tunnel-server", "MAX_PENDING"),
+                                      ("socks5", "MAX_HANDSHAKES")])
+def test_full_handshake_pool_evicts_the_oldest(running, echo, monkeypatch, mode, cap):
+    """8 handshake slots held from 8 addresses: a ninth client gets in, the oldest goes."""
+    monkeypatch.setattr(tunnel_server if mode == "tunnel-server" else socks5_server, cap, 8)
+    server = lo_service(running, mode)
+    addr = server.address[:2]
+    idle = idle_connections(addr, 8)
+    try:
+        wait_until(lambda: len(server.svc.handshakes) == 8, 5, what="8 handshakes pending")
+        assert SERVED[mode](addr, echo)
+        assert closed_by_peer(idle[0])
+        assert server.stats()["conn_rejected"] >= 1
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_first_bytes_deadline(running, monkeypatch):
+    """Silence is closed after FIRST_BYTES_TIMEOUT; a client that has begun its handshake
+    has HANDSHAKE_TIMEOUT (10 s) for the rest."""
+    monkeypatch.setattr(admission, "FIRST_BYTES_TIMEOUT", 0.5)
+    for mode in ("tunnel-server", "socks5"):
+        server = lo_service(running, mode)
+        addr = server.address[:2]
+        silent = socket.create_connection(addr, timeout=3)
+        begun = socket.create_connection(addr, timeout=3)
+        begun.sendall(b"\x05")                 # the first byte of a greeting
+        with silent, begun:
+            assert closed_by_peer(silent, 5)
+            assert not closed_by_peer(begun, 1.5)
+        assert server.stats()["conn_rejected"] >= 1

@@ -101,3 +101,59 @@ class Acceptor:
         if self.paused_until is not None and now >= self.paused_until:
             self.paused_until = None
             self._watch(self.lsock.fileno())
+
+
+class HandshakePool:
+    """token -> (source key, start, deadline, heard), oldest first."""
+
+    def __init__(self, cap, timeout, per_source=None, first_bytes=None):
+        self.cap, self.timeout = cap, timeout
+        self.per_source = PER_SOURCE if per_source is None else per_source
+        self.first_bytes = min(FIRST_BYTES_TIMEOUT if first_bytes is None else first_bytes, timeout)
+        self.slots = {}
+        self.sources = {}
+        self._next_scan = 0.0
+
+    def __len__(self):
+        return len(self.slots)
+
+    def __contains__(self, token):
+        return token in self.slots
+
+    def source_full(self, host):
+        return self.sources.get(source_key(host), 0) >= self.per_source
+
+    def add(self, token, host, now):
+        """Admit token; returns the token of the oldest handshake evicted to make room, or
+        None. Callers check source_full first."""
+        victim = None
+        if len(self.slots) >= self.cap:
+            victim = next(iter(self.slots))
+            self.remove(victim)
+        key = source_key(host)
+        self.slots[token] = [key, now, now + self.first_bytes, False]
+        self.sources[key] = self.sources.get(key, 0) + 1
+        return victim
+
+    def heard(self, token):
+        """The first bytes arrived: the rest of the handshake is due within timeout."""
+        s = self.slots.get(token)
+        if s is not None and not s[3]:
+            s[2], s[3] = s[1] + self.timeout, True
+
+    def remove(self, token):
+        s = self.slots.pop(token, None)
+        if s is None:
+            return
+        n = self.sources[s[0]] - 1
+        if n:
+            self.sources[s[0]] = n
+        else:
+            del self.sources[s[0]]
+
+    def expired(self, now):
+        """Tokens past their deadline (scanned at most every 50 ms); still in the pool."""
+        if now < self._next_scan or not self.slots:
+            return []
+        self._next_scan = now + 0.05
+        return [t for t, s in self.slots.items() if now > s[2]]
