@@ -182,3 +182,25 @@ def test_first_bytes_deadline(running, monkeypatch):
             assert closed_by_peer(silent, 5)
             assert not closed_by_peer(begun, 1.5)
         assert server.stats()["conn_rejected"] >= 1
+
+
+def test_pool_counts_sources_ipv4_and_ipv6():
+    """Per-source counting: an IPv4 address (IPv4-mapped the same), an IPv6 /64; the oldest
+    handshake is evicted when the pool is full; deadlines move once the first bytes arrive."""
+    pool = admission.HandshakePool(cap=4, timeout=10.0, per_source=2, first_bytes=3.0)
+    pool.add(1, "192.0.2.1", 0.0)
+    pool.add(2, "::ffff:192.0.2.1", 0.0)
+    assert pool.source_full("192.0.2.1") and pool.source_full("::ffff:192.0.2.1")
+    assert not pool.source_full("192.0.2.2")
+    pool.add(3, "2001:db8::1", 1.0)
+    pool.add(4, "2001:db8::ffff:2", 1.0)
+    assert pool.source_full("2001:db8::3") and not pool.source_full("2001:db8:0:1::1")
+    assert pool.add(5, "2001:db8:0:1::1", 2.0) == 1         # full: the oldest goes
+    assert 1 not in pool and len(pool) == 4 and not pool.source_full("192.0.2.1")
+    pool.heard(2)
+    assert sorted(pool.expired(4.5)) == [3, 4]              # silent for more than 3 s
+    assert sorted(pool.expired(9.9)) == [3, 4, 5]            # 2 spoke: it has 10 s
+    assert sorted(pool.expired(10.1)) == [2, 3, 4, 5]
+    for t in (2, 3, 4, 5):
+        pool.remove(t)
+    assert len(pool) == 0 and pool.sources == {}
