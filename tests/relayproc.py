@@ -21,12 +21,12 @@ def relay_env():
 class RelayProcess:
     """`relay ARGS...` with its own control socket; stopped (SIGTERM, then SIGKILL) on close."""
 
-    def __init__(self, args, ns=None, workers=1, prefix=()):
+    def __init__(self, args, ns=None, workers=1, prefix=(), log_level="debug"):
         self.dir = tempfile.mkdtemp(prefix="relay-test-")
         self.control = os.path.join(self.dir, "control.sock")
         self.args = [*prefix, sys.executable, "-m", "relay", *map(str, args)]
         if "run" not in args[:1]:
-            self.args += ["--control", self.control, "--workers", str(workers), "--log-level", "debug"]
+            self.args += ["--control", self.control, "--workers", str(workers), "--log-level", log_level]
         self.stderr_path = os.path.join(self.dir, "stderr.log")
         self.stderr = open(self.stderr_path, "w+")
         popen_kw = dict(stdout=subprocess.DEVNULL, stderr=self.stderr, env=relay_env())

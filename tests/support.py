@@ -211,6 +211,21 @@ def raw_client(server, cmd=proto.CMD_UDP_TUN_MUX, rcvbuf=None):
     return s, hs.leftover
 
 
+def raw_associate(server, user=None, password=None, family=socket.AF_INET, at=None):
+    """UDP ASSOCIATE over a control connection to server (or to address at); returns the
+    control socket, an unbound UDP socket of family and the relay address (BND)."""
+    ctl = socket.create_connection(at or server.address[:2], timeout=3)
+    hs = proto.ClientHandshake(cmd=proto.CMD_UDP_ASSOCIATE, user=user, password=password,
+                               host="::" if family == socket.AF_INET6 else "0.0.0.0")
+    out = hs.start()
+    while not hs.done:
+        ctl.sendall(out)
+        out = hs.feed(ctl.recv(4096))
+    u = socket.socket(family, socket.SOCK_DGRAM)
+    u.settimeout(2)
+    return ctl, u, hs.bound
+
+
 def read_frames(s, n, mux=True, timeout=3.0):
     buf = b""
     frames = []

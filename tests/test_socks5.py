@@ -12,7 +12,7 @@ from relay import _select
 from relay import proto, resolver
 from relay.datapath import pure
 from tests import netns as N
-from tests.support import ALLOW_DOC, Echo, Running, cfg, wait_stat
+from tests.support import ALLOW_DOC, Echo, Running, cfg, raw_associate, wait_stat
 
 socks = pytest.importorskip("socks")
 _tunnel = pytest.importorskip("relay.datapath.tunnel")
@@ -109,21 +109,6 @@ def test_pysocks_connect(topo, started):
     t.join(5)
     srv.close()
     assert server.stats()["conn_accepted"] == 1
-
-
-def raw_associate(server, user=None, password=None, family=socket.AF_INET, at=None):
-    """UDP ASSOCIATE over a control connection to server (or to address at); returns the
-    control socket, an unbound UDP socket of family and the relay address (BND)."""
-    ctl = socket.create_connection(at or server.address[:2], timeout=3)
-    hs = proto.ClientHandshake(cmd=proto.CMD_UDP_ASSOCIATE, user=user, password=password,
-                               host="::" if family == socket.AF_INET6 else "0.0.0.0")
-    out = hs.start()
-    while not hs.done:
-        ctl.sendall(out)
-        out = hs.feed(ctl.recv(4096))
-    u = socket.socket(family, socket.SOCK_DGRAM)
-    u.settimeout(2)
-    return ctl, u, hs.bound
 
 
 @pytest.mark.netns

@@ -17,6 +17,8 @@ from relay import stats as _stats
 from relay import _select
 from relay import proto
 from relay import resolver
+from relay.loglimit import LogLimiter
+from relay.services.admission import Acceptor, HandshakePool
 from relay.services.base import Service
 from relay.net import sockopt
 from relay.services.common import check_exposure
@@ -24,10 +26,11 @@ from relay.services.common import check_exposure
 log = logging.getLogger("relay.socks5")
 _I = _stats.INDEX
 
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0     # the whole handshake; its first bytes within admission.FIRST_BYTES_TIMEOUT
 CONNECT_TIMEOUT = 10.0
 PIPE_LIMIT = 256 * 1024        # bytes buffered towards one side of a CONNECT relay
-MAX_CONTROL = 1024             # control connections (handshakes, associations, CONNECTs)
+MAX_CONTROL = 1024             # established control connections (associations, CONNECTs)
+MAX_HANDSHAKES = 256           # connections in their handshake, apart (the oldest makes room)
 
 # states of a control connection
 HANDSHAKE, CONNECTING, PIPE, ASSOCIATED = range(4)
@@ -68,8 +71,11 @@ class Socks5Service(Service):
         self.relay = _select.module("tunnel").Socks5Relay(self.acl.table(), ctx.stats,
                                          max_assoc=min(cfg.max_associations, MAX_CONTROL),
                                          batch=min(cfg.batch, 256), log=log)
-        self.relay.watch(self.lsock.fileno(), 0)
+        self.acceptor = Acceptor(self.lsock, lambda fd: self.relay.watch(fd, 0), self.relay.unwatch,
+                                 ctx.stats, _I, log)
+        self.say = LogLimiter(log)
         self.controls = {}        # token -> _Control (client side)
+        self.handshakes = HandshakePool(MAX_HANDSHAKES, HANDSHAKE_TIMEOUT)   # tokens in HANDSHAKE
         self.sides = {}           # token -> (_Side, _Control)
         self._token = 0
         self.address = self.lsock.getsockname()
@@ -105,41 +111,50 @@ class Socks5Service(Service):
                         self._side_event(entry[0], entry[1], events)
                 now = time.monotonic()
                 self.relay.tick(now)
+                self.acceptor.tick(now)
+                for token in self.handshakes.expired(now):
+                    self._close(self.controls[token], "handshake timed out", rejected=True)
                 for ctl in [c for c in self.controls.values()
-                            if c.state in (HANDSHAKE, CONNECTING) and now > c.deadline]:
-                    self._close(ctl, "timed out", rejected=True)
+                            if c.state == CONNECTING and now > c.deadline]:
+                    self._close(ctl, "CONNECT timed out", rejected=True)
             except Exception:            # never let one bad event stop the listener
                 log.exception("socks5 %s: unexpected error; continuing", self.address)
                 time.sleep(0.01)
 
     def _accept(self):
-        for _ in range(64):
-            try:
-                sock, peer = self.lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                log.warning("accept: %s", e)
-                return
-            self._count("conn_accepted")
-            if len(self.controls) >= MAX_CONTROL:
+        for sock, peer in self.acceptor.accept():
+            why = None
+            if self.handshakes.source_full(peer[0]):
+                why = "%d connections of its address in their handshake"
+                n = self.handshakes.per_source
+            elif self._established() >= MAX_CONTROL:
+                why, n = "%d control connections", MAX_CONTROL
+            if why:
                 sock.close()
                 self._count("conn_rejected")
+                self.say(logging.WARNING, "SOCKS5 client %s refused: " + why, peer[0], n)
                 continue
             self._count("conn_open")
-            sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             side = _Side(sock, self._new_token())
             hs = proto.ServerHandshake(user=self.user, password=self.password,
                                        commands=(proto.CMD_CONNECT, proto.CMD_UDP_ASSOCIATE))
-            ctl = _Control(side, hs, time.monotonic() + HANDSHAKE_TIMEOUT, peer)
+            ctl = _Control(side, hs, 0.0, peer)
             self.controls[side.token] = ctl
             self.sides[side.token] = (side, ctl)
             self.relay.watch(sock.fileno(), side.token)
+            victim = self.handshakes.add(side.token, peer[0], time.monotonic())
+            if victim is not None:
+                self._close(self.controls[victim], f"{MAX_HANDSHAKES} connections in their "
+                            f"handshake; the oldest made room", rejected=True)
+
+    def _established(self):
+        return len(self.controls) - len(self.handshakes)
 
     def _close(self, ctl, why=None, rejected=False, reply=b""):
         if self.controls.pop(ctl.side.token, None) is None:
             return
+        self.handshakes.remove(ctl.side.token)
         for side in (ctl.side, ctl.remote):
             if side is None:
                 continue
@@ -162,7 +177,10 @@ class Socks5Service(Service):
         if rejected:
             self._count("conn_rejected")
         if why:
-            (log.warning if rejected else log.debug)("SOCKS5 client %s: %s", ctl.peer[0], why)
+            if rejected:
+                self.say(logging.WARNING, "SOCKS5 client %s: %s", ctl.peer[0], why)
+            else:
+                log.debug("SOCKS5 client %s: %s", ctl.peer[0], why)
 
     def _side_event(self, side, ctl, events):
         if ctl.state == HANDSHAKE:
@@ -193,6 +211,7 @@ class Socks5Service(Service):
             return self._close(ctl, str(e), rejected=True)
         if not data:
             return self._close(ctl, "closed during the handshake", rejected=True)
+        self.handshakes.heard(ctl.side.token)
         try:
             out = ctl.hs.feed(data)
             if out:
@@ -203,6 +222,10 @@ class Socks5Service(Service):
             return self._close(ctl, str(e), rejected=True)
         if not ctl.hs.done:
             return
+        self.handshakes.remove(ctl.side.token)
+        if self._established() > MAX_CONTROL:
+            return self._close(ctl, f"{MAX_CONTROL} control connections", rejected=True,
+                               reply=ctl.hs.reply(proto.REP_FAILURE))
         cmd, _atyp, host, port = ctl.hs.request
         if cmd == proto.CMD_UDP_ASSOCIATE:
             return self._associate(ctl, host, port)

@@ -14,23 +14,24 @@ from relay import _select
 from relay import proto
 from relay import stats as _stats
 from relay.net import sockopt
+from relay.loglimit import LogLimiter
+from relay.services.admission import Acceptor, HandshakePool
 from relay.services.base import Service
 from relay.services.common import check_exposure
 
 log = logging.getLogger("relay.tunnel")
 
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0     # the whole handshake; its first bytes within admission.FIRST_BYTES_TIMEOUT
 STALL_TIMEOUT = 5.0          # a client that reads none of its waiting replies this long is dropped
-MAX_PENDING = 256            # connections still in their handshake
-ACCEPT_BURST = 64
+MAX_PENDING = 256            # connections still in their handshake (the oldest makes room)
 _I = _stats.INDEX
 
 
 class _Pending:
-    __slots__ = ("sock", "hs", "deadline", "peer")
+    __slots__ = ("sock", "hs", "peer")
 
-    def __init__(self, sock, hs, deadline, peer):
-        self.sock, self.hs, self.deadline, self.peer = sock, hs, deadline, peer
+    def __init__(self, sock, hs, peer):
+        self.sock, self.hs, self.peer = sock, hs, peer
 
 
 class TunnelServerService(Service):
@@ -48,8 +49,11 @@ class TunnelServerService(Service):
             acl.table(), ctx.stats, max_flows=min(cfg.max_associations, 1 << 20),
             timeout=cfg.timeout, batch=min(cfg.batch, 256), mark=sockopt.usable_mark(cfg.mark),
             stall_timeout=STALL_TIMEOUT, log=log)
-        self.core.watch(self.lsock.fileno(), 0)
-        self.pending = {}
+        self.acceptor = Acceptor(self.lsock, lambda fd: self.core.watch(fd, 0), self.core.unwatch,
+                                 ctx.stats, _I, log)
+        self.say = LogLimiter(log)
+        self.pending = {}          # token -> _Pending; their slots and deadlines in self.handshakes
+        self.handshakes = HandshakePool(MAX_PENDING, HANDSHAKE_TIMEOUT)
         self._token = 0
         self.address = self.lsock.getsockname()
 
@@ -67,40 +71,36 @@ class TunnelServerService(Service):
                         self._handshake(token)
                 now = time.monotonic()
                 self.core.tick(now)
-                for token in [t for t, p in self.pending.items() if now > p.deadline]:
+                self.acceptor.tick(now)
+                for token in self.handshakes.expired(now):
                     self._reject(token, "handshake timed out")
             except Exception:            # never let one bad event stop the listener
                 log.exception("tunnel-server %s: unexpected error; continuing", self.address)
                 time.sleep(0.01)
 
     def _accept(self):
-        for _ in range(ACCEPT_BURST):
-            try:
-                sock, peer = self.lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:        # EMFILE and friends: try again on the next round
-                log.warning("accept: %s", e)
-                return
-            self._count("conn_accepted")
-            self._count("conn_open")
-            if len(self.pending) >= MAX_PENDING:
+        for sock, peer in self.acceptor.accept():
+            if self.handshakes.source_full(peer[0]):
                 sock.close()
-                self._count("conn_open", -1)
                 self._count("conn_rejected")
-                log.warning("too many connections in their handshake; refused %s", peer[0])
+                self.say(logging.WARNING, "tunnel client %s refused: %d connections of its "
+                         "address in their handshake", peer[0], self.handshakes.per_source)
                 continue
-            sock.setblocking(False)
+            self._count("conn_open")
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._token = self._token % 0x7FFFFFFF + 1
             hs = proto.ServerHandshake(secret=self.secret, user=self.user,
                                        password=self.password)
-            self.pending[self._token] = _Pending(sock, hs, time.monotonic() + HANDSHAKE_TIMEOUT,
-                                                 peer)
+            self.pending[self._token] = _Pending(sock, hs, peer)
             self.core.watch(sock.fileno(), self._token)
+            victim = self.handshakes.add(self._token, peer[0], time.monotonic())
+            if victim is not None:
+                self._reject(victim, f"{MAX_PENDING} connections in their handshake; the "
+                                     f"oldest made room")
 
     def _reject(self, token, why, reply=b""):
         p = self.pending.pop(token)
+        self.handshakes.remove(token)
         self.core.unwatch(p.sock.fileno())
         if reply:
             try:
@@ -110,7 +110,7 @@ class TunnelServerService(Service):
         p.sock.close()
         self._count("conn_open", -1)
         self._count("conn_rejected")
-        log.warning("tunnel client %s refused: %s", p.peer[0], why)
+        self.say(logging.WARNING, "tunnel client %s refused: %s", p.peer[0], why)
 
     def _handshake(self, token):
         p = self.pending.get(token)
@@ -124,6 +124,7 @@ class TunnelServerService(Service):
             return self._reject(token, str(e))
         if not data:
             return self._reject(token, "closed during the handshake")
+        self.handshakes.heard(token)
         try:
             out = p.hs.feed(data)
         except proto.HandshakeError as e:
@@ -139,6 +140,7 @@ class TunnelServerService(Service):
         except OSError as e:
             return self._reject(token, str(e))
         del self.pending[token]
+        self.handshakes.remove(token)
         self.core.unwatch(p.sock.fileno())
         fd = p.sock.detach()
         slot = self.core.add_conn(fd, cmd == proto.CMD_UDP_TUN_MUX, p.hs.leftover)
@@ -146,11 +148,12 @@ class TunnelServerService(Service):
             os.close(fd)
             self._count("conn_open", -1)
             self._count("conn_rejected")
-            log.warning("tunnel client %s refused: connection table full", p.peer[0])
+            self.say(logging.WARNING, "tunnel client %s refused: connection table full", p.peer[0])
 
     def close(self):
         for token in list(self.pending):
             p = self.pending.pop(token)
+            self.handshakes.remove(token)
             p.sock.close()
             self._count("conn_open", -1)
         self.core.close_all()
