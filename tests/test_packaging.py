@@ -68,7 +68,9 @@ def test_ci_runs_the_oldest_and_newest_supported_python():
     common = read("scripts/ci-common.sh")
     assert re.search(r"^OLDEST=3\.9$", common, re.M)
     assert re.search(r"^NEWEST=3\.13$", common, re.M)
-    assert "RELAY_PURE_PYTHON=1" in read("scripts/ci-pythons.sh")
+    assert 'names=("python$OLDEST" "python$NEWEST")' in read("scripts/ci-pythons.sh")
+    # and each run tests both implementations: the tunnel cores through the impl fixture
+    assert '@pytest.fixture(params=["c", "pure"])\ndef impl' in read("tests/conftest.py")
     assert "Supported Python: 3.9 to 3.13" in read("README.md")
 
 
