@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import signal
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ from dataclasses import dataclass, field
 
 from bench import loadgen, peers, topo
 from bench.cbuild import compile_c
+from relay.privileges import raise_nofile_limit
 
 ROOT = peers.ROOT
 BENCH_DIR = os.path.join(ROOT, "bench")
@@ -716,12 +716,6 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _raise_nofile():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     prof = profile("smoke" if args.smoke else "quick" if args.quick else "full")
@@ -733,7 +727,7 @@ def main(argv=None):
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         # Explicitly: a shell starts background jobs with SIGINT ignored.
         signal.signal(sig, _interrupt)
-    _raise_nofile()
+    raise_nofile_limit()
     t_start = time.monotonic()
     results = {
         "meta": {"command": "python -m bench " + " ".join(sys.argv[1:] if argv is None

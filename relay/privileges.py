@@ -1,4 +1,4 @@
-"""Dropping root in the workers once their sockets are open.
+"""Dropping root in the workers once their sockets are open; the descriptor limit.
 
 A worker keeps exactly the capabilities its listeners still need after start
 (``needed_capabilities``), none when they need none:
@@ -16,6 +16,7 @@ thread; threads started afterwards inherit the reduced set.
 import ctypes
 import os
 import pwd
+import resource
 
 CAP_NET_BIND_SERVICE = 10
 CAP_NET_ADMIN = 12
@@ -46,6 +47,16 @@ def _check(ret, what):
     if ret != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def raise_nofile_limit():
+    """Raise the soft RLIMIT_NOFILE to the hard limit and return it. Every association
+    holds a descriptor, and a shell or sudo often starts relay at the soft default of
+    1024 below a much higher hard limit; what the hard limit allows is relay's to use."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def default_user():

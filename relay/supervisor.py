@@ -375,6 +375,8 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         try:
             self._check_control(self.config.global_.control_socket)
+            from relay.privileges import raise_nofile_limit
+            log.debug("descriptor limit %d", raise_nofile_limit())     # workers inherit it
             self._check_ports(self.config)
             self.start()
             # Only now: a control socket that answers means every worker's sockets are bound.

@@ -212,3 +212,23 @@ def test_stats_command_reads_a_running_relay(tmp_path):
         assert 'relay_down_datagrams_total{listener="forward"} 1' in prom.stdout
     gone = relay("stats", "--control", r.control)
     assert gone.returncode == 1 and "no relay is running" in gone.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK on upstream sockets needs root")
+def test_relay_raises_its_descriptor_limit_to_the_hard_limit():
+    """Started at a soft limit below the hard one (as sudo starts it: 1024), the supervisor
+    and its workers get the hard limit, so associations are not refused at ~1000."""
+    def nofile(pid):
+        with open(f"/proc/{pid}/limits") as f:
+            line = next(ln for ln in f if ln.startswith("Max open files"))
+        return tuple(int(x) for x in line.split()[3:5])
+    port = free_udp_port()
+    with LoopbackEcho() as echo, RelayProcess(
+            ["forward", "--listen", f"127.0.0.1:{port}", "--to", f"127.0.0.1:{echo.address[1]}"],
+            prefix=("prlimit", "--nofile=256:4096", "--")) as r:
+        r.wait_ready()
+        pids = [r._main_pid()] + r.worker_pids()
+        assert len(pids) == 2
+        assert [nofile(p) for p in pids] == [(4096, 4096)] * 2
+        assert udp_roundtrip(socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+                             ("127.0.0.1", port), b"fd")[0] == b"fd"

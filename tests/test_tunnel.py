@@ -318,7 +318,10 @@ def test_bad_input_closes_and_counts(lo_server, echo, kind):
 def test_client_that_never_reads(lo_server, echo):
     s, _ = raw_client(lo_server, rcvbuf=4096)
     big = proto.encode_frame(*echo.addr, b"r" * 60000, flow=1)
-    s.settimeout(0.5)
+    # A long timeout: the loop ends when the drops are seen or the server closes the stalled
+    # connection; a send that a busy machine holds up for a moment must not end it earlier
+    # (a timed-out sendall may have sent part of a frame, so the loop cannot go on after one).
+    s.settimeout(5.0)
     t0 = time.monotonic()
     sent = 0
     try:
