@@ -211,10 +211,13 @@ def raw_client(server, cmd=proto.CMD_UDP_TUN_MUX, rcvbuf=None):
     return s, hs.leftover
 
 
-def read_frames(s, n, mux=True, timeout=3.0):
-    buf = b""
+def read_frames(s, n, mux=True, timeout=3.0, buf=b""):
+    """``n`` frames from ``s``, starting with the bytes already read (``buf``)."""
     frames = []
     s.settimeout(timeout)
+    got, used = proto.parse_frames(buf, mux=mux)
+    frames += got
+    buf = buf[used:]
     while len(frames) < n:
         chunk = s.recv(70000)
         if not chunk:
