@@ -1,9 +1,12 @@
 """What the tunnel, SOCKS5 and upstream tests share: listener configs, services run in a
 thread, echo servers, raw tunnel clients, relays started in a namespace. Fixtures built on
 these are in conftest.py; test modules import from here, never from each other."""
+import contextlib
 import os
 import socket
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -226,10 +229,13 @@ def raw_associate(server, user=None, password=None, family=socket.AF_INET, at=No
     return ctl, u, hs.bound
 
 
-def read_frames(s, n, mux=True, timeout=3.0):
-    buf = b""
+def read_frames(s, n, mux=True, timeout=3.0, buf=b""):
+    """``n`` frames from ``s``, starting with the bytes already read (``buf``)."""
     frames = []
     s.settimeout(timeout)
+    got, used = proto.parse_frames(buf, mux=mux)
+    frames += got
+    buf = buf[used:]
     while len(frames) < n:
         chunk = s.recv(70000)
         if not chunk:
@@ -297,3 +303,30 @@ def native_rawsender():
     except ImportError:
         return None
     return RawSender
+
+
+@contextlib.contextmanager
+def compiled_probe(directory, name, source):
+    """A small Cython module ``name`` compiled in ``directory`` from ``source`` against the
+    checkout's .pxd helpers (inline C only, so a probe is how tests reach them); imported
+    while the context lasts."""
+    d = str(directory)
+    with open(os.path.join(d, name + ".pyx"), "w") as f:
+        f.write(source)
+    with open(os.path.join(d, "setup.py"), "w") as f:
+        f.write(textwrap.dedent(f'''
+            from setuptools import setup, Extension
+            from Cython.Build import cythonize
+            ext = Extension({name!r}, [{name + ".pyx"!r}],
+                            include_dirs=[{os.path.join(REPO, "relay", "includes")!r}, {REPO!r}])
+            setup(ext_modules=cythonize([ext], include_path=[{REPO!r}], language_level=3,
+                                        quiet=True), script_args=["build_ext", "--inplace", "-q"])
+        '''))
+    r = subprocess.run([sys.executable, "setup.py"], cwd=d, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sys.path.insert(0, d)
+    try:
+        yield __import__(name)
+    finally:
+        sys.path.remove(d)

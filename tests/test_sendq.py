@@ -9,15 +9,12 @@ that size; a full socket buffer is counted, never silent.
 """
 import os
 import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from tests.netns import SRV4, SRV6
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import compiled_probe
 
 PROBE = textwrap.dedent('''
     # cython: language_level=3
@@ -59,25 +56,8 @@ PROBE = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sendq")
-    (d / "sqprobe.pyx").write_text(PROBE)
-    (d / "setup.py").write_text(textwrap.dedent(f'''
-        from setuptools import setup, Extension
-        from Cython.Build import cythonize
-        ext = Extension("sqprobe", ["sqprobe.pyx"],
-                        include_dirs=[{os.path.join(ROOT, "relay", "includes")!r}, {ROOT!r}])
-        setup(ext_modules=cythonize([ext], include_path=[{ROOT!r}], language_level=3,
-                                    quiet=True), script_args=["build_ext", "--inplace", "-q"])
-    '''))
-    r = subprocess.run([sys.executable, "setup.py"], cwd=d, capture_output=True, text=True,
-                       timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    sys.path.insert(0, str(d))
-    try:
-        import sqprobe
-        yield sqprobe
-    finally:
-        sys.path.remove(str(d))
+    with compiled_probe(tmp_path_factory.mktemp('sendq'), 'sqprobe', PROBE) as m:
+        yield m
 
 
 def receiver(family=socket.AF_INET, host="127.0.0.1"):

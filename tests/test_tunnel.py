@@ -271,6 +271,40 @@ def test_mux_raw_client_and_zero_length(lo_server, echo):
     s.close()
 
 
+def pipelined_client(server, family, data):
+    """Greeting, request and ``data`` in one write, as a client that does not wait."""
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(3)
+    s.connect(server.address)
+    s.sendall(proto.greeting([proto.METHOD_NOAUTH]) + proto.request(proto.CMD_UDP_TUN_MUX) + data)
+    hs = proto.ClientHandshake()
+    hs.start()
+    while not hs.done:
+        chunk = s.recv(4096)
+        assert chunk, "the server closed the connection during the handshake"
+        hs.feed(chunk)
+    return s, hs.leftover
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_pipelined_frames_after_the_request(running, v6):
+    """A client that writes greeting + request + frames at once: the frames (a 1200-byte
+    one, then a maximal one for the family) are delivered and answered."""
+    host = "::1" if v6 else "127.0.0.1"
+    server = running(cfg("tunnel-server", listen=(host, 0), allow=[host + ("/128" if v6 else "/32")]))
+    echo = Echo(host)
+    try:
+        biggest = 65527 if v6 else 65507
+        data = (proto.encode_frame(*echo.addr, b"a" * 1200, flow=1) +
+                proto.encode_frame(*echo.addr, b"b" * biggest, flow=2))
+        s, left = pipelined_client(server, socket.AF_INET6 if v6 else socket.AF_INET, data)
+        frames = read_frames(s, 2, buf=left)
+        assert sorted((f.flow, f.data) for f in frames) == [(1, b"a" * 1200), (2, b"b" * biggest)]
+        s.close()
+    finally:
+        echo.close()
+
+
 def test_gost_plain_connection(lo_server, echo):
     """CMD 0xF3 as gost sends it: one flow, no FLOW field; zero-length replies cannot be
     framed for a gost peer and are dropped and counted."""

@@ -144,10 +144,11 @@ def gost_frame(host, port, data):
 class GostLike:
     """A scripted gost-like server on loopback: method negotiation, RFC 1929 when it has a
     user, the request (answering REP `rep`), then gost frames echoed back with the
-    destination as source. It records what every connection sent."""
+    destination as source (each reply followed by ``pad``). It records what every
+    connection sent."""
 
-    def __init__(self, user=None, password=None, rep=0):
-        self.user, self.password, self.rep = user, password, rep
+    def __init__(self, user=None, password=None, rep=0, pad=b""):
+        self.user, self.password, self.rep, self.pad = user, password, rep, pad
         self.lsock = socket.create_server(("127.0.0.1", 0))
         self.lsock.settimeout(0.2)
         self.address = self.lsock.getsockname()
@@ -200,7 +201,8 @@ class GostLike:
                 head = recv_exact(c, 10)
                 data = recv_exact(c, struct.unpack("!H", head[:2])[0])
                 rec["frames"].append(head + data)
-                c.sendall(head + data)
+                reply = data + self.pad
+                c.sendall(struct.pack("!H", len(reply)) + head[2:] + reply)
         except (OSError, EOFError):
             pass
         finally:
@@ -256,6 +258,50 @@ def drive(up, until, timeout=5.0):
         up.tick()
         up.flush()
         time.sleep(0.005)
+
+
+@pytest.mark.parametrize("pad", [0, 1, 20])
+def test_redir_raw_reply_larger_than_ipv4_udp_dropped(scripted, impl, pad):
+    """A frame carries up to 65,527 bytes, also from an IPv4 source, where a UDP datagram
+    holds at most 65,507: redir's raw replies (relay.datapath.engine, compiled only) drop
+    and count such a reply (drop_too_big) before writing headers whose 16-bit lengths
+    would wrap; a reply of 65,507 bytes still arrives whole."""
+    if impl == "pure":
+        pytest.skip("the engine runs only with the compiled cores")
+    from relay.datapath.engine import Engine
+    from relay.net import sockopt
+    g = scripted(pad=b"r" * pad)
+    lsock = sockopt.udp_listen(("127.0.0.1", 0), transparent=True, reuseport=False)
+    raw4 = sockopt.raw_socket(socket.AF_INET)
+    cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    cli.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    cli.bind(("127.0.0.1", 0))
+    cli.setblocking(False)
+    core = _tunnel.TunnelUpstream(g.address, gost=True)
+    engine = Engine(lsock.fileno(), "redir", raw4_fd=raw4.fileno(), core=core,
+                    listen_family=socket.AF_INET, upstream_family=socket.AF_INET)
+    try:
+        cli.sendto(b"q" * 65507, lsock.getsockname())
+        got, st = [], {}
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not got and not st.get("drop_too_big"):
+            engine.run(20)
+            st = engine.counters()
+            try:
+                got.append(cli.recvfrom(70000))
+            except BlockingIOError:
+                pass
+        assert g.conns and len(g.conns[0]["frames"]) == 1
+        if pad:
+            assert st["drop_too_big"] == 1 and got == []
+        else:
+            assert st["drop_too_big"] == 0
+            assert got == [(b"q" * 65507, lsock.getsockname())]
+    finally:
+        engine.close()
+        core.close()
+        for s in (lsock, raw4, cli):
+            s.close()
 
 
 def test_gost_handshake_and_frames_byte_exact(scripted, upstream):

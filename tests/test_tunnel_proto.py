@@ -287,6 +287,80 @@ def test_gost_client_request_with_userpass():
     assert e.value.reason == "auth-failed"
 
 
+GREETING_REQUEST = proto.greeting([proto.METHOD_NOAUTH]) + proto.request(proto.CMD_UDP_TUN_MUX)
+
+
+@pytest.mark.parametrize("size", [0, 1200, proto.MAX_PAYLOAD])
+@pytest.mark.parametrize("host", ["192.0.2.9", "2001:db8::9", "x" * 255])
+def test_pipelined_frame_kept(size, host):
+    """Greeting, request and a frame (up to a maximal one) in one write: the frame is kept."""
+    frame = proto.encode_frame(host, 53, b"p" * size, flow=7)
+    s = proto.ServerHandshake()
+    assert s.feed(GREETING_REQUEST + frame) == bytes((proto.VER, proto.METHOD_NOAUTH))
+    assert s.done
+    s.reply()
+    assert s.leftover == frame
+    c = proto.ClientHandshake()
+    c.start()
+    c.feed(b"\x05\x00")
+    c.feed(proto.request_reply(0, "192.0.2.1", 1080) + frame)
+    assert c.done and c.leftover == frame
+
+
+def test_largest_legal_handshake_pipelined():
+    """The largest greeting, login and request, then a maximal frame, in one write."""
+    s = proto.ServerHandshake(user="u" * 255, password="p" * 255)
+    frame = proto.encode_frame("x" * 255, 53, bytes(proto.MAX_PAYLOAD), flow=1)
+    msgs = (proto.greeting(range(1, 256)) + proto.userpass_request("u" * 255, "p" * 255) +
+            proto.request(proto.CMD_UDP_TUN_MUX, "y" * 255, 1))
+    assert len(msgs) == proto.MAX_HANDSHAKE
+    s.feed(msgs + frame)
+    assert s.done and s.request[2] == "y" * 255
+    s.reply()
+    assert s.leftover == frame
+
+
+def test_more_than_one_frame_after_the_request_refused():
+    s = proto.ServerHandshake()
+    s.feed(GREETING_REQUEST + bytes(proto.MAX_LEFTOVER))
+    assert s.done
+    with pytest.raises(proto.HandshakeError) as e:
+        s.feed(b"x")
+    assert e.value.reason == "too-long"
+    with pytest.raises(proto.HandshakeError) as e:
+        proto.ServerHandshake().feed(GREETING_REQUEST + bytes(proto.MAX_LEFTOVER + 1))
+    assert e.value.reason == "too-long"
+    c = proto.ClientHandshake()
+    c.start()
+    c.feed(b"\x05\x00")
+    with pytest.raises(proto.HandshakeError) as e:
+        c.feed(proto.request_reply(0) + bytes(proto.MAX_LEFTOVER + 1))
+    assert e.value.reason == "too-long"
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_growing_garbage_refused(side):
+    """Bytes that keep coming, 4 KiB at a time, are refused once past the bound: one write
+    never buffers more than the messages and one frame."""
+    if side == "server":
+        hs = proto.ServerHandshake()
+        hs.feed(GREETING_REQUEST)
+    else:
+        hs = proto.ClientHandshake()
+        hs.start()
+        hs.feed(b"\x05\x00" + proto.request_reply(0))
+    fed = 0
+    with pytest.raises(proto.HandshakeError) as e:
+        for _ in range(100):
+            hs.feed(bytes(4096))
+            fed += 4096
+    assert e.value.reason == "too-long"
+    assert proto.MAX_LEFTOVER - 4096 < fed <= proto.MAX_LEFTOVER
+    with pytest.raises(proto.HandshakeError) as e:
+        proto.ServerHandshake().feed(bytes(proto.MAX_HANDSHAKE + proto.MAX_LEFTOVER + 1))
+    assert e.value.reason == "too-long"
+
+
 HS_REASONS = {"bad-version", "no-methods", "no-acceptable-method", "bad-atyp", "empty-domain",
               "auth-failed", "bad-command", "too-long", "refused"}
 

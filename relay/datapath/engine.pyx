@@ -41,7 +41,8 @@ from relay.datapath.ring cimport (
 from relay.datapath.sendq cimport run_join, run_start, SQ_GSO_MAX
 from relay.packet.headers cimport (
     write_udp_headers, write_udp_header, write_fragment, frag_chunk, frag_next_ident,
-    IPV4_UDP_HDR_LEN, IPV6_UDP_HDR_LEN, UDP_HDR_LEN, IPV4_MIN_MTU, IPV6_MIN_MTU, FRAG_HDR_MAX,
+    IPV4_UDP_HDR_LEN, IPV6_UDP_HDR_LEN, UDP_HDR_LEN, MAX_IPV4_UDP_PAYLOAD, MAX_IPV6_UDP_PAYLOAD,
+    IPV4_MIN_MTU, IPV6_MIN_MTU, FRAG_HDR_MAX,
 )
 from relay.datapath.mtu cimport errqueue_mtu, route_mtu
 from relay.datapath.table cimport (

@@ -60,12 +60,18 @@ cdef void _replies_raw(Engine self, int n, int family, double now) noexcept nogi
 
 cdef int _raw_queue(Engine self, int fd, int i, akey_t *remote, int k, double now) noexcept nogil:
     """Queue reply slot i as message k (whole), or as its fragments when it is larger than
-    the MTU towards its client; returns the next free message."""
+    the MTU towards its client; returns the next free message. A reply larger than its
+    family's largest UDP payload (from an upstream core: a tunnel frame carries up to
+    65,527 bytes from an IPv4 source) is dropped and counted: its 16-bit length fields
+    would wrap."""
     cdef uint8_t *payload = <uint8_t *>self.ry_iov[i].iov_base
     cdef size_t plen = self.ry_iov[i].iov_len
     cdef bint v6 = remote.family == AF_INET6
     cdef size_t hl = IPV6_UDP_HDR_LEN if v6 else IPV4_UDP_HDR_LEN
     cdef uint32_t mtu
+    if plen > <size_t>(MAX_IPV6_UDP_PAYLOAD if v6 else MAX_IPV4_UDP_PAYLOAD):
+        self.st[C_DROP_TOO_BIG] += 1
+        return k
     if plen + hl > self.frag_over[v6]:
         mtu = _client_mtu(self, &self.ry_client[i], 0, False, now)
         if mtu and plen + hl > mtu:

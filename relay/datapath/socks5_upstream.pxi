@@ -32,7 +32,7 @@ cdef class Socks5Upstream(UpstreamCore):
         self.scratch = <uint8_t *>malloc(<size_t>batch * (DGRAM_SLOT + UDP_HDR_ROOM))
         if self.flows == NULL or self.scratch == NULL:
             raise MemoryError()
-        htab_init(&self.tab, max_flows)
+        htab_new(&self.tab, max_flows)
         sq_init(&self.sb, batch)
 
     def __dealloc__(self):

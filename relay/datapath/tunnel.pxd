@@ -4,6 +4,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int16_t
 from relay.datapath.addr cimport sockaddr_any
 from relay.datapath.sendq cimport sendq_t
+from relay.datapath.htab cimport htab_t
 from relay.includes.system cimport mmsghdr, iovec, epoll_event
 
 # Frame errors (same codes as relay.proto.errors.E_*), returned negated by parse_frame.
@@ -35,17 +36,6 @@ cdef struct acl_rule_t:
     uint8_t plen
     uint8_t action               # 0 allow, 1 deny
     uint8_t net[16]
-
-cdef struct hslot_t:             # open-addressing hash table slot, 24-byte key
-    uint64_t k0
-    uint64_t k1
-    uint64_t k2
-    int32_t val                  # -1: empty
-
-cdef struct htab_t:
-    hslot_t *slots
-    uint32_t mask
-    uint32_t count
 
 ctypedef int (*reply_fn_t)(void *ctx, const sockaddr_any *client, const sockaddr_any *src,
                            const uint8_t *data, size_t n) except -1

@@ -29,6 +29,7 @@ from relay.includes.system cimport (
     EPOLL_CTL_MOD, EPOLL_CTL_DEL, EPOLL_CLOEXEC, epoll_create1, epoll_ctl, epoll_wait,
 )
 from relay.datapath.table cimport is_v4mapped
+from relay.datapath.htab cimport htab_new, htab_find, htab_put, htab_del, mix64
 from relay.datapath.addr cimport sockaddr_any, sockaddr_from_tuple, sockaddr_to_tuple, raise_oserror
 from relay.datapath.sendq cimport (
     sendq_t, sq_init, sq_free, sq_add, sq_flush, sq_full, sq_clear, sq_set_src,
@@ -83,15 +84,6 @@ cdef inline void wr16(uint8_t *p, uint16_t v) noexcept nogil:
 
 cdef inline bint is_mapped(const sockaddr_any *a) noexcept nogil:
     return is_v4mapped(<const uint8_t *>&a.v6.sin6_addr)      # the one IPv4-mapped check
-
-
-cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
-    x ^= x >> 33
-    x *= 0xff51afd7ed558ccdULL
-    x ^= x >> 33
-    x *= 0xc4ceb9fe1a85ec53ULL
-    x ^= x >> 33
-    return x
 
 
 cdef inline void sa_key(const sockaddr_any *a, uint64_t *k) noexcept nogil:
@@ -168,7 +160,7 @@ cdef int epoll_set(int epfd, int op, int fd, uint32_t events, uint32_t kind,
 
 include "tunnel_codec.pxi"
 include "tunnel_acl.pxi"
-include "tunnel_htab.pxi"
+include "tunnel_sockets.pxi"
 include "tunnel_names.pxi"
 include "tunnel_poller.pxi"
 include "tunnel_namecache.pxi"

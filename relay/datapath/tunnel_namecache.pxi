@@ -10,6 +10,7 @@ cdef class NameCache:
     cdef dname_t *names
     cdef parked_t *park
     cdef uint32_t mask               # sets - 1
+    cdef uint64_t seed               # of the set hash: names come from peers
     cdef int nnames
     cdef int32_t park_free
     cdef int park_max
@@ -38,6 +39,7 @@ cdef class NameCache:
         if sets < 1 or sets & (sets - 1):
             raise ValueError("DNS_MAX_NAMES must be 4 times a power of two")
         self.mask = sets - 1
+        self.seed = int.from_bytes(os.urandom(8), "little")
         self.nnames = sets * DNS_WAYS
         self.park_max = _resolver.DNS_PARK_MAX
         self.per_name = _resolver.DNS_PARK_PER_NAME
@@ -74,7 +76,7 @@ cdef class NameCache:
     cdef int32_t find(self, const uint8_t *name, size_t n, double now) except -2:
         """The entry of a name, made pending (and its lookup queued) on a miss or when it
         has expired; -1 when there is no room to resolve it now."""
-        cdef uint64_t h = 14695981039346656037ULL
+        cdef uint64_t h = 14695981039346656037ULL ^ self.seed
         cdef size_t i
         cdef int w, base, victim = -1
         cdef dname_t *e

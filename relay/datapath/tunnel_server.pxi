@@ -81,7 +81,7 @@ cdef class TunnelServer(Poller):
         if not (self.conns and self.conn_free and self.flows and self.flow_free and
                 self.scratch and self.rmsgs and self.riovs and self.rnames):
             raise MemoryError()
-        htab_init(&self.tab, max_flows)
+        htab_new(&self.tab, max_flows)
         sq_init(&self.sb, batch)
         for i in range(max_conns):
             self.conn_free[i] = max_conns - 1 - i

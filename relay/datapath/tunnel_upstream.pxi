@@ -133,7 +133,7 @@ cdef class TunnelUpstream(UpstreamCore):
         self.flows = <cflow_t *>calloc(max_flows, sizeof(cflow_t))
         if self.conns == NULL or self.dirty == NULL or self.flows == NULL:
             raise MemoryError()
-        htab_init(&self.tab, max_flows)
+        htab_new(&self.tab, max_flows)
         for i in range(self.nconns):
             self.conns[i].fd = -1
             self.conns[i].backoff = BACKOFF_MIN

@@ -8,6 +8,7 @@ import os
 
 from relay.proto.socks5 import *  # noqa: F401,F403 (the message codec)
 from relay.proto.socks5 import parse_addr  # noqa: F401
+from relay.proto.frame import MAX_FRAME_HEADER, MAX_PAYLOAD
 
 HMAC_VER = 1
 NONCE_LEN = 32
@@ -15,6 +16,30 @@ CLIENT_NONCE_LEN = 16
 MAC_LEN = 32
 AUTH_LABEL_CLIENT = b"relay-tunnel-auth-v1 client"
 AUTH_LABEL_SERVER = b"relay-tunnel-auth-v1 server"
+
+# What a handshake may hold. Its messages: the largest greeting (255 methods), the largest
+# authentication (RFC 1929 with 255-byte user and password; the secret proof is smaller)
+# and the largest request or reply (a 255-byte name); every other message is smaller.
+# After the request (or the reply) the peer may pipeline frames: at most one maximal frame
+# is kept (``leftover``), what the receive buffers take; more is refused.
+MAX_HANDSHAKE = (2 + 255) + (3 + 255 + 255) + (4 + 1 + 255 + 2)
+MAX_LEFTOVER = MAX_PAYLOAD + MAX_FRAME_HEADER
+
+
+def _refuse_oversize(held, limit):
+    if held > limit:
+        raise HandshakeError("too-long", f"handshake holds {held} bytes, more than {limit}")
+
+
+def _check_feed(hs, data):
+    """Before buffering ``data``: never more than the messages plus one frame."""
+    _refuse_oversize(len(hs.buf) + len(data), MAX_HANDSHAKE + MAX_LEFTOVER)
+
+
+def _check_held(hs):
+    """After parsing: an unfinished handshake holds part of one message; a finished one the
+    pipelined bytes, at most one maximal frame."""
+    _refuse_oversize(len(hs.buf) + len(hs.leftover), MAX_LEFTOVER if hs.done else MAX_HANDSHAKE)
 
 
 # ------------------------------------------------------------------- secret proof (0xC5)
@@ -80,7 +105,8 @@ class ServerHandshake:
     (both may be: a client gets the first of them that it offers, HMAC preferred); with
     neither, METHOD_NOAUTH. ``commands`` limits the accepted CMD values."""
 
-    MAX_BUFFER = 1024
+    MAX_HANDSHAKE = MAX_HANDSHAKE
+    MAX_LEFTOVER = MAX_LEFTOVER
 
     def __init__(self, *, secret=None, user=None, password=None,
                  commands=(CMD_UDP_TUN, CMD_UDP_TUN_MUX), nonce=None):
@@ -100,19 +126,20 @@ class ServerHandshake:
         self.leftover = b""
 
     def feed(self, data):
+        _check_feed(self, data)
         self.buf += data
-        if len(self.buf) > self.MAX_BUFFER and self.state != "request-read":
-            raise HandshakeError("too-long", "handshake message too long")
         out = b""
-        while True:
-            try:
+        try:
+            while True:
                 step = getattr(self, "_" + self.state.replace("-", "_"))()
-            except HandshakeError as e:
-                e.reply = out + e.reply      # answers already due go out before the refusal
-                raise
-            if step is None:
-                return out
-            out += step
+                if step is None:
+                    break
+                out += step
+            _check_held(self)
+        except HandshakeError as e:
+            e.reply = out + e.reply      # answers already due go out before the refusal
+            raise
+        return out
 
     def _take(self, r):
         value, used = r
@@ -188,7 +215,8 @@ class ClientHandshake:
     send next; ``done`` once the reply arrived, then ``bound`` is (host, port) from the
     reply and ``leftover`` the bytes that followed it. Refusals raise HandshakeError."""
 
-    MAX_BUFFER = 1024
+    MAX_HANDSHAKE = MAX_HANDSHAKE
+    MAX_LEFTOVER = MAX_LEFTOVER
 
     def __init__(self, *, cmd=CMD_UDP_TUN_MUX, host="0.0.0.0", port=0, secret=None,
                  user=None, password=None, client_nonce=None):
@@ -213,15 +241,15 @@ class ClientHandshake:
         return self.state == "done"
 
     def feed(self, data):
+        _check_feed(self, data)
         self.buf += data
-        if len(self.buf) > self.MAX_BUFFER and self.state != "done":
-            raise HandshakeError("too-long", "handshake message too long")
         out = b""
         while self.state != "done":
             step = getattr(self, "_" + self.state)()
             if step is None:
                 break
             out += step
+        _check_held(self)
         return out
 
     def _take(self, r):

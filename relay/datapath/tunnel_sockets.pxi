@@ -1,0 +1,18 @@
+# Included by relay/datapath/tunnel.pyx: flow sockets (the flow table is relay/datapath/htab.pxd).
+
+cdef int new_udp_socket(int family, object mark) except -2:
+    """Non-blocking UDP socket (dual stack for AF_INET6), SO_MARK applied; -1 with
+    errno set on failure (EMFILE and friends are counted by the caller)."""
+    cdef int fd, zero = 0, m
+    fd = c_socket(family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        return -1
+    if family == AF_INET6:
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(int))
+    if mark:
+        m = mark
+        if setsockopt(fd, SOL_SOCKET, SO_MARK, &m, sizeof(int)) < 0:
+            e = errno
+            close(fd)
+            raise_oserror(e, "SO_MARK")
+    return fd
