@@ -7,7 +7,6 @@ import logging as _logging
 import os
 import socket
 import threading
-import time as _time
 
 from relay.loglimit import LogLimiter
 # ---------------------------------------------------------------------------- name resolution

@@ -3,7 +3,6 @@
 Signals: SIGTERM / SIGINT stop everything cleanly; SIGHUP reloads the configuration file
 (``relay run -c``) and keeps the listeners that did not change.
 """
-import errno
 import json
 import logging
 import os

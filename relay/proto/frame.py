@@ -14,7 +14,7 @@ import struct
 
 from relay.proto.errors import (E_FRAGMENTED, E_TOO_BIG, E_TRUNCATED, FRAME_ERRORS,  # noqa: F401
                                  FrameError, frame_error)
-from relay.proto.socks5 import ATYP_DOMAIN, ATYP_IPV4, ATYP_IPV6, parse_addr, encode_addr
+from relay.proto.socks5 import encode_addr, parse_addr
 
 # A frame's payload may be at most the largest UDP payload (IPv6, no jumbograms).
 MAX_PAYLOAD = 65527

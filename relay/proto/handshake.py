@@ -6,8 +6,13 @@ import hashlib
 import hmac
 import os
 
-from relay.proto.socks5 import *  # noqa: F401,F403 (the message codec)
-from relay.proto.socks5 import parse_addr  # noqa: F401
+from relay.proto.socks5 import (
+    CMD_UDP_TUN, CMD_UDP_TUN_MUX, HandshakeError, METHOD_HMAC, METHOD_NOAUTH,
+    METHOD_NONE_ACCEPTABLE, METHOD_USERPASS, REP_CMD_UNSUPPORTED, REP_SUCCEEDED,
+    USERPASS_VER, VER, greeting, parse_greeting, parse_method_choice, parse_reply,
+    parse_request, parse_status, parse_userpass_request, request, request_reply,
+    userpass_request,
+)
 from relay.proto.frame import MAX_FRAME_HEADER, MAX_PAYLOAD
 
 HMAC_VER = 1

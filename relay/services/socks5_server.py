@@ -16,7 +16,6 @@ import time
 from relay import stats as _stats
 from relay import _select
 from relay import proto
-from relay import resolver
 from relay.loglimit import LogLimiter
 from relay.services.admission import Acceptor, HandshakePool
 from relay.services.base import Service

@@ -1,19 +1,15 @@
 """What the pure-Python data path shares: counters, address helpers, the access list
 and the epoll poller."""
 import errno as _errno
+import ipaddress
 import logging as _logging
-import os
 import select as _select
-import socket
-import struct
 import time as _time
 
 from relay import stats as _stats
 from relay.net import sockopt as _sockopt
-from relay.proto import *  # noqa: F401,F403 (the sans-I/O wire protocols)
-from relay.proto.socks5 import parse_addr  # noqa: F401
-from relay.resolver import *  # noqa: F401,F403
-from relay.loglimit import LogLimiter  # noqa: F401
+from relay.proto import ALLOW
+from relay.resolver import Resolver
 
 
 

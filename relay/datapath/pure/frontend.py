@@ -1,22 +1,11 @@
 """tunnel-client's UDP side in pure Python (the compiled build runs the engine's loop)."""
-import errno as _errno
-import logging as _logging
+import collections
 import os
-import select as _select
 import socket
-import struct
 import time as _time
 
-from relay import stats as _stats
 from relay.net import sockopt as _sockopt
-from relay.proto import *  # noqa: F401,F403 (the sans-I/O wire protocols)
-from relay.proto.socks5 import parse_addr  # noqa: F401
-from relay.resolver import *  # noqa: F401,F403
-from relay.loglimit import LogLimiter  # noqa: F401
-from relay.datapath.pure.common import *  # noqa: F401,F403
-from relay.datapath.pure.common import (  # noqa: F401
-    C, TUNNEL_LOG, EPOLLIN, EPOLLOUT, BACKOFF_MIN, BACKOFF_MAX, CONNECT_TIMEOUT, Poller,
-    stats_view, unmap, send_error_counter)
+from relay.datapath.pure.common import Poller, send_error_counter
 
 
 class LocalAddresses:

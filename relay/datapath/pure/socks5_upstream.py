@@ -1,23 +1,18 @@
 """The SOCKS5 upstream core in pure Python (twin of relay.datapath.tunnel.Socks5Upstream)."""
 import errno as _errno
-import logging as _logging
 import os
 import select as _select
 import socket
-import struct
 import time as _time
 
-from relay import stats as _stats
-from relay.net import sockopt as _sockopt
-from relay.proto import *  # noqa: F401,F403 (the sans-I/O wire protocols)
-from relay.proto.socks5 import parse_addr  # noqa: F401
-from relay.resolver import *  # noqa: F401,F403
-from relay.loglimit import LogLimiter  # noqa: F401
-from relay.datapath.pure.common import *  # noqa: F401,F403
-from relay.datapath.pure.common import (  # noqa: F401
-    C, TUNNEL_LOG, EPOLLIN, EPOLLOUT, BACKOFF_MIN, BACKOFF_MAX, CONNECT_TIMEOUT, Poller,
-    stats_view, unmap, send_error_counter)
-from relay.datapath.pure.tunnel_upstream import UpstreamBase, resolve_server  # noqa: F401
+from relay.proto import (
+    ATYP_DOMAIN, CMD_UDP_ASSOCIATE, ClientHandshake, MAX_PAYLOAD, udp_header,
+    udp_header_counted,
+)
+from relay.datapath.pure.common import (
+    CONNECT_TIMEOUT, EPOLLIN, EPOLLOUT, SO_MARK, send_error_counter,
+)
+from relay.datapath.pure.tunnel_upstream import UpstreamBase, resolve_server
 
 
 class _Assoc:

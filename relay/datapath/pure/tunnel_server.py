@@ -1,22 +1,12 @@
 """The tunnel server's data path in pure Python (twin of relay.datapath.tunnel.TunnelServer)."""
-import errno as _errno
-import logging as _logging
-import os
-import select as _select
 import socket
-import struct
 import time as _time
 
-from relay import stats as _stats
-from relay.net import sockopt as _sockopt
-from relay.proto import *  # noqa: F401,F403 (the sans-I/O wire protocols)
-from relay.proto.socks5 import parse_addr  # noqa: F401
-from relay.resolver import *  # noqa: F401,F403
-from relay.loglimit import LogLimiter  # noqa: F401
-from relay.datapath.pure.common import *  # noqa: F401,F403
-from relay.datapath.pure.common import (  # noqa: F401
-    C, TUNNEL_LOG, EPOLLIN, EPOLLOUT, BACKOFF_MIN, BACKOFF_MAX, CONNECT_TIMEOUT, Poller,
-    stats_view, unmap, send_error_counter)
+from relay.proto import (
+    ATYP_DOMAIN, ATYP_IPV4, FrameError, encode_frame, parse_frame, parse_frames,
+)
+from relay.resolver import Resolver
+from relay.datapath.pure.common import Acl, EPOLLIN, EPOLLOUT, Poller, RX_CAP, SO_MARK, unmap
 
 
 class _SConn:

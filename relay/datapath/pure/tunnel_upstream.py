@@ -4,19 +4,19 @@ import logging as _logging
 import os
 import select as _select
 import socket
-import struct
 import time as _time
 
-from relay import stats as _stats
-from relay.net import sockopt as _sockopt
-from relay.proto import *  # noqa: F401,F403 (the sans-I/O wire protocols)
-from relay.proto.socks5 import parse_addr  # noqa: F401
-from relay.resolver import *  # noqa: F401,F403
-from relay.loglimit import LogLimiter  # noqa: F401
-from relay.datapath.pure.common import *  # noqa: F401,F403
-from relay.datapath.pure.common import (  # noqa: F401
-    C, TUNNEL_LOG, EPOLLIN, EPOLLOUT, BACKOFF_MIN, BACKOFF_MAX, CONNECT_TIMEOUT, Poller,
-    stats_view, unmap, send_error_counter)
+from relay.proto import (
+    ATYP_DOMAIN, CMD_UDP_TUN, CMD_UDP_TUN_MUX, ClientHandshake, FrameError,
+    GOST_QUEUE_LIMIT, GOST_RX_CAP, MAX_FRAME_HEADER, MAX_PAYLOAD, MUX_QUEUE_LIMIT,
+    REP7_HINT, REP_CMD_UNSUPPORTED, check_client_options, encode_frame, parse_frame,
+    parse_frames,
+)
+from relay.loglimit import LogLimiter
+from relay.datapath.pure.common import (
+    BACKOFF_MAX, BACKOFF_MIN, C, CONNECT_TIMEOUT, EPOLLIN, EPOLLOUT, RX_CAP, SO_MARK,
+    TUNNEL_LOG, stats_view,
+)
 
 
 def resolve_server(server, socktype=socket.SOCK_STREAM):
