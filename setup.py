@@ -25,6 +25,17 @@ extensions = [
 ]
 
 
+def write_wire_header():
+    """relay/includes/wire.h from relay/proto/wire.py: the wire constants are defined once."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "wire_header", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    "relay", "proto", "wire_header.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.write()
+
+
 class cython_build_ext(build_ext):
     """Cythonize when the extensions are built, not whenever setup.py runs: making an sdist
     or the metadata runs no Cython, and the sdist lists the .pyx sources, not generated C."""
@@ -36,6 +47,7 @@ class cython_build_ext(build_ext):
 
     def run(self):
         from Cython.Build import cythonize
+        write_wire_header()
         done = {m.name: m for m in cythonize(
             self.extensions,
             compiler_directives={"language_level": "3", "embedsignature": True},

@@ -151,7 +151,7 @@ cdef class Socks5Relay(Poller):
                 if f.flow != 0:
                     self.st[C_FRAMES_BAD] += 1       # FRAG != 0: fragments are refused
                     continue
-                if f.atyp == 3:
+                if f.atyp == ATYP_DOMAIN:
                     dl = self.dns.dst_for(&f, idx, a.gen, fam, self.now, &dst)
                     if dl == 0:
                         continue

@@ -7,17 +7,9 @@ from relay.datapath.sendq cimport sendq_t
 from relay.datapath.htab cimport htab_t
 from relay.includes.system cimport mmsghdr, iovec, epoll_event
 
-# Frame errors (same codes as relay.proto.errors.E_*), returned negated by parse_frame.
+# The wire constants (ATYP_*, E_* frame errors, MAX_PAYLOAD, MAX_FRAME_HEADER) come from
+# relay/includes/wire.pxd: their values are defined once, in relay/proto/wire.py.
 cdef enum:
-    FE_TRUNCATED = 1
-    FE_TOO_BIG = 2
-    FE_BAD_ATYP = 3
-    FE_EMPTY_DOMAIN = 4
-    FE_FRAGMENTED = 5
-
-cdef enum:
-    MAX_PAYLOAD = 65527          # largest UDP payload (IPv6); larger RSV is an error
-    MAX_FRAME_HEADER = 266       # RSV FRAG ATYP LEN DOMAIN(255) PORT FLOW
     RX_CAP = 135168              # two maximal frames
     DGRAM_SLOT = 65536           # one receive slot per datagram of a batch
     MAX_BATCH = 256

@@ -29,6 +29,10 @@ from relay.includes.system cimport (
     EPOLL_CTL_MOD, EPOLL_CTL_DEL, EPOLL_CLOEXEC, epoll_create1, epoll_ctl, epoll_wait,
 )
 from relay.datapath.table cimport is_v4mapped
+from relay.includes.wire cimport (
+    ATYP_IPV4, ATYP_IPV6, ATYP_DOMAIN, MAX_PAYLOAD, MAX_FRAME_HEADER,
+    E_TRUNCATED, E_TOO_BIG, E_BAD_ATYP, E_EMPTY_DOMAIN, E_FRAGMENTED,
+)
 from relay.datapath.htab cimport htab_new, htab_find, htab_put, htab_del, mix64
 from relay.datapath.addr cimport sockaddr_any, sockaddr_from_tuple, sockaddr_to_tuple, raise_oserror
 from relay.datapath.sendq cimport (
@@ -60,9 +64,9 @@ cdef enum:
     UDP_HDR_ROOM = 262   # RSV FRAG ATYP LEN DOMAIN PORT: headroom before a datagram
 
 DEF_LOG = logging.getLogger("relay.tunnel")
-FRAME_ERROR_TEXT = {FE_TRUNCATED: "truncated frame", FE_TOO_BIG: "RSV (length) too big",
-                    FE_BAD_ATYP: "unknown ATYP", FE_EMPTY_DOMAIN: "domain of length 0",
-                    FE_FRAGMENTED: "FRAG is not 0"}
+FRAME_ERROR_TEXT = {E_TRUNCATED: "truncated frame", E_TOO_BIG: "RSV (length) too big",
+                    E_BAD_ATYP: "unknown ATYP", E_EMPTY_DOMAIN: "domain of length 0",
+                    E_FRAGMENTED: "FRAG is not 0"}
 
 
 # ------------------------------------------------------------------------- small helpers

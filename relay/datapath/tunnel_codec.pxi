@@ -2,32 +2,32 @@
 
 cdef Py_ssize_t parse_frame(const uint8_t *p, size_t n, bint mux, size_t maxp,
                             frame_t *f) noexcept nogil:
-    """Parse one frame at p[0:n]: bytes consumed, 0 when incomplete, -FE_* on error.
+    """Parse one frame at p[0:n]: bytes consumed, 0 when incomplete, -E_* on error.
     Checks run in wire order (RSV, FRAG, ATYP, domain length), like relay.proto.frame."""
     cdef size_t pos, alen, end
     if n < 4:
         return 0
     f.dlen = rd16(p)
     if f.dlen > maxp:
-        return -FE_TOO_BIG
+        return -E_TOO_BIG
     if p[2] != 0:
-        return -FE_FRAGMENTED
+        return -E_FRAGMENTED
     f.atyp = p[3]
-    if f.atyp == 1:
+    if f.atyp == ATYP_IPV4:
         alen = 4
         pos = 4
-    elif f.atyp == 4:
+    elif f.atyp == ATYP_IPV6:
         alen = 16
         pos = 4
-    elif f.atyp == 3:
+    elif f.atyp == ATYP_DOMAIN:
         if n < 5:
             return 0
         alen = p[4]
         if alen == 0:
-            return -FE_EMPTY_DOMAIN
+            return -E_EMPTY_DOMAIN
         pos = 5
     else:
-        return -FE_BAD_ATYP
+        return -E_BAD_ATYP
     end = pos + alen + 2 + (4 if mux else 0)
     if n < end + f.dlen:
         return 0
@@ -45,7 +45,7 @@ cdef Py_ssize_t parse_frame(const uint8_t *p, size_t n, bint mux, size_t maxp,
 
 cdef inline size_t own_frame_len(const uint8_t *p, bint mux) noexcept nogil:
     """Length of a frame we wrote ourselves (known valid)."""
-    cdef size_t alen = 4 if p[3] == 1 else (16 if p[3] == 4 else 1 + p[4])
+    cdef size_t alen = 4 if p[3] == ATYP_IPV4 else (16 if p[3] == ATYP_IPV6 else 1 + p[4])
     return 4 + alen + 2 + (4 if mux else 0) + rd16(p)
 
 
@@ -60,17 +60,17 @@ cdef size_t write_frame_hdr(uint8_t *o, const sockaddr_any *a, uint32_t flow, bi
     wr16(o, <uint16_t>dlen)
     o[2] = 0
     if a.sa.sa_family == AF_INET:
-        o[3] = 1
+        o[3] = ATYP_IPV4
         memcpy(o + 4, &a.v4.sin_addr, 4)
         memcpy(o + 8, &a.v4.sin_port, 2)
         pos = 10
     elif is_mapped(a):
-        o[3] = 1
+        o[3] = ATYP_IPV4
         memcpy(o + 4, &a.v6.sin6_addr.s6_addr[12], 4)
         memcpy(o + 8, &a.v6.sin6_port, 2)
         pos = 10
     else:
-        o[3] = 4
+        o[3] = ATYP_IPV6
         memcpy(o + 4, &a.v6.sin6_addr, 16)
         memcpy(o + 20, &a.v6.sin6_port, 2)
         pos = 22
@@ -88,7 +88,7 @@ cdef int frame_to_sockaddr(const frame_t *f, sockaddr_any *out, int family) noex
     IPv4-mapped addresses; 0 keeps the natural family). Returns its length, or 0 when
     it cannot be expressed (domain name, IPv6 on an IPv4 socket)."""
     memset(out, 0, sizeof(sockaddr_in6))
-    if f.atyp == 1:
+    if f.atyp == ATYP_IPV4:
         if family == AF_INET6:
             out.v6.sin6_family = AF_INET6
             out.v6.sin6_addr.s6_addr[10] = 0xff
@@ -100,7 +100,7 @@ cdef int frame_to_sockaddr(const frame_t *f, sockaddr_any *out, int family) noex
         memcpy(&out.v4.sin_addr, f.addr, 4)
         out.v4.sin_port = htons(f.port)
         return sizeof(sockaddr_in)
-    if f.atyp == 4 and family != AF_INET:
+    if f.atyp == ATYP_IPV6 and family != AF_INET:
         out.v6.sin6_family = AF_INET6
         memcpy(&out.v6.sin6_addr, f.addr, 16)
         out.v6.sin6_port = htons(f.port)
@@ -109,28 +109,28 @@ cdef int frame_to_sockaddr(const frame_t *f, sockaddr_any *out, int family) noex
 
 
 cdef inline Py_ssize_t parse_udp_req(const uint8_t *p, size_t n, frame_t *f) noexcept nogil:
-    """SOCKS5 UDP request header (RSV ignored): header length, -FE_* on error."""
+    """SOCKS5 UDP request header (RSV ignored): header length, -E_* on error."""
     cdef size_t alen, pos
     if n < 4:
-        return -FE_TRUNCATED
+        return -E_TRUNCATED
     f.atyp = p[3]
-    if f.atyp == 1:
+    if f.atyp == ATYP_IPV4:
         alen = 4
         pos = 4
-    elif f.atyp == 4:
+    elif f.atyp == ATYP_IPV6:
         alen = 16
         pos = 4
-    elif f.atyp == 3:
+    elif f.atyp == ATYP_DOMAIN:
         if n < 5:
-            return -FE_TRUNCATED
+            return -E_TRUNCATED
         alen = p[4]
         if alen == 0:
-            return -FE_EMPTY_DOMAIN
+            return -E_EMPTY_DOMAIN
         pos = 5
     else:
-        return -FE_BAD_ATYP
+        return -E_BAD_ATYP
     if n < pos + alen + 2:
-        return -FE_TRUNCATED
+        return -E_TRUNCATED
     f.addr = p + pos
     f.alen = <uint8_t>alen
     f.port = rd16(p + pos + alen)
@@ -153,9 +153,9 @@ def _frame_error(int code, msg):
 
 
 cdef object _frame_host(frame_t *f):
-    if f.atyp == 1:
+    if f.atyp == ATYP_IPV4:
         return socket.inet_ntop(socket.AF_INET, (<const char *>f.addr)[:4])
-    if f.atyp == 4:
+    if f.atyp == ATYP_IPV6:
         return socket.inet_ntop(socket.AF_INET6, (<const char *>f.addr)[:16])
     return (<const char *>f.addr)[:f.alen].decode("latin-1")
 
@@ -175,16 +175,16 @@ def parse_frames(buf, *, bint mux=False, bint final=False, size_t max_payload=MA
         r = parse_frame(&mv[pos], n - pos, mux, max_payload, &f)
         if r == 0:
             if final:
-                raise _frame_error(FE_TRUNCATED,
+                raise _frame_error(E_TRUNCATED,
                                    f"truncated frame: {n - pos} bytes left at end of stream")
             break
         if r < 0:
-            if r == -FE_TOO_BIG:
-                raise _frame_error(FE_TOO_BIG, f"frame length {f.dlen} exceeds {max_payload}")
-            if r == -FE_FRAGMENTED:
-                raise _frame_error(FE_FRAGMENTED, f"FRAG must be 0, got {mv[pos + 2]}")
-            if r == -FE_BAD_ATYP:
-                raise _frame_error(FE_BAD_ATYP, f"unknown address type 0x{f.atyp:02x}")
+            if r == -E_TOO_BIG:
+                raise _frame_error(E_TOO_BIG, f"frame length {f.dlen} exceeds {max_payload}")
+            if r == -E_FRAGMENTED:
+                raise _frame_error(E_FRAGMENTED, f"FRAG must be 0, got {mv[pos + 2]}")
+            if r == -E_BAD_ATYP:
+                raise _frame_error(E_BAD_ATYP, f"unknown address type 0x{f.atyp:02x}")
             raise _frame_error(-r, "domain of length 0")
         out.append(_proto.Frame(f.flow if mux else None, f.atyp, _frame_host(&f), f.port,
                                 (<const char *>f.data)[:f.dlen]))

@@ -49,10 +49,10 @@ cdef socklen_t dname_to_sockaddr(const dname_t *e, uint16_t port, int family,
     if family == AF_INET or e.first == 4:
         if not e.has4:
             return 0
-        f.atyp = 1
+        f.atyp = ATYP_IPV4
         f.addr = e.a4
     else:
-        f.atyp = 4
+        f.atyp = ATYP_IPV6
         f.addr = e.a6
     return <socklen_t>frame_to_sockaddr(&f, out, family)
 

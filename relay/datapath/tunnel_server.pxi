@@ -335,7 +335,7 @@ cdef class TunnelServer(Poller):
                 continue
             fl = &self.flows[fi]
             fl.last = self.now
-            if f.atyp == 3:
+            if f.atyp == ATYP_DOMAIN:
                 dlen = self.dns.dst_for(&f, fi, fl.gen, fl.family, self.now, &dst)
                 if dlen == 0:
                     continue

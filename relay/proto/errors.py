@@ -1,7 +1,7 @@
 """The errors of the wire protocols: both ValueError, each with a short ``reason``."""
 
-# Frame error reasons (the C codec uses the same codes, see relay/datapath/tunnel.pxd).
-E_TRUNCATED, E_TOO_BIG, E_BAD_ATYP, E_EMPTY_DOMAIN, E_FRAGMENTED = 1, 2, 3, 4, 5
+# Frame error codes: the values are in relay.proto.wire (the C codec returns the same).
+from relay.proto.wire import E_BAD_ATYP, E_EMPTY_DOMAIN, E_FRAGMENTED, E_TOO_BIG, E_TRUNCATED
 FRAME_ERRORS = {
     E_TRUNCATED: "truncated",
     E_TOO_BIG: "too-big",

@@ -16,9 +16,7 @@ from relay.proto.errors import (E_FRAGMENTED, E_TOO_BIG, E_TRUNCATED, FRAME_ERRO
                                  FrameError, frame_error)
 from relay.proto.socks5 import encode_addr, parse_addr
 
-# A frame's payload may be at most the largest UDP payload (IPv6, no jumbograms).
-MAX_PAYLOAD = 65527
-MAX_FRAME_HEADER = 2 + 1 + 1 + 1 + 255 + 2 + 4
+from relay.proto.wire import MAX_FRAME_HEADER, MAX_PAYLOAD  # noqa: F401
 
 Frame = collections.namedtuple("Frame", "flow atyp host port data")
 

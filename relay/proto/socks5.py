@@ -9,33 +9,12 @@ import socket
 import struct
 
 from relay.proto.errors import E_TRUNCATED, FrameError, HandshakeError, frame_error  # noqa: F401
-
-VER = 5
-# Methods (RFC 1928 section 3); 0xC5 is ours, from the private range 0x80-0xFE.
-METHOD_NOAUTH = 0x00
-METHOD_USERPASS = 0x02
-METHOD_HMAC = 0xC5
-METHOD_NONE_ACCEPTABLE = 0xFF
-# Commands: RFC 1928 plus gost's UDP-over-TCP (0xF3) and our multiplexed variant (0xFA).
-CMD_CONNECT = 0x01
-CMD_BIND = 0x02
-CMD_UDP_ASSOCIATE = 0x03
-CMD_UDP_TUN = 0xF3
-CMD_UDP_TUN_MUX = 0xFA
-# Address types.
-ATYP_IPV4 = 1
-ATYP_DOMAIN = 3
-ATYP_IPV6 = 4
-# Reply codes.
-REP_SUCCEEDED = 0
-REP_FAILURE = 1
-REP_NOT_ALLOWED = 2
-REP_NET_UNREACHABLE = 3
-REP_HOST_UNREACHABLE = 4
-REP_CONN_REFUSED = 5
-REP_CMD_UNSUPPORTED = 7
-REP_ATYP_UNSUPPORTED = 8
-USERPASS_VER = 1            # RFC 1929
+from relay.proto.wire import (  # noqa: F401  (the protocol's names, re-exported)
+    ATYP_DOMAIN, ATYP_IPV4, ATYP_IPV6, CMD_BIND, CMD_CONNECT, CMD_UDP_ASSOCIATE, CMD_UDP_TUN,
+    CMD_UDP_TUN_MUX, METHOD_HMAC, METHOD_NOAUTH, METHOD_NONE_ACCEPTABLE, METHOD_USERPASS,
+    REP_ATYP_UNSUPPORTED, REP_CMD_UNSUPPORTED, REP_CONN_REFUSED, REP_FAILURE,
+    REP_HOST_UNREACHABLE, REP_NET_UNREACHABLE, REP_NOT_ALLOWED, REP_SUCCEEDED, USERPASS_VER, VER,
+)
 
 
 # ---------------------------------------------------------------------------- addresses
