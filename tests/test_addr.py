@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from relay.net.addr import (Upstream, family_of, format_hostport, is_v6, parse_cidr,
-                        parse_hostport, parse_ip, parse_upstream)
+                            parse_hostport, parse_ip, parse_upstream)
+from tests.support import examples
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -240,14 +241,14 @@ ipv6 = st.ip_addresses(v=6).map(str)
 ports = st.integers(1, 65535)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(host=st.one_of(ipv4, ipv6), port=ports)
 def test_format_then_parse_roundtrip(host, port):
     canonical = str(ipaddress.ip_address(host))
     assert parse_hostport(format_hostport((host, port))) == (canonical, port)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(st.text(max_size=60))
 def test_random_text_raises_only_valueerror(text):
     for fn in (parse_hostport, parse_cidr, parse_upstream):

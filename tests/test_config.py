@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from relay.net.addr import Upstream
 from relay.config import (FILE_KEYS, LISTENER_KEYS, MODE_KEYS, MODES, Config, ConfigError, GlobalConfig,
                           ListenerConfig, load_config, parse_config, parse_listener)
+from tests.support import examples
 
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "relay.toml"
 
@@ -439,13 +440,13 @@ def check_only_config_error(doc):
 EXAMPLE_TEXT = EXAMPLE.read_text()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(max_size=200))
 def test_fuzz_random_text(text):
     check_only_config_error(text)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_fuzz_mutated_example(data):
     text = EXAMPLE_TEXT
@@ -483,13 +484,13 @@ documents = st.one_of(
 )
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(500), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents)
 def test_fuzz_random_dicts(doc):
     check_only_config_error(doc)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(listener_tables, min_size=1, max_size=3))
 def test_fuzz_valid_results_are_well_typed(tables):
     cfg = check_only_config_error({"listener": tables})

@@ -19,6 +19,7 @@ from relay.errors import PacketTooBig
 from relay.packet.pure import fast as pure
 from tests.netns import CLI4, CLI6, SRV4, SRV6
 from tests.relayproc import RelayProcess, relay_env
+from tests.support import examples
 
 try:
     from relay.packet import _fast as native
@@ -28,7 +29,7 @@ except ImportError:
 MAX4, MAX6 = pure.MAX_IPV4_PAYLOAD, pure.MAX_IPV6_PAYLOAD
 V4 = (("198.51.100.2", 5300), ("192.0.2.2", 40000))
 V6 = (("2001:db8:2::2", 5300), ("2001:db8:1::2", 40000))
-PROPS = settings(max_examples=150, deadline=None,
+PROPS = settings(max_examples=examples(150), deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

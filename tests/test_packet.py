@@ -22,6 +22,7 @@ from scapy.all import (
 
 from relay.errors import PacketTooBig
 from relay.packet.pure import fast as pure
+from tests.support import examples
 
 try:
     from relay.packet import _fast as native
@@ -30,9 +31,9 @@ except ImportError as exc:  # extension not built
     native = None
     NATIVE_MISSING = f"relay.packet._fast extension is not built ({exc})"
 
-SETTINGS = settings(max_examples=250, deadline=None,
+SETTINGS = settings(max_examples=examples(250), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=examples(500), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module", params=["native", "pure"])
@@ -466,7 +467,7 @@ def test_roundtrip(m, spec):
         assert native.build_udp(src, dst, payload, **opts) == pure.build_udp(src, dst, payload, **opts)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=udp_specs())
 def test_build_scapy_crosscheck(m, spec):
     src, dst, payload, opts = spec

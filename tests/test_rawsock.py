@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 from relay.errors import PacketTooBig
 from tests.netns import CLI4, CLI6, SRV4, SRV6, wait_until
 from relay.packet.pure.rawsock import RawSender as PureRawSender
-from tests.support import native_rawsender
+from tests.support import examples, native_rawsender
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 ETH_P_ALL = 0x0003
@@ -232,7 +232,7 @@ def test_pure_headers_match_scapy():
             assert ours == bytes(ref), (is_v6, plen)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(v6=st.booleans(), src=st.binary(min_size=16, max_size=16),
        dst=st.binary(min_size=16, max_size=16), sport=st.integers(0, 65535),
        dport=st.integers(0, 65535), ttl=st.integers(1, 255),

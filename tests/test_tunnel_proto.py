@@ -10,11 +10,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from relay import proto, resolver
 from relay.datapath import pure
+from tests.support import examples
 
 _tunnel = pytest.importorskip("relay.datapath.tunnel")
 
 IMPLS = {"pure": proto.parse_frames, "c": _tunnel.parse_frames}
-FUZZ = settings(max_examples=150, deadline=None,
+FUZZ = settings(max_examples=examples(150), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -448,7 +449,7 @@ nets = st.one_of(
 ).map(lambda t: ipaddress.ip_network(f"{t[0]}/{t[1]}", strict=False))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(nets, max_size=4), st.lists(nets, max_size=4),
        st.lists(ips, min_size=1, max_size=10))
 def test_fuzz_acl_agree(allow, deny, addrs):
