@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import textwrap
+import time
 
 DEFAULT_CONTROL = "/run/relay/relay.sock"
 LOG_FORMAT = "%(asctime)s relay[%(process)d] %(levelname)s %(message)s"
@@ -203,6 +204,8 @@ def _cmd_run(args):
 
 def _cmd_stats(args):
     from relay.supervisor import query
+    if args.watch is not None:
+        return _watch_stats(args, query)
     try:
         text = query(args.control, "metrics" if args.prometheus else "stats")
     except (RuntimeError, OSError) as e:
@@ -211,16 +214,82 @@ def _cmd_stats(args):
     if args.json or args.prometheus:
         print(text, end="" if text.endswith("\n") else "\n")
         return 0
-    data = json.loads(text)
+    print(stats_table(json.loads(text)), end="")
+    return 0
+
+
+def stats_table(data, rates=None):
+    """The counters of a `stats` answer as text: a column per listener and the total;
+    with ``rates`` ({listener or "total": {counter: per second}}) each cell is a rate,
+    except the gauges (open associations, sockets, connections), which stay values.
+    Counters that are zero everywhere are left out when rates are shown."""
+    from relay.stats import COUNTERS, GAUGES
     names = sorted(data["listeners"])
-    from relay.stats import COUNTERS
-    rows = [(k, [data["listeners"][n][k] for n in names], data["total"][k]) for k in COUNTERS]
-    width = max(len(r[0]) for r in rows)
-    cols = [max(12, len(n)) for n in names]
-    print(" " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols)) + "  " + "total".rjust(14))
-    for key, vals, tot in rows:
-        print(key.ljust(width) + "  " + "  ".join(str(v).rjust(c) for v, c in zip(vals, cols))
-              + "  " + str(tot).rjust(14))
+    cols = names + ["total"]
+    src = dict(data["listeners"], total=data["total"])
+
+    def cell(col, key):
+        if rates is None or key in GAUGES:
+            return str(src[col][key])
+        return f"{rates[col][key]:,.0f}/s"
+
+    keys = [k for k in COUNTERS if rates is None or k in GAUGES
+            or any(src[c][k] for c in cols)]
+    width = max([len(k) for k in keys] + [8])
+    widths = [max(12, len(n)) for n in names] + [14]
+    out = [" " * width + "  " + "  ".join(n.rjust(w) for n, w in zip(cols, widths))]
+    for key in keys:
+        out.append(key.ljust(width) + "  " + "  ".join(cell(c, key).rjust(w)
+                                                        for c, w in zip(cols, widths)))
+    return "\n".join(out) + "\n"
+
+
+def stats_rates(before, after, seconds):
+    """Per-second rates between two `stats` answers (a restarted counter counts from 0)."""
+    out = {}
+    for col, new in dict(after["listeners"], total=after["total"]).items():
+        old = before["total"] if col == "total" else before["listeners"].get(col, {})
+        out[col] = {k: max(0, v - old.get(k, 0)) / seconds if seconds > 0 else 0.0
+                    for k, v in new.items()}
+    return out
+
+
+def _positive_seconds(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if not 0.1 <= v <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds between 0.1 and 3600, got {text!r}")
+    return v
+
+
+def _watch_stats(args, query, clock=time.monotonic, sleep=time.sleep, out=None, rounds=None):
+    """`relay stats --watch [SECONDS]`: rates per second refreshed in place until Ctrl-C
+    (``rounds`` bounds it for tests)."""
+    out = out or sys.stdout
+    interval = args.watch
+    prev = prev_t = None
+    n = 0
+    try:
+        while rounds is None or n < rounds:
+            try:
+                data, now = json.loads(query(args.control, "stats")), clock()
+            except (RuntimeError, OSError, ValueError) as e:
+                print(f"relay stats: error: {e}", file=sys.stderr)
+                return 1
+            if prev is not None:
+                rates = stats_rates(prev, data, now - prev_t)
+                clear = "\x1b[H\x1b[2J" if out.isatty() else ""
+                out.write(f"{clear}relay stats every {interval:g} s "
+                          f"({time.strftime('%H:%M:%S')}), Ctrl-C ends\n"
+                          + stats_table(data, rates) + ("" if clear else "\n"))
+                out.flush()
+                n += 1
+            prev, prev_t = data, now
+            sleep(interval)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -354,6 +423,9 @@ def build_parser():
     fmt = st.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON")
     fmt.add_argument("--prometheus", action="store_true", help="print Prometheus text format")
+    fmt.add_argument("--watch", nargs="?", const=1.0, type=_positive_seconds, metavar="SECONDS",
+                     help="rates per second, refreshed in place every SECONDS (default 1) "
+                          "until Ctrl-C; open associations and connections as values")
     st.set_defaults(func=_cmd_stats)
 
     from relay import doctor, rules

@@ -1,5 +1,6 @@
 """The `relay` command: help, configuration errors, `relay run -c` and SIGHUP reload."""
 import os
+import json
 import signal
 import socket
 import subprocess
@@ -210,6 +211,18 @@ def test_stats_command_reads_a_running_relay(tmp_path):
         assert json.loads(js.stdout)["total"]["down_datagrams"] == 1
         prom = relay("stats", "--prometheus", "--control", r.control)
         assert 'relay_down_datagrams_total{listener="forward"} 1' in prom.stdout
+        watch = subprocess.Popen([sys.executable, "-m", "relay", "stats", "--watch", "0.2",
+                                  "--control", r.control], stdout=subprocess.PIPE, text=True,
+                                 env=relay_env())
+        try:
+            first = watch.stdout.readline()          # a frame needs two answers 0.2 s apart
+            assert first.startswith("relay stats every 0.2 s")
+            frame = list(iter(watch.stdout.readline, "\n"))     # a blank line ends it
+            rows = {ln.split()[0]: ln.split()[1:] for ln in frame[1:]}
+            assert rows["up_datagrams"] == ["0/s", "0/s"] and rows["assoc_open"] == ["1", "1"]
+        finally:
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(10) == 0
     gone = relay("stats", "--control", r.control)
     assert gone.returncode == 1 and "no relay is running" in gone.stderr
 
@@ -232,3 +245,52 @@ def test_relay_raises_its_descriptor_limit_to_the_hard_limit():
         assert [nofile(p) for p in pids] == [(4096, 4096)] * 2
         assert udp_roundtrip(socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
                              ("127.0.0.1", port), b"fd")[0] == b"fd"
+
+
+def _answer(up, assoc, name="fwd"):
+    from relay.stats import COUNTERS
+    st = dict.fromkeys(COUNTERS, 0)
+    st.update(up_datagrams=up, assoc_open=assoc)
+    return {"listeners": {name: dict(st)}, "total": dict(st)}
+
+
+def test_stats_rates_and_table():
+    from relay import cli
+    a, b = _answer(100, 3), _answer(350, 5)
+    rates = cli.stats_rates(a, b, 0.5)
+    assert rates["total"]["up_datagrams"] == 500 and rates["fwd"]["up_datagrams"] == 500
+    text = cli.stats_table(b, rates)
+    row = {ln.split()[0]: ln.split()[1:] for ln in text.splitlines()[1:]}
+    assert row["up_datagrams"] == ["500/s", "500/s"]
+    assert row["assoc_open"] == ["5", "5"]                 # a gauge stays a value
+    assert "down_bytes" not in row                         # zero everywhere: left out
+    # a restarted relay (counters back to 0) gives 0/s, never a negative rate
+    assert cli.stats_rates(b, a, 1.0)["total"]["up_datagrams"] == 0
+    plain = cli.stats_table(b)
+    assert any(ln.split()[:3] == ["up_datagrams", "350", "350"] for ln in plain.splitlines())
+
+
+def test_stats_watch_prints_rates_until_interrupted():
+    import io
+    import types
+    from relay import cli
+    answers = iter([_answer(0, 1), _answer(10, 1), _answer(30, 2)])
+    clock = iter([0.0, 1.0, 2.0])
+    out = io.StringIO()
+    args = types.SimpleNamespace(watch=1.0, control="x")
+    rc = cli._watch_stats(args, lambda path, req: json.dumps(next(answers)),
+                          clock=lambda: next(clock), sleep=lambda s: None, out=out, rounds=2)
+    assert rc == 0
+    frames = [f for f in out.getvalue().split("relay stats every") if f]
+    assert len(frames) == 2
+    assert "10/s" in frames[0] and "20/s" in frames[1]
+
+    def gone(path, req):
+        raise RuntimeError("no relay is running with control socket x")
+    assert cli._watch_stats(args, gone, out=io.StringIO(), rounds=1) == 1
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "x", "5000"])
+def test_stats_watch_interval_is_checked(bad):
+    r = relay("stats", "--watch", bad)
+    assert r.returncode == 2 and "expected seconds between 0.1 and 3600" in r.stderr
