@@ -1,6 +1,7 @@
 """Start the `relay` command in a namespace (or on the host) and talk to its control socket."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -104,6 +105,7 @@ class RelayProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)     # the control socket and the log
 
     def __enter__(self):
         return self
