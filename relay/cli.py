@@ -70,6 +70,11 @@ def _flow_options(p, mode):
     g = p.add_argument_group("flows")
     _opt(g, mode, "--timeout", "idle time after which an association (flow) is closed; "
          "traffic in either direction refreshes it", type=float, metavar="SECONDS")
+    from relay.config import DEFAULT_PORT_TIMEOUTS, format_port_timeouts
+    _opt(g, mode, "--timeout-port", "idle timeouts by destination port, e.g. "
+         "53=10,123=10,443=30,27000-27100=300 (the port of a flow's first datagram; at most 7 "
+         "different values); 'none': every flow has --timeout (default: "
+         f"{format_port_timeouts(DEFAULT_PORT_TIMEOUTS)}, at most --timeout)", metavar="SPEC")
     _opt(g, mode, "--max-associations", "associations (flows) per worker at most",
          type=int, metavar="N")
     _opt(g, mode, "--mark", "SO_MARK on every upstream and reply socket, so the relay's own "

@@ -89,6 +89,7 @@ class ListenerConfig:
     reply: str = "raw"
     mark: int = 255
     timeout: float = 60.0
+    timeout_port: Optional[tuple] = None     # ((first, last, seconds), ...); None: the defaults
     max_associations: int = 65536
     transparent_cache: int = 1024
     transparent_idle: float = 30.0
@@ -103,6 +104,13 @@ class ListenerConfig:
     gost: bool = False                       # tunnel-client: speak to a gost server
     insecure: bool = False
     workers: Optional[int] = None            # None: the global number
+
+    def port_timeouts(self):
+        """The per-destination-port idle timeouts, ((first, last, seconds), ...): the given
+        ones, or DEFAULT_PORT_TIMEOUTS, never longer than ``timeout`` then."""
+        if self.timeout_port is not None:
+            return self.timeout_port
+        return tuple((lo, hi, min(sec, self.timeout)) for lo, hi, sec in DEFAULT_PORT_TIMEOUTS)
 
     def effective_workers(self, global_):
         return self.workers if self.workers is not None else global_.workers
@@ -123,6 +131,8 @@ class ListenerConfig:
                 value = format_hostport(value)
             elif f.name == "upstream":
                 value = "direct" if value is None else str(value)
+            elif f.name == "timeout_port":
+                value = format_port_timeouts(self.port_timeouts())
             elif f.name in ("allow", "deny"):
                 value = [str(net) for net in value]
             out[f.name] = value
@@ -172,6 +182,18 @@ MODE_DEFAULTS = {
 }
 
 
+# Idle timeouts by destination port unless `timeout_port` says otherwise: DNS and NTP are
+# one question and one answer, so their mappings go after 10 s (or `timeout`, if shorter)
+# while games and calls keep theirs for `timeout`.
+DEFAULT_PORT_TIMEOUTS = ((53, 53, 10.0), (123, 123, 10.0))
+MAX_PORT_TIMEOUTS = 7        # distinct per-port values (relay/datapath/timeouts.py MAX_CLASSES - 1)
+
+
+def format_port_timeouts(spec):
+    """((first, last, seconds), ...) as the option's text: 53=10,5000-5010=300."""
+    return ",".join(f"{lo}={sec:g}" if lo == hi else f"{lo}-{hi}={sec:g}" for lo, hi, sec in spec)
+
+
 def mode_defaults(mode):
     """{field: default} of a listener of this mode: the one table of defaults that the
     command line's --help, the TOML parser and listener() all read."""
@@ -190,7 +212,8 @@ def listener(mode, **kw):
 
 # --- which keys each mode takes -------------------------------------------------------
 
-_COMMON = {"name", "mode", "listen", "mark", "timeout", "max_associations", "batch", "workers"}
+_COMMON = {"name", "mode", "listen", "mark", "timeout", "timeout_port", "max_associations",
+           "batch", "workers"}
 _SECRET = {"secret", "secret_file"}
 _LOGIN = {"user", "password", "password_file"}
 _TUNNEL_UP = _SECRET | {"connections"}       # with a tunnel:// upstream
@@ -279,6 +302,48 @@ def _get_float(ctx, key, value, low, high):
     if not low < value <= high:
         raise ctx.error(key, f"out of range (must be > {low:g} and <= {high:g}): {value:g}")
     return value
+
+
+def _get_port_timeouts(ctx, key, value):
+    """"53=10,123=10,5000-5010=300" or a table {"53" = 10, "5000-5010" = 300}; "" or
+    "none": no per-port timeouts (every flow has `timeout`)."""
+    if isinstance(value, str):
+        text = value.replace(" ", "")
+        if text.lower() in ("", "none"):
+            return ()
+        items = []
+        for part in text.split(","):
+            ports, eq, seconds = part.partition("=")
+            if not eq or not ports or not seconds:
+                raise ctx.error(key, f"expected PORT=SECONDS or FIRST-LAST=SECONDS, got {part!r}")
+            try:
+                items.append((ports, float(seconds)))
+            except ValueError:
+                raise ctx.error(key, f"{part!r}: seconds must be a number") from None
+    elif isinstance(value, dict):
+        items = list(value.items())
+    else:
+        raise ctx.error(key, f"expected a string like \"53=10,443=30\" or a table, "
+                             f"got {_describe(value)}")
+    out = []
+    for ports, seconds in items:
+        lo, dash, hi = str(ports).partition("-")
+        try:
+            lo, hi = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            raise ctx.error(key, f"{ports!r}: expected a port or FIRST-LAST") from None
+        if not 1 <= lo <= hi <= 65535:
+            raise ctx.error(key, f"{ports!r}: ports must be 1-65535, first <= last")
+        sec = _get_float(ctx, f"{key}.{ports}", seconds, 0, MAX_TIMEOUT)
+        out.append((lo, hi, sec))
+    out.sort()
+    for (a_lo, a_hi, _), (b_lo, b_hi, _) in zip(out, out[1:]):
+        if b_lo <= a_hi:
+            raise ctx.error(key, f"port ranges overlap: {a_lo}-{a_hi} and {b_lo}-{b_hi}")
+    if len({sec for _, _, sec in out}) > MAX_PORT_TIMEOUTS:
+        raise ctx.error(key, f"at most {MAX_PORT_TIMEOUTS} different timeouts, got "
+                             f"{len({sec for _, _, sec in out})}")
+    return tuple(out)
 
 
 def _get_bool(ctx, key, value):
@@ -440,6 +505,8 @@ def _parse_listener(ctx, index, table):
         kw["mark"] = _get_int(ctx, k("mark"), table["mark"], 0, 0xFFFFFFFF)
     if "timeout" in table:
         kw["timeout"] = _get_float(ctx, k("timeout"), table["timeout"], 0, MAX_TIMEOUT)
+    if "timeout_port" in table:
+        kw["timeout_port"] = _get_port_timeouts(ctx, k("timeout_port"), table["timeout_port"])
     if "max_associations" in table:
         kw["max_associations"] = _get_int(ctx, k("max_associations"), table["max_associations"],
                                           1, MAX_ASSOCIATIONS)

@@ -16,7 +16,7 @@ Nothing here creates a Python object per datagram. Python sets up sockets, calls
 ``Engine.run(ms)`` in a loop and reads counters from shared memory.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, malloc, free
 
 from libc.string cimport memcmp
 from relay.includes.system cimport (
@@ -47,7 +47,8 @@ from relay.packet.headers cimport (
 from relay.datapath.mtu cimport errqueue_mtu, route_mtu
 from relay.datapath.table cimport (
     akey_t, entry_t, table_t, table_init, table_free, table_find, table_insert, table_remove,
-    table_touch, akey_from_sockaddr, akey_to_sockaddr,
+    table_touch, akey_from_sockaddr, akey_to_sockaddr, table_set_timeout, table_set_class,
+    table_timeout, table_expired,
 )
 from relay.datapath.stats cimport *
 from relay.datapath.tunnel cimport UpstreamCore
@@ -137,7 +138,7 @@ cdef class Engine:
                  int max_associations=65536, int transparent_cache=1024,
                  double transparent_idle=30.0, int batch=64, stats=None,
                  int upstream_family=AF_INET6, int listen_family=AF_INET6,
-                 UpstreamCore core=None, bint gro=False):
+                 UpstreamCore core=None, bint gro=False, port_timeouts=()):
         cdef epoll_event ev
         if mode not in ("forward", "redir"):
             raise ValueError(f"mode must be 'forward' or 'redir', not {mode!r}")
@@ -178,6 +179,7 @@ cdef class Engine:
         seed = int.from_bytes(os.urandom(8), "little")
         if table_init(&self.assoc, max_associations, <uint32_t>(seed & 0xffffffff)) < 0:
             raise MemoryError("association table")
+        self._set_timeouts(timeout, port_timeouts)
         if table_init(&self.tp, transparent_cache if self.mode == MODE_REDIR else 1,
                       <uint32_t>((seed >> 32) & 0xffffffff)) < 0:
             raise MemoryError("transparent socket cache")
@@ -365,6 +367,7 @@ cdef class Engine:
         table_free(&self.assoc)
         table_free(&self.tp)
         table_free(&self.mtus)
+        free(self.port_class); self.port_class = NULL
         free(self.rx); self.rx = NULL
         free(self.rx_msgs); self.rx_msgs = NULL
         free(self.rx_iov); self.rx_iov = NULL
@@ -450,16 +453,48 @@ cdef class Engine:
             if now >= deadline:
                 break
 
+    def _set_timeouts(self, double timeout, port_timeouts):
+        """Timeout classes of the association table (relay/datapath/timeouts.py)."""
+        from relay.datapath.timeouts import port_class_map, timeout_classes
+        values, ranges = timeout_classes(timeout, port_timeouts)
+        for c, v in enumerate(values):
+            if v <= 0:
+                raise ValueError("timeouts must be positive")
+            table_set_timeout(&self.assoc, c, v)
+        self.min_timeout = min(values)
+        pmap = port_class_map(ranges)
+        if pmap is None:
+            return
+        if self.mode == MODE_FORWARD:
+            self.fwd_class = pmap[ntohs(self.to_addr.v4.sin_port)]   # sin6_port: same place
+            return
+        self.port_class = <uint8_t *>malloc(65536)
+        if self.port_class == NULL:
+            raise MemoryError("port timeouts")
+        memcpy(self.port_class, <const char *>pmap, 65536)
+
+    def association_timeout(self, client):
+        """The idle timeout of the association of ``client`` (HOST, PORT), None if none."""
+        cdef sockaddr_any sa
+        cdef akey_t k
+        cdef int32_t i
+        sockaddr_from_tuple(tuple(client), &sa)
+        akey_from_sockaddr(&sa, &k)
+        i = table_find(&self.assoc, &k)
+        return None if i < 0 else table_timeout(&self.assoc, i)
+
     cdef void _sweep(self, double now) noexcept nogil:
         cdef double idle = self.timeout
-        while self.assoc.tail >= 0 and self.assoc.e[self.assoc.tail].last + idle <= now:
-            self._close_assoc(self.assoc.tail, C_ASSOC_EXPIRED)
+        cdef int32_t i = table_expired(&self.assoc, now)
+        while i >= 0:
+            self._close_assoc(i, C_ASSOC_EXPIRED)
+            i = table_expired(&self.assoc, now)
         while self.tp.tail >= 0 and self.tp.e[self.tp.tail].last + self.tp_idle <= now:
             _close_tp(self, self.tp.tail)
         while (self.local_map and self.locals.tail >= 0
                and self.locals.e[self.locals.tail].last + idle <= now):
             table_remove(&self.locals, self.locals.tail)
-        self.next_sweep = now + (1.0 if idle > 4.0 else idle / 4.0)
+        self.next_sweep = now + (1.0 if self.min_timeout > 4.0 else self.min_timeout / 4.0)
         self._read_drops()
 
     cdef uint32_t _socket_drops(self) noexcept nogil:
@@ -525,6 +560,11 @@ cdef class Engine:
                     idx = self._new_assoc(&ck, now)
                     if idx < 0:
                         continue
+                    # its idle timeout: by the destination port of its first datagram
+                    if self.port_class != NULL:
+                        table_set_class(&self.assoc, idx, self.port_class[ntohs(dk.port)])
+                    elif self.fwd_class:
+                        table_set_class(&self.assoc, idx, self.fwd_class)
                 else:
                     table_touch(&self.assoc, idx, now)
                 if self.local_src:          # the client may have moved to another address

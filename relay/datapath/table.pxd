@@ -3,6 +3,12 @@
 # time per entry. Used for the association table (client -> upstream socket) and for the
 # cache of transparent reply sockets (remote -> bound socket). All memory is allocated
 # once; no Python objects; no allocation per lookup.
+#
+# Idle timeouts: every entry is in one of TCLASSES timeout classes (class 0 unless
+# table_set_class moves it), each with its own timeout and its own LRU list, so the entry
+# idle the longest past its own timeout is always at the tail of its class: table_expired
+# finds it in O(TCLASSES), whatever the mix of timeouts (per destination port: DNS short,
+# games long). The one global LRU list (head/tail) still chooses whom a full table evicts.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 from libc.stdlib cimport calloc, free
 from relay.includes.system cimport (
@@ -18,15 +24,22 @@ cdef struct akey_t:
     uint8_t addr[16]         # 4 or 16 bytes used, rest zero
 
 
+cdef enum:
+    TCLASSES = 8             # timeout classes per table (0: the table's default timeout)
+
+
 cdef struct entry_t:
     akey_t key
     akey_t aux               # a second address (the client's original destination, ...)
     int fd
     int32_t prev             # LRU: towards most recent
     int32_t next             # LRU: towards least recent
+    int32_t cprev            # the LRU of its timeout class, same directions
+    int32_t cnext
     int32_t hnext            # hash chain / free list
     uint32_t hash
     uint8_t used
+    uint8_t tclass           # timeout class
     uint16_t mtu             # the MTU of the route to the key (the engine's MTU cache)
     double last
 
@@ -41,6 +54,9 @@ cdef struct table_t:
     int32_t head             # most recently used
     int32_t tail             # least recently used
     int32_t free_head
+    int32_t chead[TCLASSES]  # per timeout class: most and least recently used
+    int32_t ctail[TCLASSES]
+    double ctimeout[TCLASSES]
 
 
 cdef inline bint is_v4mapped(const uint8_t *a) noexcept nogil:
@@ -127,6 +143,10 @@ cdef inline int table_init(table_t *t, int32_t cap, uint32_t seed) noexcept nogi
     t.seed = seed
     t.head = -1
     t.tail = -1
+    for i in range(TCLASSES):
+        t.chead[i] = -1
+        t.ctail[i] = -1
+        t.ctimeout[i] = 0
     for i in range(nb):
         t.buckets[i] = -1
     for i in range(cap):
@@ -178,11 +198,70 @@ cdef inline void _lru_push_head(table_t *t, int32_t i) noexcept nogil:
         t.tail = i
 
 
+cdef inline void _class_unlink(table_t *t, int32_t i) noexcept nogil:
+    cdef entry_t *e = &t.e[i]
+    if e.cprev >= 0:
+        t.e[e.cprev].cnext = e.cnext
+    else:
+        t.chead[e.tclass] = e.cnext
+    if e.cnext >= 0:
+        t.e[e.cnext].cprev = e.cprev
+    else:
+        t.ctail[e.tclass] = e.cprev
+
+
+cdef inline void _class_push_head(table_t *t, int32_t i) noexcept nogil:
+    cdef entry_t *e = &t.e[i]
+    cdef uint8_t c = e.tclass
+    e.cprev = -1
+    e.cnext = t.chead[c]
+    if t.chead[c] >= 0:
+        t.e[t.chead[c]].cprev = i
+    t.chead[c] = i
+    if t.ctail[c] < 0:
+        t.ctail[c] = i
+
+
 cdef inline void table_touch(table_t *t, int32_t i, double now) noexcept nogil:
     t.e[i].last = now
     if t.head != i:
         _lru_unlink(t, i)
         _lru_push_head(t, i)
+    if t.chead[t.e[i].tclass] != i:
+        _class_unlink(t, i)
+        _class_push_head(t, i)
+
+
+cdef inline void table_set_timeout(table_t *t, uint8_t c, double seconds) noexcept nogil:
+    """Idle timeout of class c (class 0: the default every entry starts in)."""
+    if c < TCLASSES:
+        t.ctimeout[c] = seconds
+
+
+cdef inline void table_set_class(table_t *t, int32_t i, uint8_t c) noexcept nogil:
+    """Move entry i into timeout class c. For an entry just inserted or touched: it goes
+    to the head of its new class, which is only in order when its last use is the newest."""
+    if c >= TCLASSES or t.e[i].tclass == c:
+        return
+    _class_unlink(t, i)
+    t.e[i].tclass = c
+    _class_push_head(t, i)
+
+
+cdef inline double table_timeout(const table_t *t, int32_t i) noexcept nogil:
+    return t.ctimeout[t.e[i].tclass]
+
+
+cdef inline int32_t table_expired(const table_t *t, double now) noexcept nogil:
+    """An entry idle for at least its class's timeout, or -1: O(TCLASSES), since each
+    class's least recently used entry is the first of that class to expire."""
+    cdef int c
+    cdef int32_t i
+    for c in range(TCLASSES):
+        i = t.ctail[c]
+        if i >= 0 and t.e[i].last + t.ctimeout[c] <= now:
+            return i
+    return -1
 
 
 cdef inline int32_t table_insert(table_t *t, const akey_t *k, double now) noexcept nogil:
@@ -199,9 +278,11 @@ cdef inline int32_t table_insert(table_t *t, const akey_t *k, double now) noexce
     t.e[i].used = 1
     t.e[i].fd = -1
     t.e[i].last = now
+    t.e[i].tclass = 0
     t.e[i].hnext = t.buckets[h & t.mask]
     t.buckets[h & t.mask] = i
     _lru_push_head(t, i)
+    _class_push_head(t, i)
     t.count += 1
     return i
 
@@ -214,6 +295,7 @@ cdef inline void table_remove(table_t *t, int32_t i) noexcept nogil:
     if link[0] == i:
         link[0] = e.hnext
     _lru_unlink(t, i)
+    _class_unlink(t, i)
     e.used = 0
     e.fd = -1
     e.hnext = t.free_head

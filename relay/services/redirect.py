@@ -33,7 +33,7 @@ class UdpService(Service):
                 max_associations=cfg.max_associations, transparent_cache=cfg.transparent_cache,
                 transparent_idle=cfg.transparent_idle, batch=cfg.batch, stats=ctx.stats,
                 upstream_family=up_family, listen_family=self.listen.family, core=self.core,
-                gro=cfg.gro,
+                gro=cfg.gro, port_timeouts=cfg.port_timeouts(),
             )
         except BaseException:
             self.close()
