@@ -210,7 +210,8 @@ class Echo:
 
 
 def raw_client(server, cmd=proto.CMD_UDP_TUN_MUX, rcvbuf=None):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(socket.AF_INET6 if ":" in server.address[0] else socket.AF_INET,
+                      socket.SOCK_STREAM)
     if rcvbuf:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     s.settimeout(3)

@@ -51,9 +51,12 @@ from relay.datapath.table cimport (
     table_timeout, table_expired,
 )
 from relay.datapath.stats cimport *
+from relay.datapath.limits cimport FD_RESERVE
 from relay.datapath.tunnel cimport UpstreamCore
 
 import os
+
+from relay.net.sockopt import fd_limit
 
 
 cdef inline double monotonic() noexcept nogil:
@@ -190,11 +193,7 @@ cdef class Engine:
         self.frag_ident = <uint32_t>(seed >> 32)
         self.frag_over[0] = self.frag_over[1] = MTU_UNASKED
         self.mtu_known[0] = self.mtu_known[1] = False
-        import resource
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft == resource.RLIM_INFINITY or soft > (1 << 21):
-            soft = 1 << 21
-        self.nfd = soft
+        self.nfd = fd_limit()
         self.rx = <uint8_t *>calloc(batch, MAXDGRAM)
         self.rx_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
         self.rx_iov = <iovec *>calloc(batch, sizeof(iovec))

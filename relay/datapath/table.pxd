@@ -301,3 +301,20 @@ cdef inline void table_remove(table_t *t, int32_t i) noexcept nogil:
     e.hnext = t.free_head
     t.free_head = i
     t.count -= 1
+
+
+# Keys that are not socket addresses. The tunnel server keys its per-flow sockets by
+# (connection slot, connection generation, flow id): such a key has the family AKEY_FLOW,
+# which no socket address uses (AF_* values are below 64), so it never equals an address
+# key; port 0, the three numbers in addr[0:12], addr[12:16] zero.
+cdef enum:
+    AKEY_FLOW = 0xF10F
+
+
+cdef inline void akey_from_flow(uint32_t conn, uint32_t gen, uint32_t flow,
+                                akey_t *k) noexcept nogil:
+    memset(k, 0, sizeof(akey_t))
+    k.family = AKEY_FLOW
+    memcpy(&k.addr[0], &conn, 4)
+    memcpy(&k.addr[4], &gen, 4)
+    memcpy(&k.addr[8], &flow, 4)

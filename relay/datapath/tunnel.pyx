@@ -28,20 +28,24 @@ from relay.includes.system cimport (
     epoll_event, EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLRDHUP, EPOLL_CTL_ADD,
     EPOLL_CTL_MOD, EPOLL_CTL_DEL, EPOLL_CLOEXEC, epoll_create1, epoll_ctl, epoll_wait,
 )
-from relay.datapath.table cimport is_v4mapped
 from relay.includes.wire cimport (
     ATYP_IPV4, ATYP_IPV6, ATYP_DOMAIN, MAX_PAYLOAD, MAX_FRAME_HEADER,
     E_TRUNCATED, E_TOO_BIG, E_BAD_ATYP, E_EMPTY_DOMAIN, E_FRAGMENTED,
 )
 from relay.datapath.htab cimport htab_new, htab_find, htab_put, htab_del, mix64
+from relay.datapath.table cimport (
+    is_v4mapped, table_t, akey_t, table_init, table_free, table_find, table_insert,
+    table_remove, table_touch, akey_from_flow,
+)
+from relay.datapath.limits cimport FD_RESERVE
 from relay.datapath.addr cimport sockaddr_any, sockaddr_from_tuple, sockaddr_to_tuple, raise_oserror
 from relay.datapath.sendq cimport (
     sendq_t, sq_init, sq_free, sq_add, sq_flush, sq_full, sq_clear, sq_set_src,
 )
 from relay.datapath.stats cimport (
     N_COUNTERS, C_UP_DATAGRAMS, C_UP_BYTES, C_DOWN_DATAGRAMS, C_DOWN_BYTES,
-    C_ASSOC_OPEN, C_ASSOC_CREATED, C_ASSOC_EXPIRED, C_ASSOC_REFUSED, C_DROP_MALFORMED,
-    C_DROP_BUFFER_FULL, C_DROP_SEND_ERROR, C_DROP_TABLE_FULL, C_DROP_TOO_BIG,
+    C_ASSOC_OPEN, C_ASSOC_CREATED, C_ASSOC_EXPIRED, C_ASSOC_EVICTED, C_ASSOC_REFUSED,
+    C_DROP_MALFORMED, C_DROP_BUFFER_FULL, C_DROP_SEND_ERROR, C_DROP_TABLE_FULL, C_DROP_TOO_BIG,
     C_DROP_NO_ROUTE, C_DROP_DENIED, C_CONN_OPEN, C_CONN_REJECTED, C_CONN_RECONNECTS,
     C_FRAMES_BAD, C_QUEUE_DROPS,
 )
@@ -49,6 +53,7 @@ from relay.datapath.stats cimport (
 from relay import proto as _proto
 from relay import resolver as _resolver
 from relay.loglimit import LogLimiter
+from relay.net.sockopt import fd_limit
 
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t c_send "send"(int fd, const void *buf, size_t n, int flags)

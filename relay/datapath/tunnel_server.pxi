@@ -1,4 +1,14 @@
 # Included by relay/datapath/tunnel.pyx: TunnelServer: frames from tunnel clients to per-flow UDP sockets and back.
+#
+# The flows live in a table_t (relay/datapath/table.pxd) keyed by (connection slot,
+# connection generation, flow id; 0 for a gost connection's one flow): entry i of the table
+# is flow slot i here, and holds the flow's socket, its last-use time and its place in the
+# LRU list. Each connection keeps its own flows in a second list, most recently used first,
+# so that closing it releases them and a connection at its share can give up its oldest.
+# A full table makes room (assoc_evicted): a connection holding its share of the table or
+# more (max_flows / connections) evicts its own least recently used flow, any other the
+# table's. Idle flows expire from the LRU tail. A flow socket numbered within FD_RESERVE
+# (relay/datapath/limits.pxd) of the soft descriptor limit is closed, its flow refused.
 
 cdef struct sconn_t:
     int fd
@@ -12,13 +22,12 @@ cdef struct sconn_t:
     size_t tx_start
     size_t tx_end
     double stall_since
-    int flow_head
-    int plain_flow
+    int flow_head                # the connection's flows, most recently used first
+    int flow_tail
+    int nflows
 
-cdef struct sflow_t:
+cdef struct sflow_t:             # the socket, last use, LRU place: the table's entry
     sockaddr_any last_dst
-    double last
-    int fd
     int conn
     uint32_t id
     uint32_t gen                 # bumped each time the slot is taken
@@ -26,7 +35,6 @@ cdef struct sflow_t:
     int next
     int family
     bint last_ok
-    bint used
 
 
 cdef class TunnelServer(Poller):
@@ -38,9 +46,8 @@ cdef class TunnelServer(Poller):
     cdef int nconn_free
     cdef sflow_t *flows
     cdef int max_flows
-    cdef int *flow_free
-    cdef int nflow_free
-    cdef htab_t tab
+    cdef table_t tab
+    cdef int nfd                 # the soft descriptor limit (flow sockets keep FD_RESERVE)
     cdef Acl acl
     cdef size_t tx_limit
     cdef double timeout
@@ -73,24 +80,21 @@ cdef class TunnelServer(Poller):
         self.conns = <sconn_t *>calloc(max_conns, sizeof(sconn_t))
         self.conn_free = <int *>malloc(max_conns * sizeof(int))
         self.flows = <sflow_t *>calloc(max_flows, sizeof(sflow_t))
-        self.flow_free = <int *>malloc(max_flows * sizeof(int))
         self.scratch = <uint8_t *>malloc(<size_t>batch * DGRAM_SLOT)
         self.rmsgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
         self.riovs = <iovec *>calloc(batch, sizeof(iovec))
         self.rnames = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
-        if not (self.conns and self.conn_free and self.flows and self.flow_free and
+        if not (self.conns and self.conn_free and self.flows and
                 self.scratch and self.rmsgs and self.riovs and self.rnames):
             raise MemoryError()
-        htab_new(&self.tab, max_flows)
+        if table_init(&self.tab, max_flows, <uint32_t>int.from_bytes(os.urandom(4), "little")) < 0:
+            raise MemoryError("flow table")
+        self.nfd = fd_limit()
         sq_init(&self.sb, batch)
         for i in range(max_conns):
             self.conn_free[i] = max_conns - 1 - i
             self.conns[i].fd = -1
         self.nconn_free = max_conns
-        for i in range(max_flows):
-            self.flow_free[i] = max_flows - 1 - i
-            self.flows[i].fd = -1
-        self.nflow_free = max_flows
         for i in range(batch):
             self.riovs[i].iov_base = self.scratch + <size_t>i * DGRAM_SLOT
             self.riovs[i].iov_len = DGRAM_SLOT
@@ -104,19 +108,18 @@ cdef class TunnelServer(Poller):
             for i in range(self.max_conns):
                 if self.conns[i].used:
                     self.conn_close(i, None, -1)
-        if self.flows != NULL:
-            for i in range(self.max_flows):
-                if self.flows[i].used:
-                    close(self.flows[i].fd)
+        if self.tab.e != NULL:
+            for i in range(self.tab.cap):
+                if self.tab.e[i].used:
+                    close(self.tab.e[i].fd)
         free(self.conns)
         free(self.conn_free)
         free(self.flows)
-        free(self.flow_free)
         free(self.scratch)
         free(self.rmsgs)
         free(self.riovs)
         free(self.rnames)
-        free(self.tab.slots)
+        table_free(&self.tab)
         sq_free(&self.sb)
 
     @property
@@ -125,7 +128,7 @@ cdef class TunnelServer(Poller):
 
     @property
     def flows_open(self):
-        return self.max_flows - self.nflow_free
+        return self.tab.count
 
     def add_conn(self, int fd, bint mux, leftover=b""):
         """Take over fd (handshake done): returns its slot, or -1 when the table is full
@@ -152,8 +155,8 @@ cdef class TunnelServer(Poller):
         c.rx_len = 0
         c.tx_start = c.tx_end = 0
         c.stall_since = 0
-        c.flow_head = -1
-        c.plain_flow = -1
+        c.flow_head = c.flow_tail = -1
+        c.nflows = 0
         epoll_set(self.epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP, KIND_CONN, i)
         if leftover:
             if len(leftover) > RX_CAP:
@@ -194,30 +197,46 @@ cdef class TunnelServer(Poller):
             self.log.warning("tunnel connection closed: %s", why)
         return 0
 
-    cdef int flow_release(self, int f, int counter) except -1:
+    cdef void conn_unlink(self, sconn_t *c, int f) noexcept nogil:
+        """Take flow f out of its connection's list."""
         cdef sflow_t *fl = &self.flows[f]
-        cdef sconn_t *c = &self.conns[fl.conn]
-        cdef uint64_t k[3]
-        if not fl.used:
-            return 0
-        close(fl.fd)
-        if c.mux:
-            k[0] = fl.conn
-            k[1] = c.gen
-            k[2] = fl.id
-            htab_del(&self.tab, k)
-        else:
-            c.plain_flow = -1
         if fl.prev >= 0:
             self.flows[fl.prev].next = fl.next
         else:
             c.flow_head = fl.next
         if fl.next >= 0:
             self.flows[fl.next].prev = fl.prev
-        fl.used = False
-        fl.fd = -1
-        self.flow_free[self.nflow_free] = f
-        self.nflow_free += 1
+        else:
+            c.flow_tail = fl.prev
+
+    cdef void conn_link(self, sconn_t *c, int f) noexcept nogil:
+        """Put flow f first (most recently used) in its connection's list."""
+        cdef sflow_t *fl = &self.flows[f]
+        fl.prev = -1
+        fl.next = c.flow_head
+        if c.flow_head >= 0:
+            self.flows[c.flow_head].prev = f
+        c.flow_head = f
+        if c.flow_tail < 0:
+            c.flow_tail = f
+
+    cdef void flow_touch(self, int f) noexcept nogil:
+        """Flow f was used now: first in the table's LRU list and in its connection's."""
+        cdef sconn_t *c = &self.conns[self.flows[f].conn]
+        table_touch(&self.tab, f, self.now)
+        if c.flow_head != f:
+            self.conn_unlink(c, f)
+            self.conn_link(c, f)
+
+    cdef int flow_release(self, int f, int counter) except -1:
+        cdef sflow_t *fl = &self.flows[f]
+        cdef sconn_t *c = &self.conns[fl.conn]
+        if not self.tab.e[f].used:
+            return 0
+        close(self.tab.e[f].fd)
+        table_remove(&self.tab, f)
+        self.conn_unlink(c, f)
+        c.nflows -= 1
         self.st[C_ASSOC_OPEN] -= 1
         if counter >= 0:
             self.st[counter] += 1
@@ -225,21 +244,23 @@ cdef class TunnelServer(Poller):
 
     cdef int flow_get(self, int ci, uint32_t id) except -2:
         cdef sconn_t *c = &self.conns[ci]
-        cdef uint64_t k[3]
-        cdef int f, fd
+        cdef akey_t k
+        cdef int f, fd, share
         cdef sflow_t *fl
-        if c.mux:
-            k[0] = ci
-            k[1] = c.gen
-            k[2] = id
-            f = htab_find(&self.tab, k)
-            if f >= 0:
-                return f
-        elif c.plain_flow >= 0:
-            return c.plain_flow
-        if self.nflow_free == 0:
-            self.st[C_DROP_TABLE_FULL] += 1
-            return -1
+        akey_from_flow(ci, c.gen, id if c.mux else 0, &k)
+        f = table_find(&self.tab, &k)
+        if f >= 0:
+            return f
+        if self.tab.count >= self.tab.cap:
+            # Datagrams queued may use the socket about to be closed (or its number reused).
+            sq_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
+            # A connection at its share (or over) gives up its own oldest flow, any other
+            # connection the table's oldest: whoever holds the table cannot push others out.
+            share = self.max_flows // (self.max_conns - self.nconn_free)
+            if c.nflows and c.nflows >= share:
+                self.flow_release(c.flow_tail, C_ASSOC_EVICTED)
+            else:
+                self.flow_release(self.tab.tail, C_ASSOC_EVICTED)
         fd = new_udp_socket(self.family, self.mark)
         if fd < 0 and self.family == AF_INET6 and errno == _errno.EAFNOSUPPORT:
             self.family = AF_INET
@@ -247,26 +268,20 @@ cdef class TunnelServer(Poller):
         if fd < 0:
             self.st[C_ASSOC_REFUSED] += 1
             return -1
-        self.nflow_free -= 1
-        f = self.flow_free[self.nflow_free]
+        if fd >= self.nfd - FD_RESERVE:
+            close(fd)
+            self.st[C_ASSOC_REFUSED] += 1
+            return -1
+        f = table_insert(&self.tab, &k, self.now)
+        self.tab.e[f].fd = fd
         fl = &self.flows[f]
-        fl.fd = fd
         fl.conn = ci
         fl.id = id
         fl.gen += 1
         fl.family = self.family
-        fl.last = self.now
         fl.last_ok = False
-        fl.used = True
-        fl.prev = -1
-        fl.next = c.flow_head
-        if c.flow_head >= 0:
-            self.flows[c.flow_head].prev = f
-        c.flow_head = f
-        if c.mux:
-            htab_put(&self.tab, k, f)
-        else:
-            c.plain_flow = f
+        self.conn_link(c, f)
+        c.nflows += 1
         epoll_set(self.epfd, EPOLL_CTL_ADD, fd, EPOLLIN, KIND_FLOW, f)
         self.st[C_ASSOC_CREATED] += 1
         self.st[C_ASSOC_OPEN] += 1
@@ -285,7 +300,7 @@ cdef class TunnelServer(Poller):
             if events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP):
                 self.conn_read(idx)
         elif kind == KIND_FLOW:
-            if self.flows[idx].used:
+            if self.tab.e[idx].used:
                 self.flow_read(idx)
         return 0
 
@@ -334,7 +349,7 @@ cdef class TunnelServer(Poller):
             if fi < 0:
                 continue
             fl = &self.flows[fi]
-            fl.last = self.now
+            self.flow_touch(fi)
             if f.atyp == ATYP_DOMAIN:
                 dlen = self.dns.dst_for(&f, fi, fl.gen, fl.family, self.now, &dst)
                 if dlen == 0:
@@ -346,9 +361,9 @@ cdef class TunnelServer(Poller):
                     continue
             if not self.flow_dst_ok(fl, &dst):
                 continue
-            if self.sb.n and (self.sb.fd != fl.fd or sq_full(&self.sb)):
+            if self.sb.n and (self.sb.fd != self.tab.e[fi].fd or sq_full(&self.sb)):
                 sq_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
-            self.sb.fd = fl.fd
+            self.sb.fd = self.tab.e[fi].fd
             sq_add(&self.sb, &dst, dlen, f.data, f.dlen)
         sq_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
         if c.used and c.gen == gen:
@@ -371,10 +386,11 @@ cdef class TunnelServer(Poller):
     cdef int dns_send(self, uint32_t owner, uint32_t gen, const dname_t *e, uint16_t port,
                       const uint8_t *data, size_t n) except -1:
         cdef sflow_t *fl = &self.flows[owner]
-        if not fl.used or fl.gen != gen:         # the flow ended while its name was resolved
+        if not self.tab.e[owner].used or fl.gen != gen:   # the flow ended while its name was resolved
             self.st[C_DROP_NO_ROUTE] += 1
             return 0
-        return send_resolved(&self.sb, self.st, self.acl, fl.fd, fl.family, e, port, data, n)
+        return send_resolved(&self.sb, self.st, self.acl, self.tab.e[owner].fd, fl.family, e,
+                             port, data, n)
 
     cdef int flow_read(self, int fi) except -1:
         """Replies of one flow socket: recvmmsg, frame them into the connection, write."""
@@ -387,10 +403,10 @@ cdef class TunnelServer(Poller):
             self.rmsgs[j].msg_hdr.msg_namelen = sizeof(sockaddr_any)
             self.rmsgs[j].msg_hdr.msg_flags = 0
         with nogil:
-            n = recvmmsg(fl.fd, self.rmsgs, self.batch, MSG_DONTWAIT, NULL)
+            n = recvmmsg(self.tab.e[fi].fd, self.rmsgs, self.batch, MSG_DONTWAIT, NULL)
         if n <= 0:
             return 0
-        fl.last = self.now
+        self.flow_touch(fi)
         for j in range(n):
             dl = self.rmsgs[j].msg_len
             if self.rmsgs[j].msg_hdr.msg_flags & MSG_TRUNC or dl > MAX_PAYLOAD:
@@ -449,7 +465,8 @@ cdef class TunnelServer(Poller):
         return 0
 
     def tick(self, double now=0):
-        """Idle flows out, disconnect peers that stopped reading. Call about once a second."""
+        """Idle flows out (from the LRU tail: only the expired are visited), disconnect peers
+        that stopped reading. Call about once a second."""
         cdef int i
         if now == 0:
             now = mono_now()
@@ -457,9 +474,8 @@ cdef class TunnelServer(Poller):
         if now < self.next_tick:
             return
         self.next_tick = now + 0.5
-        for i in range(self.max_flows):
-            if self.flows[i].used and now - self.flows[i].last > self.timeout:
-                self.flow_release(i, C_ASSOC_EXPIRED)
+        while self.tab.tail >= 0 and now - self.tab.e[self.tab.tail].last > self.timeout:
+            self.flow_release(self.tab.tail, C_ASSOC_EXPIRED)
         self.dns.expire(self, now)
         for i in range(self.max_conns):
             if self.conns[i].used and self.conns[i].stall_since and \

@@ -2,6 +2,7 @@
 import errno
 import logging
 import ipaddress
+import resource
 import socket
 import struct
 
@@ -24,6 +25,20 @@ IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 # recvmsg room for the packet info of an IPv4 datagram on a dual-stack socket, which
 # comes twice: IPV6_PKTINFO (in6_pktinfo, 20 bytes) and IP_PKTINFO (in_pktinfo, 12)
 PKTINFO_ANCBUF = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12)
+
+# Descriptors kept free of per-flow sockets (for connections, replies and the control
+# plane): a flow socket numbered within FD_RESERVE of fd_limit() is closed and its flow
+# refused (assoc_refused). The C data path's is relay/datapath/limits.pxd (the same number);
+# this one is the pure twins'.
+FD_RESERVE = 32
+
+
+def fd_limit():
+    """The soft RLIMIT_NOFILE the descriptor reserves count from (unlimited: 2**21)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft > (1 << 21):
+        soft = 1 << 21
+    return soft
 
 
 def family_of(host):

@@ -1,12 +1,20 @@
-"""The tunnel server's data path in pure Python (twin of relay.datapath.tunnel.TunnelServer)."""
+"""The tunnel server's data path in pure Python (twin of relay.datapath.tunnel.TunnelServer).
+
+The flows, like the C table's, are in least-recently-used order twice: all of them
+(``lru``) and each connection's (``_SConn.flows``). A full table evicts: a connection
+holding its share (max_flows / connections) or more gives up its own oldest flow, any other
+the table's oldest. Idle flows expire from the old end; a flow socket numbered within
+FD_RESERVE of the descriptor limit is closed and its flow refused."""
 import socket
 import time as _time
+from collections import OrderedDict
 
 from relay.proto import (
     ATYP_DOMAIN, ATYP_IPV4, FrameError, encode_frame, parse_frame, parse_frames,
 )
 from relay.resolver import Resolver
 from relay.datapath.pure.common import Acl, EPOLLIN, EPOLLOUT, Poller, RX_CAP, SO_MARK, unmap
+from relay.net.sockopt import FD_RESERVE, fd_limit
 
 
 class _SConn:
@@ -32,6 +40,8 @@ class TunnelServer(Poller):
         self.mark = mark
         self.conns = {}
         self.flows = {}             # flow fd -> _SFlow
+        self.lru = OrderedDict()    # every _SFlow, least recently used first
+        self.nfd = fd_limit()
         self.next_tick = 0.0
         self._slot = 0
         self.init_dns(resolve)
@@ -51,7 +61,8 @@ class TunnelServer(Poller):
         c.sock = socket.socket(fileno=fd)
         c.sock.setblocking(False)
         c.mux, c.rx, c.tx = mux, bytearray(leftover), bytearray()
-        c.want_out, c.stall_since, c.flows = False, 0.0, {}
+        c.want_out, c.stall_since = False, 0.0
+        c.flows = OrderedDict()     # flow id -> _SFlow, least recently used first
         self._slot += 1
         c.slot = self._slot
         self.conns[c.slot] = c
@@ -80,6 +91,7 @@ class TunnelServer(Poller):
     def _release(self, f, counter):
         c = f.conn
         c.flows.pop(f.id, None)
+        self.lru.pop(f, None)
         self.flows.pop(f.sock.fileno(), None)
         self._del(f.sock.fileno())
         f.sock.close()
@@ -93,8 +105,8 @@ class TunnelServer(Poller):
         if f is not None:
             return f
         if len(self.flows) >= self.max_flows:
-            self._count("drop_table_full")
-            return None
+            own = len(c.flows) >= self.max_flows // len(self.conns) and c.flows
+            self._release(next(iter(c.flows.values() if own else self.lru)), "assoc_evicted")
         try:
             s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -104,9 +116,14 @@ class TunnelServer(Poller):
         except OSError:
             self._count("assoc_refused")
             return None
+        if s.fileno() >= self.nfd - FD_RESERVE:
+            s.close()
+            self._count("assoc_refused")
+            return None
         f = _SFlow()
         f.sock, f.conn, f.id, f.last, f.last_dst = s, c, fid, self.now, None
         c.flows[fid] = f
+        self.lru[f] = None
         self.flows[s.fileno()] = f
         self._add(s.fileno(), "flow", s.fileno())
         self._count("assoc_created")
@@ -177,7 +194,7 @@ class TunnelServer(Poller):
             f = self._flow(c, fr.flow if c.mux else 0)
             if f is None:
                 continue
-            f.last = self.now
+            self._touch(f)
             if fr.atyp == ATYP_DOMAIN:
                 dst = self._name_dst(f, fr.host.encode("latin-1"), fr.port, fr.data,
                                      socket.AF_INET6)
@@ -186,6 +203,12 @@ class TunnelServer(Poller):
             else:
                 dst = ("::ffff:" + fr.host if fr.atyp == ATYP_IPV4 else fr.host, fr.port)
             self._send_up(f, dst, fr.data)
+
+    def _touch(self, f):
+        """Flow f was used now: last in both LRU orders."""
+        f.last = self.now
+        self.lru.move_to_end(f)
+        f.conn.flows.move_to_end(f.id)
 
     def _send_up(self, f, dst, data):
         if dst != f.last_dst:
@@ -225,7 +248,7 @@ class TunnelServer(Poller):
             self._count("down_datagrams")
             self._count("down_bytes", len(data))
         if got:
-            f.last = self.now
+            self._touch(f)
             if not c.want_out:
                 self._write(c)
 
@@ -251,7 +274,10 @@ class TunnelServer(Poller):
         if now < self.next_tick:
             return
         self.next_tick = now + 0.5
-        for f in [f for f in self.flows.values() if now - f.last > self.timeout]:
+        while self.lru:
+            f = next(iter(self.lru))
+            if now - f.last <= self.timeout:
+                break
             self._release(f, "assoc_expired")
         self._dns_ready(self.dns.expire(now))
         for c in [c for c in self.conns.values()
