@@ -30,7 +30,6 @@ cdef enum:
     LISTEN_ROUNDS = 1             # client batches per wake-up before replies are served: under
     REPLY_ROUNDS = 4              # overload, alternating keeps upstream receive buffers drained
     UPSTREAM_RCVBUF = 1 << 20     # cap on an upstream socket's receive buffer (used only if full)
-    FD_RESERVE = 32               # descriptors kept free for reply sockets and the control plane
     SEND_RETRIES = 1              # waits for a full buffer per run: a shared socket must not stall the loop
     FRAG_CAP = 256                # raw reply fragments per sendmmsg (more: flush and continue)
     MTU_CACHE = 4096              # client hosts whose route MTU is remembered (oldest learned go first)

@@ -219,3 +219,12 @@ cdef inline void table_remove(table_t *t, int32_t i) noexcept nogil:
     e.hnext = t.free_head
     t.free_head = i
     t.count -= 1
+
+
+cdef inline int table_new(table_t *t, int32_t cap) except -1:
+    """table_init with a fresh random seed (os.urandom): keys chosen by peers cannot aim at
+    one hash chain. Raises MemoryError; table_free when done."""
+    from os import urandom
+    if table_init(t, cap, <uint32_t>int.from_bytes(urandom(4), "little")) < 0:
+        raise MemoryError()
+    return 0

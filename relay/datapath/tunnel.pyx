@@ -28,7 +28,11 @@ from relay.includes.system cimport (
     epoll_event, EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLRDHUP, EPOLL_CTL_ADD,
     EPOLL_CTL_MOD, EPOLL_CTL_DEL, EPOLL_CLOEXEC, epoll_create1, epoll_ctl, epoll_wait,
 )
-from relay.datapath.table cimport is_v4mapped
+from relay.datapath.table cimport (
+    is_v4mapped, akey_t, table_new, table_free, table_find, table_insert, table_remove,
+    table_touch, akey_from_sockaddr,
+)
+from relay.datapath.limits cimport fd_ceiling, FD_LIMIT_MAX, FD_RESERVE as _FD_RESERVE
 from relay.datapath.htab cimport htab_new, htab_find, htab_put, htab_del, mix64
 from relay.datapath.addr cimport sockaddr_any, sockaddr_from_tuple, sockaddr_to_tuple, raise_oserror
 from relay.datapath.sendq cimport (
@@ -36,7 +40,8 @@ from relay.datapath.sendq cimport (
 )
 from relay.datapath.stats cimport (
     N_COUNTERS, C_UP_DATAGRAMS, C_UP_BYTES, C_DOWN_DATAGRAMS, C_DOWN_BYTES,
-    C_ASSOC_OPEN, C_ASSOC_CREATED, C_ASSOC_EXPIRED, C_ASSOC_REFUSED, C_DROP_MALFORMED,
+    C_ASSOC_OPEN, C_ASSOC_CREATED, C_ASSOC_EXPIRED, C_ASSOC_EVICTED, C_ASSOC_REFUSED,
+    C_DROP_MALFORMED,
     C_DROP_BUFFER_FULL, C_DROP_SEND_ERROR, C_DROP_TABLE_FULL, C_DROP_TOO_BIG,
     C_DROP_NO_ROUTE, C_DROP_DENIED, C_CONN_OPEN, C_CONN_REJECTED, C_CONN_RECONNECTS,
     C_FRAMES_BAD, C_QUEUE_DROPS,
@@ -45,6 +50,7 @@ from relay.datapath.stats cimport (
 from relay import proto as _proto
 from relay import resolver as _resolver
 from relay.loglimit import LogLimiter
+from relay.net.sockopt import flow_socket
 
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t c_send "send"(int fd, const void *buf, size_t n, int flags)
@@ -60,6 +66,7 @@ cdef enum:
     UDP_HDR_ROOM = 262   # RSV FRAG ATYP LEN DOMAIN PORT: headroom before a datagram
 
 DEF_LOG = logging.getLogger("relay.tunnel")
+FD_RESERVE = _FD_RESERVE        # relay/datapath/limits.pxd (Python: relay.config.FD_RESERVE)
 FRAME_ERROR_TEXT = {FE_TRUNCATED: "truncated frame", FE_TOO_BIG: "RSV (length) too big",
                     FE_BAD_ATYP: "unknown ATYP", FE_EMPTY_DOMAIN: "domain of length 0",
                     FE_FRAGMENTED: "FRAG is not 0"}

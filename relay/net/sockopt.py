@@ -168,6 +168,26 @@ def udp_listen(addr, *, transparent=False, reuseport=True, bufsize=4 << 20):
         raise
 
 
+OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def flow_socket(family, type, ceiling):
+    """A new socket for one flow (a gost connection, a SOCKS5 association's TCP or UDP
+    socket), or None when the process is out of descriptors: none left, or the new one at
+    or above ceiling (the soft limit less the data path's reserve; closed again), like the
+    engine's associations."""
+    try:
+        s = socket.socket(family, type)
+    except OSError as e:
+        if e.errno in OUT_OF_FDS:
+            return None
+        raise
+    if s.fileno() >= ceiling:
+        s.close()
+        return None
+    return s
+
+
 def check_port_free(addr, proto="udp"):
     """Refuse a listen address that another process already serves.
 

@@ -16,11 +16,11 @@ Every refusal is counted by the caller and logged through a ``LogLimiter``.
 """
 import errno
 import logging
-import resource
 import socket
 import time
 
 from relay.loglimit import LogLimiter
+from relay.privileges import fd_soft_limit
 
 ACCEPT_BURST = 64
 ACCEPT_PAUSE = 0.1           # seconds the listen socket rests when descriptors run out
@@ -30,11 +30,7 @@ FIRST_BYTES_TIMEOUT = 3.0    # a new connection says something within this, or i
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-def fd_limit():
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY or soft > (1 << 21):
-        soft = 1 << 21
-    return soft
+fd_limit = fd_soft_limit
 
 
 def source_key(host):
