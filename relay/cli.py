@@ -69,8 +69,9 @@ def _flow_options(p, mode):
     g = p.add_argument_group("flows")
     _opt(g, mode, "--timeout", "idle time after which an association (flow) is closed; "
          "traffic in either direction refreshes it", type=float, metavar="SECONDS")
-    _opt(g, mode, "--max-associations", "associations (flows) per worker at most",
-         type=int, metavar="N")
+    _opt(g, mode, "--max-associations", "associations (flows) per worker at most; at the cap "
+         "the least recently used one is evicted for a new one (the flows of an --upstream "
+         "or of tunnel-client: at most 65536)", type=int, metavar="N")
     _opt(g, mode, "--mark", "SO_MARK on every upstream and reply socket, so the relay's own "
          "traffic is never captured again (0: none; a mark needs CAP_NET_ADMIN)", type=int)
     _opt(g, mode, "--batch", "datagrams per recvmmsg/sendmmsg call", type=int, metavar="N")
