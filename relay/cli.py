@@ -75,8 +75,9 @@ def _flow_options(p, mode):
          "53=10,123=10,443=30,27000-27100=300 (the port of a flow's first datagram; at most 7 "
          "different values); 'none': every flow has --timeout (default: "
          f"{format_port_timeouts(DEFAULT_PORT_TIMEOUTS)}, at most --timeout)", metavar="SPEC")
-    _opt(g, mode, "--max-associations", "associations (flows) per worker at most",
-         type=int, metavar="N")
+    _opt(g, mode, "--max-associations", "associations (flows) per worker at most; at the cap "
+         "the least recently used one is evicted for a new one (the flows of an --upstream "
+         "or of tunnel-client: at most 65536)", type=int, metavar="N")
     _opt(g, mode, "--mark", "SO_MARK on every upstream and reply socket, so the relay's own "
          "traffic is never captured again (0: none; a mark needs CAP_NET_ADMIN)", type=int)
     _opt(g, mode, "--batch", "datagrams per recvmmsg/sendmmsg call", type=int, metavar="N")

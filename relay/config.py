@@ -51,6 +51,10 @@ MAX_ASSOCIATIONS = 1 << 24
 MAX_TRANSPARENT_CACHE = 1 << 20
 MAX_CONNECTIONS = 256
 MAX_TIMEOUT = 7 * 24 * 3600.0
+MAX_UPSTREAM_FLOWS = 1 << 16    # flows of an upstream core (tunnel://, gost://, socks5://):
+                                # a tunnel flow id carries its slot in 16 bits
+FD_RESERVE = 32             # descriptors the data path keeps free below the soft limit (the
+                            # C side: relay/datapath/limits.pxd); a flow socket there is refused
 SUN_PATH_MAX = 107          # sockaddr_un.sun_path is 108 bytes with the final NUL
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

@@ -32,7 +32,7 @@ __all__ = ["Check", "Facts", "CHECKS", "run_checks", "add_cli", "run_cli"]
 DEFAULT_CONTROL = GlobalConfig.control_socket
 PROBE_TABLE = "relay_doctor_probe"      # the table `nft -c` parses (check mode: never created)
 # Descriptors a worker needs besides one per association and transparent reply socket: the
-# engine keeps 32 free (FD_RESERVE in relay/datapath/limits.pxd), plus listen, raw, epoll, control.
+# data path keeps 32 free (FD_RESERVE, relay/datapath/limits.pxd), plus listen, raw, epoll, control.
 FD_SPARE = 64
 CAP_NUMBERS = {name: number for number, name in NAMES.items()}
 AS_ROOT = "run relay doctor as root (sudo relay doctor ...)"

@@ -59,6 +59,16 @@ def raise_nofile_limit():
     return hard
 
 
+def fd_soft_limit():
+    """The soft RLIMIT_NOFILE, an unlimited (or larger) one counted as 1 << 21 (the C data
+    path's FD_LIMIT_MAX, relay/datapath/limits.pxd); relay.config.FD_RESERVE below it are
+    kept free for the control plane."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft > (1 << 21):
+        soft = 1 << 21
+    return soft
+
+
 def default_user():
     """'nobody' when it exists and we are root, else None (nothing to drop)."""
     if os.geteuid() != 0:

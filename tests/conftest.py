@@ -140,3 +140,21 @@ def core(impl):
     """The tunnel cores of the implementation under test (relay._select chooses)."""
     from relay import _select
     return _select.module("tunnel")
+
+
+@pytest.fixture
+def upstream_cores(core):
+    """make(class_name, server, **kw) -> (an upstream core (TunnelUpstream, Socks5Upstream)
+    of the implementation under test, the list its replies are collected in); each is
+    closed after the test."""
+    made = []
+
+    def make(name, server, **kw):
+        up = getattr(core, name)(server, **kw)
+        got = []
+        up.collect_replies(got)
+        made.append(up)
+        return up, got
+    yield make
+    for up in made:
+        up.close()

@@ -234,19 +234,9 @@ def scripted():
 
 
 @pytest.fixture
-def upstream(impl):
+def upstream(upstream_cores):
     """make(server, **kw) -> (TunnelUpstream core of this impl, list of its replies)."""
-    made = []
-
-    def make(server, **kw):
-        up = core_module(impl).TunnelUpstream(server, **kw)
-        got = []
-        up.collect_replies(got)
-        made.append(up)
-        return up, got
-    yield make
-    for up in made:
-        up.close()
+    return lambda server, **kw: upstream_cores("TunnelUpstream", server, **kw)
 
 
 def drive(up, until, timeout=5.0):

@@ -51,12 +51,11 @@ from relay.datapath.table cimport (
     table_timeout, table_expired,
 )
 from relay.datapath.stats cimport *
-from relay.datapath.limits cimport FD_RESERVE
+from relay.datapath.limits cimport fd_soft_limit, fd_reserved
 from relay.datapath.tunnel cimport UpstreamCore
 
 import os
 
-from relay.net.sockopt import fd_limit
 
 
 cdef inline double monotonic() noexcept nogil:
@@ -193,7 +192,7 @@ cdef class Engine:
         self.frag_ident = <uint32_t>(seed >> 32)
         self.frag_over[0] = self.frag_over[1] = MTU_UNASKED
         self.mtu_known[0] = self.mtu_known[1] = False
-        self.nfd = fd_limit()
+        self.nfd = fd_soft_limit()
         self.rx = <uint8_t *>calloc(batch, MAXDGRAM)
         self.rx_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
         self.rx_iov = <iovec *>calloc(batch, sizeof(iovec))
@@ -899,7 +898,7 @@ cdef class Engine:
             else:
                 self.st[C_DROP_NO_ROUTE] += 1
             return -1
-        if fd >= self.nfd - FD_RESERVE:
+        if fd_reserved(fd, self.nfd):
             close(fd)
             self.st[C_ASSOC_REFUSED] += 1
             return -1

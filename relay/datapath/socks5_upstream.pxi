@@ -10,7 +10,13 @@ cdef enum:
 cdef class Socks5Upstream(UpstreamCore):
     """SOCKS5 UDP ASSOCIATE client core: one association (TCP control connection + UDP
     socket) per client flow, so replies map back to their flow; datagrams wait in a small
-    per-flow queue while the association is being set up."""
+    per-flow queue while the association is being set up.
+
+    At most max_flows associations (relay/datapath/table.pxd, like the engine's): a new
+    client at the cap evicts the least recently used one (assoc_evicted: its TCP and UDP
+    sockets closed, its queued datagrams dropped); associations idle for `timeout` expire
+    from the LRU end; one whose socket lies within FD_RESERVE of the soft descriptor limit
+    is refused (assoc_refused)."""
 
     def __init__(self, server, user=None, password=None, mark=None, stats=None,
                  double timeout=60.0, int max_flows=1024, size_t queue_limit=SOCKS_QUEUE,
@@ -32,13 +38,14 @@ cdef class Socks5Upstream(UpstreamCore):
         self.scratch = <uint8_t *>malloc(<size_t>batch * (DGRAM_SLOT + UDP_HDR_ROOM))
         if self.flows == NULL or self.scratch == NULL:
             raise MemoryError()
-        htab_new(&self.tab, max_flows)
+        table_new(&self.tab, max_flows)
+        self.fd_ceiling = fd_ceiling()
         sq_init(&self.sb, batch)
 
     def __dealloc__(self):
-        if self.flows != NULL:
+        if self.flows != NULL and self.tab.e != NULL:
             for i in range(self.max_flows):
-                if self.flows[i].used:
+                if self.tab.e[i].used:
                     if self.flows[i].tcp_fd >= 0:
                         close(self.flows[i].tcp_fd)
                     if self.flows[i].udp_fd >= 0:
@@ -46,63 +53,73 @@ cdef class Socks5Upstream(UpstreamCore):
                     free(self.flows[i].queue)
             free(self.flows)
         free(self.scratch)
-        free(self.tab.slots)
+        table_free(&self.tab)
         sq_free(&self.sb)
 
     def close(self):
-        for i in range(self.max_flows):
-            if self.flows[i].used:
-                self.flow_close(i, -1)
+        while self.tab.tail >= 0:
+            self.flow_close(self.tab.tail, -1)
         UpstreamCore.close(self)
 
     @property
     def flows_open(self):
-        return self.nflows
+        return self.tab.count
 
-    cdef int flow_open(self, const sockaddr_any *client) except -2:
-        cdef uint64_t k[3]
-        cdef int i = 0
+    cdef int flow_open(self, const sockaddr_any *client, const akey_t *k) except -2:
+        """A new association for client (the least recently used one evicted at the cap):
+        its slot, or -1 when it is refused (counted)."""
+        cdef int32_t i
         cdef aflow_t *a
-        if self.nflows >= self.max_flows:
-            self.st[C_DROP_TABLE_FULL] += 1
-            return -1
-        for i in range(self.max_flows):
-            if not self.flows[i].used:
-                break
-        a = &self.flows[i]
-        memset(a, 0, sizeof(aflow_t))
-        a.tcp_fd = a.udp_fd = -1
-        a.queue = <uint8_t *>malloc(self.queue_limit)
-        if a.queue == NULL:
-            self.st[C_ASSOC_REFUSED] += 1
-            return -1
-        memcpy(&a.client, client, sizeof(sockaddr_any))
-        a.used = True
-        a.last = self.now
-        a.deadline = self.now + CONNECT_TIMEOUT
-        a.state = A_CONNECTING
-        sa_key(client, k)
-        htab_put(&self.tab, k, i)
-        self.nflows += 1
-        self.st[C_ASSOC_CREATED] += 1
-        self.st[C_ASSOC_OPEN] += 1
+        cdef uint8_t *queue
+        if self.tab.count >= self.tab.cap:
+            self.flow_close(self.tab.tail, C_ASSOC_EVICTED)
+        u = t = None
         try:
-            u = socket.socket(self.family, socket.SOCK_DGRAM)
+            u = flow_socket(self.family, socket.SOCK_DGRAM, self.fd_ceiling)
+            if u is not None:
+                t = flow_socket(self.family, socket.SOCK_STREAM, self.fd_ceiling)
+            if t is None:                     # out of descriptors
+                if u is not None:
+                    u.close()
+                self.st[C_ASSOC_REFUSED] += 1
+                return -1
             u.setblocking(False)
             if self.mark:
                 u.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             u.bind(("::" if self.family == socket.AF_INET6 else "0.0.0.0", 0))
-            a.udp_fd = u.detach()
-            t = socket.socket(self.family, socket.SOCK_STREAM)
             t.setblocking(False)
             t.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.mark:
                 t.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             err = t.connect_ex(self.addr)
             if err not in (0, _errno.EINPROGRESS):
-                t.close()
                 raise OSError(err, os.strerror(err))
-            a.tcp_fd = t.detach()
+        except OSError as e:
+            self.log.warning("SOCKS5 association via %s:%s failed: %s", self.server[0],
+                             self.server[1], e)
+            for sock in (u, t):
+                if sock is not None:
+                    sock.close()
+            self.st[C_ASSOC_REFUSED] += 1
+            return -1
+        queue = <uint8_t *>malloc(self.queue_limit)
+        if queue == NULL:
+            u.close()
+            t.close()
+            self.st[C_ASSOC_REFUSED] += 1
+            return -1
+        i = table_insert(&self.tab, k, self.now)
+        a = &self.flows[i]
+        memset(a, 0, sizeof(aflow_t))
+        memcpy(&a.client, client, sizeof(sockaddr_any))
+        a.queue = queue
+        a.deadline = self.now + CONNECT_TIMEOUT
+        a.state = A_CONNECTING
+        a.udp_fd = u.detach()
+        a.tcp_fd = t.detach()
+        self.st[C_ASSOC_CREATED] += 1
+        self.st[C_ASSOC_OPEN] += 1
+        try:
             epoll_set(self.epfd, EPOLL_CTL_ADD, a.tcp_fd, EPOLLIN | EPOLLOUT, KIND_TCP, i)
             epoll_set(self.epfd, EPOLL_CTL_ADD, a.udp_fd, EPOLLIN, KIND_UDP, i)
         except OSError as e:
@@ -114,23 +131,22 @@ cdef class Socks5Upstream(UpstreamCore):
 
     cdef int flow_close(self, int i, int counter) except -1:
         cdef aflow_t *a = &self.flows[i]
-        cdef uint64_t k[3]
-        if not a.used:
+        if not self.tab.e[i].used:
             return 0
+        if self.sb.n and self.sb.fd == a.udp_fd:
+            self.c_flush()                    # datagrams batched for this socket go first
         if a.tcp_fd >= 0:
             close(a.tcp_fd)
         if a.udp_fd >= 0:
             close(a.udp_fd)
         if a.state == A_UP:
             self.st[C_CONN_OPEN] -= 1
+            self.nup -= 1
         free(a.queue)
         a.queue = NULL
         a.tcp_fd = a.udp_fd = -1
-        sa_key(&a.client, k)
-        htab_del(&self.tab, k)
-        a.used = False
+        table_remove(&self.tab, i)
         self.hs.pop(i, None)
-        self.nflows -= 1
         self.st[C_ASSOC_OPEN] -= 1
         if counter >= 0:
             self.st[counter] += 1
@@ -138,7 +154,7 @@ cdef class Socks5Upstream(UpstreamCore):
 
     cdef int c_send(self, const sockaddr_any *client, const sockaddr_any *dst,
                     const uint8_t *data, size_t n) except -1:
-        cdef uint64_t k[3]
+        cdef akey_t k
         cdef int32_t i
         cdef aflow_t *a
         cdef size_t hl, need
@@ -147,14 +163,14 @@ cdef class Socks5Upstream(UpstreamCore):
         if n > MAX_PAYLOAD:
             self.st[C_DROP_TOO_BIG] += 1
             return 0
-        sa_key(client, k)
-        i = htab_find(&self.tab, k)
+        akey_from_sockaddr(client, &k)
+        i = table_find(&self.tab, &k)
         if i < 0:
-            i = self.flow_open(client)
+            i = self.flow_open(client, &k)
             if i < 0:
                 return 0
+        table_touch(&self.tab, i, self.now)
         a = &self.flows[i]
-        a.last = self.now
         if a.state != A_UP:
             # [len(4)] [SOCKS UDP header] [data]
             need = 4 + 22 + n
@@ -255,6 +271,7 @@ cdef class Socks5Upstream(UpstreamCore):
         del self.hs[i]
         memcpy(&a.relay, &relay, sizeof(sockaddr_any))
         a.state = A_UP
+        self.nup += 1
         self.st[C_CONN_OPEN] += 1
         self.flow_send_queue(i)
         return 0
@@ -282,7 +299,7 @@ cdef class Socks5Upstream(UpstreamCore):
             n = recvmmsg(a.udp_fd, msgs, self.batch, MSG_DONTWAIT, NULL)
         if n <= 0:
             return 0
-        a.last = self.now
+        table_touch(&self.tab, i, self.now)
         for j in range(n):
             if a.state != A_UP or not sa_same(&names[j], &a.relay):
                 self.st[C_DROP_MALFORMED] += 1
@@ -318,7 +335,7 @@ cdef class Socks5Upstream(UpstreamCore):
             kind = evs[j].data.u64 >> 32
             ev = evs[j].events
             a = &self.flows[i]
-            if not a.used:
+            if not self.tab.e[i].used:
                 continue
             if kind == KIND_UDP:
                 self.flow_recv(i)
@@ -332,18 +349,20 @@ cdef class Socks5Upstream(UpstreamCore):
         return 0
 
     cdef int c_tick(self, double now) except -1:
-        cdef int i
+        cdef int32_t i, nxt
         self.now = now
-        if now < self.next_expiry:
-            return 0
-        self.next_expiry = now + 0.5
-        for i in range(self.max_flows):
-            if not self.flows[i].used:
-                continue
-            if self.flows[i].state != A_UP and now > self.flows[i].deadline:
-                self.log.warning("SOCKS5 association via %s:%s timed out", self.server[0],
-                                 self.server[1])
-                self.flow_close(i, C_ASSOC_REFUSED)
-            elif now - self.flows[i].last > self.timeout:
-                self.flow_close(i, C_ASSOC_EXPIRED)
+        # associations still in their handshake time out (walked while there are some)
+        if self.tab.count > self.nup and now >= self.next_expiry:
+            self.next_expiry = now + 0.5
+            i = self.tab.head
+            while i >= 0:
+                nxt = self.tab.e[i].next
+                if self.flows[i].state != A_UP and now > self.flows[i].deadline:
+                    self.log.warning("SOCKS5 association via %s:%s timed out", self.server[0],
+                                     self.server[1])
+                    self.flow_close(i, C_ASSOC_REFUSED)
+                i = nxt
+        # idle expiry from the least recently used end: O(associations expired)
+        while self.tab.tail >= 0 and now - self.tab.e[self.tab.tail].last > self.timeout:
+            self.flow_close(self.tab.tail, C_ASSOC_EXPIRED)
         return 0

@@ -114,6 +114,16 @@ cdef inline uint32_t _mix(uint32_t h) noexcept nogil:
     return h
 
 
+cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
+    """A 64-bit finalizer (murmur3's): for other hashed structures (the name cache's sets)."""
+    x ^= x >> 33
+    x *= 0xff51afd7ed558ccdULL
+    x ^= x >> 33
+    x *= 0xc4ceb9fe1a85ec53ULL
+    x ^= x >> 33
+    return x
+
+
 cdef inline uint32_t akey_hash(const akey_t *k, uint32_t seed) noexcept nogil:
     cdef uint32_t w, h = seed ^ (<uint32_t>k.family << 16) ^ k.port
     cdef int i
@@ -318,3 +328,12 @@ cdef inline void akey_from_flow(uint32_t conn, uint32_t gen, uint32_t flow,
     memcpy(&k.addr[0], &conn, 4)
     memcpy(&k.addr[4], &gen, 4)
     memcpy(&k.addr[8], &flow, 4)
+
+
+cdef inline int table_new(table_t *t, int32_t cap) except -1:
+    """table_init with a fresh random seed (os.urandom): keys chosen by peers cannot aim at
+    one hash chain. Raises MemoryError; table_free when done."""
+    from os import urandom
+    if table_init(t, cap, <uint32_t>int.from_bytes(urandom(4), "little")) < 0:
+        raise MemoryError()
+    return 0

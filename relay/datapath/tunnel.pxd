@@ -4,7 +4,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int16_t
 from relay.datapath.addr cimport sockaddr_any
 from relay.datapath.sendq cimport sendq_t
-from relay.datapath.htab cimport htab_t
+from relay.datapath.table cimport table_t, akey_t
 from relay.includes.system cimport mmsghdr, iovec, epoll_event
 
 # The wire constants (ATYP_*, E_* frame errors, MAX_PAYLOAD, MAX_FRAME_HEADER) come from
@@ -81,13 +81,11 @@ cdef struct cconn_t:             # one tunnel TCP connection of TunnelUpstream
     bint dirty
     bint ever_up
 
-cdef struct cflow_t:
-    sockaddr_any client
-    double last
-    uint32_t id
+cdef struct cflow_t:             # one flow of TunnelUpstream: its slot is its table entry
+    sockaddr_any client          # as the engine gave it (replies go back to this)
+    uint32_t id                  # (gen << 16) | slot: replies for an older id find no route
     uint16_t gen
     int16_t conn
-    bint used
 
 
 cdef class TunnelUpstream(UpstreamCore):
@@ -98,13 +96,11 @@ cdef class TunnelUpstream(UpstreamCore):
     cdef int ndirty
     cdef size_t queue_limit      # bytes waiting per connection (per flow in gost mode)
     cdef size_t rx_cap
-    cdef cflow_t *flows
+    cdef cflow_t *flows          # by table entry: flows[i] belongs to tab.e[i]
     cdef int max_flows
-    cdef int nflows
-    cdef int flow_hi             # flow slots at or above are unused
+    cdef int fd_ceiling          # flow sockets at or above are refused (relay/datapath/limits.pxd)
     cdef int next_conn
-    cdef htab_t tab
-    cdef double next_expiry
+    cdef table_t tab             # client -> flow slot, LRU order, last use
     cdef double next_check
     cdef bint gost               # gost server: CMD 0xF3, one connection per flow, no flow id
     cdef bint mux
@@ -128,27 +124,28 @@ cdef class TunnelUpstream(UpstreamCore):
     cdef int conn_connect(self, int i) except -1
     cdef int conn_handshake(self, int i, uint32_t events) except -1
     cdef int conn_frames(self, int i) except -1
+    cdef int conn_upkeep(self, int i, double now) except -1
     cdef int flow_for(self, const sockaddr_any *client) except -2
+    cdef int flow_end(self, int i, int counter) except -1
 
 
-cdef struct aflow_t:             # one SOCKS5 UDP association of Socks5Upstream
+cdef struct aflow_t:             # one SOCKS5 UDP association of Socks5Upstream (its table entry's slot)
     sockaddr_any client
     sockaddr_any relay
-    double last
     double deadline
     uint8_t *queue               # datagrams waiting for the association: [len(4) dst hdr data]
     size_t qlen
     int tcp_fd
     int udp_fd
     int state
-    bint used
 
 
 cdef class Socks5Upstream(UpstreamCore):
-    cdef aflow_t *flows
+    cdef aflow_t *flows          # by table entry: flows[i] belongs to tab.e[i]
     cdef int max_flows
-    cdef int nflows
-    cdef htab_t tab
+    cdef int nup                 # associations whose handshake is done
+    cdef int fd_ceiling          # flow sockets at or above are refused (relay/datapath/limits.pxd)
+    cdef table_t tab             # client -> association slot, LRU order, last use
     cdef size_t queue_limit
     cdef double next_expiry
     cdef object server
@@ -161,7 +158,7 @@ cdef class Socks5Upstream(UpstreamCore):
     cdef int batch
     cdef uint8_t *scratch
     cdef sendq_t sb
-    cdef int flow_open(self, const sockaddr_any *client) except -2
+    cdef int flow_open(self, const sockaddr_any *client, const akey_t *k) except -2
     cdef int flow_handshake(self, int i, uint32_t events) except -1
     cdef int flow_close(self, int i, int counter) except -1
     cdef int flow_send_queue(self, int i) except -1

@@ -32,12 +32,13 @@ from relay.includes.wire cimport (
     ATYP_IPV4, ATYP_IPV6, ATYP_DOMAIN, MAX_PAYLOAD, MAX_FRAME_HEADER,
     E_TRUNCATED, E_TOO_BIG, E_BAD_ATYP, E_EMPTY_DOMAIN, E_FRAGMENTED,
 )
-from relay.datapath.htab cimport htab_new, htab_find, htab_put, htab_del, mix64
 from relay.datapath.table cimport (
-    is_v4mapped, table_t, akey_t, table_init, table_free, table_find, table_insert,
-    table_remove, table_touch, akey_from_flow,
+    is_v4mapped, table_t, akey_t, table_new, table_init, table_free, table_find, table_insert,
+    table_remove, table_touch, akey_from_sockaddr, akey_from_flow, mix64,
 )
-from relay.datapath.limits cimport FD_RESERVE
+from relay.datapath.limits cimport (
+    fd_ceiling, fd_soft_limit, fd_reserved, FD_LIMIT_MAX, FD_RESERVE as _FD_RESERVE,
+)
 from relay.datapath.addr cimport sockaddr_any, sockaddr_from_tuple, sockaddr_to_tuple, raise_oserror
 from relay.datapath.sendq cimport (
     sendq_t, sq_init, sq_free, sq_add, sq_flush, sq_full, sq_clear, sq_set_src,
@@ -53,7 +54,7 @@ from relay.datapath.stats cimport (
 from relay import proto as _proto
 from relay import resolver as _resolver
 from relay.loglimit import LogLimiter
-from relay.net.sockopt import fd_limit
+from relay.net.sockopt import flow_socket
 
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t c_send "send"(int fd, const void *buf, size_t n, int flags)
@@ -69,6 +70,7 @@ cdef enum:
     UDP_HDR_ROOM = 262   # RSV FRAG ATYP LEN DOMAIN PORT: headroom before a datagram
 
 DEF_LOG = logging.getLogger("relay.tunnel")
+FD_RESERVE = _FD_RESERVE        # relay/datapath/limits.pxd (Python: relay.config.FD_RESERVE)
 FRAME_ERROR_TEXT = {E_TRUNCATED: "truncated frame", E_TOO_BIG: "RSV (length) too big",
                     E_BAD_ATYP: "unknown ATYP", E_EMPTY_DOMAIN: "domain of length 0",
                     E_FRAGMENTED: "FRAG is not 0"}

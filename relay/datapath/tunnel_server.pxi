@@ -87,9 +87,8 @@ cdef class TunnelServer(Poller):
         if not (self.conns and self.conn_free and self.flows and
                 self.scratch and self.rmsgs and self.riovs and self.rnames):
             raise MemoryError()
-        if table_init(&self.tab, max_flows, <uint32_t>int.from_bytes(os.urandom(4), "little")) < 0:
-            raise MemoryError("flow table")
-        self.nfd = fd_limit()
+        table_new(&self.tab, max_flows)
+        self.nfd = fd_soft_limit()
         sq_init(&self.sb, batch)
         for i in range(max_conns):
             self.conn_free[i] = max_conns - 1 - i
@@ -268,7 +267,7 @@ cdef class TunnelServer(Poller):
         if fd < 0:
             self.st[C_ASSOC_REFUSED] += 1
             return -1
-        if fd >= self.nfd - FD_RESERVE:
+        if fd_reserved(fd, self.nfd):
             close(fd)
             self.st[C_ASSOC_REFUSED] += 1
             return -1

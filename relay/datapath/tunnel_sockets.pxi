@@ -1,5 +1,4 @@
-# Included by relay/datapath/tunnel.pyx: flow sockets (the server's flow table is relay/datapath/table.pxd,
-# the upstream cores' relay/datapath/htab.pxd).
+# Included by relay/datapath/tunnel.pyx: flow sockets (the flow tables are relay/datapath/table.pxd).
 
 cdef int new_udp_socket(int family, object mark) except -2:
     """Non-blocking UDP socket (dual stack for AF_INET6), SO_MARK applied; -1 with

@@ -101,7 +101,13 @@ cdef class TunnelUpstream(UpstreamCore):
     spread over `connections` TCP connections, frames carry flow ids. gost=True: one
     connection per flow (CMD 0xF3, RFC 1929 user/password), opened when the flow starts,
     closed when it idles out, its buffers allocated and freed with it. Connections
-    reconnect with backoff; frames queue while down (queue_limit bytes per connection)."""
+    reconnect with backoff; frames queue while down (queue_limit bytes per connection).
+
+    At most max_flows flows (relay/datapath/table.pxd, like the engine's associations): a
+    new client at the cap evicts the least recently used flow (assoc_evicted; a gost flow's
+    connection and queued frames go with it, a multiplexed flow's id is retired); flows
+    idle for `timeout` expire from the LRU end; a gost connection whose descriptor lies
+    within FD_RESERVE of the soft limit is closed and its flow refused (assoc_refused)."""
 
     def __init__(self, server, secret=None, int connections=1, mark=None, stats=None,
                  queue_limit=None, double timeout=60.0, int max_flows=4096, log=None,
@@ -133,7 +139,8 @@ cdef class TunnelUpstream(UpstreamCore):
         self.flows = <cflow_t *>calloc(max_flows, sizeof(cflow_t))
         if self.conns == NULL or self.dirty == NULL or self.flows == NULL:
             raise MemoryError()
-        htab_new(&self.tab, max_flows)
+        table_new(&self.tab, max_flows)
+        self.fd_ceiling = fd_ceiling()
         for i in range(self.nconns):
             self.conns[i].fd = -1
             self.conns[i].backoff = BACKOFF_MIN
@@ -152,7 +159,7 @@ cdef class TunnelUpstream(UpstreamCore):
             free(self.conns)
         free(self.dirty)
         free(self.flows)
-        free(self.tab.slots)
+        table_free(&self.tab)
 
     def close(self):
         for i in range(self.nconns):
@@ -167,7 +174,7 @@ cdef class TunnelUpstream(UpstreamCore):
 
     @property
     def flows_open(self):
-        return self.nflows
+        return self.tab.count
 
     cdef int conn_open_buffers(self, int i) except -1:
         """Give connection i its receive buffer and send queue (for a gost flow: when the
@@ -218,47 +225,53 @@ cdef class TunnelUpstream(UpstreamCore):
         return f"tunnel connection {i}"
 
     cdef int flow_for(self, const sockaddr_any *client) except -2:
-        cdef uint64_t k[3]
-        cdef int32_t f
-        cdef int i = 0
+        """The flow slot of client, a new flow if it has none (the least recently used one
+        evicted at the cap); -1 when it is refused (counted)."""
+        cdef akey_t k
+        cdef int32_t i
         cdef cflow_t *fl
-        sa_key(client, k)
-        f = htab_find(&self.tab, k)
-        if f >= 0:
-            return f
-        if self.nflows >= self.max_flows:
-            self.st[C_DROP_TABLE_FULL] += 1
-            return -1
-        # A free slot: flows are few compared to the scan cost only at the cap.
-        for i in range(self.max_flows):
-            if not self.flows[i].used:
-                break
-        if self.gost:
-            try:
-                self.conn_open_buffers(i)
-            except MemoryError:
-                self.st[C_ASSOC_REFUSED] += 1
-                return -1
+        akey_from_sockaddr(client, &k)
+        i = table_find(&self.tab, &k)
+        if i >= 0:
+            return i
+        if self.tab.count >= self.tab.cap:
+            self.flow_end(self.tab.tail, C_ASSOC_EVICTED)
+        i = table_insert(&self.tab, &k, self.now)
         fl = &self.flows[i]
         memcpy(&fl.client, client, sizeof(sockaddr_any))
         fl.gen += 1
         fl.id = (<uint32_t>fl.gen << 16) | <uint32_t>i
-        fl.used = True
-        fl.last = self.now
         if self.gost:
             fl.conn = i
+            try:
+                self.conn_open_buffers(i)
+            except MemoryError:
+                table_remove(&self.tab, i)
+                self.st[C_ASSOC_REFUSED] += 1
+                return -1
+            if self.conn_connect(i):
+                self.conn_close(i)
+                table_remove(&self.tab, i)
+                self.st[C_ASSOC_REFUSED] += 1
+                return -1
         else:
             fl.conn = self.next_conn
             self.next_conn = (self.next_conn + 1) % self.nconns
-        htab_put(&self.tab, k, i)
-        self.nflows += 1
-        if i >= self.flow_hi:
-            self.flow_hi = i + 1
         self.st[C_ASSOC_CREATED] += 1
         self.st[C_ASSOC_OPEN] += 1
-        if self.gost:
-            self.conn_connect(i)
         return i
+
+    cdef int flow_end(self, int i, int counter) except -1:
+        """End flow i (evicted, expired or refused: counter, or -1): a gost flow's connection
+        closes with its queued frames; a multiplexed flow's id is retired (replies still on
+        their way for it are dropped as no-route; the slot's next flow has a new id)."""
+        if self.gost:
+            self.conn_close(i)
+        table_remove(&self.tab, i)
+        self.st[C_ASSOC_OPEN] -= 1
+        if counter >= 0:
+            self.st[counter] += 1
+        return 0
 
     cdef int c_send(self, const sockaddr_any *client, const sockaddr_any *dst,
                     const uint8_t *data, size_t n) except -1:
@@ -275,7 +288,7 @@ cdef class TunnelUpstream(UpstreamCore):
         f = self.flow_for(client)
         if f < 0:
             return 0
-        self.flows[f].last = self.now
+        table_touch(&self.tab, f, self.now)
         ci = self.flows[f].conn
         c = &self.conns[ci]
         need = frame_hdr_len(dst, self.mux) + n
@@ -367,8 +380,16 @@ cdef class TunnelUpstream(UpstreamCore):
         return 0
 
     cdef int conn_connect(self, int i) except -1:
+        """Start connecting connection i: 0 (connecting, or failed and retried after the
+        backoff), or 1 when the process is out of descriptors for a gost flow's connection
+        (none left, or one within FD_RESERVE of the limit): the caller refuses the flow."""
         cdef cconn_t *c = &self.conns[i]
-        s = socket.socket(self.family, socket.SOCK_STREAM)
+        s = flow_socket(self.family, socket.SOCK_STREAM, self.fd_ceiling if self.gost else FD_LIMIT_MAX)
+        if s is None:
+            if self.gost:
+                return 1
+            self.conn_down(i, "out of descriptors")
+            return 0
         try:
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -484,7 +505,7 @@ cdef class TunnelUpstream(UpstreamCore):
                 return 0
             pos += r
             slot = i if self.gost else f.flow & 0xffff
-            if slot >= <uint32_t>self.max_flows or not self.flows[slot].used or \
+            if slot >= <uint32_t>self.max_flows or not self.tab.e[slot].used or \
                     (self.mux and self.flows[slot].id != f.flow):
                 self.st[C_DROP_NO_ROUTE] += 1
                 continue
@@ -492,7 +513,7 @@ cdef class TunnelUpstream(UpstreamCore):
                 self.st[C_DROP_NO_ROUTE] += 1
                 continue
             fl = &self.flows[slot]
-            fl.last = self.now
+            table_touch(&self.tab, slot, self.now)
             self.st[C_DOWN_DATAGRAMS] += 1
             self.st[C_DOWN_BYTES] += f.dlen
             if self.reply_fn != NULL:
@@ -525,35 +546,34 @@ cdef class TunnelUpstream(UpstreamCore):
                 self.conn_read(i)
         return 0
 
+    cdef int conn_upkeep(self, int i, double now) except -1:
+        """Connect or reconnect connection i when its backoff is over, or time out its
+        connect or handshake."""
+        cdef cconn_t *c = &self.conns[i]
+        if c.state == S_DOWN and now >= c.next_try:
+            if self.conn_connect(i):
+                self.flow_end(i, C_ASSOC_REFUSED)       # a gost flow out of descriptors
+        elif (c.state == S_CONNECTING or c.state == S_HANDSHAKE) and now > c.deadline:
+            self.conn_down(i, "timed out")
+        return 0
+
     cdef int c_tick(self, double now) except -1:
-        cdef int i, hi
-        cdef uint64_t k[3]
-        cdef cconn_t *c
+        cdef int32_t i, nxt
         self.now = now
-        hi = self.flow_hi if self.gost else self.nconns
         # connect, reconnect, time out handshakes: only while some connection is not up
-        if (self.nflows if self.gost else self.nconns) > self.nup and now >= self.next_check:
+        # (gost: the connections of the flows open, walked along the LRU list)
+        if (self.tab.count if self.gost else self.nconns) > self.nup and now >= self.next_check:
             self.next_check = now + CHECK_INTERVAL
-            for i in range(hi):
-                c = &self.conns[i]
-                if self.gost and not self.flows[i].used:
-                    continue
-                if c.state == S_DOWN and now >= c.next_try:
-                    self.conn_connect(i)
-                elif (c.state == S_CONNECTING or c.state == S_HANDSHAKE) and now > c.deadline:
-                    self.conn_down(i, "timed out")
-        if now >= self.next_expiry:
-            self.next_expiry = now + 1.0
-            for i in range(self.flow_hi):
-                if self.flows[i].used and now - self.flows[i].last > self.timeout:
-                    sa_key(&self.flows[i].client, k)
-                    htab_del(&self.tab, k)
-                    if self.gost:
-                        self.conn_close(i)
-                    self.flows[i].used = False
-                    self.nflows -= 1
-                    self.st[C_ASSOC_OPEN] -= 1
-                    self.st[C_ASSOC_EXPIRED] += 1
-            while self.flow_hi and not self.flows[self.flow_hi - 1].used:
-                self.flow_hi -= 1
+            if self.gost:
+                i = self.tab.head
+                while i >= 0:
+                    nxt = self.tab.e[i].next
+                    self.conn_upkeep(i, now)
+                    i = nxt
+            else:
+                for i in range(self.nconns):
+                    self.conn_upkeep(i, now)
+        # idle expiry from the least recently used end: O(flows expired)
+        while self.tab.tail >= 0 and now - self.tab.e[self.tab.tail].last > self.timeout:
+            self.flow_end(self.tab.tail, C_ASSOC_EXPIRED)
         return 0

@@ -26,21 +26,6 @@ IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 # comes twice: IPV6_PKTINFO (in6_pktinfo, 20 bytes) and IP_PKTINFO (in_pktinfo, 12)
 PKTINFO_ANCBUF = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12)
 
-# Descriptors kept free of per-flow sockets (for connections, replies and the control
-# plane): a flow socket numbered within FD_RESERVE of fd_limit() is closed and its flow
-# refused (assoc_refused). The C data path's is relay/datapath/limits.pxd (the same number);
-# this one is the pure twins'.
-FD_RESERVE = 32
-
-
-def fd_limit():
-    """The soft RLIMIT_NOFILE the descriptor reserves count from (unlimited: 2**21)."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY or soft > (1 << 21):
-        soft = 1 << 21
-    return soft
-
-
 def family_of(host):
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -181,6 +166,26 @@ def udp_listen(addr, *, transparent=False, reuseport=True, bufsize=4 << 20):
     except BaseException:
         s.close()
         raise
+
+
+OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def flow_socket(family, type, ceiling):
+    """A new socket for one flow (a gost connection, a SOCKS5 association's TCP or UDP
+    socket), or None when the process is out of descriptors: none left, or the new one at
+    or above ceiling (the soft limit less the data path's reserve; closed again), like the
+    engine's associations."""
+    try:
+        s = socket.socket(family, type)
+    except OSError as e:
+        if e.errno in OUT_OF_FDS:
+            return None
+        raise
+    if s.fileno() >= ceiling:
+        s.close()
+        return None
+    return s
 
 
 def check_port_free(addr, proto="udp"):

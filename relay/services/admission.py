@@ -20,7 +20,7 @@ import socket
 import time
 
 from relay.loglimit import LogLimiter
-from relay.net.sockopt import fd_limit
+from relay.privileges import fd_soft_limit
 
 ACCEPT_BURST = 64
 ACCEPT_PAUSE = 0.1           # seconds the listen socket rests when descriptors run out
@@ -48,7 +48,7 @@ class Acceptor:
         self.st, self.i_accepted, self.i_rejected = stats, index["conn_accepted"], index["conn_rejected"]
         self.say = LogLimiter(log)
         self.reserve = reserve
-        self.nfd = fd_limit()
+        self.nfd = fd_soft_limit()
         self.paused_until = None
         self._watch(lsock.fileno())
 

@@ -1,18 +1,29 @@
-"""`forward` and `redir`: the UDP redirection services (data path in relay.datapath.engine)."""
-import socket
+"""`forward` and `redir`: the UDP redirection services (data path in relay.datapath.engine).
 
+With ``--upstream`` the engine hands datagrams to an upstream core (relay._select's
+"tunnel" part: TunnelUpstream, Socks5Upstream). When that part runs in pure Python, the
+engine cannot drive it: forward then runs the pure UdpFrontend in front of the core, as
+tunnel-client does; redir through an upstream needs the compiled cores."""
+import socket
+import time
+
+from relay import _select
+from relay.config import MAX_UPSTREAM_FLOWS
 from relay.net import sockopt
 from relay.services.base import Service
 
 
 class UdpService(Service):
     def __init__(self, cfg, ctx):
-        from relay.datapath.engine import Engine
-
         self.cfg = cfg
         self.ctx = ctx
         self.socks = []
+        self.engine = self.frontend = None
         redir = cfg.mode == "redir"
+        t, native = _select.load("tunnel")
+        if redir and not native and cfg.upstream is not None and cfg.upstream.kind != "direct":
+            raise RuntimeError("redir through an upstream needs the compiled relay.datapath.tunnel "
+                               "(python setup.py build_ext), which is not in use here")
         try:
             self.listen = sockopt.udp_listen(cfg.listen, transparent=redir, reuseport=ctx.reuseport)
             self.socks.append(self.listen)
@@ -26,7 +37,13 @@ class UdpService(Service):
                     self.socks.append(r6)
                     raw6 = r6.fileno()
             up_family = socket.AF_INET6 if sockopt.ipv6_available() else socket.AF_INET
-            self.core = make_core(cfg, ctx)
+            self.core = make_core(cfg, ctx, t)
+            if self.core is not None and not native:
+                self.frontend = t.UdpFrontend(self.listen.fileno(), cfg.to, self.core,
+                                              batch=min(cfg.batch, 256), log=ctx.log,
+                                              max_flows=upstream_flows(cfg), timeout=cfg.timeout)
+                return
+            from relay.datapath.engine import Engine
             self.engine = Engine(
                 self.listen.fileno(), cfg.mode, to=cfg.to, raw4_fd=raw4, raw6_fd=raw6,
                 reply=cfg.reply, mark=cfg.mark, timeout=cfg.timeout,
@@ -41,14 +58,20 @@ class UdpService(Service):
 
     def run(self):
         stop = self.ctx.stop
-        engine = self.engine
+        engine, frontend = self.engine, self.frontend
         while not stop.is_set():
-            engine.run(100)
+            if frontend is not None:
+                frontend.poll(100)
+                frontend.tick(time.monotonic())
+            else:
+                engine.run(100)
 
     def close(self):
-        engine = getattr(self, "engine", None)
+        engine = self.engine
         if engine is not None:
             engine.close()
+        if self.frontend is not None:
+            self.frontend.close()
         core = getattr(self, "core", None)
         if core is not None:
             core.close()
@@ -57,22 +80,32 @@ class UdpService(Service):
         self.socks = []
 
 
-def make_core(cfg, ctx):
-    """The upstream core for --upstream tunnel://, gost:// or socks5://, or None for direct."""
+def upstream_flows(cfg):
+    """Flows an upstream core holds: --max-associations, at most MAX_UPSTREAM_FLOWS."""
+    return min(cfg.max_associations, MAX_UPSTREAM_FLOWS)
+
+
+def make_core(cfg, ctx, t=None):
+    """The upstream core for --upstream tunnel://, gost:// or socks5:// (classes of module t,
+    by default relay._select's choice), or None for direct. It holds upstream_flows(cfg)
+    flows, evicting the least recently used at the cap, like the engine's associations."""
     up = cfg.upstream
     if up is None or up.kind == "direct":
         return None
-    from relay.datapath.tunnel import Socks5Upstream, TunnelUpstream
+    if t is None:
+        t = _select.module("tunnel")
     mark = cfg.mark or None
+    common = dict(mark=mark, stats=ctx.stats, timeout=cfg.timeout, log=ctx.log,
+                  max_flows=upstream_flows(cfg))
     if up.kind == "tunnel":
-        return TunnelUpstream((up.host, up.port), secret=cfg.secret, connections=cfg.connections,
-                              mark=mark, stats=ctx.stats, timeout=cfg.timeout, log=ctx.log)
+        return t.TunnelUpstream((up.host, up.port), secret=cfg.secret,
+                                connections=cfg.connections, **common)
     if up.kind == "gost":
-        return TunnelUpstream((up.host, up.port), gost=True, user=up.user, password=up.password,
-                              mark=mark, stats=ctx.stats, timeout=cfg.timeout, log=ctx.log)
+        return t.TunnelUpstream((up.host, up.port), gost=True, user=up.user,
+                                password=up.password, **common)
     if up.kind == "socks5":
-        return Socks5Upstream((up.host, up.port), user=up.user, password=up.password, mark=mark,
-                              stats=ctx.stats, timeout=cfg.timeout, log=ctx.log)
+        return t.Socks5Upstream((up.host, up.port), user=up.user, password=up.password,
+                                **common)
     raise ValueError(f"unknown upstream kind {up.kind!r}")
 
 

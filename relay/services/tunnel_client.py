@@ -9,6 +9,7 @@ import logging
 import time
 
 from relay import _select
+from relay.config import MAX_UPSTREAM_FLOWS
 from relay.net import sockopt
 from relay.services.base import Service
 
@@ -25,7 +26,7 @@ class TunnelClientService(Service):
         self.cfg, self.ctx = cfg, ctx
         t, native = _select.load("tunnel")
         timeout = cfg.timeout
-        max_flows = min(cfg.max_associations, 65536)
+        max_flows = min(cfg.max_associations, MAX_UPSTREAM_FLOWS)
         self.upstream = t.TunnelUpstream(
             cfg.server, secret=cfg.secret, connections=cfg.connections,
             mark=sockopt.usable_mark(cfg.mark), stats=ctx.stats, timeout=timeout, max_flows=max_flows,

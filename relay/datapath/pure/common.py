@@ -7,6 +7,8 @@ import select as _select
 import time as _time
 
 from relay import stats as _stats
+from relay.config import FD_RESERVE
+from relay.privileges import fd_soft_limit
 from relay.net import sockopt as _sockopt
 from relay.proto import ALLOW
 from relay.resolver import Resolver
@@ -19,6 +21,18 @@ RX_CAP = 135168
 SO_MARK = _sockopt.SO_MARK
 EPOLLIN, EPOLLOUT = _select.EPOLLIN, _select.EPOLLOUT
 BACKOFF_MIN, BACKOFF_MAX, CONNECT_TIMEOUT = 0.05, 2.0, 5.0
+
+
+def fd_ceiling():
+    """Descriptors at or above this lie within FD_RESERVE of the soft limit: a flow socket
+    there is refused (the C side: relay/datapath/limits.pxd fd_ceiling)."""
+    return fd_soft_limit() - FD_RESERVE
+
+
+def canonical(addr):
+    """A flow table's key for client address addr: (host, port), an IPv4-mapped IPv6 host
+    as IPv4 (the C tables' akey_t)."""
+    return unmap(tuple(addr[:2]))
 
 
 def stats_view(stats):

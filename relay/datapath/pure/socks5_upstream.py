@@ -1,4 +1,5 @@
 """The SOCKS5 upstream core in pure Python (twin of relay.datapath.tunnel.Socks5Upstream)."""
+import collections
 import errno as _errno
 import os
 import select as _select
@@ -9,19 +10,26 @@ from relay.proto import (
     ATYP_DOMAIN, CMD_UDP_ASSOCIATE, ClientHandshake, MAX_PAYLOAD, udp_header,
     udp_header_counted,
 )
+from relay.net.sockopt import flow_socket
 from relay.datapath.pure.common import (
-    CONNECT_TIMEOUT, EPOLLIN, EPOLLOUT, SO_MARK, send_error_counter,
+    CONNECT_TIMEOUT, EPOLLIN, EPOLLOUT, SO_MARK, canonical, fd_ceiling,
+    send_error_counter,
 )
 from relay.datapath.pure.tunnel_upstream import UpstreamBase, resolve_server
 
 
 class _Assoc:
-    __slots__ = ("client", "tcp", "udp", "state", "relay", "queue", "qbytes", "last",
+    __slots__ = ("key", "client", "tcp", "udp", "state", "relay", "queue", "qbytes", "last",
                  "deadline", "hs")
 
 
 class Socks5Upstream(UpstreamBase):
-    """Pure fallback of relay.datapath.tunnel.Socks5Upstream (one association per client flow)."""
+    """Pure fallback of relay.datapath.tunnel.Socks5Upstream (one association per client flow).
+
+    At most ``max_flows`` associations in least recently used order: a new client at the
+    cap evicts the oldest (assoc_evicted: its sockets closed, its queue dropped), idle ones
+    expire from that end, and one whose socket lies within FD_RESERVE of the descriptor
+    limit is refused (assoc_refused)."""
 
     def __init__(self, server, user=None, password=None, mark=None, stats=None, timeout=60.0,
                  max_flows=1024, queue_limit=65536 + 1024, batch=32, log=None):
@@ -30,43 +38,61 @@ class Socks5Upstream(UpstreamBase):
         self.family, self.addr = resolve_server(self.server)
         self.user, self.password, self.mark, self.timeout = user, password, mark, timeout
         self.max_flows, self.queue_limit, self.batch = max_flows, max(queue_limit, 65600), batch
-        self.assocs = {}            # client -> _Assoc
+        self.assocs = collections.OrderedDict()     # key -> _Assoc, least recently used first
         self.byfd = {}              # fd -> _Assoc
         self.next_expiry = 0.0
+        self.nup = 0                # associations whose handshake is done
+        self.fd_ceiling = fd_ceiling()
         self.pending = []           # (sock, datagram, relay) to send on flush
 
     @property
     def flows_open(self):
         return len(self.assocs)
 
-    def _open(self, client):
+    def _open(self, key, client):
+        """A new association for client (the least recently used one evicted at the cap),
+        or None when it is refused (counted)."""
         if len(self.assocs) >= self.max_flows:
-            self._count("drop_table_full")
-            return None
-        a = _Assoc()
-        a.client, a.state, a.relay, a.queue, a.qbytes = client, "connecting", None, [], 0
-        a.last, a.deadline, a.hs, a.tcp, a.udp = self.now, self.now + CONNECT_TIMEOUT, None, None, None
-        self.assocs[client] = a
-        self._count("assoc_created")
-        self._count("assoc_open")
+            self._close(next(iter(self.assocs.values())), "assoc_evicted")
+        udp = tcp = None
         try:
-            a.udp = socket.socket(self.family, socket.SOCK_DGRAM)
-            a.udp.setblocking(False)
+            udp = flow_socket(self.family, socket.SOCK_DGRAM, self.fd_ceiling)
+            if udp is not None:
+                tcp = flow_socket(self.family, socket.SOCK_STREAM, self.fd_ceiling)
+            if tcp is None:                   # out of descriptors
+                if udp is not None:
+                    udp.close()
+                self._count("assoc_refused")
+                return None
+            udp.setblocking(False)
             if self.mark:
-                a.udp.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
-            a.udp.bind(("::" if self.family == socket.AF_INET6 else "0.0.0.0", 0))
-            a.tcp = socket.socket(self.family, socket.SOCK_STREAM)
-            a.tcp.setblocking(False)
-            a.tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                udp.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            udp.bind(("::" if self.family == socket.AF_INET6 else "0.0.0.0", 0))
+            tcp.setblocking(False)
+            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.mark:
-                a.tcp.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
-            err = a.tcp.connect_ex(self.addr)
+                tcp.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            err = tcp.connect_ex(self.addr)
             if err not in (0, _errno.EINPROGRESS):
                 raise OSError(err, os.strerror(err))
-            self.ep.register(a.tcp.fileno(), EPOLLIN | EPOLLOUT)
-            self.ep.register(a.udp.fileno(), EPOLLIN)
-            self.byfd[a.tcp.fileno()] = a
-            self.byfd[a.udp.fileno()] = a
+        except OSError as e:
+            self.log.warning("SOCKS5 association via %s:%s failed: %s", *self.server[:2], e)
+            for sock in (udp, tcp):
+                if sock is not None:
+                    sock.close()
+            self._count("assoc_refused")
+            return None
+        a = _Assoc()
+        a.key, a.client, a.state, a.relay, a.queue, a.qbytes = key, client, "connecting", None, [], 0
+        a.last, a.deadline, a.hs, a.tcp, a.udp = self.now, self.now + CONNECT_TIMEOUT, None, tcp, udp
+        self.assocs[key] = a
+        self._count("assoc_created")
+        self._count("assoc_open")
+        self.byfd[tcp.fileno()] = a
+        self.byfd[udp.fileno()] = a
+        try:
+            self.ep.register(tcp.fileno(), EPOLLIN | EPOLLOUT)
+            self.ep.register(udp.fileno(), EPOLLIN)
         except OSError as e:
             self.log.warning("SOCKS5 association via %s:%s failed: %s", *self.server[:2], e)
             self._close(a, "assoc_refused")
@@ -74,8 +100,11 @@ class Socks5Upstream(UpstreamBase):
         return a
 
     def _close(self, a, counter):
-        if self.assocs.pop(a.client, None) is None:
+        if self.assocs.get(a.key) is not a:
             return
+        del self.assocs[a.key]
+        if any(p[0] is a.udp for p in self.pending):
+            self.flush()                      # datagrams batched for this socket go first
         for s in (a.tcp, a.udp):
             if s is not None:
                 self.byfd.pop(s.fileno(), None)
@@ -85,6 +114,7 @@ class Socks5Upstream(UpstreamBase):
                     pass
                 s.close()
         if a.state == "up":
+            self.nup -= 1
             self._count("conn_open", -1)
         self._count("assoc_open", -1)
         if counter:
@@ -95,11 +125,12 @@ class Socks5Upstream(UpstreamBase):
         if len(data) > MAX_PAYLOAD:
             self._count("drop_too_big")
             return
-        client = tuple(client[:2])
-        a = self.assocs.get(client) or self._open(client)
+        key = canonical(client)
+        a = self.assocs.get(key) or self._open(key, tuple(client[:2]))
         if a is None:
             return
         a.last = self.now
+        self.assocs.move_to_end(key)
         dgram = udp_header(dst[0], dst[1]) + data
         if a.state != "up":
             if self.queue_limit - a.qbytes < len(dgram) + 4:
@@ -124,7 +155,7 @@ class Socks5Upstream(UpstreamBase):
         self.now = _time.monotonic()
         for fd, ev in self.ep.poll(0, 64):
             a = self.byfd.get(fd)
-            if a is None or a.client not in self.assocs:
+            if a is None or self.assocs.get(a.key) is not a:
                 continue
             if a.udp is not None and fd == a.udp.fileno():
                 self._recv(a)
@@ -179,6 +210,7 @@ class Socks5Upstream(UpstreamBase):
             self._count("conn_rejected")
             return self._close(a, "assoc_refused")
         a.relay, a.state, a.hs = relay[:2], "up", None
+        self.nup += 1
         self._count("conn_open")
         for dgram, n in a.queue:
             try:
@@ -198,6 +230,7 @@ class Socks5Upstream(UpstreamBase):
             except OSError:
                 continue
             a.last = self.now
+            self.assocs.move_to_end(a.key)
             if a.state != "up" or tuple(src[:2]) != tuple(a.relay[:2]):
                 self._count("drop_malformed")
                 continue
@@ -213,15 +246,18 @@ class Socks5Upstream(UpstreamBase):
     def tick(self, now=0):
         now = now or _time.monotonic()
         self.now = now
-        if now < self.next_expiry:
-            return
-        self.next_expiry = now + 0.5
-        for a in list(self.assocs.values()):
-            if a.state != "up" and now > a.deadline:
+        # associations still in their handshake time out (looked at while there are some)
+        if len(self.assocs) > self.nup and now >= self.next_expiry:
+            self.next_expiry = now + 0.5
+            for a in [a for a in self.assocs.values() if a.state != "up" and now > a.deadline]:
                 self.log.warning("SOCKS5 association via %s:%s timed out", *self.server[:2])
                 self._close(a, "assoc_refused")
-            elif now - a.last > self.timeout:
-                self._close(a, "assoc_expired")
+        # idle expiry from the least recently used end: O(associations expired)
+        while self.assocs:
+            a = next(iter(self.assocs.values()))
+            if now - a.last <= self.timeout:
+                break
+            self._close(a, "assoc_expired")
 
     def close(self):
         for a in list(self.assocs.values()):

@@ -14,7 +14,8 @@ from relay.proto import (
 )
 from relay.resolver import Resolver
 from relay.datapath.pure.common import Acl, EPOLLIN, EPOLLOUT, Poller, RX_CAP, SO_MARK, unmap
-from relay.net.sockopt import FD_RESERVE, fd_limit
+from relay.config import FD_RESERVE
+from relay.privileges import fd_soft_limit
 
 
 class _SConn:
@@ -41,7 +42,7 @@ class TunnelServer(Poller):
         self.conns = {}
         self.flows = {}             # flow fd -> _SFlow
         self.lru = OrderedDict()    # every _SFlow, least recently used first
-        self.nfd = fd_limit()
+        self.nfd = fd_soft_limit()
         self.next_tick = 0.0
         self._slot = 0
         self.init_dns(resolve)

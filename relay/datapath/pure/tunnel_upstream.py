@@ -1,4 +1,5 @@
 """The tunnel client's core in pure Python (twin of relay.datapath.tunnel.TunnelUpstream)."""
+import collections
 import errno as _errno
 import logging as _logging
 import os
@@ -13,9 +14,10 @@ from relay.proto import (
     parse_frames,
 )
 from relay.loglimit import LogLimiter
+from relay.net.sockopt import flow_socket
 from relay.datapath.pure.common import (
     BACKOFF_MAX, BACKOFF_MIN, C, CONNECT_TIMEOUT, EPOLLIN, EPOLLOUT, RX_CAP, SO_MARK,
-    TUNNEL_LOG, stats_view,
+    TUNNEL_LOG, canonical, fd_ceiling, stats_view,
 )
 
 
@@ -66,7 +68,12 @@ class TunnelUpstream(UpstreamBase):
     Multiplexed (CMD 0xFA): flows spread over ``connections`` connections, frames carry
     flow ids. ``gost=True``: one connection per flow opened when the flow starts (CMD
     0xF3, RFC 1929 ``user``/``password`` if given), gost's frames, closed when it idles
-    out. ``queue_limit`` bounds what waits per connection (per flow in gost mode)."""
+    out. ``queue_limit`` bounds what waits per connection (per flow in gost mode).
+
+    At most ``max_flows`` flows, in least recently used order: a new client at the cap
+    evicts the oldest (assoc_evicted; a gost flow's connection and queued frames go with
+    it, a multiplexed flow's id is retired), idle flows expire from that end, and a gost
+    connection within FD_RESERVE of the descriptor limit refuses its flow (assoc_refused)."""
 
     def __init__(self, server, secret=None, connections=1, mark=None, stats=None,
                  queue_limit=None, timeout=60.0, max_flows=4096, log=None, gost=False,
@@ -89,13 +96,13 @@ class TunnelUpstream(UpstreamBase):
         self.queue_limit, self.max_flows = queue_limit, max_flows
         self.say = LogLimiter(self.log)
         self.rep7_logged = False
-        self.flows = {}             # client -> [id, conn, last]
-        self.by_id = {}             # id -> client (multiplexed)
+        self.flows = collections.OrderedDict()  # key -> [id, conn, last, client], LRU first
+        self.by_id = {}             # id -> key (multiplexed)
         self.byfd = {}              # fd -> conn
         self.gens = [0] * max_flows
         self.free = list(range(max_flows - 1, -1, -1))
         self.next_conn = 0
-        self.next_expiry = 0.0
+        self.fd_ceiling = fd_ceiling()
         self.conns = [] if gost else [self._new_conn(i) for i in range(connections)]
         self.tick(_time.monotonic())
 
@@ -132,27 +139,14 @@ class TunnelUpstream(UpstreamBase):
             # gost reads RSV = 0 as "length unknown": an empty datagram cannot be framed
             self._count("drop_malformed")
             return
-        client = tuple(client[:2])
-        fl = self.flows.get(client)
+        key = canonical(client)
+        fl = self.flows.get(key)
         if fl is None:
-            if not self.free:
-                self._count("drop_table_full")
+            fl = self._new_flow(key, tuple(client[:2]))
+            if fl is None:
                 return
-            slot = self.free.pop()
-            self.gens[slot] = (self.gens[slot] + 1) & 0xFFFF
-            fid = (self.gens[slot] << 16) | slot
-            if self.gost:
-                conn = self._new_conn(slot, client)
-            else:
-                conn = self.conns[self.next_conn]
-                self.next_conn = (self.next_conn + 1) % len(self.conns)
-            fl = self.flows[client] = [fid, conn, self.now]
-            self.by_id[fid] = client
-            self._count("assoc_created")
-            self._count("assoc_open")
-            if self.gost:
-                self._connect(conn)
         fl[2] = self.now
+        self.flows.move_to_end(key)
         c = fl[1]
         frame = encode_frame(dst[0], dst[1], data, flow=fl[0] if self.mux else None)
         if self.queue_limit - self._queued(c) < len(frame):
@@ -161,6 +155,42 @@ class TunnelUpstream(UpstreamBase):
         c.queue.append(frame)
         self._count("up_datagrams")
         self._count("up_bytes", len(data))
+
+    def _new_flow(self, key, client):
+        """A flow for client (the least recently used one evicted at the cap), or None
+        when it is refused (counted)."""
+        if len(self.flows) >= self.max_flows:
+            self._end(next(iter(self.flows)), "assoc_evicted")
+        slot = self.free.pop()
+        self.gens[slot] = (self.gens[slot] + 1) & 0xFFFF
+        fid = (self.gens[slot] << 16) | slot
+        if self.gost:
+            conn = self._new_conn(slot, key)
+            if not self._connect(conn):
+                self.free.append(slot)
+                self._count("assoc_refused")
+                return None
+        else:
+            conn = self.conns[self.next_conn]
+            self.next_conn = (self.next_conn + 1) % len(self.conns)
+        fl = self.flows[key] = [fid, conn, self.now, client]
+        self.by_id[fid] = key
+        self._count("assoc_created")
+        self._count("assoc_open")
+        return fl
+
+    def _end(self, key, counter):
+        """End a flow (evicted, expired or refused: counter): a gost flow's connection closes
+        with its queued frames; a multiplexed flow's id is retired (late replies for it are
+        dropped as no-route)."""
+        fl = self.flows.pop(key)
+        del self.by_id[fl[0]]
+        self.free.append(fl[0] & 0xFFFF)
+        if self.gost:
+            self._close_sock(fl[1])
+            fl[1].state = "down"
+        self._count("assoc_open", -1)
+        self._count(counter)
 
     def flush(self):
         for c in self._all_conns():
@@ -230,7 +260,15 @@ class TunnelUpstream(UpstreamBase):
             c.queue = frames[1:] + c.queue if frames else c.queue
 
     def _connect(self, c):
-        s = socket.socket(self.family, socket.SOCK_STREAM)
+        """Start connecting c: True (connecting, or failed and retried after the backoff),
+        False when the process is out of descriptors for a gost flow's connection (none
+        left, or one within FD_RESERVE of the limit): the caller refuses the flow."""
+        s = flow_socket(self.family, socket.SOCK_STREAM, self.fd_ceiling if self.gost else 1 << 31)
+        if s is None:
+            if self.gost:
+                return False
+            self._down(c, "out of descriptors")
+            return True
         try:
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -239,13 +277,16 @@ class TunnelUpstream(UpstreamBase):
             err = s.connect_ex(self.addr)
         except OSError as e:
             s.close()
-            return self._down(c, str(e))
+            self._down(c, str(e))
+            return True
         if err not in (0, _errno.EINPROGRESS):
             s.close()
-            return self._down(c, os.strerror(err))
+            self._down(c, os.strerror(err))
+            return True
         c.sock, c.state, c.deadline = s, "connecting", self.now + CONNECT_TIMEOUT
         self.byfd[s.fileno()] = c
         self.ep.register(s.fileno(), EPOLLIN | EPOLLOUT)
+        return True
 
     def process(self):
         self.now = _time.monotonic()
@@ -328,32 +369,30 @@ class TunnelUpstream(UpstreamBase):
             return self._down(c, f"bad frame from server: {e}")
         del c.rx[:used]
         for fr in frames:
-            client = c.client if self.gost else self.by_id.get(fr.flow)
-            if client is None or fr.atyp == ATYP_DOMAIN:
+            key = c.client if self.gost else self.by_id.get(fr.flow)
+            fl = self.flows.get(key)
+            if fl is None or fr.atyp == ATYP_DOMAIN:
                 self._count("drop_no_route")
                 continue
-            self.flows[client][2] = self.now
-            self._deliver(client, (fr.host, fr.port), fr.data)
+            fl[2] = self.now
+            self.flows.move_to_end(key)
+            self._deliver(fl[3], (fr.host, fr.port), fr.data)
 
     def tick(self, now=0):
         now = now or _time.monotonic()
         self.now = now
         for c in self._all_conns():
             if c.state == "down" and now >= c.next_try:
-                self._connect(c)
+                if not self._connect(c):
+                    self._end(c.client, "assoc_refused")    # a gost flow out of descriptors
             elif c.state in ("connecting", "handshake") and now > c.deadline:
                 self._down(c, "timed out")
-        if now >= self.next_expiry:
-            self.next_expiry = now + 1.0
-            for client, fl in list(self.flows.items()):
-                if now - fl[2] > self.timeout:
-                    del self.flows[client]
-                    del self.by_id[fl[0]]
-                    self.free.append(fl[0] & 0xFFFF)
-                    if self.gost:
-                        self._close_sock(fl[1])
-                    self._count("assoc_open", -1)
-                    self._count("assoc_expired")
+        # idle expiry from the least recently used end: O(flows expired)
+        while self.flows:
+            key = next(iter(self.flows))
+            if now - self.flows[key][2] <= self.timeout:
+                break
+            self._end(key, "assoc_expired")
 
     def close(self):
         for c in self._all_conns():
