@@ -136,6 +136,26 @@ def test_fuzz_host_aware_acl_agree(allow, deny, hosts, probe, allow_host):
         assert ref.allowed(ip) == c.allowed(ip) == p.allowed(ip), ip
 
 
+# ----------------------------------------------------------------------------- configuration
+
+@pytest.mark.parametrize("mode", ["tunnel-server", "socks5"])
+def test_allow_host_from_the_command_line_and_toml(mode):
+    from relay import cli
+    from relay.config import ConfigError, parse_config
+    base = ["--listen", "127.0.0.1:1080"]
+    for argv, want in ((base, False), (base + ["--allow-host"], True)):
+        args = cli.build_parser().parse_args([mode] + argv)
+        lst = parse_config({"listener": [cli._listener_from_args(args, mode)]}).listeners[0]
+        assert lst.allow_host is want
+    table = {"name": "x", "mode": mode, "listen": "127.0.0.1:1080"}
+    assert parse_config({"listener": [dict(table, allow_host=True)]}).listeners[0].allow_host
+    with pytest.raises(ConfigError, match="allow_host"):
+        parse_config({"listener": [dict(table, allow_host="yes")]})
+    with pytest.raises(ConfigError, match='allow_host: not allowed for mode "forward"'):
+        parse_config({"listener": [{"name": "f", "mode": "forward", "listen": "127.0.0.1:1",
+                                    "to": "127.0.0.1:2", "allow_host": True}]})
+
+
 # ----------------------------------------------------------------------------- netlink
 
 def test_parse_addresses_refuses_truncated_messages():

@@ -41,8 +41,9 @@ class DestinationAcl:
     host's own addresses (relay.net.ifaddr) denied unless cfg.allow_host. The service
     watches ``attach``'s descriptor under HOSTS_TOKEN and calls ``refresh()`` when it is
     readable (an address came or went), and ``tick(now)`` from its loop (a dump that failed
-    is tried again). A change builds a new sorted array that takes the old one's place in
-    one step: nothing is allocated per datagram, the data path never waits on it."""
+    is tried again). A change reads the addresses again (one netlink dump, in this loop
+    between two polls, only when they changed) and builds a new sorted array that takes the
+    old one's place in one step: nothing is allocated per datagram."""
 
     def __init__(self, cfg, log):
         self.log = log
