@@ -382,3 +382,53 @@ def test_address_added_while_running_is_denied(topo, running, mode, v6):
     finally:
         for c in closers:
             c.close()
+
+
+class _Core:
+    """What DestinationAcl needs of a core: watch and unwatch."""
+
+    def __init__(self):
+        self.watched = {}
+
+    def watch(self, fd, token, **_kw):
+        self.watched[fd] = token
+
+    def unwatch(self, fd):
+        self.watched.pop(fd, None)
+
+
+def test_failed_address_dump_is_tried_again_from_tick(monkeypatch):
+    """The host-address part of a service's Acl: watched under HOSTS_TOKEN; a dump that
+    fails (the notices already drained) is tried again from tick() after RETRY."""
+    import logging
+    from relay.services import common
+    d = common.DestinationAcl(cfg("socks5", listen=("127.0.0.1", 0)), logging.getLogger("t"))
+    core = _Core()
+    d.attach(core)
+    try:
+        assert core.watched == {d.watch.fileno(): common.HOSTS_TOKEN}
+        public = "93.184.216.34"
+        assert d.acl.allowed(public)
+
+        def broken(sock, seq=1):
+            raise OSError(5, "dump failed")
+        monkeypatch.setattr(ifaddr, "dump", broken)
+        with pytest.raises(OSError):
+            d.refresh(force=True)
+        assert d.retry_at is not None
+        monkeypatch.setattr(ifaddr, "dump", lambda sock, seq=1: frozenset([ifaddr.key(public)]))
+        d.tick(d.retry_at - 0.5)                    # not yet
+        assert d.acl.allowed(public)
+        d.tick(d.retry_at + 0.01)
+        assert not d.acl.allowed(public) and not d.acl.allowed("::ffff:" + public)
+        assert d.retry_at is None and d.acl.host_count == 1
+    finally:
+        d.close()
+    assert core.watched == {}
+    # allow_host: no watch at all, the host addresses judged like any other
+    d = common.DestinationAcl(cfg("socks5", listen=("127.0.0.1", 0), allow_host=True),
+                              logging.getLogger("t"))
+    d.attach(core)
+    assert d.watch is None and core.watched == {} and d.acl.host_count == 0
+    d.tick(time.monotonic() + 10)
+    d.close()
