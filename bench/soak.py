@@ -173,7 +173,8 @@ def run(duration, rate, flows, interval):
             raise SystemExit(f"soak: rules: {r.stderr}")
         start_echo(t.srv, f"{SRV4}:5000", f"[{SRV6}]:5000")
         t.srv.popen([sys.executable, "-m", "relay", "tunnel-server", "--listen", "[::]:8443",
-                     "--secret", "soak", "--allow", "198.51.100.0/24,2001:db8::/32",
+                     "--secret", "soak", "--allow",       # the echo is on srv's own addresses
+                     f"198.51.100.0/24,2001:db8::/32,{SRV4}/32,{SRV6}/128",
                      "--workers", "1", "--control", ""],
                     env=relay_env())
         relay = RelayProcess(["run", "-c", cfg], ns=t.rtr)

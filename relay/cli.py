@@ -121,6 +121,9 @@ def _acl_options(g, mode, what):
          action="append", metavar="CIDR")
     _opt(g, mode, "--deny", "destinations to deny (repeat or comma-separate)",
          action="append", metavar="CIDR")
+    _opt(g, mode, "--allow-host", "let clients reach this host's own addresses (every "
+         "address of every interface, denied by default, kept current; an --allow of one "
+         "address as /32 or /128 lets that one through)", action="store_true")
     _opt(g, mode, "--insecure", f"allow a non-loopback listen address without {what} (an "
          "open relay)", action="store_true")
 
@@ -345,8 +348,9 @@ def _add_tunnel_server(sub):
     p = _mode_parser(sub, m, "UDP-over-TCP tunnel server (gost-compatible framing)",
                      "Accept tunnel clients (relay tunnel-client, gost's UDP-over-TCP) and send "
                      "their datagrams from a UDP socket per flow; replies go back framed. "
-                     "Destinations in loopback, link-local, private and other special ranges are "
-                     "refused unless --allow'ed (docs/tunnel.md).")
+                     "Destinations in loopback, link-local, private and other special ranges, "
+                     "and this host's own addresses, are refused unless --allow'ed "
+                     "(docs/tunnel.md).")
     _opt(p, m, "--listen", "TCP address to listen on", required=True, metavar="HOST:PORT")
     g = p.add_argument_group("clients")
     _secret_options(g, m, "shared secret clients must prove (HMAC-SHA256 challenge); a "
@@ -391,7 +395,8 @@ def _add_socks5(sub):
                      "relays datagrams in C, one relay socket per association; CONNECT relays "
                      "TCP so ordinary clients work. Fragmented datagrams (FRAG != 0) are dropped "
                      "and counted. Destinations in loopback, link-local, private and other "
-                     "special ranges are refused unless --allow'ed (docs/tunnel.md).")
+                     "special ranges, and this host's own addresses, are refused unless "
+                     "--allow'ed (docs/tunnel.md).")
     _opt(p, m, "--listen", "TCP address to listen on", required=True, metavar="HOST:PORT")
     g = p.add_argument_group("clients")
     _login_options(g, m, "username clients must give (RFC 1929)")

@@ -104,6 +104,7 @@ class ListenerConfig:
     password: Optional[str] = field(default=None, repr=False)
     allow: tuple = ()
     deny: tuple = ()
+    allow_host: bool = False                 # tunnel-server, socks5: let clients reach this host
     connections: int = 1
     gost: bool = False                       # tunnel-client: speak to a gost server
     insecure: bool = False
@@ -225,9 +226,9 @@ MODE_KEYS = {
     "forward": _COMMON | {"to", "upstream", "gro"} | _TUNNEL_UP,
     "redir": _COMMON | {"upstream", "reply", "transparent_cache", "transparent_idle", "gro"}
     | _TUNNEL_UP,
-    "tunnel-server": _COMMON | _SECRET | _LOGIN | {"allow", "deny", "insecure"},
+    "tunnel-server": _COMMON | _SECRET | _LOGIN | {"allow", "deny", "allow_host", "insecure"},
     "tunnel-client": _COMMON | _SECRET | _LOGIN | {"to", "server", "connections", "gost"},
-    "socks5": _COMMON | _LOGIN | {"allow", "deny", "insecure"},
+    "socks5": _COMMON | _LOGIN | {"allow", "deny", "allow_host", "insecure"},
 }
 # Keys that name a file holding a field's value (kept out of `ps` and of the TOML file).
 FILE_KEYS = {"secret_file": "secret", "password_file": "password"}
@@ -550,8 +551,9 @@ def _parse_listener(ctx, index, table):
                                      1, MAX_CONNECTIONS)
     if "gost" in table:
         kw["gost"] = _get_bool(ctx, k("gost"), table["gost"])
-    if "insecure" in table:
-        kw["insecure"] = _get_bool(ctx, k("insecure"), table["insecure"])
+    for key in ("insecure", "allow_host"):
+        if key in table:
+            kw[key] = _get_bool(ctx, k(key), table[key])
     if "workers" in table:
         kw["workers"] = _get_int(ctx, k("workers"), table["workers"], 1, MAX_WORKERS)
 

@@ -16,7 +16,8 @@ REASONS = {
                        "remote port below 1024 needs CAP_NET_BIND_SERVICE, IP_TRANSPARENT and "
                        "SO_MARK need CAP_NET_ADMIN (docs/systemd.md)",
     "drop_denied": "the destination access list refused them: destinations in private, "
-                   "loopback and other special ranges need --allow CIDR (allow = [...])",
+                   "loopback and other special ranges need --allow CIDR (allow = [...]), "
+                   "this host's own addresses --allow-host or --allow ADDRESS/32",
     "drop_send_error": "the kernel refused the send",
     "drop_no_route": "no route to the destination (or, for redir, no original destination: "
                      "check `relay rules` and `ip rule`)",

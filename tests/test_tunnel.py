@@ -18,9 +18,9 @@ from relay import stats as _stats
 from relay import proto, resolver
 from relay.datapath import pure
 from tests import netns as N
-from tests.support import (ALLOW_DOC, SECRET, Echo, Running, cfg, closed_by_peer, payload,  # noqa: F401
-                           raw_client, read_frames, restart_mid_stream, roundtrip, tunnel_pair,
-                           wait_stat)
+from tests.support import (ALLOW_DOC, ALLOW_SRV_HOST, SECRET, Echo, Running, cfg,  # noqa: F401
+                           closed_by_peer, payload, raw_client, read_frames, restart_mid_stream,
+                           roundtrip, tunnel_pair, wait_stat)
 
 pytest.importorskip("relay.datapath.tunnel")
 pytestmark = pytest.mark.usefixtures("impl")     # every test: compiled, then pure
@@ -163,7 +163,8 @@ def test_wildcard_client_replies_from_the_address_asked(echo_topo, running, host
     every reply leaves from the address its client asked, also for a client that moves
     between addresses and for runs of replies."""
     topo = echo_topo.add_router_addresses()
-    running(cfg("tunnel-server", listen=(N.SRV4, 9000), allow=ALLOW_DOC, secret=SECRET), topo.srv)
+    running(cfg("tunnel-server", listen=(N.SRV4, 9000), allow=ALLOW_DOC + ALLOW_SRV_HOST,
+                secret=SECRET), topo.srv)
     client = running(cfg("tunnel-client", listen=(host, 5000), server=(N.SRV4, 9000),
                          to=(N.SRV4, 7), secret=SECRET), topo.rtr)
     v6 = host == "::"
@@ -188,7 +189,8 @@ def test_wildcard_client_local_address_table_is_bounded(echo_topo, running):
     a client beyond the cap evicts the core's least recently used flow and is served;
     afterwards a new client is served from the address it asked."""
     topo = echo_topo.add_router_addresses()
-    running(cfg("tunnel-server", listen=(N.SRV4, 9000), allow=ALLOW_DOC, secret=SECRET), topo.srv)
+    running(cfg("tunnel-server", listen=(N.SRV4, 9000), allow=ALLOW_DOC + ALLOW_SRV_HOST,
+                secret=SECRET), topo.srv)
     client = running(cfg("tunnel-client", listen=("::", 5000), server=(N.SRV4, 9000),
                          to=(N.SRV4, 7), secret=SECRET, max_associations=4, timeout=1.0),
                      topo.rtr)

@@ -43,6 +43,10 @@ cdef int frame_to_sockaddr(const frame_t *f, sockaddr_any *out, int family) noex
 cdef class Acl:
     cdef acl_rule_t *rules
     cdef int n
+    cdef uint8_t *hosts          # the host's own addresses: sorted 16-byte keys (IPv4 mapped)
+    cdef int nhosts
+    cdef readonly uint32_t version   # bumped by set_hosts: verdicts remembered before are stale
+    cdef bint is_host(self, const uint8_t *k) noexcept nogil
     cdef bint denied(self, const sockaddr_any *a) noexcept nogil
 
 

@@ -34,7 +34,8 @@ cdef struct sflow_t:             # the socket, last use, LRU place: the table's 
     int prev
     int next
     int family
-    bint last_ok
+    bint last_ok                 # last_dst passed the access list of version acl_version
+    uint32_t acl_version
 
 
 cdef class TunnelServer(Poller):
@@ -373,12 +374,13 @@ cdef class TunnelServer(Poller):
 
     cdef bint flow_dst_ok(self, sflow_t *fl, const sockaddr_any *dst) noexcept nogil:
         """The access list on a flow's destination (remembered while it does not change)."""
-        if fl.last_ok and sa_same(dst, &fl.last_dst):
+        if fl.last_ok and fl.acl_version == self.acl.version and sa_same(dst, &fl.last_dst):
             return True
         if self.acl.denied(dst):
             self.st[C_DROP_DENIED] += 1
             return False
         fl.last_ok = True
+        fl.acl_version = self.acl.version
         memcpy(&fl.last_dst, dst, sizeof(sockaddr_any))
         return True
 

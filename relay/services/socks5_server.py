@@ -20,7 +20,7 @@ from relay.loglimit import LogLimiter
 from relay.services.admission import Acceptor, HandshakePool
 from relay.services.base import Service
 from relay.net import sockopt
-from relay.services.common import check_exposure
+from relay.services.common import HOSTS_TOKEN, DestinationAcl, check_exposure
 
 log = logging.getLogger("relay.socks5")
 _I = _stats.INDEX
@@ -65,11 +65,13 @@ class Socks5Service(Service):
         self.cfg, self.ctx, self.st = cfg, ctx, ctx.stats
         self.user = cfg.user
         self.password = cfg.password
-        self.acl = proto.AccessList(allow=cfg.allow, deny=cfg.deny)
+        self.dacl = DestinationAcl(cfg, log)      # host-aware: the UDP relay's and CONNECT's
+        self.acl = self.dacl.acl
         self.lsock = sockopt.tcp_listen(cfg.listen, reuseport=ctx.reuseport)
-        self.relay = _select.module("tunnel").Socks5Relay(self.acl.table(), ctx.stats,
+        self.relay = _select.module("tunnel").Socks5Relay(self.acl, ctx.stats,
                                          max_assoc=min(cfg.max_associations, MAX_CONTROL),
                                          batch=min(cfg.batch, 256), log=log)
+        self.dacl.attach(self.relay)
         self.acceptor = Acceptor(self.lsock, lambda fd: self.relay.watch(fd, 0), self.relay.unwatch,
                                  ctx.stats, _I, log)
         self.say = LogLimiter(log)
@@ -105,12 +107,16 @@ class Socks5Service(Service):
                     if token == 0:
                         self._accept()
                         continue
+                    if token == HOSTS_TOKEN:
+                        self.dacl.refresh()
+                        continue
                     entry = self.sides.get(token)
                     if entry is not None:
                         self._side_event(entry[0], entry[1], events)
                 now = time.monotonic()
                 self.relay.tick(now)
                 self.acceptor.tick(now)
+                self.dacl.tick(now)
                 for token in self.handshakes.expired(now):
                     self._close(self.controls[token], "handshake timed out", rejected=True)
                 for ctl in [c for c in self.controls.values()
@@ -389,6 +395,7 @@ class Socks5Service(Service):
     def close(self):
         for ctl in list(self.controls.values()):
             self._close(ctl)
+        self.dacl.close()
         self.relay.close()
         self.lsock.close()
 

@@ -17,7 +17,7 @@ from relay.net import sockopt
 from relay.loglimit import LogLimiter
 from relay.services.admission import Acceptor, HandshakePool
 from relay.services.base import Service
-from relay.services.common import check_exposure
+from relay.services.common import HOSTS_TOKEN, DestinationAcl, check_exposure
 
 log = logging.getLogger("relay.tunnel")
 
@@ -43,12 +43,13 @@ class TunnelServerService(Service):
         self.secret = cfg.secret
         self.user, self.password = cfg.user, cfg.password
         self.st = ctx.stats
-        acl = proto.AccessList(allow=cfg.allow, deny=cfg.deny)
+        self.dacl = DestinationAcl(cfg, log)
         self.lsock = sockopt.tcp_listen(cfg.listen, reuseport=ctx.reuseport)
         self.core = _select.module("tunnel").TunnelServer(
-            acl.table(), ctx.stats, max_flows=min(cfg.max_associations, 1 << 20),
+            self.dacl.acl, ctx.stats, max_flows=min(cfg.max_associations, 1 << 20),
             timeout=cfg.timeout, batch=min(cfg.batch, 256), mark=sockopt.usable_mark(cfg.mark),
             stall_timeout=STALL_TIMEOUT, log=log)
+        self.dacl.attach(self.core)
         self.acceptor = Acceptor(self.lsock, lambda fd: self.core.watch(fd, 0), self.core.unwatch,
                                  ctx.stats, _I, log)
         self.say = LogLimiter(log)
@@ -67,11 +68,14 @@ class TunnelServerService(Service):
                 for token, _events in self.core.poll(100):
                     if token == 0:
                         self._accept()
+                    elif token == HOSTS_TOKEN:
+                        self.dacl.refresh()
                     else:
                         self._handshake(token)
                 now = time.monotonic()
                 self.core.tick(now)
                 self.acceptor.tick(now)
+                self.dacl.tick(now)
                 for token in self.handshakes.expired(now):
                     self._reject(token, "handshake timed out")
             except Exception:            # never let one bad event stop the listener
@@ -156,6 +160,7 @@ class TunnelServerService(Service):
             self.handshakes.remove(token)
             p.sock.close()
             self._count("conn_open", -1)
+        self.dacl.close()
         self.core.close_all()
         self.core.close()
         self.lsock.close()

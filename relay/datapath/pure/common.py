@@ -10,6 +10,7 @@ from relay import stats as _stats
 from relay.config import FD_RESERVE
 from relay.privileges import fd_soft_limit
 from relay.net import sockopt as _sockopt
+from relay.net.ifaddr import key as host_key
 from relay.proto import ALLOW
 from relay.resolver import Resolver
 
@@ -68,16 +69,32 @@ def send_error_counter(e):
 
 
 class Acl:
-    """Matcher over AccessList.table(), like relay.datapath.tunnel.Acl."""
+    """Matcher over AccessList.table() and AccessList.host_keys(), like
+    relay.datapath.tunnel.Acl (set_hosts replaces the host addresses)."""
 
-    def __init__(self, table=()):
+    def __init__(self, table=(), hosts=()):
         self.rules = [(fam, plen, action, int.from_bytes(net[:4 if fam == 4 else 16], "big"))
                       for fam, plen, action, net in table]
+        self.set_hosts(hosts)
+
+    def set_hosts(self, keys):
+        keys = frozenset(bytes(k) for k in keys)
+        for k in keys:
+            if len(k) != 16:
+                raise ValueError(f"host address key of {len(k)} bytes, not 16")
+        self.hosts = keys
+        self.version = getattr(self, "version", 0) + 1   # remembered verdicts are stale
+
+    @property
+    def host_count(self):
+        return len(self.hosts)
 
     def allowed(self, host):
         ip = ipaddress.ip_address(host)
         if ip.version == 6 and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
+        if self.hosts and host_key(ip) in self.hosts:
+            return False
         fam, bits = (4, 32) if ip.version == 4 else (6, 128)
         value = int(ip)
         for rfam, plen, action, net in self.rules:

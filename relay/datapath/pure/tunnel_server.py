@@ -23,7 +23,7 @@ class _SConn:
 
 
 class _SFlow:
-    __slots__ = ("sock", "conn", "id", "last", "last_dst")
+    __slots__ = ("sock", "conn", "id", "last", "last_dst", "acl_version")
 
 
 class TunnelServer(Poller):
@@ -122,7 +122,7 @@ class TunnelServer(Poller):
             self._count("assoc_refused")
             return None
         f = _SFlow()
-        f.sock, f.conn, f.id, f.last, f.last_dst = s, c, fid, self.now, None
+        f.sock, f.conn, f.id, f.last, f.last_dst, f.acl_version = s, c, fid, self.now, None, 0
         c.flows[fid] = f
         self.lru[f] = None
         self.flows[s.fileno()] = f
@@ -212,11 +212,11 @@ class TunnelServer(Poller):
         f.conn.flows.move_to_end(f.id)
 
     def _send_up(self, f, dst, data):
-        if dst != f.last_dst:
+        if dst != f.last_dst or f.acl_version != self.acl.version:
             if not self.acl.allowed(dst[0]):
                 self._count("drop_denied")
                 return
-            f.last_dst = dst
+            f.last_dst, f.acl_version = dst, self.acl.version
         self._sent("up", data, f.sock, dst)
 
     def _dns_send(self, f, e, port, data):
