@@ -2,7 +2,7 @@
 
 The packet library (relay.packet, re-exported here; compiled extension or pure-Python
 twin, same names and errors): inet_checksum, checksum_update, build_udp, build_udp_into,
-build_udp_fragments, parse_udp, BatchSocket, RawSender, PacketTooBig.
+build_udp_fragments, build_icmp_unreachable, parse_udp, BatchSocket, RawSender, PacketTooBig.
 
 ``relay.EXTENSIONS`` maps each part with a pure twin (relay._select.PARTS) to True when
 its compiled extension is in use; set RELAY_PURE_PYTHON=1 to force the pure-Python twins.
@@ -12,8 +12,8 @@ from relay.errors import PacketTooBig
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchSocket", "EXTENSIONS", "PacketTooBig", "RawSender", "build_udp",
-           "build_udp_fragments", "build_udp_into", "checksum_update", "inet_checksum",
+__all__ = ["BatchSocket", "EXTENSIONS", "PacketTooBig", "RawSender", "build_icmp_unreachable",
+           "build_udp", "build_udp_fragments", "build_udp_into", "checksum_update", "inet_checksum",
            "parse_udp"]
 
 

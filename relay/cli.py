@@ -47,7 +47,7 @@ def _runtime_options(p):
 
 # Options that become listener keys: dest -> config key (most are the same name).
 _KEY = {"username": "user"}
-_LISTS = ("allow", "deny")          # repeatable, comma-separated
+_LISTS = ("allow", "deny", "reject")    # repeatable, comma-separated
 _LISTENER_DESTS = set()             # every option that _opt made
 
 
@@ -338,6 +338,11 @@ def _add_redir(sub):
          "(LRU)", type=int, metavar="N")
     _opt(p, "redir", "--transparent-idle", "idle time after which a transparent reply socket "
          "is closed", type=float, metavar="SECONDS")
+    _opt(p, "redir", "--reject", "original destination ports not relayed: each datagram to one "
+         "is answered with an ICMP/ICMPv6 port unreachable from its destination, so the client "
+         "gives up at once (443: QUIC falls back to TCP); ports and LOW-HIGH ranges, repeat or "
+         "comma-separate (443,8443,5000-5010); errors rate-limited to 1000/s, burst 50; needs "
+         "a raw socket (CAP_NET_RAW) in either reply mode", action="append", metavar="PORTS")
     _flow_options(p, "redir")
     _upstream_options(p, "redir")
     _runtime_options(p)

@@ -38,7 +38,7 @@ from relay.net.addr import Upstream, format_hostport, parse_cidr, parse_hostport
 __all__ = [
     "ConfigError", "Config", "GlobalConfig", "ListenerConfig", "ConfigDiff",
     "load_config", "parse_config", "parse_listener", "listener", "mode_defaults",
-    "read_secret_file", "MODES", "LOG_LEVELS", "REPLY_MODES", "MODE_KEYS",
+    "read_secret_file", "format_ports", "MODES", "LOG_LEVELS", "REPLY_MODES", "MODE_KEYS",
 ]
 
 MODES = ("forward", "redir", "tunnel-server", "tunnel-client", "socks5")
@@ -99,6 +99,7 @@ class ListenerConfig:
     transparent_idle: float = 30.0
     batch: int = 64
     gro: bool = False                        # UDP_GRO in, GSO out (forward, redir)
+    reject: tuple = ()                       # redir: ports answered with port unreachable
     secret: Optional[str] = field(default=None, repr=False)
     user: Optional[str] = None
     password: Optional[str] = field(default=None, repr=False)
@@ -140,6 +141,8 @@ class ListenerConfig:
                 value = format_port_timeouts(self.port_timeouts())
             elif f.name in ("allow", "deny"):
                 value = [str(net) for net in value]
+            elif f.name == "reject":
+                value = format_ports(value)
             out[f.name] = value
         return out
 
@@ -224,8 +227,8 @@ _LOGIN = {"user", "password", "password_file"}
 _TUNNEL_UP = _SECRET | {"connections"}       # with a tunnel:// upstream
 MODE_KEYS = {
     "forward": _COMMON | {"to", "upstream", "gro"} | _TUNNEL_UP,
-    "redir": _COMMON | {"upstream", "reply", "transparent_cache", "transparent_idle", "gro"}
-    | _TUNNEL_UP,
+    "redir": _COMMON | {"upstream", "reply", "transparent_cache", "transparent_idle", "gro",
+                        "reject"} | _TUNNEL_UP,
     "tunnel-server": _COMMON | _SECRET | _LOGIN | {"allow", "deny", "allow_host", "insecure"},
     "tunnel-client": _COMMON | _SECRET | _LOGIN | {"to", "server", "connections", "gost"},
     "socks5": _COMMON | _LOGIN | {"allow", "deny", "allow_host", "insecure"},
@@ -411,6 +414,55 @@ def _get_cidrs(ctx, key, value):
     return tuple(nets)
 
 
+def _get_ports(ctx, key, value):
+    """A port set: an array of ports (integers) and "LOW-HIGH" ranges (strings), or one
+    string of them separated by commas ("443,8443,5000-5010"); a sorted tuple of ints."""
+    if isinstance(value, str):
+        value = [x for x in value.replace(" ", ",").split(",") if x]
+    if not isinstance(value, (list, tuple)):
+        raise ctx.error(key, f"expected an array of ports and port ranges, got {_describe(value)}")
+    ports = set()
+    for i, item in enumerate(value):
+        k = f"{key}[{i}]"
+        if isinstance(item, str) and "-" in item.strip("-"):
+            low, _, high = item.partition("-")
+            lo, hi = _port_text(ctx, k, low, item), _port_text(ctx, k, high, item)
+            if lo > hi:
+                raise ctx.error(k, f"range \"{item}\" runs backwards")
+            ports.update(range(lo, hi + 1))
+        elif isinstance(item, str):
+            ports.add(_port_text(ctx, k, item, item))
+        else:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise ctx.error(k, f"expected a port or a \"LOW-HIGH\" range, got "
+                                   f"{_describe(item)}")
+            if not 1 <= item <= 65535:
+                raise ctx.error(k, f"port out of range 1-65535: {item}")
+            ports.add(item)
+    return tuple(sorted(ports))
+
+
+def _port_text(ctx, key, text, item):
+    text = text.strip()
+    if not text.isdigit() or not text.isascii():
+        raise ctx.error(key, f"not a port or a \"LOW-HIGH\" range: \"{item}\"")
+    if not 1 <= int(text) <= 65535:
+        raise ctx.error(key, f"port out of range 1-65535: {int(text)}")
+    return int(text)
+
+
+def format_ports(ports):
+    """A sorted port tuple as text, runs as ranges: (443, 5000, 5001, 5002) -> "443,5000-5002"."""
+    out, i = [], 0
+    while i < len(ports):
+        j = i
+        while j + 1 < len(ports) and ports[j + 1] == ports[j] + 1:
+            j += 1
+        out.append(str(ports[i]) if i == j else f"{ports[i]}-{ports[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
 def _get_credential(ctx, key, value):
     value = _get_str(ctx, key, value)
     size = len(value.encode("utf-8", "surrogatepass"))
@@ -481,6 +533,10 @@ def _parse_listener(ctx, index, table):
                                      f"starting with a letter or digit")
     mode = _get_choice(ctx, f"{p}.mode", table["mode"], MODES, "mode")
     allowed = MODE_KEYS[mode]
+    if mode == "forward" and "reject" in table:
+        raise ctx.error(f"{p}.reject", "not allowed for mode \"forward\": every datagram of a "
+                                       "forward listener is addressed to its own port; reject "
+                                       "destination ports in redir (only for: redir)")
     for key in table:
         if key not in allowed:
             where = [m for m in MODES if key in MODE_KEYS[m]]
@@ -525,6 +581,8 @@ def _parse_listener(ctx, index, table):
         kw["batch"] = _get_int(ctx, k("batch"), table["batch"], 1, MAX_BATCH)
     if "gro" in table:
         kw["gro"] = _get_bool(ctx, k("gro"), table["gro"])
+    if "reject" in table:
+        kw["reject"] = _get_ports(ctx, k("reject"), table["reject"])
     if "secret" in table:
         kw["secret"] = _get_str(ctx, k("secret"), table["secret"])
     for key in ("user", "password"):

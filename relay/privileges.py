@@ -5,7 +5,8 @@ A worker keeps exactly the capabilities its listeners still need after start
 
 - CAP_NET_ADMIN: SO_MARK on the sockets opened per flow (any listener with a mark), and
   IP_TRANSPARENT on redir's reply sockets;
-- CAP_NET_RAW: redir's raw reply sockets (opened again when a listener restarts);
+- CAP_NET_RAW: redir's raw sockets, for raw replies and for --reject's ICMP errors (opened
+  again when a listener restarts);
 - CAP_NET_BIND_SERVICE: redir's transparent replies leave from sockets bound to the
   remote's address and port, which is below 1024 for DNS, NTP and the like; and a listener
   on a port below 1024 that a reload restarts binds it again.
@@ -93,7 +94,7 @@ def needed_capabilities(listeners):
             # every reply mode may use transparent sockets (the raw mode for what it cannot
             # send itself), bound to remotes on any port
             caps.update((CAP_NET_ADMIN, CAP_NET_BIND_SERVICE))
-            if lc.reply == "raw":
+            if lc.reply == "raw" or lc.reject:
                 caps.add(CAP_NET_RAW)
     return tuple(sorted(caps))
 

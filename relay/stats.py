@@ -16,6 +16,7 @@ COUNTERS = (
     "reply_fallback", "reply_fragmented", "transparent_open",
     "conn_open", "conn_accepted", "conn_rejected", "conn_reconnects", "frames_bad",
     "queue_drops", "icmp_errors", "drop_rcvbuf", "drop_permission",
+    "rejected", "reject_ratelimited",
 )
 N_COUNTERS = len(COUNTERS)
 INDEX = {name: i for i, name in enumerate(COUNTERS)}
@@ -51,6 +52,9 @@ HELP = {
     "icmp_errors": "ICMP errors (unreachable, refused) seen on upstream sockets",
     "drop_rcvbuf": "datagrams the kernel dropped because a listen socket's receive buffer was full",
     "drop_permission": "datagrams dropped because the worker lacks a privilege (EACCES, EPERM)",
+    "rejected": "datagrams to a rejected port (--reject), answered with an ICMP port unreachable",
+    "reject_ratelimited": "ICMP port unreachable errors for rejected datagrams held back by "
+                          "the rate limit (1000/s, burst 50)",
 }
 assert set(HELP) == set(COUNTERS)
 

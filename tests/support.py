@@ -294,6 +294,14 @@ def wait_tcp(ns, addr):
     wait_until(up, 10, what=f"TCP {addr}")
 
 
+def redir_rules(topo, action, port):
+    """`relay rules ACTION --port PORT --iface rtr0` in the router (TPROXY to a redir)."""
+    return subprocess.run(
+        ["ip", "netns", "exec", topo.rtr.name, sys.executable, "-m", "relay", "rules", action,
+         "--port", str(port), "--iface", "rtr0"],
+        capture_output=True, text=True, env=relay_env(), timeout=30)
+
+
 def upstream_in_srv(topo, kind):
     """Echo servers and a relay tunnel-server (kind "tunnel") or socks5 server in srv;
     returns the forward options that use it as the upstream."""

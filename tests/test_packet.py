@@ -1,4 +1,5 @@
-"""Packet API: inet_checksum, checksum_update, build_udp(_into), parse_udp.
+"""Packet API: inet_checksum, checksum_update, build_udp(_into), parse_udp,
+build_icmp_unreachable (the port unreachable errors of `redir --reject`).
 
 Every test runs against the compiled extension (relay.packet._fast) and the pure-Python
 fallback (relay.packet.pure.fast); packets are cross-checked with scapy and with a naive
@@ -15,11 +16,16 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from scapy.all import (
-    IP, UDP, TCP, IPv6, ICMPv6EchoRequest, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
+    ICMP, IP, UDP, TCP, IPv6, ICMPv6DestUnreach, IPerror, IPerror6, UDPerror, ICMPv6EchoRequest, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, IPv6ExtHdrSegmentRouting, IPOption_NOP,
     IPOption_RR, IPOption_Router_Alert, IPOption_Timestamp, PadN, Raw, RouterAlert, raw,
 )
 
+from scapy.layers.inet6 import in6_chksum
+from scapy.utils import checksum
+
+import relay
+import relay.packet
 from relay.errors import PacketTooBig
 from relay.packet.pure import fast as pure
 from tests.support import examples
@@ -657,3 +663,130 @@ def test_fuzz_mutated_packets(m, base, edits, cut, extra, fix):
     if result[0] == "ok":                # whatever parses rebuilds to the same datagram
         (src, dst, payload) = result[1]
         assert isinstance(payload, bytes) and len(payload) <= len(data)
+
+
+# -- build_icmp_unreachable ---------------------------------------------------------------
+#
+# scapy parses each error and recomputes every checksum, the quoted datagram is compared
+# with what build_udp makes, the sizes stay within 576 (IPv4) and 1280 (IPv6) bytes, and
+# both implementations give the same bytes.
+
+CLIENT4, SERVER4 = ("192.0.2.2", 40000), ("198.51.100.2", 443)
+CLIENT6, SERVER6 = ("2001:db8:1::2", 40000), ("2001:db8:2::2", 443)
+
+
+def icmp_payload(n, seed=0):
+    return bytes((i * 31 + seed) & 0xFF for i in range(n))
+
+
+def recomputed(pkt):
+    """pkt with every length and checksum computed by scapy. IPv4: rebuilt from its layers;
+    IPv6: the ICMPv6 checksum by scapy's in6_chksum (a rebuild would take a quoted datagram
+    for RFC 4884 extensions)."""
+    if pkt[0] >> 4 == 4:
+        p = IP(pkt)
+        del p[IP].chksum, p[IP].len, p[ICMP].chksum
+        return raw(p)
+    p = IPv6(pkt)
+    body = pkt[40:42] + bytes(2) + pkt[44:]
+    csum = in6_chksum(58, p, body)
+    return pkt[:4] + (len(pkt) - 40).to_bytes(2, "big") + pkt[6:42] + csum.to_bytes(2, "big") + \
+        pkt[44:]
+
+
+def test_icmp_scapy_checks_catch_a_bad_checksum():
+    good = pure.build_icmp_unreachable(CLIENT6, SERVER6, b"abc")
+    bad = good[:42] + bytes([good[42] ^ 1]) + good[43:]
+    assert recomputed(good) == good and recomputed(bad) != bad
+    good = pure.build_icmp_unreachable(CLIENT4, SERVER4, b"abc")
+    bad = good[:22] + bytes([good[22] ^ 1]) + good[23:]
+    assert recomputed(good) == good and recomputed(bad) != bad
+    assert checksum(good[:20]) == 0 and checksum(good[28:48]) == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 519, 520, 521, 1472, 3000, 65507])
+def test_icmp_ipv4_error_parses_with_valid_checksums_and_quotes_the_datagram(m, size):
+    data = icmp_payload(size, size)
+    pkt = m.build_icmp_unreachable(CLIENT4, SERVER4, data, ttl=61, ident=0x1234)
+    assert len(pkt) == min(576, 20 + 8 + 28 + size)
+    assert recomputed(pkt) == pkt                       # scapy computes the same checksums
+    assert checksum(pkt[:20]) == 0 and checksum(pkt[28:48]) == 0    # both IP headers
+    p = IP(pkt)
+    assert (p.src, p.dst, p.proto, p.ttl, p.id, p.flags.value) == (SERVER4[0], CLIENT4[0], 1,
+                                                                   61, 0x1234, 0)
+    assert (p[ICMP].type, p[ICMP].code) == (3, 3)
+    inner = p[IPerror]
+    assert (inner.src, inner.dst, inner.proto, inner.len) == (CLIENT4[0], SERVER4[0], 17,
+                                                              28 + size)
+    assert (inner[UDPerror].sport, inner[UDPerror].dport, inner[UDPerror].len) == (
+        CLIENT4[1], SERVER4[1], 8 + size)
+    # the quoted datagram is the one build_udp makes (its UDP checksum over all the payload)
+    original = m.build_udp(CLIENT4, SERVER4, data)
+    assert pkt[28:] == original[:len(pkt) - 28]
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 1183, 1184, 1185, 1452, 65527])
+def test_icmp_ipv6_error_parses_with_valid_checksums_and_quotes_the_datagram(m, size):
+    data = icmp_payload(size, size)
+    pkt = m.build_icmp_unreachable(CLIENT6, SERVER6, data, ttl=63)
+    assert len(pkt) == min(1280, 40 + 8 + 48 + size)
+    assert recomputed(pkt) == pkt                       # ICMPv6 checksum with pseudo-header
+    p = IPv6(pkt)
+    assert (p.src, p.dst, p.nh, p.hlim, p.plen) == (SERVER6[0], CLIENT6[0], 58, 63, len(pkt) - 40)
+    assert (p[ICMPv6DestUnreach].type, p[ICMPv6DestUnreach].code) == (1, 4)
+    inner = p[IPerror6]
+    assert (inner.src, inner.dst, inner.nh, inner.plen) == (CLIENT6[0], SERVER6[0], 17, 8 + size)
+    assert (inner[UDPerror].sport, inner[UDPerror].dport, inner[UDPerror].len) == (
+        CLIENT6[1], SERVER6[1], 8 + size)
+    original = m.build_udp(CLIENT6, SERVER6, data)
+    assert pkt[48:] == original[:len(pkt) - 48]
+
+
+def test_icmp_ipv4_mapped_addresses_make_an_ipv6_error(m):
+    pkt = m.build_icmp_unreachable(("::ffff:192.0.2.2", 1), ("::ffff:198.51.100.2", 2), b"x")
+    assert pkt[0] >> 4 == 6 and IPv6(pkt)[ICMPv6DestUnreach].code == 4
+
+
+@pytest.mark.parametrize("src, dst, data, opts, exc, text", [
+    (CLIENT4, SERVER6, b"", {}, ValueError, "families differ"),
+    (("nope", 1), SERVER4, b"", {}, ValueError, "src host is not an IPv4 or IPv6"),
+    (CLIENT4, ("198.51.100.2", 70000), b"", {}, ValueError, "dst port out of range"),
+    (CLIENT4, SERVER4, "text", {}, TypeError, "payload must be a bytes-like object"),
+    (CLIENT4, SERVER4, b"", {"ttl": 256}, ValueError, "ttl out of range 0-255"),
+    (CLIENT4, SERVER4, b"", {"ident": -1}, ValueError, "ident out of range 0-65535"),
+    (CLIENT4, SERVER4, bytes(65508), {}, PacketTooBig, "exceeds the IPv4 maximum of 65507"),
+    (CLIENT6, SERVER6, bytes(65528), {}, PacketTooBig, "exceeds the IPv6 maximum of 65527"),
+])
+def test_icmp_bad_input_errors_are_build_udps(m, src, dst, data, opts, exc, text):
+    with pytest.raises(exc) as info:
+        m.build_icmp_unreachable(src, dst, data, **opts)
+    assert text in str(info.value)
+    with pytest.raises(exc) as again:               # the same message build_udp gives
+        m.build_udp(src, dst, data, **opts)
+    assert str(again.value) == str(info.value)
+
+
+def test_icmp_exported_by_the_packet_library():
+    assert relay.build_icmp_unreachable is relay.packet.build_icmp_unreachable
+    assert "build_icmp_unreachable" in relay.__all__ and "build_icmp_unreachable" in pure.__all__
+
+
+@st.composite
+def icmp_specs(draw):
+    hosts = draw(st.sampled_from([v4_addrs, v6_addrs]))
+    size = draw(st.sampled_from([0, 1, 7, 519, 520, 521, 1183, 1184, 1185, 2000]))
+    return ((draw(hosts), draw(ports)), (draw(hosts), draw(ports)),
+            draw(st.binary(min_size=size, max_size=size)), draw(st.integers(0, 255)),
+            draw(st.integers(0, 0xFFFF)))
+
+
+@needs_native
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=icmp_specs())
+@example(spec=(CLIENT4, SERVER4, bytes(65507), 64, 0))
+@example(spec=(CLIENT6, SERVER6, bytes(65527), 1, 0))
+def test_icmp_compiled_and_pure_give_the_same_bytes(spec):
+    src, dst, data, ttl, ident = spec
+    got = native.build_icmp_unreachable(src, dst, data, ttl=ttl, ident=ident)
+    assert got == pure.build_icmp_unreachable(src, dst, data, ttl=ttl, ident=ident)
+    assert recomputed(got) == got

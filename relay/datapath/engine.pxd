@@ -9,6 +9,7 @@ from relay.datapath.ring cimport SRC_CTRL
 from relay.datapath.table cimport akey_t, table_t
 from relay.datapath.stats cimport N_COUNTERS
 from relay.datapath.tunnel cimport UpstreamCore
+from relay.packet.icmp cimport ICMP_UNREACH_MAX
 
 
 cdef enum:
@@ -116,6 +117,11 @@ cdef class Engine:
     cdef uint32_t frag_over[2]    # [IPv4, IPv6]: raw replies larger than this ask for the MTU
     cdef bint mtu_known[2]
     cdef akey_t *out_local        # local_src: forward reply message k leaves from this address
+    # --reject (reject.pxi): the rejected ports (a bit each, NULL: none), the ICMP errors'
+    # token bucket and the buffer each error is written in
+    cdef uint8_t *reject_map
+    cdef double rj_tokens, rj_last
+    cdef uint8_t[ICMP_UNREACH_MAX] rj_out
     cdef epoll_event[MAX_EVENTS] events
 
 

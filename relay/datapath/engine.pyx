@@ -44,6 +44,7 @@ from relay.packet.headers cimport (
     IPV4_UDP_HDR_LEN, IPV6_UDP_HDR_LEN, UDP_HDR_LEN, MAX_IPV4_UDP_PAYLOAD, MAX_IPV6_UDP_PAYLOAD,
     IPV4_MIN_MTU, IPV6_MIN_MTU, FRAG_HDR_MAX,
 )
+from relay.packet.icmp cimport write_icmp_unreachable
 from relay.datapath.mtu cimport errqueue_mtu, route_mtu
 from relay.datapath.table cimport (
     akey_t, entry_t, table_t, table_init, table_free, table_find, table_insert, table_remove,
@@ -121,11 +122,14 @@ cdef class Engine:
 
     Engine(listen_fd, mode, *, to=None, raw4_fd=-1, raw6_fd=-1, reply="raw", mark=0,
            timeout=60.0, max_associations=65536, transparent_cache=1024,
-           transparent_idle=30.0, batch=64, stats=None, upstream_family=AF_INET6)
+           transparent_idle=30.0, batch=64, stats=None, upstream_family=AF_INET6,
+           reject=())
 
     ``listen_fd`` is a bound, non-blocking UDP socket (for redir: IP_TRANSPARENT with
     IP(V6)_RECVORIGDSTADDR). The engine does not own it. ``stats`` is a writable
-    memoryview of N_COUNTERS uint64 counters.
+    memoryview of N_COUNTERS uint64 counters. ``reject`` (redir only, with a raw socket in
+    either reply mode): original destination ports answered with an ICMP port unreachable
+    instead of relayed (reject.pxi).
     """
 
     def __cinit__(self):
@@ -140,7 +144,7 @@ cdef class Engine:
                  int max_associations=65536, int transparent_cache=1024,
                  double transparent_idle=30.0, int batch=64, stats=None,
                  int upstream_family=AF_INET6, int listen_family=AF_INET6,
-                 UpstreamCore core=None, bint gro=False, port_timeouts=()):
+                 UpstreamCore core=None, bint gro=False, port_timeouts=(), reject=()):
         cdef epoll_event ev
         if mode not in ("forward", "redir"):
             raise ValueError(f"mode must be 'forward' or 'redir', not {mode!r}")
@@ -161,6 +165,11 @@ cdef class Engine:
             upstream_family = self.to_addr.sa.sa_family
         elif self.reply_mode == REPLY_RAW and raw4_fd < 0 and raw6_fd < 0:
             raise ValueError("redir with raw replies needs a raw socket")
+        reject = tuple(reject or ())
+        if reject and self.mode != MODE_REDIR:
+            raise ValueError("reject applies to redir only")
+        if reject and raw4_fd < 0 and raw6_fd < 0:
+            raise ValueError("reject needs a raw socket for its ICMP errors")
         self.lfd = listen_fd
         self.lfamily = listen_family
         self.raw4 = raw4_fd
@@ -243,6 +252,14 @@ cdef class Engine:
                 or self.retry == NULL):
             self._free()
             raise MemoryError("engine buffers")
+        if reject:
+            try:
+                self.reject_map = _reject_map(reject)
+            except BaseException:
+                self._free()
+                raise
+            self.rj_tokens = REJECT_BURST
+            self.rj_last = monotonic()
         self.ep = epoll_create1(EPOLL_CLOEXEC)
         if self.ep < 0:
             e = errno
@@ -401,6 +418,7 @@ cdef class Engine:
         free(self.ry_gro); self.ry_gro = NULL
         free(self.ry_local); self.ry_local = NULL
         free(self.out_local); self.out_local = NULL
+        free(self.reject_map); self.reject_map = NULL
         table_free(&self.locals)
 
     def __dealloc__(self):
@@ -547,6 +565,9 @@ cdef class Engine:
                 got = self._cmsgs(&m.msg_hdr, &dk, &lk, &seg)
                 if self.mode == MODE_REDIR and not got:
                     self.st[C_DROP_NO_ROUTE] += 1
+                    continue
+                if self.reject_map != NULL and _port_rejected(self.reject_map, dk.port):
+                    _reject(self, i, &ck, &dk, seg, now)
                     continue
                 if self.core is not None:
                     if self.local_map:
@@ -1035,3 +1056,4 @@ cdef class Engine:
 
 include "reply_raw.pxi"
 include "reply_transparent.pxi"
+include "reject.pxi"

@@ -33,4 +33,6 @@ cdef enum:
     C_ICMP_ERRORS
     C_DROP_RCVBUF             # the kernel's count for the listen socket (SO_MEMINFO)
     C_DROP_PERMISSION         # a send or reply socket refused for lack of a privilege
+    C_REJECTED                # datagrams to a --reject port (answered: port unreachable)
+    C_REJECT_RATELIMITED      # ... whose ICMP error the rate limit held back
     N_COUNTERS

@@ -23,6 +23,7 @@ from relay.packet.headers cimport (
     write_fragment, frag_chunk, get16, IPV4_UDP_HDR_LEN, IPV6_UDP_HDR_LEN, UDP_HDR_LEN,
     MAX_IPV4_UDP_PAYLOAD, MAX_IPV6_UDP_PAYLOAD, FRAG_HDR_MAX,
 )
+from relay.packet.icmp cimport write_icmp_unreachable, ICMP_UNREACH_MAX
 from relay.datapath.addr cimport ip_to_tuple
 from relay.includes.system cimport AF_INET, AF_INET6, inet_pton
 
@@ -35,7 +36,7 @@ from relay.packet.pure.fast import (  # the one table of parse_udp reasons and m
 
 __all__ = [
     "inet_checksum", "checksum_update", "build_udp", "build_udp_into", "build_udp_fragments",
-    "parse_udp", "MAX_IPV4_PAYLOAD", "MAX_IPV6_PAYLOAD", "BatchSocket",
+    "build_icmp_unreachable", "parse_udp", "MAX_IPV4_PAYLOAD", "MAX_IPV6_PAYLOAD", "BatchSocket",
 ]
 
 MAX_IPV4_PAYLOAD = MAX_IPV4_UDP_PAYLOAD     # 65507
@@ -365,6 +366,30 @@ def build_udp_into(buffer, offset, src, dst, payload, *, ttl=64, tos=0, ident=0,
     finally:
         PyBuffer_Release(&bv)
     return size
+
+
+def build_icmp_unreachable(src, dst, payload, *, ttl=64, ident=0):
+    """The ICMP (IPv4: type 3 code 3) or ICMPv6 (type 1 code 4) port unreachable error
+    answering the UDP datagram build_udp(src, dst, payload) would be, as bytes: from dst's
+    host to src's host, quoting that datagram's IP header (TTL 64, DF set), its UDP header
+    (the checksum over the whole payload) and as much payload as keeps the error within
+    576 bytes (IPv4, RFC 1812) or 1280 bytes (IPv6, RFC 4443). ttl is the error's own TTL
+    (hop limit), ident its IPv4 identification (DF clear). Checksums: the IPv4 headers',
+    the ICMP message's, ICMPv6's over its pseudo-header. Errors are build_udp()'s.
+    """
+    cdef udp_args a
+    cdef Py_buffer pv
+    cdef uint8_t out[ICMP_UNREACH_MAX]
+    cdef size_t n
+    _addresses(src, dst, &a)
+    _get_buffer(payload, &pv, "payload", False)
+    try:
+        _options(&a, ttl, 0, ident, 0, pv.len)
+        n = write_icmp_unreachable(out, a.is_v6, a.src, a.sport, a.dst, a.dport,
+                                   <const uint8_t *>pv.buf, <size_t>pv.len, a.ttl, a.ident)
+        return PyBytes_FromStringAndSize(<const char *>out, <Py_ssize_t>n)
+    finally:
+        PyBuffer_Release(&pv)
 
 
 # -- parse --------------------------------------------------------------------------------

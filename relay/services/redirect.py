@@ -28,7 +28,8 @@ class UdpService(Service):
             self.listen = sockopt.udp_listen(cfg.listen, transparent=redir, reuseport=ctx.reuseport)
             self.socks.append(self.listen)
             raw4 = raw6 = -1
-            if redir and cfg.reply == "raw":
+            # raw replies, and the ICMP errors of --reject in either reply mode
+            if redir and (cfg.reply == "raw" or cfg.reject):
                 r4 = sockopt.raw_socket(socket.AF_INET, cfg.mark)
                 self.socks.append(r4)
                 raw4 = r4.fileno()
@@ -50,7 +51,7 @@ class UdpService(Service):
                 max_associations=cfg.max_associations, transparent_cache=cfg.transparent_cache,
                 transparent_idle=cfg.transparent_idle, batch=cfg.batch, stats=ctx.stats,
                 upstream_family=up_family, listen_family=self.listen.family, core=self.core,
-                gro=cfg.gro, port_timeouts=cfg.port_timeouts(),
+                gro=cfg.gro, port_timeouts=cfg.port_timeouts(), reject=cfg.reject,
             )
         except BaseException:
             self.close()

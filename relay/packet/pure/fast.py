@@ -6,6 +6,7 @@ signatures, results and error messages.
 ``build_udp``       a complete IPv4+UDP or IPv6+UDP packet as bytes
 ``build_udp_into``  the same, written into a caller's buffer
 ``build_udp_fragments`` the packets (one, or the fragments) carrying it over an MTU
+``build_icmp_unreachable`` the ICMP/ICMPv6 port unreachable error answering a datagram
 ``parse_udp``       validate an IPv4/IPv6 UDP packet, return (src, dst, payload)
 
 This module also holds the one table of ``parse_udp`` error reasons and messages: the
@@ -24,7 +25,7 @@ from relay.errors import PacketTooBig
 
 __all__ = [
     "inet_checksum", "checksum_update", "build_udp", "build_udp_into", "build_udp_fragments",
-    "parse_udp", "MAX_IPV4_PAYLOAD", "MAX_IPV6_PAYLOAD", "BatchSocket",
+    "build_icmp_unreachable", "parse_udp", "MAX_IPV4_PAYLOAD", "MAX_IPV6_PAYLOAD", "BatchSocket",
 ]
 
 MAX_IPV4_PAYLOAD = 65507     # 65535 - 20 (IPv4 header) - 8 (UDP header)
@@ -33,6 +34,8 @@ IPV4_MIN_MTU = 68            # RFC 791
 IPV6_MIN_MTU = 1280          # RFC 8200
 IPV4_MAX_PACKET = 65535      # total length field
 IPV6_MAX_PACKET = 65575      # 40-byte header + payload length field
+ICMP4_ERROR_MAX = 576        # RFC 1812 4.3.2.3: an ICMP error's largest size
+ICMP6_ERROR_MAX = 1280       # RFC 4443 2.4(c)
 
 # -- parse_udp error reasons: every ValueError message starts with one of these ----------
 TRUNCATED = "truncated"
@@ -370,6 +373,28 @@ def build_udp_fragments(src, dst, payload, mtu, *, ttl=64, tos=0, ident=0, flowl
         return [hdr + pv]
     return [h + pv[a:b] for h, a, b in fragment_headers(v6, sip, dip, hdr[-8:], len(pv), mtu, ident,
                                                  ttl, tos, flowlabel)]
+
+
+def build_icmp_unreachable(src, dst, payload, *, ttl=64, ident=0):
+    """The ICMP (IPv4: type 3 code 3) or ICMPv6 (type 1 code 4) port unreachable error
+    answering the UDP datagram build_udp(src, dst, payload) would be, as bytes: from dst's
+    host to src's host, quoting that datagram's IP header (TTL 64, DF set), its UDP header
+    (the checksum over the whole payload) and as much payload as keeps the error within
+    576 bytes (IPv4, RFC 1812) or 1280 bytes (IPv6, RFC 4443). ttl is the error's own TTL
+    (hop limit), ident its IPv4 identification (DF clear). Checksums: the IPv4 headers',
+    the ICMP message's, ICMPv6's over its pseudo-header. Errors are build_udp()'s.
+    """
+    v6, sip, sport, dip, dport, pv, ttl, _, ident, _ = _prepare(
+        src, dst, payload, ttl, 0, ident, 0)
+    quoted = _headers(v6, sip, sport, dip, dport, pv, 64, 0, 0, True, 0)
+    room = (ICMP6_ERROR_MAX - 40 if v6 else ICMP4_ERROR_MAX - 20) - 8 - len(quoted)
+    quoted += pv[:room]
+    icmp_len = 8 + len(quoted)
+    icmp = bytes((1, 4) if v6 else (3, 3)) + bytes(6) + quoted
+    pseudo = _struct.pack("!16s16sII", dip, sip, icmp_len, 58) if v6 else b""
+    csum = ~_fold(int.from_bytes(pseudo, "big") + _sum(icmp)) & 0xFFFF
+    ip = _ip_header(v6, dip, sip, icmp_len, 58 if v6 else 1, ttl, 0, ident, 0, 0)
+    return ip + icmp[:2] + csum.to_bytes(2, "big") + icmp[4:]
 
 
 # -- parse --------------------------------------------------------------------------------
