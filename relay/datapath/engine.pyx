@@ -48,7 +48,7 @@ from relay.packet.icmp cimport write_icmp_unreachable
 from relay.datapath.mtu cimport errqueue_mtu, route_mtu
 from relay.datapath.table cimport (
     akey_t, entry_t, table_t, table_init, table_free, table_find, table_insert, table_remove,
-    table_touch, akey_from_sockaddr, akey_to_sockaddr, table_set_timeout, table_set_class,
+    table_touch, akey_from_sockaddr, akey_to_sockaddr, table_timeouts, table_set_class,
     table_timeout, table_expired,
 )
 from relay.datapath.stats cimport *
@@ -471,14 +471,8 @@ cdef class Engine:
 
     def _set_timeouts(self, double timeout, port_timeouts):
         """Timeout classes of the association table (relay/datapath/timeouts.py)."""
-        from relay.datapath.timeouts import port_class_map, timeout_classes
-        values, ranges = timeout_classes(timeout, port_timeouts)
-        for c, v in enumerate(values):
-            if v <= 0:
-                raise ValueError("timeouts must be positive")
-            table_set_timeout(&self.assoc, c, v)
-        self.min_timeout = min(values)
-        pmap = port_class_map(ranges)
+        pmap = table_timeouts(&self.assoc, timeout, port_timeouts)
+        self.min_timeout = min([timeout] + [sec for _, _, sec in port_timeouts])
         if pmap is None:
             return
         if self.mode == MODE_FORWARD:

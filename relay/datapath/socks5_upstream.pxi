@@ -20,7 +20,7 @@ cdef class Socks5Upstream(UpstreamCore):
 
     def __init__(self, server, user=None, password=None, mark=None, stats=None,
                  double timeout=60.0, int max_flows=1024, size_t queue_limit=SOCKS_QUEUE,
-                 int batch=32, log=None):
+                 int batch=32, log=None, port_timeouts=()):
         if not 1 <= max_flows <= 65536:
             raise ValueError(f"max_flows must be 1-65536, got {max_flows}")
         if not 1 <= batch <= MAX_BATCH:
@@ -39,6 +39,7 @@ cdef class Socks5Upstream(UpstreamCore):
         if self.flows == NULL or self.scratch == NULL:
             raise MemoryError()
         table_new(&self.tab, max_flows)
+        self.pclass = table_timeouts(&self.tab, timeout, port_timeouts)
         self.fd_ceiling = fd_ceiling()
         sq_init(&self.sb, batch)
 
@@ -65,7 +66,8 @@ cdef class Socks5Upstream(UpstreamCore):
     def flows_open(self):
         return self.tab.count
 
-    cdef int flow_open(self, const sockaddr_any *client, const akey_t *k) except -2:
+    cdef int flow_open(self, const sockaddr_any *client, const akey_t *k,
+                       const sockaddr_any *dst) except -2:
         """A new association for client (the least recently used one evicted at the cap):
         its slot, or -1 when it is refused (counted)."""
         cdef int32_t i
@@ -109,6 +111,7 @@ cdef class Socks5Upstream(UpstreamCore):
             self.st[C_ASSOC_REFUSED] += 1
             return -1
         i = table_insert(&self.tab, k, self.now)
+        set_flow_class(&self.tab, i, self.pclass, ntohs(dst.v4.sin_port))   # sin6_port: same place
         a = &self.flows[i]
         memset(a, 0, sizeof(aflow_t))
         memcpy(&a.client, client, sizeof(sockaddr_any))
@@ -166,7 +169,7 @@ cdef class Socks5Upstream(UpstreamCore):
         akey_from_sockaddr(client, &k)
         i = table_find(&self.tab, &k)
         if i < 0:
-            i = self.flow_open(client, &k)
+            i = self.flow_open(client, &k, dst)
             if i < 0:
                 return 0
         table_touch(&self.tab, i, self.now)
@@ -363,6 +366,8 @@ cdef class Socks5Upstream(UpstreamCore):
                     self.flow_close(i, C_ASSOC_REFUSED)
                 i = nxt
         # idle expiry from the least recently used end: O(associations expired)
-        while self.tab.tail >= 0 and now - self.tab.e[self.tab.tail].last > self.timeout:
-            self.flow_close(self.tab.tail, C_ASSOC_EXPIRED)
+        i = table_expired(&self.tab, now)
+        while i >= 0:
+            self.flow_close(i, C_ASSOC_EXPIRED)
+            i = table_expired(&self.tab, now)
         return 0

@@ -262,6 +262,19 @@ cdef inline double table_timeout(const table_t *t, int32_t i) noexcept nogil:
     return t.ctimeout[t.e[i].tclass]
 
 
+cdef inline object table_timeouts(table_t *t, double timeout, port_timeouts):
+    """Give t its timeout classes: class 0 ``timeout``, the others from ``port_timeouts``
+    ((first, last, seconds), ...; relay/datapath/timeouts.py). Returns the destination port
+    -> class map (65536 bytes), or None when every port is class 0."""
+    from relay.datapath.timeouts import port_class_map, timeout_classes
+    values, ranges = timeout_classes(timeout, port_timeouts)
+    for c, v in enumerate(values):
+        if v <= 0:
+            raise ValueError("timeouts must be positive")
+        table_set_timeout(t, c, v)
+    return port_class_map(ranges)
+
+
 cdef inline int32_t table_expired(const table_t *t, double now) noexcept nogil:
     """An entry idle for at least its class's timeout, or -1: O(TCLASSES), since each
     class's least recently used entry is the first of that class to expire."""

@@ -59,6 +59,7 @@ cdef class UpstreamCore:
     cdef object _stats_ref
     cdef double now
     cdef double timeout
+    cdef bytes pclass            # destination port -> timeout class (None: all class 0)
     cdef Acl acl                 # unused by the clients, kept for symmetry
     cdef object log
     cdef object _collector
@@ -129,7 +130,7 @@ cdef class TunnelUpstream(UpstreamCore):
     cdef int conn_handshake(self, int i, uint32_t events) except -1
     cdef int conn_frames(self, int i) except -1
     cdef int conn_upkeep(self, int i, double now) except -1
-    cdef int flow_for(self, const sockaddr_any *client) except -2
+    cdef int flow_for(self, const sockaddr_any *client, const sockaddr_any *dst) except -2
     cdef int flow_end(self, int i, int counter) except -1
 
 
@@ -162,7 +163,8 @@ cdef class Socks5Upstream(UpstreamCore):
     cdef int batch
     cdef uint8_t *scratch
     cdef sendq_t sb
-    cdef int flow_open(self, const sockaddr_any *client, const akey_t *k) except -2
+    cdef int flow_open(self, const sockaddr_any *client, const akey_t *k,
+                       const sockaddr_any *dst) except -2
     cdef int flow_handshake(self, int i, uint32_t events) except -1
     cdef int flow_close(self, int i, int counter) except -1
     cdef int flow_send_queue(self, int i) except -1

@@ -34,7 +34,8 @@ from relay.includes.wire cimport (
 )
 from relay.datapath.table cimport (
     is_v4mapped, table_t, akey_t, table_new, table_init, table_free, table_find, table_insert,
-    table_remove, table_touch, akey_from_sockaddr, akey_from_flow, mix64,
+    table_remove, table_touch, akey_from_sockaddr, akey_from_flow, mix64, table_timeouts,
+    table_set_class, table_expired,
 )
 from relay.datapath.limits cimport (
     fd_ceiling, fd_soft_limit, fd_reserved, FD_LIMIT_MAX, FD_RESERVE as _FD_RESERVE,
@@ -106,6 +107,13 @@ cdef inline void sa_key(const sockaddr_any *a, uint64_t *k) noexcept nogil:
     else:
         k[0] = <uint64_t>a.sa.sa_family | (<uint64_t>a.v6.sin6_port << 16)
         memcpy(&k[1], &a.v6.sin6_addr, 16)
+
+
+cdef inline void set_flow_class(table_t *t, int32_t i, bytes pclass, uint16_t port):
+    """A new flow's idle timeout: the class of the destination port of its first datagram
+    (host order), when the listener has per-port timeouts (relay/datapath/timeouts.py)."""
+    if pclass is not None:
+        table_set_class(t, i, (<const uint8_t *><const char *>pclass)[port])
 
 
 cdef inline socklen_t sa_len(const sockaddr_any *a) noexcept nogil:

@@ -52,6 +52,7 @@ cdef class TunnelServer(Poller):
     cdef Acl acl
     cdef size_t tx_limit
     cdef double timeout
+    cdef bytes pclass            # destination port -> timeout class (None: all class 0)
     cdef double stall_timeout
     cdef double next_tick
     cdef int family
@@ -65,7 +66,7 @@ cdef class TunnelServer(Poller):
 
     def __init__(self, acl_table=(), stats=None, *, int max_conns=1024, int max_flows=4096,
                  double timeout=60.0, size_t tx_limit=1 << 20, int batch=32, mark=None,
-                 double stall_timeout=5.0, log=None, resolve=None):
+                 double stall_timeout=5.0, log=None, resolve=None, port_timeouts=()):
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be 1-{MAX_BATCH}, got {batch}")
         if max_conns < 1 or max_flows < 1:
@@ -89,6 +90,7 @@ cdef class TunnelServer(Poller):
                 self.scratch and self.rmsgs and self.riovs and self.rnames):
             raise MemoryError()
         table_new(&self.tab, max_flows)
+        self.pclass = table_timeouts(&self.tab, timeout, port_timeouts)
         self.nfd = fd_soft_limit()
         sq_init(&self.sb, batch)
         for i in range(max_conns):
@@ -242,7 +244,7 @@ cdef class TunnelServer(Poller):
             self.st[counter] += 1
         return 0
 
-    cdef int flow_get(self, int ci, uint32_t id) except -2:
+    cdef int flow_get(self, int ci, uint32_t id, uint16_t dport) except -2:
         cdef sconn_t *c = &self.conns[ci]
         cdef akey_t k
         cdef int f, fd, share
@@ -273,6 +275,7 @@ cdef class TunnelServer(Poller):
             self.st[C_ASSOC_REFUSED] += 1
             return -1
         f = table_insert(&self.tab, &k, self.now)
+        set_flow_class(&self.tab, f, self.pclass, dport)
         self.tab.e[f].fd = fd
         fl = &self.flows[f]
         fl.conn = ci
@@ -345,7 +348,7 @@ cdef class TunnelServer(Poller):
                 self.conn_close(i, f"bad frame: {FRAME_ERROR_TEXT[-r]}", C_FRAMES_BAD)
                 return 0
             pos += r
-            fi = self.flow_get(i, f.flow)
+            fi = self.flow_get(i, f.flow, f.port)
             if fi < 0:
                 continue
             fl = &self.flows[fi]
@@ -475,8 +478,10 @@ cdef class TunnelServer(Poller):
         if now < self.next_tick:
             return
         self.next_tick = now + 0.5
-        while self.tab.tail >= 0 and now - self.tab.e[self.tab.tail].last > self.timeout:
-            self.flow_release(self.tab.tail, C_ASSOC_EXPIRED)
+        i = table_expired(&self.tab, now)
+        while i >= 0:
+            self.flow_release(i, C_ASSOC_EXPIRED)
+            i = table_expired(&self.tab, now)
         self.dns.expire(self, now)
         for i in range(self.max_conns):
             if self.conns[i].used and self.conns[i].stall_since and \

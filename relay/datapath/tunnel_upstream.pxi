@@ -111,7 +111,7 @@ cdef class TunnelUpstream(UpstreamCore):
 
     def __init__(self, server, secret=None, int connections=1, mark=None, stats=None,
                  queue_limit=None, double timeout=60.0, int max_flows=4096, log=None,
-                 bint gost=False, user=None, password=None):
+                 bint gost=False, user=None, password=None, port_timeouts=()):
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be 1-64, got {connections}")
         if not 1 <= max_flows <= 65536:
@@ -140,6 +140,7 @@ cdef class TunnelUpstream(UpstreamCore):
         if self.conns == NULL or self.dirty == NULL or self.flows == NULL:
             raise MemoryError()
         table_new(&self.tab, max_flows)
+        self.pclass = table_timeouts(&self.tab, timeout, port_timeouts)
         self.fd_ceiling = fd_ceiling()
         for i in range(self.nconns):
             self.conns[i].fd = -1
@@ -224,7 +225,7 @@ cdef class TunnelUpstream(UpstreamCore):
             return "gost connection of flow %s:%s" % sockaddr_to_tuple(&self.flows[i].client.sa)
         return f"tunnel connection {i}"
 
-    cdef int flow_for(self, const sockaddr_any *client) except -2:
+    cdef int flow_for(self, const sockaddr_any *client, const sockaddr_any *dst) except -2:
         """The flow slot of client, a new flow if it has none (the least recently used one
         evicted at the cap); -1 when it is refused (counted)."""
         cdef akey_t k
@@ -237,6 +238,7 @@ cdef class TunnelUpstream(UpstreamCore):
         if self.tab.count >= self.tab.cap:
             self.flow_end(self.tab.tail, C_ASSOC_EVICTED)
         i = table_insert(&self.tab, &k, self.now)
+        set_flow_class(&self.tab, i, self.pclass, ntohs(dst.v4.sin_port))   # sin6_port: same place
         fl = &self.flows[i]
         memcpy(&fl.client, client, sizeof(sockaddr_any))
         fl.gen += 1
@@ -285,7 +287,7 @@ cdef class TunnelUpstream(UpstreamCore):
             # gost reads RSV = 0 as "length unknown": an empty datagram cannot be framed
             self.st[C_DROP_MALFORMED] += 1
             return 0
-        f = self.flow_for(client)
+        f = self.flow_for(client, dst)
         if f < 0:
             return 0
         table_touch(&self.tab, f, self.now)
@@ -574,6 +576,8 @@ cdef class TunnelUpstream(UpstreamCore):
                 for i in range(self.nconns):
                     self.conn_upkeep(i, now)
         # idle expiry from the least recently used end: O(flows expired)
-        while self.tab.tail >= 0 and now - self.tab.e[self.tab.tail].last > self.timeout:
-            self.flow_end(self.tab.tail, C_ASSOC_EXPIRED)
+        i = table_expired(&self.tab, now)
+        while i >= 0:
+            self.flow_end(i, C_ASSOC_EXPIRED)
+            i = table_expired(&self.tab, now)
         return 0
