@@ -51,6 +51,7 @@ MAX_ASSOCIATIONS = 1 << 24
 MAX_TRANSPARENT_CACHE = 1 << 20
 MAX_CONNECTIONS = 256
 MAX_TIMEOUT = 7 * 24 * 3600.0
+MAX_KEEPALIVE = 32767       # TCP_KEEPIDLE's limit (seconds)
 SUN_PATH_MAX = 107          # sockaddr_un.sun_path is 108 bytes with the final NUL
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -74,6 +75,9 @@ class GlobalConfig:
     control_socket: Optional[str] = "/run/relay/relay.sock"   # None: no control socket
     metrics: Optional[tuple] = None          # (host, port) serving Prometheus text
     user: Optional[str] = None               # drop privileges to this user after binding
+    # Idle seconds before a silent TCP peer is probed (keepalive, then TCP_USER_TIMEOUT:
+    # relay/net/sockopt.py tcp_keepalive); 0: off. Every long-lived TCP connection.
+    tcp_keepalive: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class ListenerConfig:
     connections: int = 1
     gost: bool = False                       # tunnel-client: speak to a gost server
     insecure: bool = False
+    strict_udp: bool = False                 # socks5: refuse UDP ASSOCIATE with port 0
     workers: Optional[int] = None            # None: the global number
 
     def effective_workers(self, global_):
@@ -200,7 +205,7 @@ MODE_KEYS = {
     | _TUNNEL_UP,
     "tunnel-server": _COMMON | _SECRET | _LOGIN | {"allow", "deny", "insecure"},
     "tunnel-client": _COMMON | _SECRET | _LOGIN | {"to", "server", "connections", "gost"},
-    "socks5": _COMMON | _LOGIN | {"allow", "deny", "insecure"},
+    "socks5": _COMMON | _LOGIN | {"allow", "deny", "insecure", "strict_udp"},
 }
 # Keys that name a file holding a field's value (kept out of `ps` and of the TOML file).
 FILE_KEYS = {"secret_file": "secret", "password_file": "password"}
@@ -394,6 +399,10 @@ def _parse_global(ctx, table):
         kw["metrics"] = _get_addr(ctx, g + "metrics", table["metrics"], listen=True)
     if "user" in table:
         kw["user"] = _get_str(ctx, g + "user", table["user"])
+    if "tcp_keepalive" in table:
+        value = table["tcp_keepalive"]
+        kw["tcp_keepalive"] = 0.0 if value == 0 and not isinstance(value, bool) else \
+            _get_float(ctx, g + "tcp_keepalive", value, 0, MAX_KEEPALIVE)
     return GlobalConfig(**kw)
 
 
@@ -481,6 +490,8 @@ def _parse_listener(ctx, index, table):
         kw["gost"] = _get_bool(ctx, k("gost"), table["gost"])
     if "insecure" in table:
         kw["insecure"] = _get_bool(ctx, k("insecure"), table["insecure"])
+    if "strict_udp" in table:
+        kw["strict_udp"] = _get_bool(ctx, k("strict_udp"), table["strict_udp"])
     if "workers" in table:
         kw["workers"] = _get_int(ctx, k("workers"), table["workers"], 1, MAX_WORKERS)
 

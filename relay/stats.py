@@ -15,7 +15,7 @@ COUNTERS = (
     "drop_too_big", "drop_no_route", "drop_denied",
     "reply_fallback", "reply_fragmented", "transparent_open",
     "conn_open", "conn_accepted", "conn_rejected", "conn_reconnects", "frames_bad",
-    "queue_drops", "icmp_errors", "drop_rcvbuf", "drop_permission",
+    "queue_drops", "icmp_errors", "drop_rcvbuf", "drop_permission", "drop_foreign_port",
 )
 N_COUNTERS = len(COUNTERS)
 INDEX = {name: i for i, name in enumerate(COUNTERS)}
@@ -51,6 +51,8 @@ HELP = {
     "icmp_errors": "ICMP errors (unreachable, refused) seen on upstream sockets",
     "drop_rcvbuf": "datagrams the kernel dropped because a listen socket's receive buffer was full",
     "drop_permission": "datagrams dropped because the worker lacks a privilege (EACCES, EPERM)",
+    "drop_foreign_port": "SOCKS5 UDP datagrams from a client's host but not from the port "
+                         "bound to its association",
 }
 assert set(HELP) == set(COUNTERS)
 

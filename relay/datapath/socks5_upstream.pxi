@@ -96,6 +96,7 @@ cdef class Socks5Upstream(UpstreamCore):
             t = socket.socket(self.family, socket.SOCK_STREAM)
             t.setblocking(False)
             t.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _sockopt.tcp_keepalive(t)
             if self.mark:
                 t.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             err = t.connect_ex(self.addr)

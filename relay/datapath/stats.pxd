@@ -33,4 +33,5 @@ cdef enum:
     C_ICMP_ERRORS
     C_DROP_RCVBUF             # the kernel's count for the listen socket (SO_MEMINFO)
     C_DROP_PERMISSION         # a send or reply socket refused for lack of a privilege
+    C_DROP_FOREIGN_PORT       # SOCKS5 UDP: the client's host, not the port that claimed it
     N_COUNTERS

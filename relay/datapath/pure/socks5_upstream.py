@@ -13,6 +13,7 @@ from relay.datapath.pure.common import (
     CONNECT_TIMEOUT, EPOLLIN, EPOLLOUT, SO_MARK, send_error_counter,
 )
 from relay.datapath.pure.tunnel_upstream import UpstreamBase, resolve_server
+from relay.net import sockopt as _sockopt
 
 
 class _Assoc:
@@ -58,6 +59,7 @@ class Socks5Upstream(UpstreamBase):
             a.tcp = socket.socket(self.family, socket.SOCK_STREAM)
             a.tcp.setblocking(False)
             a.tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _sockopt.tcp_keepalive(a.tcp)
             if self.mark:
                 a.tcp.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             err = a.tcp.connect_ex(self.addr)

@@ -13,6 +13,7 @@ from relay.proto import (
     parse_frames,
 )
 from relay.loglimit import LogLimiter
+from relay.net import sockopt as _sockopt
 from relay.datapath.pure.common import (
     BACKOFF_MAX, BACKOFF_MIN, C, CONNECT_TIMEOUT, EPOLLIN, EPOLLOUT, RX_CAP, SO_MARK,
     TUNNEL_LOG, stats_view,
@@ -234,6 +235,7 @@ class TunnelUpstream(UpstreamBase):
         try:
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _sockopt.tcp_keepalive(s)
             if self.mark:
                 s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             err = s.connect_ex(self.addr)
