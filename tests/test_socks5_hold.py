@@ -3,6 +3,7 @@ the loop (bounded, with a deadline), keepalive and TCP_USER_TIMEOUT on every lon
 connection, idle expiry of UDP associations, port-0 associations bound to their first
 sender, strict_udp."""
 import os
+import re
 import shutil
 import socket
 import threading
@@ -26,10 +27,12 @@ def socks5(running, **kw):
     return running(cfg("socks5", **kw))
 
 
-def connect_request(server, host, port):
-    """A control connection that has sent greeting and CONNECT request (no auth) and read
-    the method reply; the CONNECT reply is still to come."""
-    s = socket.create_connection(server.address[:2], timeout=5)
+def connect_request(server, host, port, source=None):
+    """A control connection (from source, an address of this host) that has sent greeting
+    and CONNECT request (no auth) and read the method reply; the CONNECT reply is still to
+    come."""
+    s = socket.create_connection(server.address[:2], timeout=5,
+                                 source_address=(source, 0) if source else None)
     s.sendall(b"\x05\x01\x00")
     assert s.recv(2) == b"\x05\x00"
     s.sendall(b"\x05\x01\x00" + proto.encode_addr(host, port))
@@ -100,7 +103,7 @@ def test_connect_name_that_never_resolves_does_not_stop_udp(running, echo, stall
     assert stalled_dns, "the name was never looked up"
     assert rounds > 0
     assert reply[:2] == bytes([5, proto.REP_HOST_UNREACHABLE])
-    assert server.svc.resolving == {}
+    assert (server.svc.resolving, server.svc.nresolving) == ({}, 0)
     for s in (stalled, ctl, u):
         s.close()
 
@@ -120,6 +123,22 @@ def test_connect_names_in_flight_are_bounded(running, stalled_dns):
     for s in waiting:
         assert reply_code(s, STALL_BOUND) == proto.REP_HOST_UNREACHABLE
     N.wait_until(lambda: server.svc.resolving == {}, 5, what="no names in flight")
+    for s in waiting + [extra]:
+        s.close()
+
+
+def test_connect_names_in_flight_are_bounded_in_all(running, stalled_dns):
+    server = socks5(running)
+    per, total = socks5_server.RESOLVE_PER_CLIENT, socks5_server.RESOLVE_MAX
+    waiting = [connect_request(server, STALL, 80, source=f"127.0.0.{2 + i // per}")
+               for i in range(total)]
+    N.wait_until(lambda: server.svc.nresolving == total, 5, what="names in flight")
+    extra = connect_request(server, STALL, 80, source=f"127.0.0.{3 + total // per}")
+    assert reply_code(extra, 5) == proto.REP_HOST_UNREACHABLE      # a fresh address: refused
+    for s in waiting:
+        assert reply_code(s, STALL_BOUND) == proto.REP_HOST_UNREACHABLE
+    N.wait_until(lambda: server.svc.nresolving == 0, 5, what="no names in flight")
+    assert server.svc.resolving == {}
     for s in waiting + [extra]:
         s.close()
 
@@ -394,3 +413,22 @@ def test_vanished_client_is_noticed(topo, running, v6):
         u.close()
     finally:
         sockopt.set_tcp_keepalive(60)
+
+
+def test_cli_option_reaches_the_workers():
+    """`relay socks5 --tcp-keepalive 9`: the worker's end of a control connection has the
+    keepalive timer running (ss shows it), set from the [global] value."""
+    from tests.relayproc import RelayProcess, free_tcp_port
+    port = free_tcp_port()
+    with RelayProcess(["socks5", "--listen", f"127.0.0.1:{port}", "--tcp-keepalive", "9"]) as r:
+        r.wait_ready()
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)
+        c.sendall(b"\x05\x01\x00")
+        assert c.recv(2) == b"\x05\x00"
+        out = N.sh("ss", "-tnoH", "state", "established", "sport", "=", f":{port}").stdout
+        m = re.search(r"timer:\(keepalive,(?:(\d+)min)?([\d.]+)?(ms|sec)?", out)
+        assert m, out
+        left = int(m.group(1) or 0) * 60 + float(m.group(2) or 0) / (
+            1000 if m.group(3) == "ms" else 1)
+        assert 0 < left <= 9, out              # 9 s, not the default 60
+        c.close()

@@ -23,7 +23,7 @@ from relay import _select
 from relay import proto
 from relay.loglimit import LogLimiter
 from relay.resolver import DNS_THREADS, ResolverPool
-from relay.services.admission import Acceptor, HandshakePool
+from relay.services.admission import Acceptor, HandshakePool, source_key
 from relay.services.base import Service
 from relay.net import sockopt
 from relay.services.common import check_exposure
@@ -95,7 +95,8 @@ class Socks5Service(Service):
         # CONNECT names: resolver threads apart from the UDP path's, woken through a pipe
         self.names = ResolverPool(resolve, threads=DNS_THREADS, max_queue=RESOLVE_MAX)
         self.relay.watch(self.names.fileno(), RESOLVER_TOKEN)
-        self.resolving = {}       # client host -> CONNECT names being resolved for it
+        self.resolving = {}       # client (source_key: IPv6 by /64) -> its names in flight
+        self.nresolving = 0
         self._token = 0
         self.address = self.lsock.getsockname()
 
@@ -325,12 +326,12 @@ class Socks5Service(Service):
 
     # -- CONNECT names, resolved off the loop
     def _resolve(self, ctl, host, port):
-        client = ctl.peer[0]
+        client = source_key(ctl.peer[0])
         n = self.resolving.get(client, 0)
         why = None
         if n >= RESOLVE_PER_CLIENT:
-            why = f"{RESOLVE_PER_CLIENT} CONNECT names of its host being resolved"
-        elif sum(self.resolving.values()) >= RESOLVE_MAX:
+            why = f"{RESOLVE_PER_CLIENT} CONNECT names of its address being resolved"
+        elif self.nresolving >= RESOLVE_MAX:
             why = f"{RESOLVE_MAX} CONNECT names being resolved"
         else:
             why = self.names.submit(ctl.side.token, host.encode("latin-1"))
@@ -338,16 +339,18 @@ class Socks5Service(Service):
             return self._close(ctl, f"CONNECT {host}: {why}", rejected=True,
                                reply=ctl.hs.reply(proto.REP_HOST_UNREACHABLE))
         self.resolving[client] = n + 1
+        self.nresolving += 1
         ctl.state, ctl.port = RESOLVING, port
         ctl.deadline = time.monotonic() + RESOLVE_TIMEOUT
         ctl.side.reading = False          # the client side stays quiet until the reply
         self._update_watch(ctl.side)
 
     def _resolve_done(self, ctl):
-        client = ctl.peer[0]
+        client = source_key(ctl.peer[0])
         n = self.resolving.pop(client, 0) - 1
         if n > 0:
             self.resolving[client] = n
+        self.nresolving -= 1
 
     def _resolved(self):
         for token, addrs, err in self.names.results():
