@@ -16,7 +16,7 @@ from relay.config import ConfigError, parse_config
 from relay.net import sockopt
 from relay.services import socks5_server
 from tests import netns as N
-from tests.support import SECRET, cfg, raw_associate, wait_stat
+from tests.support import SECRET, Echo, cfg, raw_associate, wait_stat
 
 pytestmark = pytest.mark.usefixtures("impl")     # every test: compiled, then pure
 
@@ -279,9 +279,31 @@ def test_tunnel_connections_both_ends(running, keepalive):
 
 # ------------------------------------------------------------- UDP associations idle out
 
-def test_idle_association_expires_with_its_control_connection(running, echo):
-    server = socks5(running, timeout=0.5)
-    ctl, u, relay = raw_associate(server)
+# (listen host, client family, echo host): IPv4, IPv6, IPv4 on a dual-stack listener
+LOOPS = {"ipv4": ("127.0.0.1", socket.AF_INET, "127.0.0.1"),
+         "ipv6": ("::1", socket.AF_INET6, "::1"),
+         "dual": ("::", socket.AF_INET, "127.0.0.1")}
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def loop(request):
+    """(socks5 keyword arguments, client family, echo server, the loopback address the
+    client uses: it connects to the server there and is the echo server's host too)."""
+    host, fam, at = LOOPS[request.param]
+    e = Echo(at)
+    kw = dict(listen=(host, 0), allow=["127.0.0.0/8", "::1/128"], insecure=host == "::")
+    yield kw, fam, e, at
+    e.close()
+
+
+def associate(server, fam, at):
+    return raw_associate(server, family=fam, at=(at, server.address[1]))
+
+
+def test_idle_association_expires_with_its_control_connection(running, loop):
+    kw, fam, echo, at = loop
+    server = socks5(running, timeout=0.5, **kw)
+    ctl, u, relay = associate(server, fam, at)
     u.sendto(proto.udp_header(*echo.addr) + b"x", relay)
     u.recvfrom(100)
     assert server.svc.relay.associations == 1
@@ -299,13 +321,14 @@ def test_idle_association_expires_with_its_control_connection(running, echo):
 
 # ------------------------------------------------------------------------------- port 0
 
-def test_port0_association_belongs_to_its_first_sender(running, echo):
-    server = socks5(running)
-    ctl, u, relay = raw_associate(server)              # announces 0.0.0.0:0
+def test_port0_association_belongs_to_its_first_sender(running, loop):
+    kw, fam, echo, at = loop
+    server = socks5(running, **kw)
+    ctl, u, relay = associate(server, fam, at)          # announces 0.0.0.0:0 / [::]:0
     u.sendto(proto.udp_header(*echo.addr) + b"mine", relay)
     assert u.recvfrom(100)[0].endswith(b"mine")        # u's port now owns the association
-    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # same IP, another port
-    other.bind(("127.0.0.1", 0))
+    other = socket.socket(fam, socket.SOCK_DGRAM)      # same IP, another port
+    other.bind((at, 0))
     other.settimeout(0.5)
     other.sendto(proto.udp_header(*echo.addr) + b"steal", relay)
     wait_stat(server, "drop_foreign_port")
@@ -323,19 +346,20 @@ def test_port0_association_belongs_to_its_first_sender(running, echo):
         s.close()
 
 
-def test_strict_udp_refuses_port0(running, echo):
-    server = socks5(running, strict_udp=True)
+def test_strict_udp_refuses_port0(running, loop):
+    kw, fam, echo, at = loop
+    server = socks5(running, strict_udp=True, **kw)
     with pytest.raises(proto.HandshakeError) as e:
-        raw_associate(server)
+        associate(server, fam, at)
     assert e.value.rep == proto.REP_NOT_ALLOWED
     wait_stat(server, "conn_rejected")
     assert server.svc.relay.associations == 0
     # the real port is accepted
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    u.bind(("127.0.0.1", 0))
+    u = socket.socket(fam, socket.SOCK_DGRAM)
+    u.bind((at, 0))
     u.settimeout(2)
-    ctl = socket.create_connection(server.address[:2], timeout=3)
-    hs = proto.ClientHandshake(cmd=proto.CMD_UDP_ASSOCIATE, host="127.0.0.1",
+    ctl = socket.create_connection((at, server.address[1]), timeout=3)
+    hs = proto.ClientHandshake(cmd=proto.CMD_UDP_ASSOCIATE, host=at,
                                port=u.getsockname()[1])
     out = hs.start()
     while not hs.done:
