@@ -56,13 +56,20 @@ STALL = "stall.example"          # the name whose DNS server never answers
 STALL_BOUND = 20                 # seconds: far beyond socks5_server.RESOLVE_TIMEOUT (5)
 
 
+class _Stall:
+    def __init__(self):
+        self.calls = []
+        self.release = threading.Event()      # set: the DNS server finally gives up
+
+
 @pytest.fixture
 def stalled_dns(monkeypatch):
-    """getaddrinfo of STALL never answers (until the test ends; 30 s at most): a DNS server
-    that reads and never replies, seen from relay's side. Other names resolve as usual."""
-    release = threading.Event()
+    """getaddrinfo of STALL never answers (until released or the test ends; 30 s at most):
+    a DNS server that reads and never replies, seen from relay's side. Other names resolve
+    as usual."""
+    stall = _Stall()
+    release, calls = stall.release, stall.calls
     real = socket.getaddrinfo
-    calls = []
 
     def getaddrinfo(host, *args, **kw):
         name = host.decode("ascii", "replace") if isinstance(host, bytes) else host
@@ -73,7 +80,7 @@ def stalled_dns(monkeypatch):
         return real(host, *args, **kw)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    yield calls
+    yield stall
     release.set()
 
 
@@ -100,10 +107,13 @@ def test_connect_name_that_never_resolves_does_not_stop_udp(running, echo, stall
         assert got.endswith(b"%d" % rounds)
         rounds += 1
         time.sleep(0.005)
-    assert stalled_dns, "the name was never looked up"
+    assert stalled_dns.calls, "the name was never looked up"
     assert rounds > 0
     assert reply[:2] == bytes([5, proto.REP_HOST_UNREACHABLE])
-    assert (server.svc.resolving, server.svc.nresolving) == ({}, 0)
+    assert server.svc.nresolving == 1          # counted until getaddrinfo gives up
+    stalled_dns.release.set()
+    N.wait_until(lambda: server.svc.nresolving == 0, 5, what="lookup returned")
+    assert server.svc.resolving == {}
     for s in (stalled, ctl, u):
         s.close()
 
@@ -119,11 +129,17 @@ def test_connect_names_in_flight_are_bounded(running, stalled_dns):
     assert reply_code(extra, 5) == proto.REP_HOST_UNREACHABLE
     assert all(reply_code(s, 0.01) is None for s in waiting)
     assert server.stats()["conn_rejected"] == rejected + 1
-    # the deadline answers every waiting one with REP 4
+    # the deadline answers every waiting one with REP 4; their lookups still count until
+    # getaddrinfo returns, so the client cannot pile up more of them meanwhile
     for s in waiting:
         assert reply_code(s, STALL_BOUND) == proto.REP_HOST_UNREACHABLE
+    again = connect_request(server, STALL, 91)
+    assert reply_code(again, 5) == proto.REP_HOST_UNREACHABLE
+    assert len(stalled_dns.calls) == n
+    stalled_dns.release.set()
     N.wait_until(lambda: server.svc.resolving == {}, 5, what="no names in flight")
-    for s in waiting + [extra]:
+    assert server.svc.nresolving == 0
+    for s in waiting + [extra, again]:
         s.close()
 
 
@@ -137,6 +153,7 @@ def test_connect_names_in_flight_are_bounded_in_all(running, stalled_dns):
     assert reply_code(extra, 5) == proto.REP_HOST_UNREACHABLE      # a fresh address: refused
     for s in waiting:
         assert reply_code(s, STALL_BOUND) == proto.REP_HOST_UNREACHABLE
+    stalled_dns.release.set()
     N.wait_until(lambda: server.svc.nresolving == 0, 5, what="no names in flight")
     assert server.svc.resolving == {}
     for s in waiting + [extra]:

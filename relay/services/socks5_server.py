@@ -37,7 +37,9 @@ PIPE_LIMIT = 256 * 1024        # bytes buffered towards one side of a CONNECT re
 MAX_CONTROL = 1024             # established control connections (associations, CONNECTs)
 MAX_HANDSHAKES = 256           # connections in their handshake, apart (the oldest makes room)
 # CONNECT names resolved at once (a request beyond either is refused: REP 4, conn_rejected),
-# and how long one may take (then REP 4); the resolver threads are DNS_THREADS at most.
+# and how long a client waits for one (then REP 4); a lookup counts until getaddrinfo
+# returns, even after its client was answered, so names that never resolve cannot pile up
+# in the resolver's queue. The resolver threads are DNS_THREADS at most.
 RESOLVE_MAX = 32
 RESOLVE_PER_CLIENT = 4
 RESOLVE_TIMEOUT = 5.0
@@ -95,7 +97,8 @@ class Socks5Service(Service):
         # CONNECT names: resolver threads apart from the UDP path's, woken through a pipe
         self.names = ResolverPool(resolve, threads=DNS_THREADS, max_queue=RESOLVE_MAX)
         self.relay.watch(self.names.fileno(), RESOLVER_TOKEN)
-        self.resolving = {}       # client (source_key: IPv6 by /64) -> its names in flight
+        self.lookups = {}         # pool token -> client (source_key: IPv6 by /64)
+        self.resolving = {}       # client -> its names in flight
         self.nresolving = 0
         self._token = 0
         self.address = self.lsock.getsockname()
@@ -201,8 +204,6 @@ class Socks5Service(Service):
                 except OSError:
                     pass
             side.sock.close()
-        if ctl.state == RESOLVING:
-            self._resolve_done(ctl)
         if ctl.assoc >= 0:
             self.by_assoc.pop(ctl.assoc, None)
             self.relay.remove(ctl.assoc)
@@ -338,6 +339,7 @@ class Socks5Service(Service):
         if why is not None:
             return self._close(ctl, f"CONNECT {host}: {why}", rejected=True,
                                reply=ctl.hs.reply(proto.REP_HOST_UNREACHABLE))
+        self.lookups[ctl.side.token] = client
         self.resolving[client] = n + 1
         self.nresolving += 1
         ctl.state, ctl.port = RESOLVING, port
@@ -345,20 +347,18 @@ class Socks5Service(Service):
         ctl.side.reading = False          # the client side stays quiet until the reply
         self._update_watch(ctl.side)
 
-    def _resolve_done(self, ctl):
-        client = source_key(ctl.peer[0])
-        n = self.resolving.pop(client, 0) - 1
-        if n > 0:
-            self.resolving[client] = n
-        self.nresolving -= 1
-
     def _resolved(self):
         for token, addrs, err in self.names.results():
+            client = self.lookups.pop(token, None)
+            if client is not None:
+                n = self.resolving.pop(client, 0) - 1
+                if n > 0:
+                    self.resolving[client] = n
+                self.nresolving -= 1
             entry = self.sides.get(token)
             if entry is None or entry[1].state != RESOLVING or entry[1].side.token != token:
-                continue                   # closed meanwhile (the token may be reused)
+                continue                   # answered (timed out) or closed meanwhile
             ctl = entry[1]
-            self._resolve_done(ctl)
             ctl.state = HANDSHAKE          # no longer resolving; _connect_to moves it on
             if not addrs:
                 self._close(ctl, f"CONNECT {ctl.hs.request[2]}: cannot resolve: {err}",
