@@ -37,8 +37,9 @@ cdef class Socks5Relay(Poller):
     prepend the header (in the receive slot's headroom, no copy) and send to the client.
     A client added with port 0 is bound to the first address and port its host sends
     from; datagrams from other ports of that host are dropped (drop_foreign_port) unless
-    the client sent to that port (a service on its own host: the last OWN_PORTS kept). timeout > 0: tick()
-    closes associations without a datagram either way for that long (assoc_expired)."""
+    the client sent to that port (a service on its own host: the last OWN_PORTS kept).
+    timeout > 0: tick() closes associations without a datagram either way for that long
+    (assoc_expired)."""
     cdef assoc_t *assocs
     cdef int max_assoc
     cdef int nassoc
