@@ -2,6 +2,7 @@
 the loop (bounded, with a deadline), keepalive and TCP_USER_TIMEOUT on every long-lived TCP
 connection, idle expiry of UDP associations, port-0 associations bound to their first
 sender, strict_udp."""
+import ipaddress
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import pytest
 from relay import _select, proto
 from relay.config import ConfigError, parse_config
 from relay.net import sockopt
+from relay.stats import INDEX
 from relay.services import socks5_server
 from tests import netns as N
 from tests.support import SECRET, Echo, cfg, raw_associate, wait_stat
@@ -334,6 +336,41 @@ def test_idle_association_expires_with_its_control_connection(running, loop):
     with pytest.raises(socket.timeout):
         u.recvfrom(100)
     u.close()
+
+
+def test_traffic_keeps_an_association_open(echo):
+    """Socks5Relay alone, its clock given to tick(): a datagram refreshes the association;
+    only timeout seconds after the last one is it closed and counted."""
+    acl = proto.AccessList(allow=[ipaddress.ip_network("127.0.0.0/8")]).table()
+    r = _select.module("tunnel").Socks5Relay(acl, None, timeout=10)
+    relay_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    relay_sock.bind(("127.0.0.1", 0))
+    relay_sock.setblocking(False)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    client.setblocking(False)
+    try:
+        added = time.monotonic()
+        idx = r.add(relay_sock.fileno(), client.getsockname())
+        time.sleep(0.3)
+        client.sendto(proto.udp_header(*echo.addr) + b"x", relay_sock.getsockname())
+        got, deadline = None, time.monotonic() + 5
+        while got is None and time.monotonic() < deadline:
+            r.poll(20)
+            try:
+                got = client.recv(100)
+            except BlockingIOError:
+                pass
+        assert got and got.endswith(b"x")
+        assert r.tick(added + 10.1) == []              # refreshed at least 0.3 s after it
+        assert r.associations == 1
+        assert r.tick(time.monotonic() + 11) == [idx]  # idle for longer than timeout
+        assert r.associations == 0
+        assert r.stats[INDEX["assoc_expired"]] == 1
+    finally:
+        r.close()
+        relay_sock.close()
+        client.close()
 
 
 # ------------------------------------------------------------------------------- port 0
