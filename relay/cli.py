@@ -43,6 +43,13 @@ def _runtime_options(p):
                    help="once their sockets are open, workers switch to this user keeping only "
                         "the capabilities their listeners need (docs/systemd.md; default: "
                         "nobody when started as root; 'root' keeps root)")
+    from relay.config import GlobalConfig
+    g.add_argument("--tcp-keepalive", type=float, default=None, metavar="SECONDS",
+                   help="every long-lived TCP connection (tunnel, SOCKS5) probes a silent peer "
+                        "after this idle time (keepalive every 10 s at most, 3 probes) and "
+                        "TCP_USER_TIMEOUT drops it when the probes or its unacknowledged data "
+                        "go unanswered as long; 0: off (default: "
+                        f"{GlobalConfig.tcp_keepalive:g})")
 
 
 # Options that become listener keys: dest -> config key (most are the same name).
@@ -164,6 +171,8 @@ def _global_from_args(args):
         g["metrics"] = args.metrics
     if args.run_as:
         g["user"] = args.run_as
+    if args.tcp_keepalive is not None:
+        g["tcp_keepalive"] = args.tcp_keepalive
     return g
 
 
@@ -406,6 +415,9 @@ def _add_socks5(sub):
     g = p.add_argument_group("clients")
     _login_options(g, m, "username clients must give (RFC 1929)")
     _acl_options(g, m, "--username/--password")
+    _opt(g, m, "--strict-udp", "refuse UDP ASSOCIATE requests that announce port 0 (REP 2); "
+         "without it such an association belongs to the first address and port its client's "
+         "host sends from", action="store_true")
     _flow_options(p, m)
     _runtime_options(p)
 

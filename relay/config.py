@@ -55,6 +55,7 @@ MAX_UPSTREAM_FLOWS = 1 << 16    # flows of an upstream core (tunnel://, gost://,
                                 # a tunnel flow id carries its slot in 16 bits
 FD_RESERVE = 32             # descriptors the data path keeps free below the soft limit (the
                             # C side: relay/datapath/limits.pxd); a flow socket there is refused
+MAX_KEEPALIVE = 32767       # TCP_KEEPIDLE's limit (seconds)
 SUN_PATH_MAX = 107          # sockaddr_un.sun_path is 108 bytes with the final NUL
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -78,6 +79,9 @@ class GlobalConfig:
     control_socket: Optional[str] = "/run/relay/relay.sock"   # None: no control socket
     metrics: Optional[tuple] = None          # (host, port) serving Prometheus text
     user: Optional[str] = None               # drop privileges to this user after binding
+    # Idle seconds before a silent TCP peer is probed (keepalive, then TCP_USER_TIMEOUT:
+    # relay/net/sockopt.py tcp_keepalive); 0: off. Every long-lived TCP connection.
+    tcp_keepalive: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,7 @@ class ListenerConfig:
     connections: int = 1
     gost: bool = False                       # tunnel-client: speak to a gost server
     insecure: bool = False
+    strict_udp: bool = False                 # socks5: refuse UDP ASSOCIATE with port 0
     workers: Optional[int] = None            # None: the global number
 
     def port_timeouts(self):
@@ -231,7 +236,7 @@ MODE_KEYS = {
                         "reject"} | _TUNNEL_UP,
     "tunnel-server": _COMMON | _SECRET | _LOGIN | {"allow", "deny", "allow_host", "insecure"},
     "tunnel-client": _COMMON | _SECRET | _LOGIN | {"to", "server", "connections", "gost"},
-    "socks5": _COMMON | _LOGIN | {"allow", "deny", "allow_host", "insecure"},
+    "socks5": _COMMON | _LOGIN | {"allow", "deny", "allow_host", "insecure", "strict_udp"},
 }
 # Keys that name a file holding a field's value (kept out of `ps` and of the TOML file).
 FILE_KEYS = {"secret_file": "secret", "password_file": "password"}
@@ -516,6 +521,10 @@ def _parse_global(ctx, table):
         kw["metrics"] = _get_addr(ctx, g + "metrics", table["metrics"], listen=True)
     if "user" in table:
         kw["user"] = _get_str(ctx, g + "user", table["user"])
+    if "tcp_keepalive" in table:
+        value = table["tcp_keepalive"]
+        kw["tcp_keepalive"] = 0.0 if value == 0 and not isinstance(value, bool) else \
+            _get_float(ctx, g + "tcp_keepalive", value, 0, MAX_KEEPALIVE)
     return GlobalConfig(**kw)
 
 
@@ -612,6 +621,8 @@ def _parse_listener(ctx, index, table):
     for key in ("insecure", "allow_host"):
         if key in table:
             kw[key] = _get_bool(ctx, k(key), table[key])
+    if "strict_udp" in table:
+        kw["strict_udp"] = _get_bool(ctx, k("strict_udp"), table["strict_udp"])
     if "workers" in table:
         kw["workers"] = _get_int(ctx, k("workers"), table["workers"], 1, MAX_WORKERS)
 

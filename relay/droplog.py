@@ -30,6 +30,9 @@ REASONS = {
                    "than the workers take (more --workers, a larger --batch)",
     "queue_drops": "a bounded queue was full (a tunnel reconnecting, names being resolved)",
     "frames_bad": "malformed tunnel or SOCKS5 frames (or SOCKS5 fragments, which are refused)",
+    "drop_foreign_port": "a SOCKS5 association announced port 0 and is bound to the first "
+                         "port its host sent from; another port of that host tried to use it "
+                         "(another program or user on the client's host, or behind its NAT)",
     "assoc_refused": "new flows refused: file descriptors or memory short (raise the "
                      "descriptor limit, LimitNOFILE= / ulimit -n)",
 }

@@ -16,7 +16,7 @@ COUNTERS = (
     "reply_fallback", "reply_fragmented", "transparent_open",
     "conn_open", "conn_accepted", "conn_rejected", "conn_reconnects", "frames_bad",
     "queue_drops", "icmp_errors", "drop_rcvbuf", "drop_permission",
-    "rejected", "reject_ratelimited",
+    "rejected", "reject_ratelimited", "drop_foreign_port",
 )
 N_COUNTERS = len(COUNTERS)
 INDEX = {name: i for i, name in enumerate(COUNTERS)}
@@ -55,6 +55,8 @@ HELP = {
     "rejected": "datagrams to a rejected port (--reject), answered with an ICMP port unreachable",
     "reject_ratelimited": "ICMP port unreachable errors for rejected datagrams held back by "
                           "the rate limit (1000/s, burst 50)",
+    "drop_foreign_port": "SOCKS5 UDP datagrams from a client's host but not from the port "
+                         "bound to its association",
 }
 assert set(HELP) == set(COUNTERS)
 

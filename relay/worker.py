@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 
+from relay.net import sockopt
 from relay.services import create_service
 from relay.services.base import WorkerContext
 
@@ -66,6 +67,7 @@ class Worker:
     def open_all(self):
         """Open every listener's sockets; threads start later (see start_all)."""
         opened = []
+        sockopt.set_tcp_keepalive(self.config.global_.tcp_keepalive)
         try:
             for lc in self.mine(self.config).values():
                 opened.append(self._start(lc))
@@ -82,6 +84,7 @@ class Worker:
     def reload(self, config, slots):
         """Apply a new configuration: keep unchanged listeners, restart changed ones."""
         self.slots = slots
+        sockopt.set_tcp_keepalive(config.global_.tcp_keepalive)     # new connections
         new = self.mine(config)
         for name in list(self.services):
             if name not in new or new[name] != self.services[name].cfg:

@@ -1,19 +1,45 @@
 # Included by relay/datapath/tunnel.pyx: Socks5Relay: the SOCKS5 server's UDP ASSOCIATE data path.
 
+cdef enum:
+    OWN_PORTS = 8                # ports of the client's own host it sent to, remembered
+
 cdef struct assoc_t:
     sockaddr_any client
     int fd
     uint32_t gen                 # bumped each time the slot is taken
     bint used
     bint port_known
+    bint bind_first              # announced port 0: the first sender's port, only that one
+    double last                  # last datagram either way (idle expiry)
+    uint16_t own[OWN_PORTS]      # bind_first: ports of its own host the client sent to
+    uint32_t nown                # (network order; the most recent OWN_PORTS of them)
     int local_family             # replies to the client leave from local (0: the route's)
     uint8_t local[16]
+
+
+cdef inline void own_port_add(assoc_t *a, uint16_t port) noexcept nogil:
+    if not own_port_has(a, port):
+        a.own[a.nown % OWN_PORTS] = port
+        a.nown += 1
+
+
+cdef inline bint own_port_has(const assoc_t *a, uint16_t port) noexcept nogil:
+    cdef uint32_t i
+    for i in range(a.nown if a.nown < OWN_PORTS else OWN_PORTS):
+        if a.own[i] == port:
+            return True
+    return False
 
 
 cdef class Socks5Relay(Poller):
     """UDP ASSOCIATE data path of `relay socks5`: one relay socket per association; from
     the client: strip the header, check FRAG and the access list, send; from anyone else:
-    prepend the header (in the receive slot's headroom, no copy) and send to the client."""
+    prepend the header (in the receive slot's headroom, no copy) and send to the client.
+    A client added with port 0 is bound to the first address and port its host sends
+    from; datagrams from other ports of that host are dropped (drop_foreign_port) unless
+    the client sent to that port (a service on its own host: the last OWN_PORTS kept).
+    timeout > 0: tick() closes associations without a datagram either way for that long
+    (assoc_expired)."""
     cdef assoc_t *assocs
     cdef int max_assoc
     cdef int nassoc
@@ -25,15 +51,18 @@ cdef class Socks5Relay(Poller):
     cdef sockaddr_any *rnames
     cdef sendq_t sb
     cdef sendq_t sb_down
+    cdef double timeout
+    cdef double next_scan
 
     def __init__(self, acl_table=(), stats=None, *, int max_assoc=1024, int batch=32, log=None,
-                 resolve=None):
+                 resolve=None, double timeout=0):
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be 1-{MAX_BATCH}, got {batch}")
         self._init_stats(stats, log)
         self.acl = acl_table if isinstance(acl_table, Acl) else Acl(acl_table)
         self.max_assoc = max_assoc
         self.batch = batch
+        self.timeout = timeout
         self.assocs = <assoc_t *>calloc(max_assoc, sizeof(assoc_t))
         self.scratch = <uint8_t *>malloc(<size_t>batch * (DGRAM_SLOT + UDP_HDR_ROOM))
         self.rmsgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
@@ -53,9 +82,22 @@ cdef class Socks5Relay(Poller):
         self.init_dns(resolve)
 
     def tick(self, double now=0):
-        """Give up lookups that take too long. Call about once a second."""
+        """Give up lookups that take too long, close idle associations (timeout): returns
+        the slots closed, for the caller to end their control connections. Call about once
+        a second or more often."""
+        cdef int i
         self.now = now if now else mono_now()
         self.dns.expire(self, self.now)
+        out = []
+        if self.timeout <= 0 or self.now < self.next_scan:
+            return out
+        self.next_scan = self.now + min(1.0, self.timeout / 2)
+        for i in range(self.max_assoc):
+            if self.assocs[i].used and self.now - self.assocs[i].last > self.timeout:
+                self.remove(i)
+                self.st[C_ASSOC_EXPIRED] += 1
+                out.append(i)
+        return out
 
     def __dealloc__(self):
         free(self.assocs)
@@ -95,6 +137,9 @@ cdef class Socks5Relay(Poller):
             else:
                 memcpy(self.assocs[i].local, la.v6.sin6_addr.s6_addr, 16)
         self.assocs[i].port_known = client[1] != 0
+        self.assocs[i].bind_first = client[1] == 0
+        self.assocs[i].nown = 0
+        self.assocs[i].last = mono_now()
         self.assocs[i].fd = fd
         self.assocs[i].gen += 1
         self.assocs[i].used = True
@@ -144,6 +189,7 @@ cdef class Socks5Relay(Poller):
                 if not a.port_known:
                     memcpy(&a.client, &self.rnames[j], sizeof(sockaddr_any))
                     a.port_known = True
+                a.last = self.now
                 hl = parse_udp_req(data, ln, &f)
                 if hl < 0:
                     self.st[C_DROP_MALFORMED] += 1
@@ -163,11 +209,18 @@ cdef class Socks5Relay(Poller):
                 if self.acl.denied(&dst):
                     self.st[C_DROP_DENIED] += 1
                     continue
+                if a.bind_first and sa_same_ip(&dst, &a.client):
+                    own_port_add(a, dst.v4.sin_port)     # sin_port, sin6_port: one offset
                 sq_add(&self.sb, &dst, dl, f.data, f.dlen)
             else:
                 if not a.port_known:
                     self.st[C_DROP_NO_ROUTE] += 1
                     continue
+                if a.bind_first and sa_same_ip(&self.rnames[j], &a.client) and \
+                        not own_port_has(a, self.rnames[j].v4.sin_port):
+                    self.st[C_DROP_FOREIGN_PORT] += 1    # another port of the client's host
+                    continue
+                a.last = self.now
                 # the header goes into the slot's headroom, right before the payload
                 h2 = frame_hdr_len(&self.rnames[j], False)
                 write_udp_req_hdr(data - h2, &self.rnames[j])

@@ -91,6 +91,7 @@ cdef class Socks5Upstream(UpstreamCore):
             u.bind(("::" if self.family == socket.AF_INET6 else "0.0.0.0", 0))
             t.setblocking(False)
             t.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _sockopt.tcp_keepalive(t)
             if self.mark:
                 t.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             err = t.connect_ex(self.addr)

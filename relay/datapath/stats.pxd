@@ -35,4 +35,5 @@ cdef enum:
     C_DROP_PERMISSION         # a send or reply socket refused for lack of a privilege
     C_REJECTED                # datagrams to a --reject port (answered: port unreachable)
     C_REJECT_RATELIMITED      # ... whose ICMP error the rate limit held back
+    C_DROP_FOREIGN_PORT       # SOCKS5 UDP: the client's host, not the port that claimed it
     N_COUNTERS

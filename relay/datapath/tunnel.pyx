@@ -49,11 +49,12 @@ from relay.datapath.stats cimport (
     C_ASSOC_OPEN, C_ASSOC_CREATED, C_ASSOC_EXPIRED, C_ASSOC_EVICTED, C_ASSOC_REFUSED,
     C_DROP_MALFORMED, C_DROP_BUFFER_FULL, C_DROP_SEND_ERROR, C_DROP_TABLE_FULL, C_DROP_TOO_BIG,
     C_DROP_NO_ROUTE, C_DROP_DENIED, C_CONN_OPEN, C_CONN_REJECTED, C_CONN_RECONNECTS,
-    C_FRAMES_BAD, C_QUEUE_DROPS,
+    C_FRAMES_BAD, C_QUEUE_DROPS, C_DROP_FOREIGN_PORT,
 )
 
 from relay import proto as _proto
 from relay import resolver as _resolver
+from relay.net import sockopt as _sockopt
 from relay.loglimit import LogLimiter
 from relay.net.sockopt import flow_socket
 

@@ -395,6 +395,7 @@ cdef class TunnelUpstream(UpstreamCore):
         try:
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _sockopt.tcp_keepalive(s)
             if self.mark:
                 s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             err = s.connect_ex(self.addr)

@@ -2,7 +2,7 @@
 import errno
 import logging
 import ipaddress
-import resource
+import math
 import socket
 import struct
 
@@ -25,6 +25,10 @@ IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 # recvmsg room for the packet info of an IPv4 datagram on a dual-stack socket, which
 # comes twice: IPV6_PKTINFO (in6_pktinfo, 20 bytes) and IP_PKTINFO (in_pktinfo, 12)
 PKTINFO_ANCBUF = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12)
+TCP_KEEPIDLE = getattr(socket, "TCP_KEEPIDLE", 4)
+TCP_KEEPINTVL = getattr(socket, "TCP_KEEPINTVL", 5)
+TCP_KEEPCNT = getattr(socket, "TCP_KEEPCNT", 6)
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 
 def family_of(host):
     return socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -287,3 +291,63 @@ def tcp_listen(addr, reuseport=False, backlog=512):
         s.close()
         raise
     return s
+
+
+# ------------------------------------------------------------------------- dead TCP peers
+# Every long-lived TCP connection relay holds (tunnel connections at both ends, SOCKS5
+# control and CONNECT connections, SOCKS5 upstream control connections) probes a silent
+# peer: after KEEPALIVE idle seconds keepalive probes go out every KEEPALIVE_INTERVAL
+# seconds (at most that idle time), KEEPALIVE_PROBES of them, and TCP_USER_TIMEOUT gives
+# up on data left unacknowledged for as long as the probes take (idle + interval * probes),
+# so a peer that vanished (a NAT that forgot the flow, a crash, a cut cable) is noticed
+# whether the connection is quiet or has data to send. One value per relay process
+# ([global] tcp_keepalive, --tcp-keepalive); 0 turns it all off.
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_PROBES = 3
+_keepalive_idle = [60.0]        # set_tcp_keepalive: relay.config.GlobalConfig.tcp_keepalive
+
+
+def keepalive_params(idle):
+    """(idle, interval, probes, user timeout in ms) for idle seconds (> 0); probes go out
+    every min(KEEPALIVE_INTERVAL, idle) seconds, whole seconds, at least 1."""
+    idle_s = max(1, int(math.ceil(idle)))
+    interval = max(1, min(KEEPALIVE_INTERVAL, idle_s))
+    return idle_s, interval, KEEPALIVE_PROBES, (idle_s + interval * KEEPALIVE_PROBES) * 1000
+
+
+def set_tcp_keepalive(idle):
+    """The idle time (seconds, 0: off) tcp_keepalive uses from now on in this process."""
+    _keepalive_idle[0] = float(idle)
+
+
+def tcp_keepalive(sock_or_fd, idle=None):
+    """SO_KEEPALIVE, TCP_KEEPIDLE/KEEPINTVL/KEEPCNT and TCP_USER_TIMEOUT on a TCP socket
+    (a socket object or a descriptor) for ``idle`` seconds (default: set_tcp_keepalive's;
+    0: nothing is set). Errors are ignored: a socket the peer already reset has nothing
+    left to watch."""
+    idle = _keepalive_idle[0] if idle is None else idle
+    if not idle:
+        return
+    keepidle, interval, probes, user_ms = keepalive_params(idle)
+    sock = sock_or_fd if isinstance(sock_or_fd, socket.socket) else socket.socket(
+        fileno=sock_or_fd)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_KEEPIDLE, keepidle)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_KEEPCNT, probes)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, user_ms)
+    except OSError:
+        pass
+    finally:
+        if sock is not sock_or_fd:
+            sock.detach()
+
+
+def keepalive_of(sock):
+    """(SO_KEEPALIVE, idle, interval, probes, user timeout ms) as set on sock (tests, doctor)."""
+    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, TCP_KEEPCNT),
+            sock.getsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT))

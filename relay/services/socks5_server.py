@@ -3,11 +3,16 @@
 Handshakes, CONNECT relaying (plain TCP, bounded buffers) and association setup run in
 Python; the datagrams of every association are relayed by ``relay.datapath.tunnel.Socks5Relay``
 in C (recvmmsg, header strip/prepend, access list, sendmmsg); destinations given as host
-names are resolved off the data path (relay.tunnelresolver.ResolverPool). An association ends
-when its TCP control connection closes. Fragments (FRAG != 0) are dropped and counted
-(frames_bad).
+names are resolved off the data path (relay.resolver), CONNECT names too: by a pool of
+resolver threads of their own (RESOLVE_* below), so a name whose DNS server never answers
+holds up nobody but its own client. An association ends when its TCP control connection
+closes, or after --timeout without a datagram either way (its control connection is closed
+then). Fragments (FRAG != 0) are dropped and counted (frames_bad). An association announced
+with port 0 belongs to the first address and port its host sends from (--strict-udp refuses
+such requests instead).
 """
 import errno
+import ipaddress
 import logging
 import select
 import socket
@@ -17,7 +22,8 @@ from relay import stats as _stats
 from relay import _select
 from relay import proto
 from relay.loglimit import LogLimiter
-from relay.services.admission import Acceptor, HandshakePool
+from relay.resolver import DNS_THREADS, ResolverPool
+from relay.services.admission import Acceptor, HandshakePool, source_key
 from relay.services.base import Service
 from relay.net import sockopt
 from relay.services.common import HOSTS_TOKEN, DestinationAcl, check_exposure
@@ -30,9 +36,17 @@ CONNECT_TIMEOUT = 10.0
 PIPE_LIMIT = 256 * 1024        # bytes buffered towards one side of a CONNECT relay
 MAX_CONTROL = 1024             # established control connections (associations, CONNECTs)
 MAX_HANDSHAKES = 256           # connections in their handshake, apart (the oldest makes room)
+# CONNECT names resolved at once (a request beyond either is refused: REP 4, conn_rejected),
+# and how long a client waits for one (then REP 4); a lookup counts until getaddrinfo
+# returns, even after its client was answered, so names that never resolve cannot pile up
+# in the resolver's queue. The resolver threads are DNS_THREADS at most.
+RESOLVE_MAX = 32
+RESOLVE_PER_CLIENT = 4
+RESOLVE_TIMEOUT = 5.0
+RESOLVER_TOKEN = 0xFFFFFFFE    # poll token of the resolver's wake-up pipe (HOSTS_TOKEN is 0xFFFFFFFF)
 
 # states of a control connection
-HANDSHAKE, CONNECTING, PIPE, ASSOCIATED = range(4)
+HANDSHAKE, RESOLVING, CONNECTING, PIPE, ASSOCIATED = range(5)
 
 
 class _Side:
@@ -50,17 +64,18 @@ class _Side:
 
 
 class _Control:
-    __slots__ = ("side", "hs", "state", "deadline", "peer", "udp", "assoc", "remote")
+    __slots__ = ("side", "hs", "state", "deadline", "peer", "udp", "assoc", "remote", "port")
 
     def __init__(self, side, hs, deadline, peer):
         self.side, self.hs, self.state, self.deadline, self.peer = side, hs, HANDSHAKE, deadline, peer
         self.udp = None
         self.assoc = -1
         self.remote = None
+        self.port = 0             # CONNECT: the port, while its name is resolved
 
 
 class Socks5Service(Service):
-    def __init__(self, cfg, ctx):
+    def __init__(self, cfg, ctx, resolve=None):
         check_exposure(cfg, "user")
         self.cfg, self.ctx, self.st = cfg, ctx, ctx.stats
         self.user = cfg.user
@@ -70,7 +85,8 @@ class Socks5Service(Service):
         self.lsock = sockopt.tcp_listen(cfg.listen, reuseport=ctx.reuseport)
         self.relay = _select.module("tunnel").Socks5Relay(self.acl, ctx.stats,
                                          max_assoc=min(cfg.max_associations, MAX_CONTROL),
-                                         batch=min(cfg.batch, 256), log=log)
+                                         batch=min(cfg.batch, 256), log=log, resolve=resolve,
+                                         timeout=cfg.timeout)
         self.dacl.attach(self.relay)
         self.acceptor = Acceptor(self.lsock, lambda fd: self.relay.watch(fd, 0), self.relay.unwatch,
                                  ctx.stats, _I, log)
@@ -78,6 +94,14 @@ class Socks5Service(Service):
         self.controls = {}        # token -> _Control (client side)
         self.handshakes = HandshakePool(MAX_HANDSHAKES, HANDSHAKE_TIMEOUT)   # tokens in HANDSHAKE
         self.sides = {}           # token -> (_Side, _Control)
+        self.by_assoc = {}        # association slot -> _Control
+        self.strict_udp = cfg.strict_udp
+        # CONNECT names: resolver threads apart from the UDP path's, woken through a pipe
+        self.names = ResolverPool(resolve, threads=DNS_THREADS, max_queue=RESOLVE_MAX)
+        self.relay.watch(self.names.fileno(), RESOLVER_TOKEN)
+        self.lookups = {}         # pool token -> client (source_key: IPv6 by /64)
+        self.resolving = {}       # client -> its names in flight
+        self.nresolving = 0
         self._token = 0
         self.address = self.lsock.getsockname()
 
@@ -110,18 +134,29 @@ class Socks5Service(Service):
                     if token == HOSTS_TOKEN:
                         self.dacl.refresh()
                         continue
+                    if token == RESOLVER_TOKEN:
+                        self._resolved()
+                        continue
                     entry = self.sides.get(token)
                     if entry is not None:
                         self._side_event(entry[0], entry[1], events)
                 now = time.monotonic()
-                self.relay.tick(now)
+                for idx in self.relay.tick(now):
+                    ctl = self.by_assoc.pop(idx, None)
+                    if ctl is not None:
+                        ctl.assoc = -1            # the relay closed it already
+                        self._close(ctl, "association idle for %gs" % self.cfg.timeout)
                 self.acceptor.tick(now)
                 self.dacl.tick(now)
                 for token in self.handshakes.expired(now):
                     self._close(self.controls[token], "handshake timed out", rejected=True)
                 for ctl in [c for c in self.controls.values()
-                            if c.state == CONNECTING and now > c.deadline]:
-                    self._close(ctl, "CONNECT timed out", rejected=True)
+                            if c.state in (RESOLVING, CONNECTING) and now > c.deadline]:
+                    if ctl.state == RESOLVING:
+                        self._close(ctl, "CONNECT name not resolved in time", rejected=True,
+                                    reply=ctl.hs.reply(proto.REP_HOST_UNREACHABLE))
+                    else:
+                        self._close(ctl, "CONNECT timed out", rejected=True)
             except Exception:            # never let one bad event stop the listener
                 log.exception("socks5 %s: unexpected error; continuing", self.address)
                 time.sleep(0.01)
@@ -141,6 +176,7 @@ class Socks5Service(Service):
                 continue
             self._count("conn_open")
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sockopt.tcp_keepalive(sock)
             side = _Side(sock, self._new_token())
             hs = proto.ServerHandshake(user=self.user, password=self.password,
                                        commands=(proto.CMD_CONNECT, proto.CMD_UDP_ASSOCIATE))
@@ -175,6 +211,7 @@ class Socks5Service(Service):
                     pass
             side.sock.close()
         if ctl.assoc >= 0:
+            self.by_assoc.pop(ctl.assoc, None)
             self.relay.remove(ctl.assoc)
         if ctl.udp is not None:
             ctl.udp.close()
@@ -192,6 +229,10 @@ class Socks5Service(Service):
             return self._handshake(ctl)
         if ctl.state == CONNECTING:
             return self._connected(ctl)
+        if ctl.state == RESOLVING:
+            if events & (select.EPOLLERR | select.EPOLLHUP):
+                self._close(ctl, "closed while its CONNECT name was resolved")
+            return
         if ctl.state == ASSOCIATED:
             # the control connection: anything but EOF is ignored; EOF ends the association
             try:
@@ -236,15 +277,11 @@ class Socks5Service(Service):
             return self._associate(ctl, host, port)
         return self._connect(ctl, host, port)
 
-    def _resolve(self, host, port, socktype):
-        try:
-            infos = socket.getaddrinfo(host, port, 0, socktype)
-        except (OSError, UnicodeError):
-            return None
-        return infos[0][0], infos[0][4]
-
     def _associate(self, ctl, host, port):
         sock = ctl.side.sock
+        if port == 0 and self.strict_udp:
+            return self._close(ctl, "UDP ASSOCIATE with port 0 refused (strict_udp)",
+                               rejected=True, reply=ctl.hs.reply(proto.REP_NOT_ALLOWED))
         local = sock.getsockname()
         peer = sock.getpeername()
         try:
@@ -263,7 +300,8 @@ class Socks5Service(Service):
             return self._close(ctl, f"UDP ASSOCIATE: {e}", rejected=True,
                                reply=ctl.hs.reply(proto.REP_FAILURE))
         # The client's port comes from the request when it gives one, else from the first
-        # datagram its host sends (clients behind NAT cannot know it).
+        # datagram its host sends (clients behind NAT cannot know it): the association is
+        # bound to that first address and port (Socks5Relay); strict: port 0 is refused.
         client_port = port
         # On the wildcard, replies to the client leave from the address its control
         # connection reached (the one it sends its datagrams to), not the route's choice.
@@ -275,6 +313,7 @@ class Socks5Service(Service):
             return self._close(ctl, "association table full", rejected=True,
                                reply=ctl.hs.reply(proto.REP_FAILURE))
         ctl.udp, ctl.assoc, ctl.state = udp, idx, ASSOCIATED
+        self.by_assoc[idx] = ctl
         # Tell the client the address it already reaches us at (IPv4 as IPv4), with the
         # relay socket's port.
         host = local[0]
@@ -286,11 +325,58 @@ class Socks5Service(Service):
             return self._close(ctl, str(e))
 
     def _connect(self, ctl, host, port):
-        r = self._resolve(host, port, socket.SOCK_STREAM)
-        if r is None:
-            return self._close(ctl, f"CONNECT {host}: cannot resolve", rejected=True,
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return self._resolve(ctl, host, port)
+        self._connect_to(ctl, ip, port)
+
+    # -- CONNECT names, resolved off the loop
+    def _resolve(self, ctl, host, port):
+        client = source_key(ctl.peer[0])
+        n = self.resolving.get(client, 0)
+        why = None
+        if n >= RESOLVE_PER_CLIENT:
+            why = f"{RESOLVE_PER_CLIENT} CONNECT names of its address being resolved"
+        elif self.nresolving >= RESOLVE_MAX:
+            why = f"{RESOLVE_MAX} CONNECT names being resolved"
+        else:
+            why = self.names.submit(ctl.side.token, host.encode("latin-1"))
+        if why is not None:
+            return self._close(ctl, f"CONNECT {host}: {why}", rejected=True,
                                reply=ctl.hs.reply(proto.REP_HOST_UNREACHABLE))
-        fam, addr = r
+        self.lookups[ctl.side.token] = client
+        self.resolving[client] = n + 1
+        self.nresolving += 1
+        ctl.state, ctl.port = RESOLVING, port
+        ctl.deadline = time.monotonic() + RESOLVE_TIMEOUT
+        ctl.side.reading = False          # the client side stays quiet until the reply
+        self._update_watch(ctl.side)
+
+    def _resolved(self):
+        for token, addrs, err in self.names.results():
+            client = self.lookups.pop(token, None)
+            if client is not None:
+                n = self.resolving.pop(client, 0) - 1
+                if n > 0:
+                    self.resolving[client] = n
+                self.nresolving -= 1
+            entry = self.sides.get(token)
+            if entry is None or entry[1].state != RESOLVING or entry[1].side.token != token:
+                continue                   # answered (timed out) or closed meanwhile
+            ctl = entry[1]
+            ctl.state = HANDSHAKE          # no longer resolving; _connect_to moves it on
+            if not addrs:
+                self._close(ctl, f"CONNECT {ctl.hs.request[2]}: cannot resolve: {err}",
+                            rejected=True, reply=ctl.hs.reply(proto.REP_HOST_UNREACHABLE))
+                continue
+            self._connect_to(ctl, ipaddress.ip_address(addrs[0][1]), ctl.port)
+
+    def _connect_to(self, ctl, ip, port):
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        addr = (str(ip), port)
         if not self.acl.allowed(addr[0]):
             self._count("drop_denied")
             return self._close(ctl, f"CONNECT {addr[0]} denied by the access list",
@@ -298,6 +384,7 @@ class Socks5Service(Service):
         remote = socket.socket(fam, socket.SOCK_STREAM)
         remote.setblocking(False)
         remote.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sockopt.tcp_keepalive(remote)
         err = remote.connect_ex(addr)
         if err not in (0, errno.EINPROGRESS):
             remote.close()
@@ -396,6 +483,7 @@ class Socks5Service(Service):
         for ctl in list(self.controls.values()):
             self._close(ctl)
         self.dacl.close()
+        self.names.close()
         self.relay.close()
         self.lsock.close()
 

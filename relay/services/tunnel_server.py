@@ -146,6 +146,7 @@ class TunnelServerService(Service):
         del self.pending[token]
         self.handshakes.remove(token)
         self.core.unwatch(p.sock.fileno())
+        sockopt.tcp_keepalive(p.sock)
         fd = p.sock.detach()
         slot = self.core.add_conn(fd, cmd == proto.CMD_UDP_TUN_MUX, p.hs.leftover)
         if slot < 0:

@@ -9,15 +9,21 @@ from relay.resolver import Resolver
 from relay.datapath.pure.common import Acl, Poller, unmap
 
 
+OWN_PORTS = 8       # ports of the client's own host it sent to, remembered (bind_first)
+
+
 class Socks5Relay(Poller):
     """Pure fallback of relay.datapath.tunnel.Socks5Relay (UDP ASSOCIATE data path)."""
 
     def __init__(self, acl_table=(), stats=None, *, max_assoc=1024, batch=32, log=None,
-                 resolve=None):
+                 resolve=None, timeout=0):
         super().__init__(stats, log)
         self.acl = acl_table if isinstance(acl_table, Acl) else Acl(acl_table)
-        self.max_assoc, self.batch = max_assoc, batch
-        self.assocs = {}            # idx -> [sock, client, port_known]
+        self.max_assoc, self.batch, self.timeout = max_assoc, batch, timeout
+        self.next_scan = 0.0
+        # idx -> [sock, client, port_known, src cmsg, bind_first, last datagram,
+        #         ports of its own host the client sent to (bind_first; OWN_PORTS kept)]
+        self.assocs = {}
         self._idx = 0
         self.init_dns(resolve)
 
@@ -32,7 +38,8 @@ class Socks5Relay(Poller):
         self._idx += 1
         sock = socket.socket(fileno=os.dup(fd))
         sock.setblocking(False)
-        self.assocs[self._idx] = [sock, tuple(client[:2]), client[1] != 0, src]
+        self.assocs[self._idx] = [sock, tuple(client[:2]), client[1] != 0, src, client[1] == 0,
+                                  _time.monotonic(), []]
         self._add(sock.fileno(), "udp", self._idx)
         self._count("assoc_created")
         self._count("assoc_open")
@@ -46,9 +53,18 @@ class Socks5Relay(Poller):
             self._count("assoc_open", -1)
 
     def tick(self, now=0):
-        """Give up lookups that take too long. Call about once a second."""
+        """Give up lookups that take too long, close idle associations (timeout): returns
+        the slots closed, for the caller to end their control connections."""
         self.now = now or _time.monotonic()
         self._dns_ready(self.dns.expire(self.now))
+        if self.timeout <= 0 or self.now < self.next_scan:
+            return []
+        self.next_scan = self.now + min(1.0, self.timeout / 2)
+        out = [idx for idx, a in self.assocs.items() if self.now - a[5] > self.timeout]
+        for idx in out:
+            self.remove(idx)
+            self._count("assoc_expired")
+        return out
 
     def on_event(self, kind, idx, ev):
         a = self.assocs.get(idx)
@@ -66,6 +82,7 @@ class Socks5Relay(Poller):
             if src[0] == a[1][0] and (not a[2] or src == a[1]):
                 if not a[2]:
                     a[1], a[2] = src, True
+                a[5] = self.now
                 h = udp_header_counted(data, self._count)
                 if h is None:
                     continue
@@ -81,18 +98,24 @@ class Socks5Relay(Poller):
                     continue
                 elif atyp == ATYP_IPV4 and sock.family == socket.AF_INET6:
                     host = "::ffff:" + host
-                self._send_up(sock, host, port, data[hl:])
+                self._send_up(sock, host, port, data[hl:], a)
             else:
                 if not a[2]:
                     self._count("drop_no_route")
                     continue
+                if a[4] and src[0] == a[1][0] and src[1] not in a[6]:
+                    self._count("drop_foreign_port")     # another port of the client's host
+                    continue
+                a[5] = self.now
                 self._sent("down", udp_header(*unmap(src)) + data, sock, a[1], len(data),
                            a[3])
 
-    def _send_up(self, sock, host, port, data):
+    def _send_up(self, sock, host, port, data, a=None):
         if not self.acl.allowed(host):
             self._count("drop_denied")
             return
+        if a is not None and a[4] and host == a[1][0] and port not in a[6]:
+            a[6] = (a[6] + [port])[-OWN_PORTS:]
         self._sent("up", data, sock, (host, port))
 
     def _dns_send(self, idx, e, port, data):

@@ -16,6 +16,7 @@ from relay.datapath.pure.common import (
     send_error_counter,
 )
 from relay.datapath.pure.tunnel_upstream import UpstreamBase, resolve_server
+from relay.net import sockopt as _sockopt
 
 
 class _Assoc:
@@ -70,6 +71,7 @@ class Socks5Upstream(UpstreamBase):
             udp.bind(("::" if self.family == socket.AF_INET6 else "0.0.0.0", 0))
             tcp.setblocking(False)
             tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _sockopt.tcp_keepalive(tcp)
             if self.mark:
                 tcp.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             err = tcp.connect_ex(self.addr)

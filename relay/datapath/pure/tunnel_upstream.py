@@ -15,6 +15,7 @@ from relay.proto import (
 )
 from relay.loglimit import LogLimiter
 from relay.net.sockopt import flow_socket
+from relay.net import sockopt as _sockopt
 from relay.datapath.pure.common import (
     BACKOFF_MAX, BACKOFF_MIN, C, CONNECT_TIMEOUT, EPOLLIN, EPOLLOUT, RX_CAP, SO_MARK,
     TUNNEL_LOG, canonical, fd_ceiling, stats_view,
@@ -272,6 +273,7 @@ class TunnelUpstream(UpstreamBase):
         try:
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _sockopt.tcp_keepalive(s)
             if self.mark:
                 s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             err = s.connect_ex(self.addr)
