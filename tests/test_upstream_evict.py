@@ -255,3 +255,24 @@ def test_forward_through_an_upstream_evicts_at_max_associations(core, servers, e
     st = r.stats()
     assert st["assoc_evicted"] == 2 * CAP + 1 and st["assoc_open"] == CAP
     assert st["drop_table_full"] == 0 and st["assoc_refused"] == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_flows_expire_by_their_destination_port(make, echo, kind):
+    """--timeout-port: a flow whose first datagram went to a short-timeout port expires after
+    that port's timeout, a flow to another port keeps the default (60 s)."""
+    from tests.relayproc import LoopbackEcho
+    with LoopbackEcho() as other:
+        short = echo.addr[1]
+        up, got = make(kind, max_flows=CAP, timeout=60.0, port_timeouts=[(short, short, 0.3)])
+        drive(up, lambda: kind != "tunnel" or up.connected == 1, what="the tunnel connection")
+        roundtrip(up, got, ("192.0.2.1", 1000), echo.addr, b"dns-like")
+        roundtrip(up, got, ("192.0.2.2", 1000), ("127.0.0.1", other.address[1]), b"game-like")
+        drive(up, lambda: stats(up)["assoc_expired"] == 1, what="the short flow expired")
+        time.sleep(0.5)
+        up.tick()
+        st = stats(up)
+        assert st["assoc_expired"] == 1 and st["assoc_open"] == up.flows_open == 1
+        # the long one is the one left: its next datagram needs no new flow
+        roundtrip(up, got, ("192.0.2.2", 1000), ("127.0.0.1", other.address[1]), b"again")
+        assert stats(up)["assoc_created"] == 2

@@ -11,6 +11,8 @@ cdef struct assoc_t:
     bint port_known
     bint bind_first              # announced port 0: the first sender's port, only that one
     double last                  # last datagram either way (idle expiry)
+    double idle                  # its idle timeout: by its first datagram's destination port
+    bint classed                 # idle is set (the first datagram from the client came)
     uint16_t own[OWN_PORTS]      # bind_first: ports of its own host the client sent to
     uint32_t nown                # (network order; the most recent OWN_PORTS of them)
     int local_family             # replies to the client leave from local (0: the route's)
@@ -39,7 +41,8 @@ cdef class Socks5Relay(Poller):
     from; datagrams from other ports of that host are dropped (drop_foreign_port) unless
     the client sent to that port (a service on its own host: the last OWN_PORTS kept).
     timeout > 0: tick() closes associations without a datagram either way for that long
-    (assoc_expired)."""
+    (assoc_expired); port_timeouts ((first, last, seconds), ...) give an association whose
+    first datagram goes to one of those ports that port's timeout instead."""
     cdef assoc_t *assocs
     cdef int max_assoc
     cdef int nassoc
@@ -53,9 +56,12 @@ cdef class Socks5Relay(Poller):
     cdef sendq_t sb_down
     cdef double timeout
     cdef double next_scan
+    cdef double min_timeout
+    cdef bytes pmap              # destination port -> index into ptimeouts (None: timeout)
+    cdef list ptimeouts
 
     def __init__(self, acl_table=(), stats=None, *, int max_assoc=1024, int batch=32, log=None,
-                 resolve=None, double timeout=0):
+                 resolve=None, double timeout=0, port_timeouts=()):
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be 1-{MAX_BATCH}, got {batch}")
         self._init_stats(stats, log)
@@ -63,6 +69,12 @@ cdef class Socks5Relay(Poller):
         self.max_assoc = max_assoc
         self.batch = batch
         self.timeout = timeout
+        self.min_timeout = timeout
+        if timeout > 0:
+            from relay.datapath.timeouts import port_class_map, timeout_classes
+            self.ptimeouts, ranges = timeout_classes(timeout, port_timeouts)
+            self.pmap = port_class_map(ranges)
+            self.min_timeout = min(self.ptimeouts)
         self.assocs = <assoc_t *>calloc(max_assoc, sizeof(assoc_t))
         self.scratch = <uint8_t *>malloc(<size_t>batch * (DGRAM_SLOT + UDP_HDR_ROOM))
         self.rmsgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
@@ -91,9 +103,9 @@ cdef class Socks5Relay(Poller):
         out = []
         if self.timeout <= 0 or self.now < self.next_scan:
             return out
-        self.next_scan = self.now + min(1.0, self.timeout / 2)
+        self.next_scan = self.now + min(1.0, self.min_timeout / 2)
         for i in range(self.max_assoc):
-            if self.assocs[i].used and self.now - self.assocs[i].last > self.timeout:
+            if self.assocs[i].used and self.now - self.assocs[i].last > self.assocs[i].idle:
                 self.remove(i)
                 self.st[C_ASSOC_EXPIRED] += 1
                 out.append(i)
@@ -140,6 +152,8 @@ cdef class Socks5Relay(Poller):
         self.assocs[i].bind_first = client[1] == 0
         self.assocs[i].nown = 0
         self.assocs[i].last = mono_now()
+        self.assocs[i].idle = self.timeout
+        self.assocs[i].classed = False
         self.assocs[i].fd = fd
         self.assocs[i].gen += 1
         self.assocs[i].used = True
@@ -211,6 +225,10 @@ cdef class Socks5Relay(Poller):
                     continue
                 if a.bind_first and sa_same_ip(&dst, &a.client):
                     own_port_add(a, dst.v4.sin_port)     # sin_port, sin6_port: one offset
+                if not a.classed:
+                    a.classed = True
+                    if self.pmap is not None:
+                        a.idle = self.ptimeouts[(<const uint8_t *><const char *>self.pmap)[f.port]]
                 sq_add(&self.sb, &dst, dl, f.data, f.dlen)
             else:
                 if not a.port_known:

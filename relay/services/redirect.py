@@ -97,7 +97,7 @@ def make_core(cfg, ctx, t=None):
         t = _select.module("tunnel")
     mark = cfg.mark or None
     common = dict(mark=mark, stats=ctx.stats, timeout=cfg.timeout, log=ctx.log,
-                  max_flows=upstream_flows(cfg))
+                  max_flows=upstream_flows(cfg), port_timeouts=cfg.port_timeouts())
     if up.kind == "tunnel":
         return t.TunnelUpstream((up.host, up.port), secret=cfg.secret,
                                 connections=cfg.connections, **common)

@@ -86,7 +86,8 @@ class Socks5Service(Service):
         self.relay = _select.module("tunnel").Socks5Relay(self.acl, ctx.stats,
                                          max_assoc=min(cfg.max_associations, MAX_CONTROL),
                                          batch=min(cfg.batch, 256), log=log, resolve=resolve,
-                                         timeout=cfg.timeout)
+                                         timeout=cfg.timeout,
+                                         port_timeouts=cfg.port_timeouts())
         self.dacl.attach(self.relay)
         self.acceptor = Acceptor(self.lsock, lambda fd: self.relay.watch(fd, 0), self.relay.unwatch,
                                  ctx.stats, _I, log)

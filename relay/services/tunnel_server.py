@@ -48,7 +48,7 @@ class TunnelServerService(Service):
         self.core = _select.module("tunnel").TunnelServer(
             self.dacl.acl, ctx.stats, max_flows=min(cfg.max_associations, 1 << 20),
             timeout=cfg.timeout, batch=min(cfg.batch, 256), mark=sockopt.usable_mark(cfg.mark),
-            stall_timeout=STALL_TIMEOUT, log=log)
+            stall_timeout=STALL_TIMEOUT, log=log, port_timeouts=cfg.port_timeouts())
         self.dacl.attach(self.core)
         self.acceptor = Acceptor(self.lsock, lambda fd: self.core.watch(fd, 0), self.core.unwatch,
                                  ctx.stats, _I, log)

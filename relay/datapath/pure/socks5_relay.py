@@ -7,6 +7,7 @@ from relay.net import sockopt as _sockopt
 from relay.proto import ATYP_DOMAIN, ATYP_IPV4, ATYP_IPV6, udp_header, udp_header_counted
 from relay.resolver import Resolver
 from relay.datapath.pure.common import Acl, Poller, unmap
+from relay.datapath.timeouts import port_class_map, timeout_classes
 
 
 OWN_PORTS = 8       # ports of the client's own host it sent to, remembered (bind_first)
@@ -16,13 +17,18 @@ class Socks5Relay(Poller):
     """Pure fallback of relay.datapath.tunnel.Socks5Relay (UDP ASSOCIATE data path)."""
 
     def __init__(self, acl_table=(), stats=None, *, max_assoc=1024, batch=32, log=None,
-                 resolve=None, timeout=0):
+                 resolve=None, timeout=0, port_timeouts=()):
         super().__init__(stats, log)
         self.acl = acl_table if isinstance(acl_table, Acl) else Acl(acl_table)
         self.max_assoc, self.batch, self.timeout = max_assoc, batch, timeout
         self.next_scan = 0.0
+        self.ptimeouts, self.pmap = [timeout], None
+        if timeout > 0:
+            self.ptimeouts, ranges = timeout_classes(timeout, port_timeouts)
+            self.pmap = port_class_map(ranges)
         # idx -> [sock, client, port_known, src cmsg, bind_first, last datagram,
-        #         ports of its own host the client sent to (bind_first; OWN_PORTS kept)]
+        #         ports of its own host the client sent to (bind_first; OWN_PORTS kept),
+        #         idle timeout (by its first datagram's destination port), classed]
         self.assocs = {}
         self._idx = 0
         self.init_dns(resolve)
@@ -39,7 +45,7 @@ class Socks5Relay(Poller):
         sock = socket.socket(fileno=os.dup(fd))
         sock.setblocking(False)
         self.assocs[self._idx] = [sock, tuple(client[:2]), client[1] != 0, src, client[1] == 0,
-                                  _time.monotonic(), []]
+                                  _time.monotonic(), [], self.timeout, False]
         self._add(sock.fileno(), "udp", self._idx)
         self._count("assoc_created")
         self._count("assoc_open")
@@ -59,8 +65,8 @@ class Socks5Relay(Poller):
         self._dns_ready(self.dns.expire(self.now))
         if self.timeout <= 0 or self.now < self.next_scan:
             return []
-        self.next_scan = self.now + min(1.0, self.timeout / 2)
-        out = [idx for idx, a in self.assocs.items() if self.now - a[5] > self.timeout]
+        self.next_scan = self.now + min(1.0, min(self.ptimeouts) / 2)
+        out = [idx for idx, a in self.assocs.items() if self.now - a[5] > a[7]]
         for idx in out:
             self.remove(idx)
             self._count("assoc_expired")
@@ -116,6 +122,10 @@ class Socks5Relay(Poller):
             return
         if a is not None and a[4] and host == a[1][0] and port not in a[6]:
             a[6] = (a[6] + [port])[-OWN_PORTS:]
+        if a is not None and not a[8]:
+            a[8] = True
+            if self.pmap is not None:
+                a[7] = self.ptimeouts[self.pmap[port]]
         self._sent("up", data, sock, (host, port))
 
     def _dns_send(self, idx, e, port, data):

@@ -11,6 +11,7 @@ from relay.proto import (
     udp_header_counted,
 )
 from relay.net.sockopt import flow_socket
+from relay.datapath.timeouts import ExpiryLists
 from relay.datapath.pure.common import (
     CONNECT_TIMEOUT, EPOLLIN, EPOLLOUT, SO_MARK, canonical, fd_ceiling,
     send_error_counter,
@@ -33,13 +34,14 @@ class Socks5Upstream(UpstreamBase):
     limit is refused (assoc_refused)."""
 
     def __init__(self, server, user=None, password=None, mark=None, stats=None, timeout=60.0,
-                 max_flows=1024, queue_limit=65536 + 1024, batch=32, log=None):
+                 max_flows=1024, queue_limit=65536 + 1024, batch=32, log=None, port_timeouts=()):
         super().__init__(stats, log)
         self.server = tuple(server)
         self.family, self.addr = resolve_server(self.server)
         self.user, self.password, self.mark, self.timeout = user, password, mark, timeout
         self.max_flows, self.queue_limit, self.batch = max_flows, max(queue_limit, 65600), batch
         self.assocs = collections.OrderedDict()     # key -> _Assoc, least recently used first
+        self.expiry = ExpiryLists(timeout, port_timeouts)   # per destination port
         self.byfd = {}              # fd -> _Assoc
         self.next_expiry = 0.0
         self.nup = 0                # associations whose handshake is done
@@ -105,6 +107,7 @@ class Socks5Upstream(UpstreamBase):
         if self.assocs.get(a.key) is not a:
             return
         del self.assocs[a.key]
+        self.expiry.remove(a.key)
         if any(p[0] is a.udp for p in self.pending):
             self.flush()                      # datagrams batched for this socket go first
         for s in (a.tcp, a.udp):
@@ -128,11 +131,15 @@ class Socks5Upstream(UpstreamBase):
             self._count("drop_too_big")
             return
         key = canonical(client)
-        a = self.assocs.get(key) or self._open(key, tuple(client[:2]))
+        a = self.assocs.get(key)
         if a is None:
-            return
+            a = self._open(key, tuple(client[:2]))
+            if a is None:
+                return
+            self.expiry.add(key, dst[1], self.now)
         a.last = self.now
         self.assocs.move_to_end(key)
+        self.expiry.touch(key, self.now)
         dgram = udp_header(dst[0], dst[1]) + data
         if a.state != "up":
             if self.queue_limit - a.qbytes < len(dgram) + 4:
@@ -233,6 +240,7 @@ class Socks5Upstream(UpstreamBase):
                 continue
             a.last = self.now
             self.assocs.move_to_end(a.key)
+            self.expiry.touch(a.key, self.now)
             if a.state != "up" or tuple(src[:2]) != tuple(a.relay[:2]):
                 self._count("drop_malformed")
                 continue
@@ -254,12 +262,9 @@ class Socks5Upstream(UpstreamBase):
             for a in [a for a in self.assocs.values() if a.state != "up" and now > a.deadline]:
                 self.log.warning("SOCKS5 association via %s:%s timed out", *self.server[:2])
                 self._close(a, "assoc_refused")
-        # idle expiry from the least recently used end: O(associations expired)
-        while self.assocs:
-            a = next(iter(self.assocs.values()))
-            if now - a.last <= self.timeout:
-                break
-            self._close(a, "assoc_expired")
+        # idle expiry from the least recently used end of each timeout class: O(expired)
+        for key in self.expiry.expired(now):
+            self._close(self.assocs[key], "assoc_expired")
 
     def close(self):
         for a in list(self.assocs.values()):

@@ -15,6 +15,7 @@ from relay.proto import (
 from relay.resolver import Resolver
 from relay.datapath.pure.common import Acl, EPOLLIN, EPOLLOUT, Poller, RX_CAP, SO_MARK, unmap
 from relay.config import FD_RESERVE
+from relay.datapath.timeouts import ExpiryLists
 from relay.privileges import fd_soft_limit
 
 
@@ -31,7 +32,7 @@ class TunnelServer(Poller):
 
     def __init__(self, acl_table=(), stats=None, *, max_conns=1024, max_flows=4096,
                  timeout=60.0, tx_limit=1 << 20, batch=32, mark=None, stall_timeout=5.0,
-                 log=None, resolve=None):
+                 log=None, resolve=None, port_timeouts=()):
         if not 1 <= batch <= 256:
             raise ValueError(f"batch must be 1-256, got {batch}")
         super().__init__(stats, log)
@@ -42,6 +43,7 @@ class TunnelServer(Poller):
         self.conns = {}
         self.flows = {}             # flow fd -> _SFlow
         self.lru = OrderedDict()    # every _SFlow, least recently used first
+        self.expiry = ExpiryLists(timeout, port_timeouts)   # per destination port
         self.nfd = fd_soft_limit()
         self.next_tick = 0.0
         self._slot = 0
@@ -93,6 +95,7 @@ class TunnelServer(Poller):
         c = f.conn
         c.flows.pop(f.id, None)
         self.lru.pop(f, None)
+        self.expiry.remove(f)
         self.flows.pop(f.sock.fileno(), None)
         self._del(f.sock.fileno())
         f.sock.close()
@@ -101,7 +104,7 @@ class TunnelServer(Poller):
         if counter:
             self._count(counter)
 
-    def _flow(self, c, fid):
+    def _flow(self, c, fid, dport):
         f = c.flows.get(fid)
         if f is not None:
             return f
@@ -125,6 +128,7 @@ class TunnelServer(Poller):
         f.sock, f.conn, f.id, f.last, f.last_dst, f.acl_version = s, c, fid, self.now, None, 0
         c.flows[fid] = f
         self.lru[f] = None
+        self.expiry.add(f, dport, self.now)
         self.flows[s.fileno()] = f
         self._add(s.fileno(), "flow", s.fileno())
         self._count("assoc_created")
@@ -192,7 +196,7 @@ class TunnelServer(Poller):
 
     def _send_frames(self, c, frames):
         for fr in frames:
-            f = self._flow(c, fr.flow if c.mux else 0)
+            f = self._flow(c, fr.flow if c.mux else 0, fr.port)
             if f is None:
                 continue
             self._touch(f)
@@ -209,6 +213,7 @@ class TunnelServer(Poller):
         """Flow f was used now: last in both LRU orders."""
         f.last = self.now
         self.lru.move_to_end(f)
+        self.expiry.touch(f, self.now)
         f.conn.flows.move_to_end(f.id)
 
     def _send_up(self, f, dst, data):
@@ -275,10 +280,7 @@ class TunnelServer(Poller):
         if now < self.next_tick:
             return
         self.next_tick = now + 0.5
-        while self.lru:
-            f = next(iter(self.lru))
-            if now - f.last <= self.timeout:
-                break
+        for f in self.expiry.expired(now):
             self._release(f, "assoc_expired")
         self._dns_ready(self.dns.expire(now))
         for c in [c for c in self.conns.values()

@@ -14,6 +14,7 @@ from relay.proto import (
     parse_frames,
 )
 from relay.loglimit import LogLimiter
+from relay.datapath.timeouts import ExpiryLists
 from relay.net.sockopt import flow_socket
 from relay.net import sockopt as _sockopt
 from relay.datapath.pure.common import (
@@ -78,7 +79,7 @@ class TunnelUpstream(UpstreamBase):
 
     def __init__(self, server, secret=None, connections=1, mark=None, stats=None,
                  queue_limit=None, timeout=60.0, max_flows=4096, log=None, gost=False,
-                 user=None, password=None):
+                 user=None, password=None, port_timeouts=()):
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be 1-64, got {connections}")
         if not 1 <= max_flows <= 65536:
@@ -98,6 +99,7 @@ class TunnelUpstream(UpstreamBase):
         self.say = LogLimiter(self.log)
         self.rep7_logged = False
         self.flows = collections.OrderedDict()  # key -> [id, conn, last, client], LRU first
+        self.expiry = ExpiryLists(timeout, port_timeouts)   # per destination port
         self.by_id = {}             # id -> key (multiplexed)
         self.byfd = {}              # fd -> conn
         self.gens = [0] * max_flows
@@ -146,8 +148,10 @@ class TunnelUpstream(UpstreamBase):
             fl = self._new_flow(key, tuple(client[:2]))
             if fl is None:
                 return
+            self.expiry.add(key, dst[1], self.now)
         fl[2] = self.now
         self.flows.move_to_end(key)
+        self.expiry.touch(key, self.now)
         c = fl[1]
         frame = encode_frame(dst[0], dst[1], data, flow=fl[0] if self.mux else None)
         if self.queue_limit - self._queued(c) < len(frame):
@@ -185,6 +189,7 @@ class TunnelUpstream(UpstreamBase):
         with its queued frames; a multiplexed flow's id is retired (late replies for it are
         dropped as no-route)."""
         fl = self.flows.pop(key)
+        self.expiry.remove(key)
         del self.by_id[fl[0]]
         self.free.append(fl[0] & 0xFFFF)
         if self.gost:
@@ -378,6 +383,7 @@ class TunnelUpstream(UpstreamBase):
                 continue
             fl[2] = self.now
             self.flows.move_to_end(key)
+            self.expiry.touch(key, self.now)
             self._deliver(fl[3], (fr.host, fr.port), fr.data)
 
     def tick(self, now=0):
@@ -389,11 +395,8 @@ class TunnelUpstream(UpstreamBase):
                     self._end(c.client, "assoc_refused")    # a gost flow out of descriptors
             elif c.state in ("connecting", "handshake") and now > c.deadline:
                 self._down(c, "timed out")
-        # idle expiry from the least recently used end: O(flows expired)
-        while self.flows:
-            key = next(iter(self.flows))
-            if now - self.flows[key][2] <= self.timeout:
-                break
+        # idle expiry from the least recently used end of each timeout class: O(expired)
+        for key in self.expiry.expired(now):
             self._end(key, "assoc_expired")
 
     def close(self):
