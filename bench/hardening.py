@@ -388,7 +388,50 @@ def s_metrics(n=500):
         echo.close()
 
 
+def s_upstream_table(kind, cap, ports):
+    """relay forward --upstream KIND with --max-associations cap: one client refreshes
+    `ports` source ports (a fresh socket each, one datagram each), then a client from another
+    address does 10 round trips (the issue saw every other client locked out)."""
+    echo = Echo()
+    sport, fport = free_port(), free_port(socket.SOCK_DGRAM)
+    server = (["tunnel-server", "--insecure"] if kind == "gost" else
+              ["tunnel-server", "--secret", "bench-secret"] if kind == "tunnel" else
+              ["socks5"])
+    url = {"tunnel": f"tunnel://127.0.0.1:{sport}", "gost": f"gost://127.0.0.1:{sport}",
+           "socks5": f"socks5://127.0.0.1:{sport}"}[kind]
+    up_args = ["--secret", "bench-secret"] if kind == "tunnel" else []
+    try:
+        with Relay(server + ["--listen", f"127.0.0.1:{sport}", "--allow", "127.0.0.0/8"]), \
+                Relay(["forward", "--listen", f"127.0.0.1:{fport}", "--to",
+                       f"127.0.0.1:{echo.addr[1]}", "--mark", "0", "--upstream", url,
+                       "--max-associations", str(cap), *up_args]) as fwd:
+            dst = ("127.0.0.1", fport)
+            base = summary([udp_rtt(dst, "127.0.0.2") for _ in range(10)])
+            t0 = time.monotonic()
+            for i in range(ports):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:
+                    a.bind(("127.0.0.3", 0))
+                    a.sendto(b"attack %d" % i, dst)
+                if i % 64 == 63:
+                    time.sleep(0.01)        # bounded: a few hundred datagrams a second
+            rate = ports / (time.monotonic() - t0)
+            time.sleep(0.5)
+            rtts = [udp_rtt(("127.0.0.1", fport), "127.0.0.2", b"legit %d" % i)
+                    for i in range(10)]
+            st = fwd.stats()
+            return {"load": f"one address refreshing {ports} source ports at "
+                            f"~{rate:.0f}/s, cap {cap}",
+                    "client": summary(rtts), "client_unloaded": base,
+                    "assoc_evicted": st["assoc_evicted"], "assoc_open": st["assoc_open"],
+                    "drop_table_full": st["drop_table_full"]}
+    finally:
+        echo.close()
+
+
 SCENARIOS = {
+    "upstream-tunnel": lambda: s_upstream_table("tunnel", 1024, 4096),
+    "upstream-gost": lambda: s_upstream_table("gost", 256, 1024),
+    "upstream-socks5": lambda: s_upstream_table("socks5", 256, 1024),
     "descriptors-tunnel": lambda: s_descriptors("tunnel-server"),
     "descriptors-socks5": lambda: s_descriptors("socks5"),
     "slots-tunnel-300": lambda: s_handshake_slots("tunnel-server", 300),
