@@ -25,7 +25,7 @@ import psutil
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from tests.netns import (  # noqa: E402
+from tests.namespaces import (  # noqa: E402
     RTR4_CLI, SRV4, SRV6, Topology, start_echo, unavailable_reason, wait_until,
 )
 from tests.relayproc import RelayProcess, relay_env  # noqa: E402

@@ -1,6 +1,6 @@
 # Sourced by scripts/ci-pythons.sh and scripts/ci-package.sh.
 # The oldest and the newest supported Python (requires-python in pyproject.toml; CI tests
-# both, tests/test_packaging.py checks that they agree).
+# both, tests/unit/test_packaging.py checks that they agree).
 OLDEST=3.9
 NEWEST=3.13
 

@@ -1,6 +1,7 @@
 import json
 import socket
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -9,19 +10,48 @@ import time
 import pytest
 
 from relay.packet.pure.rawsock import RawSender as PureRawSender
-from tests import netns as _netns
-from tests import netns as N
+from tests import namespaces as _netns
+from tests import namespaces as N
 from tests.relayproc import free_tcp_port as free_port
 from tests.support import Echo, Running, native_rawsender
+
+
+TESTS = pathlib.Path(__file__).resolve().parent
+KINDS = ("unit", "netns", "interop", "bench")
 
 
 def pytest_collection_modifyitems(items):
     """Every test that builds namespaces does it through the netns_available fixture
     (directly or through topo, slow_lo, ...): mark it `netns` from there, so that
-    `-m "not netns"` selects exactly the tests that need no root and no namespace."""
+    `-m "not netns"` selects exactly the tests that need no root and no namespace; every test
+    in tests/interop/ is marked `interop`. The folder is the kind and the markers must say the
+    same: a test in tests/unit/ or tests/bench/ that needs namespaces, one in tests/netns/
+    that needs none, an interop test outside tests/interop/ or a test module outside the four
+    folders stops the run (docs/architecture.md, the tests/ lines)."""
+    wrong = []
     for item in items:
-        if "netns_available" in getattr(item, "fixturenames", ()):
+        uses_netns = "netns_available" in getattr(item, "fixturenames", ())
+        if uses_netns:
             item.add_marker(pytest.mark.netns)
+        try:
+            kind = pathlib.Path(item.path).resolve().relative_to(TESTS).parts[0]
+        except ValueError:
+            continue                    # a test collected from outside tests/
+        if kind == "interop":
+            item.add_marker(pytest.mark.interop)
+        if kind not in KINDS:
+            wrong.append(f"{item.nodeid}: a test module belongs in tests/unit, tests/netns, "
+                         "tests/interop or tests/bench")
+        elif kind in ("unit", "bench") and item.get_closest_marker("netns"):
+            wrong.append(f"{item.nodeid}: in tests/{kind}/ but needs network namespaces "
+                         "(netns_available or the netns marker): it belongs in tests/netns/")
+        elif kind == "netns" and not uses_netns:
+            wrong.append(f"{item.nodeid}: in tests/netns/ but does not use the netns_available "
+                         "fixture (topo, echo_topo, ...): it belongs in tests/unit/")
+        elif kind != "interop" and item.get_closest_marker("interop"):
+            wrong.append(f"{item.nodeid}: marked interop: it belongs in tests/interop/")
+    if wrong:
+        raise pytest.UsageError("tests in the wrong folder for their kind:\n  " + "\n  ".join(wrong))
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 
-from tests.netns import wait_until
+from tests.namespaces import wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

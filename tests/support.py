@@ -14,11 +14,9 @@ from relay import proto
 from relay import stats as _stats
 from relay.config import listener
 from relay.services.base import WorkerContext
-from tests import netns as N
-from tests.netns import SRV4, SRV6, start_echo, wait_until
-from tests.relayproc import relay_env
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import namespaces as N
+from tests.namespaces import SRV4, SRV6, start_echo, wait_until
+from tests.relayproc import REPO, relay_env
 
 
 ALLOW_DOC = ["198.51.100.0/24", "2001:db8::/32"]

@@ -1,0 +1,123 @@
+"""`relay socks5`: PySocks UDP and CONNECT through it (namespaces), bad input, fragments,
+access list, association lifetime, and Socks5Upstream (the engine's socks5:// core)."""
+import socket
+import struct
+import time
+
+import pytest
+
+from relay import _select
+
+from relay import proto
+from tests import namespaces as N
+from tests.support import Echo, cfg, raw_associate, wait_stat
+from tests.support_socks5 import socks5
+from tests.support_socks5 import started  # noqa: F401 (fixtures)
+
+_tunnel = pytest.importorskip("relay.datapath.tunnel")
+pytestmark = pytest.mark.usefixtures("impl")     # every test: compiled, then pure
+
+
+@pytest.fixture
+def echo():
+    e = Echo()
+    yield e
+    e.close()
+
+
+def test_fragments_refused_and_acl(started, echo):
+    server = socks5(started, allow=["127.0.0.0/8"], deny=[f"{echo.addr[0]}/32"])
+    ctl, u, relay = raw_associate(server)
+    # denied destination
+    u.sendto(proto.udp_header(*echo.addr) + b"denied", relay)
+    wait_stat(server, "drop_denied")
+    server2 = socks5(started, allow=["127.0.0.0/8"])
+    ctl2, u2, relay2 = raw_associate(server2)
+    u2.sendto(struct.pack("!HB", 0, 1) + proto.encode_addr(*echo.addr) + b"frag", relay2)
+    wait_stat(server2, "frames_bad")
+    u2.sendto(b"\x00\x00\x00\x09junk", relay2)
+    wait_stat(server2, "drop_malformed")
+    u2.sendto(proto.udp_header(*echo.addr) + b"fine", relay2)
+    got, _ = u2.recvfrom(1000)
+    frag, _atyp, host, port, hl = proto.parse_udp_header(got)
+    assert (frag, host, port, got[hl:]) == (0, echo.addr[0], echo.addr[1], b"fine")
+    assert server2.stats()["up_datagrams"] == 1
+    for s in (ctl, u, ctl2, u2):
+        s.close()
+
+
+def test_association_ends_with_control_connection(started, echo):
+    server = socks5(started, allow=["127.0.0.0/8"])
+    ctl, u, relay = raw_associate(server)
+    u.sendto(proto.udp_header(*echo.addr) + b"x", relay)
+    u.recvfrom(100)
+    assert server.svc.relay.associations == 1
+    ctl.close()
+    N.wait_until(lambda: server.svc.relay.associations == 0, 5, what="association closed")
+    u.sendto(proto.udp_header(*echo.addr) + b"after", relay)
+    u.settimeout(0.3)
+    with pytest.raises(socket.timeout):
+        u.recvfrom(100)
+    u.close()
+
+
+def test_auth_and_bad_handshakes(started):
+    server = socks5(started, user="u", password="right")
+    with pytest.raises(proto.HandshakeError):
+        raw_associate(server, "u", "wrong")
+    with pytest.raises(proto.HandshakeError):
+        raw_associate(server)                       # no-auth offered, user/pass required
+    s = socket.create_connection(server.address, timeout=3)
+    s.sendall(b"\x05\x01\x02\x01\x01u\x05right\x05\x09\x00\x01" + bytes(6))   # bad command
+    s.settimeout(3)
+    data = b""
+    while True:
+        chunk = s.recv(100)
+        if not chunk:
+            break
+        data += chunk
+    assert data[:2] == b"\x05\x02" and data[4:6] == b"\x05\x07"
+    s.close()
+    wait_stat(server, "conn_rejected", 3)
+    ctl, u, relay = raw_associate(server, "u", "right")      # still serving
+    ctl.close()
+    u.close()
+
+
+def test_socks5_upstream_against_relay_socks5(started, echo, impl):
+    server = socks5(started, user="u", password="p", allow=["127.0.0.0/8"])
+    core = _select.module("tunnel")
+    up = core.Socks5Upstream(server.address, user="u", password="p")
+    got = []
+    up.collect_replies(got)
+    try:
+        clients = [("192.0.2.%d" % i, 1000 + i) for i in range(1, 6)]
+        for c in clients:
+            up.send(c, echo.addr, b"from %s" % c[0].encode())
+        up.flush()
+        deadline = time.monotonic() + 5
+        while len(got) < len(clients) and time.monotonic() < deadline:
+            up.process()
+            up.tick()
+            time.sleep(0.005)
+        assert sorted(got) == sorted((c, echo.addr, b"from %s" % c[0].encode()) for c in clients)
+        assert up.flows_open == len(clients)
+        # more datagrams on the now established associations
+        for c in clients:
+            up.send(c, echo.addr, b"again")
+        up.flush()
+        deadline = time.monotonic() + 5
+        while len(got) < 2 * len(clients) and time.monotonic() < deadline:
+            up.process()
+            time.sleep(0.005)
+        assert len(got) == 2 * len(clients)
+        assert server.svc.relay.associations == len(clients)
+    finally:
+        up.close()
+    N.wait_until(lambda: server.svc.relay.associations == 0, 5, what="associations closed")
+
+
+def test_socks5_refuses_open_proxy():
+    from relay.services import socks5_server as mod
+    with pytest.raises(ValueError, match="user"):
+        mod.check_exposure(cfg("socks5", listen=("192.0.2.1", 1080)))
