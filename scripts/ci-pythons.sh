@@ -37,7 +37,7 @@ trap 'rm -rf "$logs"' EXIT
 run() {             # run NAME PYTHON [ENV=VALUE...]: the unit tests, output to $logs/NAME
     local name=$1 py=$2
     shift 2
-    env "$@" "${isolate[@]}" "$py" -m pytest -q -m "not netns" -p no:cacheprovider \
+    env "$@" "${isolate[@]}" "$py" -m pytest -q -n 2 -m "not netns" -p no:cacheprovider \
         --basetemp="$logs/tmp-$name" >"$logs/$name" 2>&1
 }
 

@@ -2,7 +2,7 @@
 
 ``Acceptor`` accepts from a listen socket without ever spinning: when the process is out of
 descriptors (EMFILE, ENFILE, and the kernel's ENOBUFS/ENOMEM) it stops watching the listen
-socket for ``ACCEPT_PAUSE`` seconds (``tick`` re-arms it), and it keeps ``FD_RESERVE``
+socket for ``ACCEPT_PAUSE`` seconds (``tick`` re-arms it), and it keeps ``ACCEPT_RESERVE``
 descriptors free for the flows already established: a connection accepted into the reserve is
 closed at once and counted (``conn_rejected``).
 
@@ -24,9 +24,12 @@ from relay.privileges import fd_soft_limit
 
 ACCEPT_BURST = 64
 ACCEPT_PAUSE = 0.1           # seconds the listen socket rests when descriptors run out
-FD_RESERVE = 16              # descriptors kept free for established flows
+ACCEPT_RESERVE = 16          # descriptors an accept keeps free for established flows (within
+                             # the data path's relay.config.FD_RESERVE, which flow sockets keep)
+MAX_HANDSHAKES = 256         # connections in their handshake at once (the oldest makes room)
 PER_SOURCE = 16              # handshakes one source address (IPv6: one /64) may hold
 FIRST_BYTES_TIMEOUT = 3.0    # a new connection says something within this, or is closed
+HANDSHAKE_TIMEOUT = 10.0     # ... and completes its handshake within this
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -43,7 +46,7 @@ def source_key(host):
 class Acceptor:
     """accept() for one listen socket watched by ``watch(fd)`` / ``unwatch(fd)`` (token 0)."""
 
-    def __init__(self, lsock, watch, unwatch, stats, index, log, reserve=FD_RESERVE):
+    def __init__(self, lsock, watch, unwatch, stats, index, log, reserve=ACCEPT_RESERVE):
         self.lsock, self._watch, self._unwatch = lsock, watch, unwatch
         self.st, self.i_accepted, self.i_rejected = stats, index["conn_accepted"], index["conn_rejected"]
         self.say = LogLimiter(log)
@@ -99,8 +102,9 @@ class Acceptor:
 class HandshakePool:
     """token -> (source key, start, deadline, heard), oldest first."""
 
-    def __init__(self, cap, timeout, per_source=None, first_bytes=None):
-        self.cap, self.timeout = cap, timeout
+    def __init__(self, cap=None, timeout=None, per_source=None, first_bytes=None):
+        self.cap = MAX_HANDSHAKES if cap is None else cap
+        self.timeout = timeout = HANDSHAKE_TIMEOUT if timeout is None else timeout
         self.per_source = PER_SOURCE if per_source is None else per_source
         self.first_bytes = min(FIRST_BYTES_TIMEOUT if first_bytes is None else first_bytes, timeout)
         self.slots = {}

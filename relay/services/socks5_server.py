@@ -31,11 +31,9 @@ from relay.services.common import HOSTS_TOKEN, DestinationAcl, check_exposure
 log = logging.getLogger("relay.socks5")
 _I = _stats.INDEX
 
-HANDSHAKE_TIMEOUT = 10.0     # the whole handshake; its first bytes within admission.FIRST_BYTES_TIMEOUT
 CONNECT_TIMEOUT = 10.0
 PIPE_LIMIT = 256 * 1024        # bytes buffered towards one side of a CONNECT relay
 MAX_CONTROL = 1024             # established control connections (associations, CONNECTs)
-MAX_HANDSHAKES = 256           # connections in their handshake, apart (the oldest makes room)
 # CONNECT names resolved at once (a request beyond either is refused: REP 4, conn_rejected),
 # and how long a client waits for one (then REP 4); a lookup counts until getaddrinfo
 # returns, even after its client was answered, so names that never resolve cannot pile up
@@ -93,7 +91,7 @@ class Socks5Service(Service):
                                  ctx.stats, _I, log)
         self.say = LogLimiter(log)
         self.controls = {}        # token -> _Control (client side)
-        self.handshakes = HandshakePool(MAX_HANDSHAKES, HANDSHAKE_TIMEOUT)   # tokens in HANDSHAKE
+        self.handshakes = HandshakePool()   # tokens in HANDSHAKE
         self.sides = {}           # token -> (_Side, _Control)
         self.by_assoc = {}        # association slot -> _Control
         self.strict_udp = cfg.strict_udp
@@ -187,7 +185,7 @@ class Socks5Service(Service):
             self.relay.watch(sock.fileno(), side.token)
             victim = self.handshakes.add(side.token, peer[0], time.monotonic())
             if victim is not None:
-                self._close(self.controls[victim], f"{MAX_HANDSHAKES} connections in their "
+                self._close(self.controls[victim], f"{self.handshakes.cap} connections in their "
                             f"handshake; the oldest made room", rejected=True)
 
     def _established(self):

@@ -21,9 +21,7 @@ from relay.services.common import HOSTS_TOKEN, DestinationAcl, check_exposure
 
 log = logging.getLogger("relay.tunnel")
 
-HANDSHAKE_TIMEOUT = 10.0     # the whole handshake; its first bytes within admission.FIRST_BYTES_TIMEOUT
 STALL_TIMEOUT = 5.0          # a client that reads none of its waiting replies this long is dropped
-MAX_PENDING = 256            # connections still in their handshake (the oldest makes room)
 _I = _stats.INDEX
 
 
@@ -54,7 +52,7 @@ class TunnelServerService(Service):
                                  ctx.stats, _I, log)
         self.say = LogLimiter(log)
         self.pending = {}          # token -> _Pending; their slots and deadlines in self.handshakes
-        self.handshakes = HandshakePool(MAX_PENDING, HANDSHAKE_TIMEOUT)
+        self.handshakes = HandshakePool()
         self._token = 0
         self.address = self.lsock.getsockname()
 
@@ -99,7 +97,7 @@ class TunnelServerService(Service):
             self.core.watch(sock.fileno(), self._token)
             victim = self.handshakes.add(self._token, peer[0], time.monotonic())
             if victim is not None:
-                self._reject(victim, f"{MAX_PENDING} connections in their handshake; the "
+                self._reject(victim, f"{self.handshakes.cap} connections in their handshake; the "
                                      f"oldest made room")
 
     def _reject(self, token, why, reply=b""):

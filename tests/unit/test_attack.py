@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from relay import proto
-from relay.services import admission, socks5_server, tunnel_server
+from relay.services import admission
 from tests.namespaces import wait_until
 from tests.relayproc import RelayProcess
 from tests.support import cfg, closed_by_peer, raw_associate, raw_client, read_frames
@@ -150,11 +150,10 @@ def test_one_address_cannot_hold_the_handshake_slots(running, echo, mode, count)
         holder.close()
 
 
-@pytest.mark.parametrize("mode,cap", [("tunnel-server", "MAX_PENDING"),
-                                      ("socks5", "MAX_HANDSHAKES")])
-def test_full_handshake_pool_evicts_the_oldest(running, echo, monkeypatch, mode, cap):
+@pytest.mark.parametrize("mode", ["tunnel-server", "socks5"])
+def test_full_handshake_pool_evicts_the_oldest(running, echo, monkeypatch, mode):
     """8 handshake slots held from 8 addresses: a ninth client gets in, the oldest goes."""
-    monkeypatch.setattr(tunnel_server if mode == "tunnel-server" else socks5_server, cap, 8)
+    monkeypatch.setattr(admission, "MAX_HANDSHAKES", 8)
     server = lo_service(running, mode)
     addr = server.address[:2]
     idle = idle_connections(addr, 8)
