@@ -78,7 +78,9 @@ def test_ci_runs_exactly_the_readme_test_command():
     commands = readme_commands()
     assert len(commands) == 2, commands
     run_cmd, test_cmd = commands
-    assert "relay forward" in run_cmd and "pytest" in test_cmd
+    assert "relay forward" in run_cmd and test_cmd.endswith("scripts/test")
+    script = read("scripts/test")                     # the whole suite, in its two parts
+    assert '-m "not netns"' in script and "-m netns" in script and "pytest" in script
     ci = [line.strip() for line in read(".ci/run").splitlines()]
     steps = [line for line in ci if line and not line.startswith(("#", "set ", "cd "))]
     assert steps[0] == test_cmd                      # first, and exactly as written
