@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from relay import proto
 from relay.datapath import pure
 from relay.net import ifaddr
-from tests.support import cfg
+from tests.support import cfg, examples
 
 _tunnel = pytest.importorskip("relay.datapath.tunnel")
 pytestmark = pytest.mark.usefixtures("impl")      # compiled cores, then the pure twins
@@ -121,7 +121,7 @@ nets = st.one_of(
 ).map(lambda t: ipaddress.ip_network(f"{t[0]}/{t[1]}", strict=False))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(80), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(nets, max_size=3), st.lists(nets, max_size=3), st.lists(ips, max_size=6),
        st.lists(ips, min_size=1, max_size=8), st.booleans())
 def test_fuzz_host_aware_acl_agree(allow, deny, hosts, probe, allow_host):
@@ -130,7 +130,9 @@ def test_fuzz_host_aware_acl_agree(allow, deny, hosts, probe, allow_host):
     deny = deny + [ipaddress.ip_network(h) for h in hosts[1:2]]
     acl = proto.AccessList(allow=allow, deny=deny, allow_host=allow_host)
     ref, c, p = matchers(acl, hosts)
-    for ip in probe + hosts + ["::ffff:" + h for h in hosts if "." in h]:
+    # (an IPv4-mapped IPv6 host is text with dots too on Python 3.13: map IPv4 ones only)
+    mapped = ["::ffff:" + h for h in hosts if ipaddress.ip_address(h).version == 4]
+    for ip in probe + hosts + mapped:
         assert ref.allowed(ip) == c.allowed(ip) == p.allowed(ip), ip
 
 
