@@ -423,7 +423,8 @@ def s_upstream_table(kind, cap, ports):
                             f"~{rate:.0f}/s, cap {cap}",
                     "client": summary(rtts), "client_unloaded": base,
                     "assoc_evicted": st["assoc_evicted"], "assoc_open": st["assoc_open"],
-                    "drop_table_full": st["drop_table_full"]}
+                    "drop_table_full": st["drop_table_full"],
+                    "assoc_refused": st["assoc_refused"], "queue_drops": st["queue_drops"]}
     finally:
         echo.close()
 
