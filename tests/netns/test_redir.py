@@ -207,3 +207,21 @@ def test_replies_from_a_low_port_reach_the_client_as_the_default_user(router, fa
         st = relay.settled_stats(lambda s: s["down_datagrams"] == 5)
         assert st["up_datagrams"] == 5
         assert {k: v for k, v in st.items() if k.startswith("drop_") and v} == {}
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_associations_expire_by_their_destination_port(router, fam):
+    """--timeout-port: the association whose first datagram went to the short port closes
+    after its 0.5 s; the one to another port keeps --timeout (60 s)."""
+    topo = router
+    family, srv, _ = FAMILIES[fam]
+    start_echo(topo.srv, f"{SRV4}:5000", f"[{SRV6}]:5000", f"{SRV4}:5001", f"[{SRV6}]:5001")
+    with start_redir(topo, "raw", "--timeout", "60", "--timeout-port", "5001=0.5") as relay:
+        short, other = topo.cli.socket(family), topo.cli.socket(family)
+        assert udp_roundtrip(short, (srv, 5001), b"dns-like")[0] == b"dns-like"
+        assert udp_roundtrip(other, (srv, 5000), b"game-like")[0] == b"game-like"
+        st = relay.settled_stats(lambda st: st["assoc_expired"] == 1, timeout=10)
+        assert st["assoc_open"] == 1
+        # the long one is the one left: its next datagram needs no new association
+        assert udp_roundtrip(other, (srv, 5000), b"again")[0] == b"again"
+        assert relay.stats()["assoc_created"] == 2
