@@ -48,7 +48,6 @@ cdef class Engine:
     cdef socklen_t to_len
     cdef double timeout, tp_idle, next_sweep, min_timeout
     cdef uint8_t *port_class      # redir: destination port -> timeout class (NULL: all class 0)
-    cdef uint8_t fwd_class        # forward: the class of the --to port
     cdef table_t assoc
     cdef table_t tp
     cdef uint64_t *st

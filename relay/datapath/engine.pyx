@@ -470,13 +470,18 @@ cdef class Engine:
                 break
 
     def _set_timeouts(self, double timeout, port_timeouts):
-        """Timeout classes of the association table (relay/datapath/timeouts.py)."""
+        """Timeout classes of the association table (relay/datapath/timeouts.py). forward's
+        flows all go to --to: its port's timeout is the table's one class (no class lists)."""
+        cdef int port
+        if self.mode == MODE_FORWARD:
+            port = ntohs(self.to_addr.v4.sin_port)       # sin6_port: the same place
+            for lo, hi, sec in port_timeouts:
+                if lo <= port <= hi:
+                    timeout = sec
+            port_timeouts = ()
         pmap = table_timeouts(&self.assoc, timeout, port_timeouts)
         self.min_timeout = min([timeout] + [sec for _, _, sec in port_timeouts])
         if pmap is None:
-            return
-        if self.mode == MODE_FORWARD:
-            self.fwd_class = pmap[ntohs(self.to_addr.v4.sin_port)]   # sin6_port: same place
             return
         self.port_class = <uint8_t *>malloc(65536)
         if self.port_class == NULL:
@@ -576,8 +581,6 @@ cdef class Engine:
                     # its idle timeout: by the destination port of its first datagram
                     if self.port_class != NULL:
                         table_set_class(&self.assoc, idx, self.port_class[ntohs(dk.port)])
-                    elif self.fwd_class:
-                        table_set_class(&self.assoc, idx, self.fwd_class)
                 else:
                     table_touch(&self.assoc, idx, now)
                 if self.local_src:          # the client may have moved to another address

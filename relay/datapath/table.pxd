@@ -57,6 +57,7 @@ cdef struct table_t:
     int32_t chead[TCLASSES]  # per timeout class: most and least recently used
     int32_t ctail[TCLASSES]
     double ctimeout[TCLASSES]
+    uint8_t nclass           # classes in use: 1 keeps no class lists (the global LRU is it)
 
 
 cdef inline bint is_v4mapped(const uint8_t *a) noexcept nogil:
@@ -157,6 +158,7 @@ cdef inline int table_init(table_t *t, int32_t cap, uint32_t seed) noexcept nogi
         t.chead[i] = -1
         t.ctail[i] = -1
         t.ctimeout[i] = 0
+    t.nclass = 1
     for i in range(nb):
         t.buckets[i] = -1
     for i in range(cap):
@@ -237,21 +239,24 @@ cdef inline void table_touch(table_t *t, int32_t i, double now) noexcept nogil:
     if t.head != i:
         _lru_unlink(t, i)
         _lru_push_head(t, i)
-    if t.chead[t.e[i].tclass] != i:
+    if t.nclass > 1 and t.chead[t.e[i].tclass] != i:
         _class_unlink(t, i)
         _class_push_head(t, i)
 
 
 cdef inline void table_set_timeout(table_t *t, uint8_t c, double seconds) noexcept nogil:
-    """Idle timeout of class c (class 0: the default every entry starts in)."""
+    """Idle timeout of class c (class 0: the default every entry starts in). Set them
+    before the first insert: with class 0 alone the table keeps no class lists."""
     if c < TCLASSES:
         t.ctimeout[c] = seconds
+        if c >= t.nclass:
+            t.nclass = c + 1
 
 
 cdef inline void table_set_class(table_t *t, int32_t i, uint8_t c) noexcept nogil:
     """Move entry i into timeout class c. For an entry just inserted or touched: it goes
     to the head of its new class, which is only in order when its last use is the newest."""
-    if c >= TCLASSES or t.e[i].tclass == c:
+    if c >= t.nclass or t.e[i].tclass == c:
         return
     _class_unlink(t, i)
     t.e[i].tclass = c
@@ -280,7 +285,10 @@ cdef inline int32_t table_expired(const table_t *t, double now) noexcept nogil:
     class's least recently used entry is the first of that class to expire."""
     cdef int c
     cdef int32_t i
-    for c in range(TCLASSES):
+    if t.nclass == 1:
+        i = t.tail
+        return i if i >= 0 and t.e[i].last + t.ctimeout[0] <= now else -1
+    for c in range(t.nclass):
         i = t.ctail[c]
         if i >= 0 and t.e[i].last + t.ctimeout[c] <= now:
             return i
@@ -305,7 +313,8 @@ cdef inline int32_t table_insert(table_t *t, const akey_t *k, double now) noexce
     t.e[i].hnext = t.buckets[h & t.mask]
     t.buckets[h & t.mask] = i
     _lru_push_head(t, i)
-    _class_push_head(t, i)
+    if t.nclass > 1:
+        _class_push_head(t, i)
     t.count += 1
     return i
 
@@ -318,7 +327,8 @@ cdef inline void table_remove(table_t *t, int32_t i) noexcept nogil:
     if link[0] == i:
         link[0] = e.hnext
     _lru_unlink(t, i)
-    _class_unlink(t, i)
+    if t.nclass > 1:
+        _class_unlink(t, i)
     e.used = 0
     e.fd = -1
     e.hnext = t.free_head
