@@ -230,3 +230,56 @@ def test_engine_refuses_more_classes_than_the_table_has():
         lsock2.close()
     finally:
         lsock.close()
+
+
+# ------------------------------------------------------------- the servers' flows
+
+
+@pytest.mark.usefixtures("impl")
+def test_tunnel_server_flows_expire_by_destination_port(running, echo):
+    """tunnel-server --timeout-port: the flow to the short port goes after its 0.3 s, the
+    flow to another port stays (60 s)."""
+    from relay import proto
+    from tests.relayproc import LoopbackEcho
+    from tests.support import cfg, raw_client, read_frames
+    with LoopbackEcho() as other:
+        short = echo.addr[1]
+        server = running(cfg("tunnel-server", listen=("127.0.0.1", 0), allow=["127.0.0.0/8"],
+                             timeout=60.0, timeout_port=((short, short, 0.3),)))
+        s, _ = raw_client(server)
+        with s:
+            s.sendall(proto.encode_frame(*echo.addr, b"dns-like", flow=1)
+                      + proto.encode_frame("127.0.0.1", other.address[1], b"game-like", flow=2))
+            assert sorted(f.data for f in read_frames(s, 2)) == [b"dns-like", b"game-like"]
+            wait_until(lambda: server.stats()["assoc_expired"] == 1, 5, what="one flow expired")
+            time.sleep(0.6)
+            st = server.stats()
+            assert st["assoc_expired"] == 1 and st["assoc_open"] == 1
+            s.sendall(proto.encode_frame("127.0.0.1", other.address[1], b"again", flow=2))
+            assert [f.data for f in read_frames(s, 1)] == [b"again"]
+            assert server.stats()["assoc_created"] == 2       # flow 2 kept its socket
+
+
+@pytest.mark.usefixtures("impl")
+def test_socks5_associations_expire_by_destination_port(running, echo):
+    """socks5 --timeout-port: an association whose first datagram went to the short port is
+    closed after 0.3 s with its control connection; one to another port stays."""
+    from relay import proto
+    from tests.relayproc import LoopbackEcho
+    from tests.support import cfg, closed_by_peer, raw_associate
+    with LoopbackEcho() as other:
+        short = echo.addr[1]
+        server = running(cfg("socks5", listen=("127.0.0.1", 0), allow=["127.0.0.0/8"],
+                             timeout=60.0, timeout_port=((short, short, 0.3),)))
+        ctl1, u1, relay1 = raw_associate(server)
+        ctl2, u2, relay2 = raw_associate(server)
+        with ctl1, u1, ctl2, u2:
+            for u, relay, dst in ((u1, relay1, echo.addr), (u2, relay2, other.address)):
+                u.settimeout(3)
+                u.sendto(proto.udp_header(*dst[:2]) + b"hello", relay)
+                assert u.recvfrom(1000)[0].endswith(b"hello")
+            assert closed_by_peer(ctl1, 5)
+            st = server.stats()
+            assert st["assoc_expired"] == 1 and st["assoc_open"] == 1
+            u2.sendto(proto.udp_header(*other.address[:2]) + b"still", relay2)
+            assert u2.recvfrom(1000)[0].endswith(b"still")
