@@ -253,8 +253,11 @@ def test_forward_through_an_upstream_evicts_at_max_associations(core, servers, e
         finally:
             s.close()
     st = r.stats()
-    assert st["assoc_evicted"] == 2 * CAP + 1 and st["assoc_open"] == CAP
-    assert st["drop_table_full"] == 0 and st["assoc_refused"] == 0
+    # 2 * CAP + 1 evictions, or one fewer when the server side ended one of the flows
+    # itself meanwhile (seen once on a loaded run: its slot then needed no eviction)
+    assert 2 * CAP <= st["assoc_evicted"] <= 2 * CAP + 1, st
+    assert st["assoc_open"] == CAP and st["assoc_created"] == 3 * CAP + 1, st
+    assert st["drop_table_full"] == 0 and st["assoc_refused"] == 0, st
 
 
 @pytest.mark.parametrize("kind", KINDS)
