@@ -50,6 +50,10 @@ def _runtime_options(p):
                         "TCP_USER_TIMEOUT drops it when the probes or its unacknowledged data "
                         "go unanswered as long; 0: off (default: "
                         f"{GlobalConfig.tcp_keepalive:g})")
+    g.add_argument("--client-group", action="append", default=[], metavar="NAME=CIDR[,CIDR]",
+                   help="count datagrams and bytes of the clients in these networks as group "
+                        "NAME in `relay stats` and /metrics (repeat for more groups, at most "
+                        "16; the rest count as 'other')")
 
 
 # Options that become listener keys: dest -> config key (most are the same name).
@@ -173,6 +177,17 @@ def _global_from_args(args):
         g["user"] = args.run_as
     if args.tcp_keepalive is not None:
         g["tcp_keepalive"] = args.tcp_keepalive
+    if args.client_group:
+        from relay.flows import parse_group
+        groups = {}
+        for text in args.client_group:
+            try:
+                name, nets = parse_group(text)
+            except ValueError as e:
+                print(f"relay {args.mode}: error: --client-group: {e}", file=sys.stderr)
+                raise SystemExit(2)
+            groups.setdefault(name, []).extend(nets)
+        g["client_groups"] = groups
     return g
 
 
@@ -259,7 +274,22 @@ def stats_table(data, rates=None):
     for key in keys:
         out.append(key.ljust(width) + "  " + "  ".join(cell(c, key).rjust(w)
                                                         for c, w in zip(cols, widths)))
+    if data.get("clients"):
+        out.append(clients_table(data["clients"]["total"], rates and rates.get("clients")))
     return "\n".join(out) + "\n"
+
+
+def clients_table(groups, rates=None):
+    """The client groups' counters (all listeners) as text: a line per group; with
+    ``rates`` ({group: {field: per second}}) per second."""
+    from relay.flows import GROUP_FIELDS
+    head = ["client group", "datagrams>", "bytes>", "datagrams<", "bytes<"]
+    rows = [[g] + [f"{rates[g][k]:,.0f}/s" if rates else str(c[k]) for k in GROUP_FIELDS]
+            for g, c in sorted(groups.items())]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    return "\n" + "\n".join(r[0].ljust(widths[0]) + "".join("  " + v.rjust(w) for v, w in
+                                                           zip(r[1:], widths[1:]))
+                            for r in [head] + rows)
 
 
 def stats_rates(before, after, seconds):
@@ -269,6 +299,11 @@ def stats_rates(before, after, seconds):
         old = before["total"] if col == "total" else before["listeners"].get(col, {})
         out[col] = {k: max(0, v - old.get(k, 0)) / seconds if seconds > 0 else 0.0
                     for k, v in new.items()}
+    if after.get("clients"):
+        before_groups = (before.get("clients") or {}).get("total", {})
+        out["clients"] = {g: {k: max(0, v - before_groups.get(g, {}).get(k, 0)) / seconds
+                              if seconds > 0 else 0.0 for k, v in c.items()}
+                          for g, c in after["clients"]["total"].items()}
     return out
 
 
@@ -456,7 +491,8 @@ def build_parser():
                           "until Ctrl-C; open associations and connections as values")
     st.set_defaults(func=_cmd_stats)
 
-    from relay import doctor, rules
+    from relay import doctor, flows, rules
+    flows.add_cli(sub)
     rules.add_cli(sub)
     doctor.add_cli(sub)
     _add_tunnel_server(sub)

@@ -82,6 +82,9 @@ class GlobalConfig:
     # Idle seconds before a silent TCP peer is probed (keepalive, then TCP_USER_TIMEOUT:
     # relay/net/sockopt.py tcp_keepalive); 0: off. Every long-lived TCP connection.
     tcp_keepalive: float = 60.0
+    # Per-client counters by CIDR group (relay/flows.py): ((name, (network, ...)), ...),
+    # at most relay.flows.MAX_CLIENT_GROUPS; clients outside every group count as "other".
+    client_groups: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -525,7 +528,30 @@ def _parse_global(ctx, table):
         value = table["tcp_keepalive"]
         kw["tcp_keepalive"] = 0.0 if value == 0 and not isinstance(value, bool) else \
             _get_float(ctx, g + "tcp_keepalive", value, 0, MAX_KEEPALIVE)
+    if "client_groups" in table:
+        kw["client_groups"] = _get_client_groups(ctx, g + "client_groups", table["client_groups"])
     return GlobalConfig(**kw)
+
+
+def _get_client_groups(ctx, key, value):
+    """{name: [CIDR, ...] or "CIDR,CIDR"} -> ((name, (network, ...)), ...)."""
+    from relay.flows import MAX_CLIENT_GROUPS, OTHER
+    if not isinstance(value, dict):
+        raise ctx.error(key, f"expected a table of group name = [CIDR, ...], got {_describe(value)}")
+    if len(value) > MAX_CLIENT_GROUPS:
+        raise ctx.error(key, f"{len(value)} groups, at most {MAX_CLIENT_GROUPS}")
+    groups = []
+    for name, nets in value.items():
+        k = f"{key}.{name}"
+        if not _NAME.match(name) or name == OTHER:
+            raise ctx.error(k, f"group names are letters, digits, '_', '.', '-' (and not {OTHER!r})")
+        if isinstance(nets, str):
+            nets = [n.strip() for n in nets.split(",") if n.strip()]
+        nets = _get_cidrs(ctx, k, nets)
+        if not nets:
+            raise ctx.error(k, "a group needs at least one CIDR")
+        groups.append((name, nets))
+    return tuple(groups)
 
 
 def _parse_listener(ctx, index, table):

@@ -1,4 +1,5 @@
-"""Shared-memory counters: one slot of N_COUNTERS uint64 per (listener, worker).
+"""Shared-memory counters: one slot of N_COUNTERS uint64 per (listener, worker), followed
+by the client groups' counters (relay/flows.py GROUP_WORDS uint64).
 
 The supervisor maps one anonymous shared region before it forks workers; a worker's data
 path writes its own slot without locks (one writer per slot), and readers sum slots. The
@@ -21,7 +22,8 @@ COUNTERS = (
 N_COUNTERS = len(COUNTERS)
 INDEX = {name: i for i, name in enumerate(COUNTERS)}
 GAUGES = frozenset({"assoc_open", "transparent_open", "conn_open"})
-SLOT_BYTES = N_COUNTERS * 8
+from relay.flows import GROUP_FIELDS, GROUP_WORDS   # noqa: E402  (after the names above)
+SLOT_BYTES = (N_COUNTERS + GROUP_WORDS) * 8
 
 HELP = {
     "up_datagrams": "datagrams relayed from clients towards upstream",
@@ -77,6 +79,10 @@ class StatsRegion:
     def read(self, i):
         return dict(zip(COUNTERS, struct.unpack_from(f"{N_COUNTERS}Q", self.mem, i * SLOT_BYTES)))
 
+    def read_groups(self, i):
+        """Slot i's client group words (relay.flows.group_counters reads them)."""
+        return struct.unpack_from(f"{GROUP_WORDS}Q", self.mem, i * SLOT_BYTES + N_COUNTERS * 8)
+
     def clear(self, i):
         self.mem[i * SLOT_BYTES:(i + 1) * SLOT_BYTES] = bytes(SLOT_BYTES)
 
@@ -89,19 +95,47 @@ def total(dicts):
     return out
 
 
-def prometheus(per_listener):
-    """Prometheus text exposition of {listener_name: counters}."""
+def _label(text):
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def prometheus(per_listener, clients=None):
+    """Prometheus text exposition of {listener_name: counters} and, when client groups
+    are configured, {listener_name: {group: group counters}} (relay.flows)."""
     lines = []
     for name in COUNTERS:
         metric = f"relay_{name}" + ("" if name in GAUGES else "_total")
         lines.append(f"# HELP {metric} {HELP[name]}")
         lines.append(f"# TYPE {metric} {'gauge' if name in GAUGES else 'counter'}")
         for listener, counters in sorted(per_listener.items()):
-            label = listener.replace("\\", "\\\\").replace('"', '\\"')
-            lines.append(f'{metric}{{listener="{label}"}} {counters[name]}')
+            lines.append(f'{metric}{{listener="{_label(listener)}"}} {counters[name]}')
+    if clients:
+        for unit in ("datagrams", "bytes"):
+            metric = f"relay_client_{unit}_total"
+            lines.append(f"# HELP {metric} {unit} from (out) and to (in) the clients of each "
+                         "client group (--client-group)")
+            lines.append(f"# TYPE {metric} counter")
+            for listener, groups in sorted(clients.items()):
+                for group, c in sorted(groups.items()):
+                    for way in ("out", "in"):
+                        lines.append(f'{metric}{{listener="{_label(listener)}",group="{_label(group)}",'
+                                     f'direction="{way}"}} {c[f"{unit}_{way}"]}')
     return "\n".join(lines) + "\n"
 
 
-def to_json(per_listener):
-    return json.dumps({"listeners": per_listener, "total": total(per_listener.values())},
-                      indent=2, sort_keys=True)
+def total_groups(per_listener):
+    """{group: counters} summed over listeners."""
+    out = {}
+    for groups in per_listener.values():
+        for group, c in groups.items():
+            acc = out.setdefault(group, dict.fromkeys(GROUP_FIELDS, 0))
+            for k, v in c.items():
+                acc[k] += v
+    return out
+
+
+def to_json(per_listener, clients=None):
+    body = {"listeners": per_listener, "total": total(per_listener.values())}
+    if clients:
+        body["clients"] = {"listeners": clients, "total": total_groups(clients)}
+    return json.dumps(body, indent=2, sort_keys=True)

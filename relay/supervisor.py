@@ -3,6 +3,7 @@
 Signals: SIGTERM / SIGINT stop everything cleanly; SIGHUP reloads the configuration file
 (``relay run -c``) and keeps the listeners that did not change.
 """
+import dataclasses
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import threading
 import time
 
 from relay.net import sockopt
+from relay import flows as flows_mod
 from relay import stats as stats_mod
 from relay.config import LISTEN_PROTO
 from relay.droplog import DropLog
@@ -25,6 +27,7 @@ log = logging.getLogger("relay")
 MAX_SLOTS = 4096
 RESTART_BACKOFF_MAX = 5.0
 DROP_CHECK_INTERVAL = 1.0       # seconds between looks at the drop counters (DropLog)
+FLOWS_TIMEOUT = 3.0             # seconds a worker has to answer `relay flows`
 
 
 class StartError(RuntimeError):
@@ -64,6 +67,9 @@ class Supervisor:
         self.stats = stats_mod.StatsRegion(MAX_SLOTS)
         self.slots = {}
         self.retired = {}           # listener -> counters of workers that died (not gauges)
+        self.retired_groups = {}    # listener -> client group words of workers that died
+        self.chan_lock = threading.Lock()   # one request/answer on the worker channels at a time
+        self.asked = 0                      # requests sent to workers: the id of the last
         self.next_slot = 0
         self._assign_slots(config)
         self.workers = [WorkerHandle(i) for i in range(self.nworkers)]
@@ -96,6 +102,20 @@ class Supervisor:
                                             self.retired.get(lc.name, {})])
         return out
 
+    def clients(self):
+        """{listener name: {client group: counters}} (relay/flows.py); {} without groups."""
+        groups = self.config.global_.client_groups
+        if not groups:
+            return {}
+        out = {}
+        for lc in self.config.listeners:
+            base = self.slots[lc.name]
+            words = list(self.retired_groups.get(lc.name, ()) or [0] * flows_mod.GROUP_WORDS)
+            for i in range(self.nworkers):
+                words = [a + b for a, b in zip(words, self.stats.read_groups(base + i))]
+            out[lc.name] = flows_mod.group_counters(groups, words)
+        return out
+
     def _retire_slots(self, index):
         """Keep a dead worker's counts (gauges excepted) and clear its slots for the next one."""
         for name, base in self.slots.items():
@@ -104,6 +124,8 @@ class Supervisor:
             for k, v in counts.items():
                 if k not in stats_mod.GAUGES:
                     acc[k] = acc.get(k, 0) + v
+            words = self.retired_groups.get(name) or [0] * flows_mod.GROUP_WORDS
+            self.retired_groups[name] = [a + b for a, b in zip(words, self.stats.read_groups(base + index))]
             self.stats.clear(base + index)
 
     # ---- listen addresses --------------------------------------------------------------
@@ -138,7 +160,9 @@ class Supervisor:
         w.restart_at = None
         return w
 
-    def _read_msg(self, w, timeout):
+    def _read_msg(self, w, timeout, reap=True):
+        """One message of worker w. A worker gone: StartError, its status reaped here when
+        reap (at start and reload, in the main thread), else left to _reap."""
         deadline = time.monotonic() + timeout
         while b"\n" not in w.buf:
             left = deadline - time.monotonic()
@@ -148,6 +172,8 @@ class Supervisor:
             if r:
                 data = w.chan.recv(65536)
                 if not data:
+                    if not reap:
+                        raise StartError(f"worker {w.index} is gone")
                     _, status = os.waitpid(w.pid, 0)
                     w.pid = None
                     raise StartError(f"worker {w.index} {describe_status(status)} during start")
@@ -256,6 +282,10 @@ class Supervisor:
         if new.global_.workers and new.global_.workers != self.nworkers:
             log.warning("reload: the number of workers cannot change without a restart; keeping %d",
                         self.nworkers)
+        if new.global_.client_groups != self.config.global_.client_groups:
+            log.warning("reload: client groups cannot change without a restart; keeping them")
+            new = dataclasses.replace(new, global_=dataclasses.replace(
+                new.global_, client_groups=self.config.global_.client_groups))
         try:
             self._check_ports(new, held=self._bound(self.config))
             self._assign_slots(new)
@@ -267,13 +297,47 @@ class Supervisor:
         for w in self.workers:
             if w.chan:
                 try:
-                    w.chan.sendall((json.dumps({"config": blob, "slots": self.slots}) + "\n").encode())
-                    msg = self._read_msg(w, 30)
+                    msg = self._ask(w, {"config": blob, "slots": self.slots}, 30)
                     for err in msg.get("errors", []):
                         log.error("reload: worker %d: %s", w.index, err)
                 except (OSError, StartError) as e:
                     log.error("reload: worker %d: %s", w.index, e)
         log.info("configuration reloaded from %s", self.config_path)
+
+    def _ask(self, w, msg, timeout, reap=True):
+        """Send worker w one message and read its answer (the channel is shared by the
+        main thread's reloads and the control thread's `flows`)."""
+        with self.chan_lock:
+            self.asked += 1
+            msg = dict(msg, id=self.asked)
+            w.chan.sendall((json.dumps(msg) + "\n").encode())
+            deadline = time.monotonic() + timeout
+            while True:     # an answer to an earlier request that timed out is dropped
+                answer = self._read_msg(w, max(0.0, deadline - time.monotonic()), reap)
+                if answer.get("id") == msg["id"]:
+                    return answer
+
+    def flows(self, args):
+        """The control request ``flows {json}`` (relay/flows.py): every worker's snapshot,
+        merged, sorted and cut to args' top."""
+        rows, total, errors = [], 0, []
+        for w in self.workers:
+            if not w.chan:
+                continue
+            try:
+                msg = self._ask(w, {"flows": args}, FLOWS_TIMEOUT, reap=False)
+            except (OSError, StartError, ValueError) as e:
+                errors.append(f"worker {w.index}: {e}")
+                continue
+            rows.extend(msg.get("flows", []))
+            total += msg.get("total", 0)
+            errors.extend(msg.get("errors", []))
+        if args["by_client"]:
+            rows = flows_mod.merge_clients(rows)
+            total = len(rows)
+        rows.sort(key=flows_mod.sort_key(args["sort"]), reverse=True)
+        return {"flows": rows[:args["top"]], "total": total, "by_client": args["by_client"],
+                "sort": args["sort"], "errors": errors}
 
     # ---- control socket and metrics ----------------------------------------------------
 
@@ -321,11 +385,17 @@ class Supervisor:
             with conn:
                 try:
                     conn.settimeout(2)
-                    req = conn.recv(256).decode(errors="replace").strip() or "stats"
+                    req = conn.recv(512).decode(errors="replace").strip() or "stats"
+                    verb, _, rest = req.partition(" ")
                     if req == "stats":
-                        body = stats_mod.to_json(self.counters())
+                        body = stats_mod.to_json(self.counters(), self.clients())
                     elif req == "metrics":
-                        body = stats_mod.prometheus(self.counters())
+                        body = stats_mod.prometheus(self.counters(), self.clients())
+                    elif verb == "flows":
+                        try:
+                            body = json.dumps(self.flows(flows_mod.parse_request(rest)))
+                        except ValueError as e:
+                            body = json.dumps({"error": str(e)})
                     elif req == "config":
                         body = json.dumps(self.describe())
                     else:
@@ -354,7 +424,8 @@ class Supervisor:
         if not addr:
             return
         from relay.metrics import MetricsServer
-        self.metrics_server = MetricsServer(addr, lambda: stats_mod.prometheus(self.counters()))
+        self.metrics_server = MetricsServer(
+            addr, lambda: stats_mod.prometheus(self.counters(), self.clients()))
 
     # ---- main loop -------------------------------------------------------------------
 

@@ -54,7 +54,9 @@ class Worker:
         self.stopping = threading.Event()
 
     def _start(self, lc):
-        ctx = WorkerContext(index=self.index, stats=self.stats.slot(self.slots[lc.name] + self.index))
+        from relay.flows import compile_groups
+        ctx = WorkerContext(index=self.index, stats=self.stats.slot(self.slots[lc.name] + self.index),
+                            groups=compile_groups(self.config.global_.client_groups))
         svc = create_service(lc, ctx)
         rs = RunningService(lc, svc, ctx)
         self.services[lc.name] = rs
@@ -124,8 +126,24 @@ class Worker:
                 if "config" in msg:
                     config = pickle.loads(bytes.fromhex(msg["config"]))
                     errors = self.reload(config, msg["slots"])
-                    self.send({"reloaded": True, "errors": errors})
+                    self.send({"reloaded": True, "errors": errors, "id": msg.get("id")})
+                elif "flows" in msg:
+                    self.send(dict(self.flows(**msg["flows"]), id=msg.get("id")))
         self.shutdown()
+
+    def flows(self, top, sort, by_client):
+        """`relay flows` of this worker: each listener's snapshot (relay/flows.py), taken
+        by the listener's own thread between batches."""
+        rows, total, errors = [], 0, []
+        for name, rs in list(self.services.items()):
+            try:
+                r, n = rs.service.flows(top, sort, by_client)
+            except Exception as e:      # a listener busy or stopping: say so, answer the rest
+                errors.append(f"worker {self.index} {name}: {e}")
+                continue
+            rows.extend(r)
+            total += n
+        return {"flows": rows, "total": total, "errors": errors}
 
     def shutdown(self):
         for rs in self.services.values():

@@ -7,6 +7,7 @@ from relay.includes.system cimport iovec, msghdr, mmsghdr, socklen_t, epoll_even
 from relay.datapath.addr cimport sockaddr_any
 from relay.datapath.ring cimport SRC_CTRL
 from relay.datapath.table cimport akey_t, table_t
+from relay.datapath.flows cimport groups_t
 from relay.datapath.stats cimport N_COUNTERS
 from relay.datapath.tunnel cimport UpstreamCore
 from relay.packet.icmp cimport ICMP_UNREACH_MAX
@@ -49,6 +50,7 @@ cdef class Engine:
     cdef double timeout, tp_idle, next_sweep, min_timeout
     cdef uint8_t *port_class      # redir: destination port -> timeout class (NULL: all class 0)
     cdef table_t assoc
+    cdef groups_t groups          # client groups' counters (flows.pxd), after the stats
     cdef table_t tp
     cdef uint64_t *st
     cdef object stats_ref

@@ -34,7 +34,7 @@ from relay.includes.system cimport (
     CMSG_SPACE, SO_RCVBUFFORCE, SO_MEMINFO, RELAY_SK_MEMINFO_DROPS, IP_PKTINFO, IPV6_RECVPKTINFO,
     sendmsg,
 )
-from relay.datapath.addr cimport sockaddr_any, sockaddr_from_tuple, raise_oserror
+from relay.datapath.addr cimport sockaddr_any, sockaddr_from_tuple, sockaddr_to_tuple, raise_oserror
 from relay.datapath.ring cimport (
     msg_put_gso, msg_put_src, msg_gso_size, msg_one_of, cmsg_local, SRC_CTRL,
 )
@@ -52,6 +52,10 @@ from relay.datapath.table cimport (
     table_timeout, table_expired,
 )
 from relay.datapath.stats cimport *
+from relay.datapath.flows cimport (
+    flow_in, flow_out, group_of, groups_init, groups_free, table_rows, table_clients,
+    ROWS_FLOWS, ROWS_FLOWS_DST,
+)
 from relay.datapath.limits cimport fd_soft_limit, fd_reserved
 from relay.datapath.tunnel cimport UpstreamCore
 
@@ -144,7 +148,8 @@ cdef class Engine:
                  int max_associations=65536, int transparent_cache=1024,
                  double transparent_idle=30.0, int batch=64, stats=None,
                  int upstream_family=AF_INET6, int listen_family=AF_INET6,
-                 UpstreamCore core=None, bint gro=False, port_timeouts=(), reject=()):
+                 UpstreamCore core=None, bint gro=False, port_timeouts=(), reject=(),
+                 client_groups=()):
         cdef epoll_event ev
         if mode not in ("forward", "redir"):
             raise ValueError(f"mode must be 'forward' or 'redir', not {mode!r}")
@@ -187,6 +192,9 @@ cdef class Engine:
             if len(self.stats_ref) < N_COUNTERS or self.stats_ref.readonly:
                 raise ValueError(f"stats must be a writable buffer of {N_COUNTERS} uint64")
             self.st = self._stats_ptr(self.stats_ref)
+        from relay.flows import check_group_words
+        check_group_words(client_groups, self.stats_ref)
+        groups_init(&self.groups, client_groups, self.stats_ref, N_COUNTERS)
         seed = int.from_bytes(os.urandom(8), "little")
         if table_init(&self.assoc, max_associations, <uint32_t>(seed & 0xffffffff)) < 0:
             raise MemoryError("association table")
@@ -338,9 +346,29 @@ cdef class Engine:
             self._read_drops()
         return {name: self.st[i] for i, name in enumerate(COUNTERS)}
 
+    def snapshot(self, int n, int sort, bint by_client=False, int clients_cap=4096):
+        """The top n associations by sort (relay.flows.SORTS index) as relay.flows rows;
+        by_client: summed per client address (at most clients_cap addresses). Call it
+        from the thread that runs the engine, between run() calls (services/redirect.py)."""
+        if self.closed:
+            return []
+        if self.core is not None:
+            return self.core.snapshot(n, sort, by_client, clients_cap)
+        if by_client:
+            return table_clients(&self.assoc, sort, n, clients_cap, monotonic())
+        if self.mode == MODE_REDIR:
+            return table_rows(&self.assoc, sort, n, monotonic(), ROWS_FLOWS_DST)
+        to = sockaddr_to_tuple(&self.to_addr.sa)
+        return [(r[0], to) + r[2:] for r in table_rows(&self.assoc, sort, n, monotonic(), ROWS_FLOWS)]
+
     @property
     def associations(self):
         return self.assoc.count
+
+    @property
+    def flows_open(self):
+        """The flows snapshot() chooses from: associations, or the upstream core's flows."""
+        return self.core.flows_open if self.core is not None else self.assoc.count
 
     @property
     def pktinfo(self):
@@ -376,6 +404,7 @@ cdef class Engine:
         self._free()
 
     cdef void _free(self) noexcept:
+        groups_free(&self.groups)
         if self.ep >= 0:
             close(self.ep)
             self.ep = -1
@@ -585,6 +614,10 @@ cdef class Engine:
                     table_touch(&self.assoc, idx, now)
                 if self.local_src:          # the client may have moved to another address
                     self.assoc.e[idx].aux = lk
+                elif self.mode == MODE_REDIR:
+                    self.assoc.e[idx].aux = dk      # `relay flows`: its latest destination
+                flow_out(&self.assoc.e[idx], &self.groups,
+                         (m.msg_len + seg - 1) // seg if seg > 0 else 1, m.msg_len)
                 if self.mode == MODE_REDIR:
                     nl = akey_to_sockaddr(&dk, self.up_family if ck.family != AF_INET else AF_INET,
                                           &self.tx_names[self.ntx])
@@ -933,6 +966,7 @@ cdef class Engine:
             self.st[C_ASSOC_REFUSED] += 1
             return -1
         self.assoc.e[idx].fd = fd
+        self.assoc.e[idx].group = group_of(&self.groups, ck)
         self.st[C_ASSOC_CREATED] += 1
         self.st[C_ASSOC_OPEN] = self.assoc.count
         return idx
@@ -951,6 +985,7 @@ cdef class Engine:
 
     cdef void _on_upstream(self, int32_t idx, double now) noexcept nogil:
         cdef int rounds, n, i, space, base
+        cdef uint64_t nd, nb
         cdef int fd = self.assoc.e[idx].fd
         cdef mmsghdr *m
         cdef akey_t scratch, scratch_local
@@ -982,6 +1017,7 @@ cdef class Engine:
                     self.st[C_ICMP_ERRORS] += 1
                     continue
                 return
+            nd = nb = 0
             for i in range(base, base + n):
                 self.ry_client[i] = client
                 if self.local_src:
@@ -990,6 +1026,10 @@ cdef class Engine:
                 self.ry_gro[i] = 0
                 if self.ry_msgs[i].msg_hdr.msg_controllen:
                     self._cmsgs(&self.ry_msgs[i].msg_hdr, &scratch, &scratch_local, &self.ry_gro[i])
+                nb += self.ry_msgs[i].msg_len
+                nd += ((self.ry_msgs[i].msg_len + self.ry_gro[i] - 1) // self.ry_gro[i]
+                       if self.ry_gro[i] > 0 else 1)
+            flow_in(&self.assoc.e[idx], &self.groups, nd, nb)
             self.ry_count += n
             table_touch(&self.assoc, idx, now)
             if n < space:

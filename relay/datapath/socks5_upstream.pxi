@@ -20,12 +20,12 @@ cdef class Socks5Upstream(UpstreamCore):
 
     def __init__(self, server, user=None, password=None, mark=None, stats=None,
                  double timeout=60.0, int max_flows=1024, size_t queue_limit=SOCKS_QUEUE,
-                 int batch=32, log=None, port_timeouts=()):
+                 int batch=32, log=None, port_timeouts=(), client_groups=()):
         if not 1 <= max_flows <= 65536:
             raise ValueError(f"max_flows must be 1-65536, got {max_flows}")
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be 1-{MAX_BATCH}, got {batch}")
-        self._init_stats(stats, log)
+        self._init_stats(stats, log, client_groups)
         self.server = tuple(server)
         self.family, self.addr = _resolve(self.server)
         self.user, self.password, self.mark = user, password, mark
@@ -113,6 +113,7 @@ cdef class Socks5Upstream(UpstreamCore):
             return -1
         i = table_insert(&self.tab, k, self.now)
         set_flow_class(&self.tab, i, self.pclass, ntohs(dst.v4.sin_port))   # sin6_port: same place
+        self.tab.e[i].group = group_of(&self.groups, k)
         a = &self.flows[i]
         memset(a, 0, sizeof(aflow_t))
         memcpy(&a.client, client, sizeof(sockaddr_any))
@@ -174,6 +175,8 @@ cdef class Socks5Upstream(UpstreamCore):
             if i < 0:
                 return 0
         table_touch(&self.tab, i, self.now)
+        akey_from_sockaddr(dst, &self.tab.e[i].aux)
+        flow_out(&self.tab.e[i], &self.groups, 1, n)
         a = &self.flows[i]
         if a.state != A_UP:
             # [len(4)] [SOCKS UDP header] [data]
@@ -320,6 +323,7 @@ cdef class Socks5Upstream(UpstreamCore):
                 continue
             self.st[C_DOWN_DATAGRAMS] += 1
             self.st[C_DOWN_BYTES] += f.dlen
+            flow_in(&self.tab.e[i], &self.groups, 1, f.dlen)
             if self.reply_fn != NULL:
                 self.reply_fn(self.reply_ctx, &a.client, &src, f.data, f.dlen)
         return 0

@@ -41,7 +41,13 @@ cdef struct entry_t:
     uint8_t used
     uint8_t tclass           # timeout class
     uint16_t mtu             # the MTU of the route to the key (the engine's MTU cache)
+    uint8_t group            # the client's group for per-client counters (flows.pxd)
     double last
+    double born              # when it was inserted (`relay flows`: age)
+    uint64_t dg_out          # per-flow counters (flows.pxd): client -> remote
+    uint64_t by_out
+    uint64_t dg_in           # remote -> client
+    uint64_t by_in
 
 
 cdef struct table_t:
@@ -309,7 +315,10 @@ cdef inline int32_t table_insert(table_t *t, const akey_t *k, double now) noexce
     t.e[i].used = 1
     t.e[i].fd = -1
     t.e[i].last = now
+    t.e[i].born = now
     t.e[i].tclass = 0
+    t.e[i].group = 0
+    t.e[i].dg_out = t.e[i].by_out = t.e[i].dg_in = t.e[i].by_in = 0
     t.e[i].hnext = t.buckets[h & t.mask]
     t.buckets[h & t.mask] = i
     _lru_push_head(t, i)

@@ -5,6 +5,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int16_t
 from relay.datapath.addr cimport sockaddr_any
 from relay.datapath.sendq cimport sendq_t
 from relay.datapath.table cimport table_t, akey_t
+from relay.datapath.flows cimport groups_t
 from relay.includes.system cimport mmsghdr, iovec, epoll_event
 
 # The wire constants (ATYP_*, E_* frame errors, MAX_PAYLOAD, MAX_FRAME_HEADER) come from
@@ -63,6 +64,8 @@ cdef class UpstreamCore:
     cdef Acl acl                 # unused by the clients, kept for symmetry
     cdef object log
     cdef object _collector
+    cdef table_t tab             # client -> flow slot, LRU order, last use, flow counters
+    cdef groups_t groups         # client groups' counters (relay/datapath/flows.pxd)
     cdef int c_send(self, const sockaddr_any *client, const sockaddr_any *dst,
                     const uint8_t *data, size_t n) except -1
     cdef int c_flush(self) except -1
@@ -105,7 +108,6 @@ cdef class TunnelUpstream(UpstreamCore):
     cdef int max_flows
     cdef int fd_ceiling          # flow sockets at or above are refused (relay/datapath/limits.pxd)
     cdef int next_conn
-    cdef table_t tab             # client -> flow slot, LRU order, last use
     cdef double next_check
     cdef bint gost               # gost server: CMD 0xF3, one connection per flow, no flow id
     cdef bint mux
@@ -150,7 +152,6 @@ cdef class Socks5Upstream(UpstreamCore):
     cdef int max_flows
     cdef int nup                 # associations whose handshake is done
     cdef int fd_ceiling          # flow sockets at or above are refused (relay/datapath/limits.pxd)
-    cdef table_t tab             # client -> association slot, LRU order, last use
     cdef size_t queue_limit
     cdef double next_expiry
     cdef object server

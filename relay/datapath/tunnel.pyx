@@ -52,7 +52,11 @@ from relay.datapath.stats cimport (
     C_FRAMES_BAD, C_QUEUE_DROPS, C_DROP_FOREIGN_PORT,
 )
 
+from relay.datapath.flows cimport (
+    flow_in, flow_out, group_of, groups_init, groups_free, table_rows, table_clients, ROWS_FLOWS_DST,
+)
 from relay import proto as _proto
+from relay.flows import check_group_words
 from relay import resolver as _resolver
 from relay.net import sockopt as _sockopt
 from relay.loglimit import LogLimiter

@@ -8,9 +8,11 @@ cdef class UpstreamCore:
         self.reply_fn = NULL
         self.reply_ctx = NULL
 
-    def _init_stats(self, stats, log):
+    def _init_stats(self, stats, log, client_groups=()):
         self._stats_ref = _stats_view(stats)
         self.st = _stats_ptr(self._stats_ref)
+        check_group_words(client_groups, self._stats_ref)
+        groups_init(&self.groups, client_groups, self._stats_ref, N_COUNTERS)
         self.log = log or DEF_LOG
         self.now = mono_now()
 
@@ -20,6 +22,13 @@ cdef class UpstreamCore:
 
     def fileno(self):
         return self.epfd
+
+    def snapshot(self, int n, int sort, bint by_client=False, int clients_cap=4096):
+        """The top n flows by sort as relay.flows rows (the destination: the latest a
+        flow sent to), or, by_client, summed per client address (see Engine.flows)."""
+        if by_client:
+            return table_clients(&self.tab, sort, n, clients_cap, mono_now())
+        return table_rows(&self.tab, sort, n, mono_now(), ROWS_FLOWS_DST)
 
     cdef int c_send(self, const sockaddr_any *client, const sockaddr_any *dst,
                     const uint8_t *data, size_t n) except -1:
@@ -66,6 +75,7 @@ cdef class UpstreamCore:
     def __dealloc__(self):
         if self.epfd >= 0:
             close(self.epfd)
+        groups_free(&self.groups)
 
 
 cdef int _collect_reply(void *ctx, const sockaddr_any *client, const sockaddr_any *src,
@@ -111,7 +121,7 @@ cdef class TunnelUpstream(UpstreamCore):
 
     def __init__(self, server, secret=None, int connections=1, mark=None, stats=None,
                  queue_limit=None, double timeout=60.0, int max_flows=4096, log=None,
-                 bint gost=False, user=None, password=None, port_timeouts=()):
+                 bint gost=False, user=None, password=None, port_timeouts=(), client_groups=()):
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be 1-64, got {connections}")
         if not 1 <= max_flows <= 65536:
@@ -121,7 +131,7 @@ cdef class TunnelUpstream(UpstreamCore):
             queue_limit = _proto.GOST_QUEUE_LIMIT if gost else _proto.MUX_QUEUE_LIMIT
         if queue_limit < MAX_PAYLOAD + MAX_FRAME_HEADER:
             raise ValueError(f"queue_limit must be at least {MAX_PAYLOAD + MAX_FRAME_HEADER}")
-        self._init_stats(stats, log)
+        self._init_stats(stats, log, client_groups)
         self.server = tuple(server)
         self.family, self.addr = _resolve(self.server)
         self.secret, self.user, self.password, self.mark = secret, user, password, mark
@@ -239,6 +249,7 @@ cdef class TunnelUpstream(UpstreamCore):
             self.flow_end(self.tab.tail, C_ASSOC_EVICTED)
         i = table_insert(&self.tab, &k, self.now)
         set_flow_class(&self.tab, i, self.pclass, ntohs(dst.v4.sin_port))   # sin6_port: same place
+        self.tab.e[i].group = group_of(&self.groups, &k)
         fl = &self.flows[i]
         memcpy(&fl.client, client, sizeof(sockaddr_any))
         fl.gen += 1
@@ -291,6 +302,8 @@ cdef class TunnelUpstream(UpstreamCore):
         if f < 0:
             return 0
         table_touch(&self.tab, f, self.now)
+        akey_from_sockaddr(dst, &self.tab.e[f].aux)
+        flow_out(&self.tab.e[f], &self.groups, 1, n)
         ci = self.flows[f].conn
         c = &self.conns[ci]
         need = frame_hdr_len(dst, self.mux) + n
@@ -517,6 +530,7 @@ cdef class TunnelUpstream(UpstreamCore):
                 continue
             fl = &self.flows[slot]
             table_touch(&self.tab, slot, self.now)
+            flow_in(&self.tab.e[slot], &self.groups, 1, f.dlen)
             self.st[C_DOWN_DATAGRAMS] += 1
             self.st[C_DOWN_BYTES] += f.dlen
             if self.reply_fn != NULL:

@@ -10,7 +10,7 @@ import time
 from relay import _select
 from relay.config import MAX_UPSTREAM_FLOWS
 from relay.net import sockopt
-from relay.services.base import Service
+from relay.services.base import Requests, Service
 
 
 class UdpService(Service):
@@ -19,6 +19,7 @@ class UdpService(Service):
         self.ctx = ctx
         self.socks = []
         self.engine = self.frontend = None
+        self.requests = Requests()
         redir = cfg.mode == "redir"
         t, native = _select.load("tunnel")
         if redir and not native and cfg.upstream is not None and cfg.upstream.kind != "direct":
@@ -52,6 +53,7 @@ class UdpService(Service):
                 transparent_idle=cfg.transparent_idle, batch=cfg.batch, stats=ctx.stats,
                 upstream_family=up_family, listen_family=self.listen.family, core=self.core,
                 gro=cfg.gro, port_timeouts=cfg.port_timeouts(), reject=cfg.reject,
+                client_groups=ctx.groups,
             )
         except BaseException:
             self.close()
@@ -59,13 +61,21 @@ class UdpService(Service):
 
     def run(self):
         stop = self.ctx.stop
-        engine, frontend = self.engine, self.frontend
+        engine, frontend, requests = self.engine, self.frontend, self.requests
         while not stop.is_set():
             if frontend is not None:
                 frontend.poll(100)
                 frontend.tick(time.monotonic())
             else:
                 engine.run(100)
+            requests.serve()
+
+    def flow_source(self):
+        return self.engine if self.engine is not None else self.core
+
+    def upstream_label(self):
+        up = self.cfg.upstream
+        return str(up) if up is not None else "direct"
 
     def close(self):
         engine = self.engine
@@ -97,7 +107,8 @@ def make_core(cfg, ctx, t=None):
         t = _select.module("tunnel")
     mark = cfg.mark or None
     common = dict(mark=mark, stats=ctx.stats, timeout=cfg.timeout, log=ctx.log,
-                  max_flows=upstream_flows(cfg), port_timeouts=cfg.port_timeouts())
+                  max_flows=upstream_flows(cfg), port_timeouts=cfg.port_timeouts(),
+                  client_groups=ctx.groups)
     if up.kind == "tunnel":
         return t.TunnelUpstream((up.host, up.port), secret=cfg.secret,
                                 connections=cfg.connections, **common)

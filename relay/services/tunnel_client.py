@@ -11,7 +11,7 @@ import time
 from relay import _select
 from relay.config import MAX_UPSTREAM_FLOWS
 from relay.net import sockopt
-from relay.services.base import Service
+from relay.services.base import Requests, Service
 
 log = logging.getLogger("relay.tunnel")
 
@@ -31,7 +31,8 @@ class TunnelClientService(Service):
             cfg.server, secret=cfg.secret, connections=cfg.connections,
             mark=sockopt.usable_mark(cfg.mark), stats=ctx.stats, timeout=timeout, max_flows=max_flows,
             queue_limit=QUEUE_LIMIT, log=log, gost=cfg.gost, user=cfg.user,
-            password=cfg.password, port_timeouts=cfg.port_timeouts())
+            password=cfg.password, port_timeouts=cfg.port_timeouts(), client_groups=ctx.groups)
+        self.requests = Requests()
         self.usock = sockopt.udp_listen(cfg.listen, reuseport=ctx.reuseport)
         self.address = self.usock.getsockname()
         self.engine = self.frontend = None
@@ -60,9 +61,17 @@ class TunnelClientService(Service):
                 else:
                     self.frontend.poll(50)
                     self.frontend.tick(time.monotonic())
+                self.requests.serve()
             except Exception:            # never let one bad event stop the listener
                 log.exception("tunnel-client %s: unexpected error; continuing", self.address)
                 time.sleep(0.01)
+
+    def flow_source(self):
+        return self.upstream
+
+    def upstream_label(self):
+        kind = "gost" if self.cfg.gost else "tunnel"
+        return f"{kind}://{self.cfg.server[0]}:{self.cfg.server[1]}"
 
     def close(self):
         if self.engine is not None:

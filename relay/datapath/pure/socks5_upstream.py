@@ -22,7 +22,7 @@ from relay.net import sockopt as _sockopt
 
 class _Assoc:
     __slots__ = ("key", "client", "tcp", "udp", "state", "relay", "queue", "qbytes", "last",
-                 "deadline", "hs")
+                 "deadline", "hs", "stat")
 
 
 class Socks5Upstream(UpstreamBase):
@@ -34,8 +34,9 @@ class Socks5Upstream(UpstreamBase):
     limit is refused (assoc_refused)."""
 
     def __init__(self, server, user=None, password=None, mark=None, stats=None, timeout=60.0,
-                 max_flows=1024, queue_limit=65536 + 1024, batch=32, log=None, port_timeouts=()):
-        super().__init__(stats, log)
+                 max_flows=1024, queue_limit=65536 + 1024, batch=32, log=None, port_timeouts=(),
+                 client_groups=()):
+        super().__init__(stats, log, client_groups)
         self.server = tuple(server)
         self.family, self.addr = resolve_server(self.server)
         self.user, self.password, self.mark, self.timeout = user, password, mark, timeout
@@ -51,6 +52,9 @@ class Socks5Upstream(UpstreamBase):
     @property
     def flows_open(self):
         return len(self.assocs)
+
+    def _flow_items(self):
+        return ((key, a.last, a.stat) for key, a in self.assocs.items())
 
     def _open(self, key, client):
         """A new association for client (the least recently used one evicted at the cap),
@@ -89,6 +93,7 @@ class Socks5Upstream(UpstreamBase):
         a = _Assoc()
         a.key, a.client, a.state, a.relay, a.queue, a.qbytes = key, client, "connecting", None, [], 0
         a.last, a.deadline, a.hs, a.tcp, a.udp = self.now, self.now + CONNECT_TIMEOUT, None, tcp, udp
+        a.stat = self.groups.new(self.now, key)
         self.assocs[key] = a
         self._count("assoc_created")
         self._count("assoc_open")
@@ -140,6 +145,7 @@ class Socks5Upstream(UpstreamBase):
         a.last = self.now
         self.assocs.move_to_end(key)
         self.expiry.touch(key, self.now)
+        self.groups.count_out(a.stat, canonical(dst), len(data))
         dgram = udp_header(dst[0], dst[1]) + data
         if a.state != "up":
             if self.queue_limit - a.qbytes < len(dgram) + 4:
@@ -251,6 +257,7 @@ class Socks5Upstream(UpstreamBase):
             if atyp == ATYP_DOMAIN:
                 self._count("drop_no_route")
                 continue
+            self.groups.count_in(a.stat, len(data) - hl)
             self._deliver(a.client, (host, port), data[hl:])
 
     def tick(self, now=0):

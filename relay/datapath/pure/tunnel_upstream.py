@@ -15,6 +15,7 @@ from relay.proto import (
 )
 from relay.loglimit import LogLimiter
 from relay.datapath.timeouts import ExpiryLists
+from relay.datapath.pure.flows import Groups, client_rows, flow_rows
 from relay.net.sockopt import flow_socket
 from relay.net import sockopt as _sockopt
 from relay.datapath.pure.common import (
@@ -29,9 +30,10 @@ def resolve_server(server, socktype=socket.SOCK_STREAM):
 
 
 class UpstreamBase:
-    def __init__(self, stats, log):
+    def __init__(self, stats, log, client_groups=()):
         self.ep = _select.epoll()
         self._stats = stats_view(stats)
+        self.groups = Groups(client_groups, self._stats)
         self.log = log or TUNNEL_LOG
         self.now = _time.monotonic()
         self.reply = None           # callable(client, src, data)
@@ -45,6 +47,14 @@ class UpstreamBase:
 
     def fileno(self):
         return self.ep.fileno()
+
+    def snapshot(self, n, sort, by_client=False, clients_cap=4096):
+        """relay flows rows (relay/datapath/flows.pxd table_rows / table_clients)."""
+        now = _time.monotonic()
+        items = list(self._flow_items())
+        if by_client:
+            return client_rows(items, sort, n, clients_cap, now)
+        return flow_rows(items, sort, n, now)
 
     def collect_replies(self, into):
         self.reply = lambda client, src, data: into.append((client, src, data))
@@ -79,7 +89,7 @@ class TunnelUpstream(UpstreamBase):
 
     def __init__(self, server, secret=None, connections=1, mark=None, stats=None,
                  queue_limit=None, timeout=60.0, max_flows=4096, log=None, gost=False,
-                 user=None, password=None, port_timeouts=()):
+                 user=None, password=None, port_timeouts=(), client_groups=()):
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be 1-64, got {connections}")
         if not 1 <= max_flows <= 65536:
@@ -89,7 +99,7 @@ class TunnelUpstream(UpstreamBase):
             queue_limit = GOST_QUEUE_LIMIT if gost else MUX_QUEUE_LIMIT
         if queue_limit < MAX_PAYLOAD + MAX_FRAME_HEADER:
             raise ValueError(f"queue_limit must be at least {MAX_PAYLOAD + MAX_FRAME_HEADER}")
-        super().__init__(stats, log)
+        super().__init__(stats, log, client_groups)
         self.server = tuple(server)
         self.family, self.addr = resolve_server(self.server)
         self.secret, self.mark, self.timeout = secret, mark, timeout
@@ -98,7 +108,7 @@ class TunnelUpstream(UpstreamBase):
         self.queue_limit, self.max_flows = queue_limit, max_flows
         self.say = LogLimiter(self.log)
         self.rep7_logged = False
-        self.flows = collections.OrderedDict()  # key -> [id, conn, last, client], LRU first
+        self.flows = collections.OrderedDict()  # key -> [id, conn, last, client, FlowStat], LRU first
         self.expiry = ExpiryLists(timeout, port_timeouts)   # per destination port
         self.by_id = {}             # id -> key (multiplexed)
         self.byfd = {}              # fd -> conn
@@ -130,6 +140,9 @@ class TunnelUpstream(UpstreamBase):
     def flows_open(self):
         return len(self.flows)
 
+    def _flow_items(self):
+        return ((key, fl[2], fl[4]) for key, fl in self.flows.items())
+
     def _queued(self, c):
         return sum(map(len, c.queue)) + len(c.out)
 
@@ -152,6 +165,7 @@ class TunnelUpstream(UpstreamBase):
         fl[2] = self.now
         self.flows.move_to_end(key)
         self.expiry.touch(key, self.now)
+        self.groups.count_out(fl[4], canonical(dst), len(data))
         c = fl[1]
         frame = encode_frame(dst[0], dst[1], data, flow=fl[0] if self.mux else None)
         if self.queue_limit - self._queued(c) < len(frame):
@@ -178,7 +192,7 @@ class TunnelUpstream(UpstreamBase):
         else:
             conn = self.conns[self.next_conn]
             self.next_conn = (self.next_conn + 1) % len(self.conns)
-        fl = self.flows[key] = [fid, conn, self.now, client]
+        fl = self.flows[key] = [fid, conn, self.now, client, self.groups.new(self.now, key)]
         self.by_id[fid] = key
         self._count("assoc_created")
         self._count("assoc_open")
@@ -384,6 +398,7 @@ class TunnelUpstream(UpstreamBase):
             fl[2] = self.now
             self.flows.move_to_end(key)
             self.expiry.touch(key, self.now)
+            self.groups.count_in(fl[4], len(fr.data))
             self._deliver(fl[3], (fr.host, fr.port), fr.data)
 
     def tick(self, now=0):
