@@ -503,10 +503,9 @@ cdef class Engine:
         flows all go to --to: its port's timeout is the table's one class (no class lists)."""
         cdef int port
         if self.mode == MODE_FORWARD:
+            from relay.datapath.timeouts import timeout_for
             port = ntohs(self.to_addr.v4.sin_port)       # sin6_port: the same place
-            for lo, hi, sec in port_timeouts:
-                if lo <= port <= hi:
-                    timeout = sec
+            timeout = timeout_for(timeout, port_timeouts, port)
             port_timeouts = ()
         pmap = table_timeouts(&self.assoc, timeout, port_timeouts)
         self.min_timeout = min([timeout] + [sec for _, _, sec in port_timeouts])

@@ -29,6 +29,14 @@ def timeout_classes(default, port_timeouts):
     return values, ranges
 
 
+def timeout_for(default, port_timeouts, port):
+    """The idle timeout of a flow to destination ``port``: its range's, else the default."""
+    for lo, hi, seconds in port_timeouts:
+        if lo <= port <= hi:
+            return float(seconds)
+    return float(default)
+
+
 def port_class_map(ranges):
     """A 65536-byte map port -> class (bytes), or None when every port is class 0."""
     if not any(c for _, _, c in ranges):
