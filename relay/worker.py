@@ -134,6 +134,7 @@ class Worker:
     def flows(self, top, sort, by_client):
         """`relay flows` of this worker: each listener's snapshot (relay/flows.py), taken
         by the listener's own thread between batches."""
+        from relay.flows import merge_clients, sort_key
         rows, total, errors = [], 0, []
         for name, rs in list(self.services.items()):
             try:
@@ -143,7 +144,10 @@ class Worker:
                 continue
             rows.extend(r)
             total += n
-        return {"flows": rows, "total": total, "errors": errors}
+        if by_client:
+            rows = merge_clients(rows)
+        rows.sort(key=sort_key(sort), reverse=True)      # what goes to the supervisor: top rows
+        return {"flows": rows[:top], "total": total, "errors": errors}
 
     def shutdown(self):
         for rs in self.services.values():
