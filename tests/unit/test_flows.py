@@ -349,3 +349,20 @@ def test_rows_tables_and_merges():
     for bad in ('[1]', '{"top": true}', '{"sort": "x"}', '{"top": 1001}'):
         with pytest.raises(ValueError):
             F.parse_request(bad)
+
+
+def test_stats_table_and_rates_show_client_groups():
+    from relay import cli
+    from relay.stats import COUNTERS
+
+    def answer(n):
+        c = dict.fromkeys(COUNTERS, 0)
+        g = {"lan": {"datagrams_out": n, "bytes_out": 10 * n, "datagrams_in": n, "bytes_in": 0}}
+        return {"listeners": {"f": c}, "total": c, "clients": {"listeners": {"f": g}, "total": g}}
+    a, b = answer(100), answer(300)
+    rates = cli.stats_rates(a, b, 2.0)
+    assert rates["clients"]["lan"]["bytes_out"] == 1000
+    lines = cli.stats_table(b, rates).splitlines()
+    assert lines[-2].split() == ["client", "group", "datagrams>", "bytes>", "datagrams<", "bytes<"]
+    assert lines[-1].split() == ["lan", "100/s", "1,000/s", "100/s", "0/s"]
+    assert cli.stats_table(b).splitlines()[-1].split() == ["lan", "300", "3000", "300", "0"]
