@@ -10,6 +10,7 @@ from relay.datapath.table cimport akey_t, table_t
 from relay.datapath.stats cimport N_COUNTERS
 from relay.datapath.tunnel cimport UpstreamCore
 from relay.packet.icmp cimport ICMP_UNREACH_MAX
+from relay.datapath.disguise cimport hdr_t
 
 
 cdef enum:
@@ -122,6 +123,7 @@ cdef class Engine:
     cdef double rj_tokens, rj_last
     cdef uint8_t[ICMP_UNREACH_MAX] rj_out
     cdef epoll_event[MAX_EVENTS] events
+    cdef hdr_t hdr                # --header-out / --header-in (disguise.pxi)
 
 
     cdef uint64_t *_stats_ptr(self, object mv) except NULL
