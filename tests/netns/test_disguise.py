@@ -17,6 +17,7 @@ import time
 import pytest
 
 from relay.proto import disguise as H
+from tests.support import check_disguise_steps
 from tests import namespaces as N
 from tests.namespaces import SRV4, SRV6
 from tests.relayproc import RelayProcess
@@ -132,24 +133,10 @@ class Capture:
         self.sock.close()
 
 
-def _steps(kind, headers):
-    """Consecutive headers of one sender follow v2ray's counting."""
-    f = [H.fields(kind, h) for h in headers]
-    if kind in ("srtp", "wechat-video"):
-        mask = 0xFFFF if kind == "srtp" else 0xFFFFFFFF
-        assert [x["number"] for x in f] == [(f[0]["number"] + i) & mask for i in range(len(f))]
-    elif kind == "dtls":
-        assert [x["sequence"] for x in f] == list(range(f[0]["sequence"],
-                                                        f[0]["sequence"] + len(f)))
-        assert len({x["ident"] for x in f}) == 1
-    elif kind == "utp":
-        assert len({x["ident"] for x in f}) == 1
-
-
 def _unwrap(kind, datagrams):
     assert all(H.check(kind, d) for d in datagrams)
     n = H.size(kind)
-    _steps(kind, [d[:n] for d in datagrams])
+    check_disguise_steps(kind, [d[:n] for d in datagrams])
     return [d[n:] for d in datagrams]
 
 

@@ -10,6 +10,7 @@ import struct
 import pytest
 
 from relay.proto import disguise as H
+from tests.support import check_disguise_steps
 
 KINDS = [k for k in H.KINDS if k != "noop"]
 
@@ -192,23 +193,6 @@ def loops():
         lp.close()
 
 
-def _fields_step(kind, headers):
-    """The per-datagram fields of consecutive headers of one sender: they follow v2ray."""
-    f = [H.fields(kind, h) for h in headers]
-    if kind in ("srtp", "wechat-video"):
-        mask = 0xFFFF if kind == "srtp" else 0xFFFFFFFF
-        assert [x["number"] for x in f] == [(f[0]["number"] + i) & mask for i in range(len(f))]
-    elif kind == "dtls":
-        assert [x["sequence"] for x in f] == list(range(len(f)))     # a new flow: from 0
-        assert len({x["ident"] for x in f}) == 1
-        length = 17
-        for x in f:
-            assert x["length"] == length
-            length = H.dtls_next_length(length)
-    elif kind == "utp":
-        assert len({x["ident"] for x in f}) == 1
-
-
 def _sizes(kind, fam):
     h = H.size(kind)
     top = (65507 if fam == "ipv4" else 65527) - h
@@ -224,7 +208,7 @@ def test_header_out_adds_towards_upstream_and_strips_replies(loops, kind, fam):
     got = lp.to_upstream(payloads)
     assert [g[n:] for g in got] == payloads
     assert all(H.check(kind, g) for g in got)
-    _fields_step(kind, [g[:n] for g in got])
+    check_disguise_steps(kind, [g[:n] for g in got])
     w = H.HeaderWriter(kind)
     assert lp.to_client([w.next() + p for p in payloads]) == payloads
     st = lp.engine.counters()
@@ -273,7 +257,7 @@ def test_header_in_strips_from_clients_and_adds_to_replies(loops, kind, fam):
     got = lp.to_client(payloads)
     assert [g[n:] for g in got] == payloads
     assert all(H.check(kind, g) for g in got)
-    _fields_step(kind, [g[:n] for g in got])
+    check_disguise_steps(kind, [g[:n] for g in got])
     st = lp.engine.counters()
     assert st["up_bytes"] == st["down_bytes"] == sum(map(len, payloads))
 
@@ -323,7 +307,7 @@ def test_each_association_has_its_own_sequence(loops):
     for g in got:
         by_flow.setdefault(g[13:], []).append(g[:13])
     for headers in by_flow.values():
-        _fields_step("dtls", headers)          # each from sequence 0, its own epoch
+        check_disguise_steps("dtls", headers)          # each from sequence 0, its own epoch
 
 
 def test_engine_refuses_headers_outside_forward():
@@ -359,7 +343,7 @@ def test_gro_buffer_gets_a_header_per_segment_both_ways(loops, kind, fam):
     lp.run()
     got = lp.recv_up(40)
     assert [g[n:] for g in got] == payloads
-    _fields_step(kind, [g[:n] for g in got])
+    check_disguise_steps(kind, [g[:n] for g in got])
     w = H.HeaderWriter(kind)
     replies = [w.next() + p for p in payloads]
     lp.up.sendto(b"", lp.peer)                  # not coalesced, and refused (no header)
@@ -396,7 +380,7 @@ def test_gro_buffer_loses_each_segments_header_and_replies_get_theirs(loops, kin
     lp.run()
     got = [lp.client.recv(65535) for _ in range(32)]
     assert [g[n:] for g in got] == payloads + [b"end", b""]
-    _fields_step(kind, [g[:n] for g in got])
+    check_disguise_steps(kind, [g[:n] for g in got])
     st = lp.engine.counters()
     assert (st["drop_bad_header"], st["up_datagrams"], st["down_datagrams"]) == (1, 29, 32)
 
