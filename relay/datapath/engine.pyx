@@ -767,6 +767,7 @@ cdef class Engine:
         """Send the pending upstream datagrams: one sendmmsg per run of the same socket."""
         cdef int j = 0, k, n = self.ntx
         self.ntx = 0
+        self.niov = 0
         while j < n:
             k = j + 1
             while k < n and self.tx_fd[k] == self.tx_fd[j]:
