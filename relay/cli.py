@@ -111,7 +111,7 @@ def _upstream_options(p, mode):
 def _header_options(p, mode):
     from relay.proto.disguise import KINDS, SIZES
     kinds = ", ".join(f"{k} ({SIZES[k]} bytes)" for k in KINDS)
-    g = p.add_argument_group("disguise (between two relays: docs/header.md)")
+    g = p.add_argument_group("disguise (between two relays: docs/disguise.md)")
     _opt(g, mode, "--header-out", "put a KIND header (v2ray's layouts: " + kinds + ") in front "
          "of every datagram sent to --to and take it off the replies (replies without a "
          "valid one: dropped, drop_bad_header); the relay at --to runs --header-in KIND; "
