@@ -418,3 +418,48 @@ def test_many_gro_buffers_in_one_small_batch_all_arrive(loops, kind):
     assert [lp.client.recv(65535) for _ in sent] == sent
     st = lp.engine.counters()
     assert st["up_datagrams"] == st["down_datagrams"] == len(sent)
+
+
+# --- configuration ---------------------------------------------------------------------
+
+def _forward(**kw):
+    from relay.config import parse_listener
+    return parse_listener({"name": "d", "mode": "forward", "listen": "127.0.0.1:5000",
+                           "to": "127.0.0.1:5001", **kw}, resolve=False)
+
+
+def test_config_takes_the_kinds_case_insensitively():
+    lst = _forward(header_out="DTLS", header_in="wechat-video")
+    assert (lst.header_out, lst.header_in) == ("dtls", "wechat-video")
+    assert _forward().header_out is None
+
+
+@pytest.mark.parametrize("table,message", [
+    ({"header_out": "dtl"}, 'listener[0].header_out: unknown header kind "dtl", did you mean "dtls"'),
+    ({"header_in": 4}, "listener[0].header_in: expected a string"),
+    ({"header_in": "srtp", "upstream": "socks5://127.0.0.1:1080"},
+     "listener[0].header_in: needs a direct upstream"),
+])
+def test_config_refuses_bad_header_settings(table, message):
+    from relay.config import ConfigError
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        _forward(**table)
+
+
+def test_config_refuses_headers_outside_forward():
+    from relay.config import ConfigError, parse_listener
+    with pytest.raises(ConfigError, match=r'listener\[0\]\.header_out: not allowed for mode '
+                                          r'"redir": the disguise header is for a forward'):
+        parse_listener({"name": "r", "mode": "redir", "listen": "[::]:7000",
+                        "header_out": "srtp"})
+
+
+def test_command_line_builds_the_same_listener():
+    from relay import cli
+    args = cli.build_parser().parse_args(["forward", "--listen", "127.0.0.1:5000", "--to",
+                                          "127.0.0.1:5001", "--header-out", "utp",
+                                          "--header-in", "srtp"])
+    lc = cli._listener_from_args(args, "forward")
+    assert (lc["header_out"], lc["header_in"]) == ("utp", "srtp")
+    assert _forward(header_out="utp", header_in="srtp") == _forward(
+        **{k: lc[k] for k in ("header_out", "header_in")})
