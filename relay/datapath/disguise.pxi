@@ -257,7 +257,7 @@ cdef void _hdr_reply_gro(Engine self, int i, int *pk, int *pv, socklen_t nl) noe
     cdef hdr_st_t st = hd.ry_st[i]
     cdef sockaddr_any dst = self.out_names[pk[0]]
     cdef int k_msg = pk[0], v = pv[0], j = -1, first = 0
-    cdef int msg_cap = self.batch + FRAG_CAP
+    cdef int msg_cap = self.batch      # out_seg, out_ctrl, out_local: one per reply slot
     cdef uint32_t per_msg = HDR_SEGS if oseg <= self.gso_max else 1
     while left:
         k = <uint32_t>seg if left > <uint32_t>seg else left

@@ -463,3 +463,15 @@ def test_command_line_builds_the_same_listener():
     assert (lc["header_out"], lc["header_in"]) == ("utp", "srtp")
     assert _forward(header_out="utp", header_in="srtp") == _forward(
         **{k: lc[k] for k in ("header_out", "header_in")})
+
+
+def test_coalesced_header_only_replies_in_a_batch_of_one(loops):
+    """A coalesced run of replies that are headers only: each becomes an empty datagram of
+    its own message (more messages than the batch has slots), all delivered."""
+    lp = loops("ipv6", header_out="dtls", gro=True, batch=1)
+    lp.to_upstream([b"ask"])
+    w = H.HeaderWriter("dtls")
+    _send_gso(lp.up, [w.next() for _ in range(6)], 13, lp.peer)
+    lp.run()
+    assert [lp.client.recv(65535) for _ in range(6)] == [b""] * 6
+    assert lp.engine.counters()["down_datagrams"] == 6
