@@ -112,6 +112,20 @@ def _upstream_options(p, mode):
          "are spread over (default: 1)", type=int, metavar="N")
 
 
+def _header_options(p, mode):
+    from relay.proto.disguise import KINDS, SIZES
+    kinds = ", ".join(f"{k} ({SIZES[k]} bytes)" for k in KINDS)
+    g = p.add_argument_group("disguise (between two relays: docs/disguise.md)")
+    _opt(g, mode, "--header-out", "put a KIND header (v2ray's layouts: " + kinds + ") in front "
+         "of every datagram sent to --to and take it off the replies (replies without a "
+         "valid one: dropped, drop_bad_header); the relay at --to runs --header-in KIND; "
+         "direct upstream only", metavar="KIND")
+    _opt(g, mode, "--header-in", "datagrams from clients must start with a KIND header: "
+         "it is taken off (without a valid one: dropped, drop_bad_header) and put in front "
+         "of every reply; the clients are relays running --header-out KIND",
+         metavar="KIND")
+
+
 def _secret_options(g, mode, help):
     _opt(g, mode, "--secret", help + "; visible in `ps`: prefer --secret-file or the "
          "RELAY_SECRET environment variable")
@@ -363,6 +377,7 @@ def _add_forward(sub):
     _opt(p, "forward", "--to", "destination", required=True, metavar="HOST:PORT")
     _flow_options(p, "forward")
     _upstream_options(p, "forward")
+    _header_options(p, "forward")
     _runtime_options(p)
 
 

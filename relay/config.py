@@ -34,6 +34,7 @@ except ImportError:                 # Python < 3.11: the same parser as the toml
     import tomli as tomllib
 
 from relay.net.addr import Upstream, format_hostport, parse_cidr, parse_hostport, parse_upstream
+from relay.proto.disguise import KINDS as HEADER_KINDS
 
 __all__ = [
     "ConfigError", "Config", "GlobalConfig", "ListenerConfig", "ConfigDiff",
@@ -107,6 +108,8 @@ class ListenerConfig:
     batch: int = 64
     gro: bool = False                        # UDP_GRO in, GSO out (forward, redir)
     reject: tuple = ()                       # redir: ports answered with port unreachable
+    header_out: Optional[str] = None         # forward: disguise header towards upstream
+    header_in: Optional[str] = None          # forward: disguise header expected from clients
     secret: Optional[str] = field(default=None, repr=False)
     user: Optional[str] = None
     password: Optional[str] = field(default=None, repr=False)
@@ -234,7 +237,7 @@ _SECRET = {"secret", "secret_file"}
 _LOGIN = {"user", "password", "password_file"}
 _TUNNEL_UP = _SECRET | {"connections"}       # with a tunnel:// upstream
 MODE_KEYS = {
-    "forward": _COMMON | {"to", "upstream", "gro"} | _TUNNEL_UP,
+    "forward": _COMMON | {"to", "upstream", "gro", "header_out", "header_in"} | _TUNNEL_UP,
     "redir": _COMMON | {"upstream", "reply", "transparent_cache", "transparent_idle", "gro",
                         "reject"} | _TUNNEL_UP,
     "tunnel-server": _COMMON | _SECRET | _LOGIN | {"allow", "deny", "allow_host", "insecure"},
@@ -568,6 +571,11 @@ def _parse_listener(ctx, index, table):
                                      f"starting with a letter or digit")
     mode = _get_choice(ctx, f"{p}.mode", table["mode"], MODES, "mode")
     allowed = MODE_KEYS[mode]
+    for key in ("header_out", "header_in"):
+        if mode != "forward" and key in table:
+            raise ctx.error(f"{p}.{key}", f"not allowed for mode \"{mode}\": the disguise "
+                                          f"header is for a forward listener (only for: "
+                                          f"forward)")
     if mode == "forward" and "reject" in table:
         raise ctx.error(f"{p}.reject", "not allowed for mode \"forward\": every datagram of a "
                                        "forward listener is addressed to its own port; reject "
@@ -618,6 +626,9 @@ def _parse_listener(ctx, index, table):
         kw["gro"] = _get_bool(ctx, k("gro"), table["gro"])
     if "reject" in table:
         kw["reject"] = _get_ports(ctx, k("reject"), table["reject"])
+    for key in ("header_out", "header_in"):
+        if key in table:
+            kw[key] = _get_choice(ctx, k(key), table[key], HEADER_KINDS, "header kind")
     if "secret" in table:
         kw["secret"] = _get_str(ctx, k("secret"), table["secret"])
     for key in ("user", "password"):
@@ -666,6 +677,12 @@ def _parse_listener(ctx, index, table):
             if key in kw and (up is None or up.kind != "tunnel"):
                 raise ctx.error(k_given(key), f"only applies with a tunnel:// upstream "
                                         f"(upstream is {str(up) if up else 'direct'})")
+    if mode == "forward" and kw.get("upstream") is not None:
+        for key in ("header_out", "header_in"):
+            if key in kw:
+                raise ctx.error(k(key), f"needs a direct upstream (upstream is "
+                                        f"{kw['upstream']}: its datagrams travel inside "
+                                        f"frames, with nothing to disguise)")
     if mode == "tunnel-client":
         for key in ("secret", "connections"):
             if kw.get("gost") and key in kw:

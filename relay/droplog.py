@@ -35,6 +35,10 @@ REASONS = {
                          "(another program or user on the client's host, or behind its NAT)",
     "assoc_refused": "new flows refused: file descriptors or memory short (raise the "
                      "descriptor limit, LimitNOFILE= / ulimit -n)",
+    "drop_bad_header": "datagrams without the disguise header this listener expects: the "
+                       "other relay's --header-out and this one's --header-in (or the reverse "
+                       "for replies) must name the same kind, and only the other relay may "
+                       "send here",
 }
 INTERVAL = 60.0
 

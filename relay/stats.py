@@ -18,6 +18,7 @@ COUNTERS = (
     "conn_open", "conn_accepted", "conn_rejected", "conn_reconnects", "frames_bad",
     "queue_drops", "icmp_errors", "drop_rcvbuf", "drop_permission",
     "rejected", "reject_ratelimited", "drop_foreign_port",
+    "drop_bad_header",
 )
 N_COUNTERS = len(COUNTERS)
 INDEX = {name: i for i, name in enumerate(COUNTERS)}
@@ -59,6 +60,8 @@ HELP = {
                           "the rate limit (1000/s, burst 50)",
     "drop_foreign_port": "SOCKS5 UDP datagrams from a client's host but not from the port "
                          "bound to its association",
+    "drop_bad_header": "datagrams dropped because they lack the valid disguise header their "
+                       "listener expects (forward --header-in, replies under --header-out)",
 }
 assert set(HELP) == set(COUNTERS)
 

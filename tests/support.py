@@ -349,3 +349,23 @@ def compiled_probe(directory, name, source):
         yield __import__(name)
     finally:
         sys.path.remove(d)
+
+
+def check_disguise_steps(kind, headers):
+    """Consecutive disguise headers of one new sender (relay/proto/disguise.py) follow
+    v2ray's counting: srtp and wechat-video numbers +1 each, dtls sequence from 0 with its
+    length cycle and one epoch, utp one connection id."""
+    from relay.proto import disguise as H
+    f = [H.fields(kind, h) for h in headers]
+    if kind in ("srtp", "wechat-video"):
+        mask = 0xFFFF if kind == "srtp" else 0xFFFFFFFF
+        assert [x["number"] for x in f] == [(f[0]["number"] + i) & mask for i in range(len(f))]
+    elif kind == "dtls":
+        assert [x["sequence"] for x in f] == list(range(len(f)))
+        assert len({x["ident"] for x in f}) == 1
+        length = H.DTLS_LEN_FIRST
+        for x in f:
+            assert x["length"] == length
+            length = H.dtls_next_length(length)
+    elif kind == "utp":
+        assert len({x["ident"] for x in f}) == 1

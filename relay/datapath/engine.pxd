@@ -11,6 +11,7 @@ from relay.datapath.flows cimport groups_t
 from relay.datapath.stats cimport N_COUNTERS
 from relay.datapath.tunnel cimport UpstreamCore
 from relay.packet.icmp cimport ICMP_UNREACH_MAX
+from relay.datapath.disguise cimport hdr_t
 
 
 cdef enum:
@@ -124,6 +125,7 @@ cdef class Engine:
     cdef double rj_tokens, rj_last
     cdef uint8_t[ICMP_UNREACH_MAX] rj_out
     cdef epoll_event[MAX_EVENTS] events
+    cdef hdr_t hdr                # --header-out / --header-in (disguise.pxi)
 
 
     cdef uint64_t *_stats_ptr(self, object mv) except NULL

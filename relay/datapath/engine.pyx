@@ -38,7 +38,8 @@ from relay.datapath.addr cimport sockaddr_any, sockaddr_from_tuple, sockaddr_to_
 from relay.datapath.ring cimport (
     msg_put_gso, msg_put_src, msg_gso_size, msg_one_of, cmsg_local, SRC_CTRL,
 )
-from relay.datapath.sendq cimport run_join, run_start, SQ_GSO_MAX
+from relay.datapath.sendq cimport run_join, run_start, SQ_GSO_MAX, SQ_GSO_BYTES
+from relay.datapath.disguise cimport *
 from relay.packet.headers cimport (
     write_udp_headers, write_udp_header, write_fragment, frag_chunk, frag_next_ident,
     IPV4_UDP_HDR_LEN, IPV6_UDP_HDR_LEN, UDP_HDR_LEN, MAX_IPV4_UDP_PAYLOAD, MAX_IPV6_UDP_PAYLOAD,
@@ -77,24 +78,24 @@ cdef inline int wait_writable(int fd) noexcept nogil:
     return poll(&p, 1, 1)
 
 
-cdef inline uint64_t _segments(msghdr *h) noexcept nogil:
-    """Datagrams a message stands for: 1, its iovecs (a coalesced run: one datagram each),
-    or the GSO segments of its one buffer (a GRO receive passed on)."""
-    cdef uint16_t seg
-    cdef size_t n
-    if h.msg_iovlen > 1:
-        return h.msg_iovlen
-    seg = msg_gso_size(h)
-    n = h.msg_iov[0].iov_len
-    return (n + seg - 1) // seg if seg else 1
-
-
 cdef inline uint64_t _msg_bytes(msghdr *h) noexcept nogil:
     cdef uint64_t total = 0
     cdef size_t k
     for k in range(h.msg_iovlen):
         total += h.msg_iov[k].iov_len
     return total
+
+
+cdef inline uint64_t _segments(msghdr *h) noexcept nogil:
+    """Datagrams a message stands for: 1 without a GSO size, else its bytes in segments (a
+    coalesced run: an iovec each; a GRO receive passed on: one buffer; with a disguise
+    header: a header iovec and a payload iovec each)."""
+    cdef uint16_t seg = msg_gso_size(h)
+    cdef size_t n
+    if seg == 0:
+        return 1
+    n = h.msg_iov[0].iov_len if h.msg_iovlen == 1 else _msg_bytes(h)
+    return (n + seg - 1) // seg
 
 
 cdef inline uint64_t _datagrams(mmsghdr *m, int n) noexcept nogil:
@@ -149,7 +150,7 @@ cdef class Engine:
                  double transparent_idle=30.0, int batch=64, stats=None,
                  int upstream_family=AF_INET6, int listen_family=AF_INET6,
                  UpstreamCore core=None, bint gro=False, port_timeouts=(), reject=(),
-                 client_groups=()):
+                 client_groups=(), header_out=None, header_in=None):
         cdef epoll_event ev
         if mode not in ("forward", "redir"):
             raise ValueError(f"mode must be 'forward' or 'redir', not {mode!r}")
@@ -210,13 +211,13 @@ cdef class Engine:
         self.frag_over[0] = self.frag_over[1] = MTU_UNASKED
         self.mtu_known[0] = self.mtu_known[1] = False
         self.nfd = fd_soft_limit()
-        self.rx = <uint8_t *>calloc(batch, MAXDGRAM)
+        self.rx = <uint8_t *>calloc(batch, MAXDGRAM + HDR_ROOM)
         self.rx_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
         self.rx_iov = <iovec *>calloc(batch, sizeof(iovec))
         self.rx_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
         self.rx_ctrl = <uint8_t *>calloc(batch, CTRL)
         self.tx_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
-        self.tx_iov = <iovec *>calloc(batch, sizeof(iovec))
+        self.tx_iov = <iovec *>calloc(batch + HDR_XIOV, sizeof(iovec))
         self.tx_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
         self.tx_fd = <int *>calloc(batch, sizeof(int))
         self.tx_seg = <uint32_t *>calloc(batch, sizeof(uint32_t))
@@ -229,7 +230,7 @@ cdef class Engine:
         self.ry_names = <sockaddr_any *>calloc(batch, sizeof(sockaddr_any))
         self.ry_client = <akey_t *>calloc(batch, sizeof(akey_t))
         self.out_msgs = <mmsghdr *>calloc(batch + FRAG_CAP, sizeof(mmsghdr))
-        self.out_iov = <iovec *>calloc(batch + FRAG_CAP, sizeof(iovec))
+        self.out_iov = <iovec *>calloc(batch + FRAG_CAP + HDR_XIOV, sizeof(iovec))
         self.out_names = <sockaddr_any *>calloc(batch + FRAG_CAP, sizeof(sockaddr_any))
         self.out_slot = <int *>calloc(batch + FRAG_CAP, sizeof(int))
         self.out_kind = <uint8_t *>calloc(batch + FRAG_CAP, 1)
@@ -307,6 +308,12 @@ cdef class Engine:
             self.core = core
             core.reply_fn = _core_reply
             core.reply_ctx = <void *>self
+        try:
+            _hdr_setup(self, header_out, header_in, max_associations, batch + HDR_XIOV,
+                       batch + FRAG_CAP + HDR_XIOV)
+        except BaseException:
+            self._free()
+            raise
         self.closed = False
         self.next_sweep = monotonic() + 1.0
         if core is not None:
@@ -449,6 +456,7 @@ cdef class Engine:
         free(self.out_local); self.out_local = NULL
         free(self.reject_map); self.reject_map = NULL
         table_free(&self.locals)
+        _hdr_free(self)
 
     def __dealloc__(self):
         if not self.closed:
@@ -563,9 +571,11 @@ cdef class Engine:
         cdef socklen_t nl
         cdef bint got
         cdef int seg
+        cdef uint8_t *data
+        cdef uint32_t dlen
         for rounds in range(LISTEN_ROUNDS):
             for i in range(b):
-                self.rx_iov[i].iov_base = self.rx + <size_t>i * MAXDGRAM
+                self.rx_iov[i].iov_base = self.rx + <size_t>i * (MAXDGRAM + HDR_ROOM) + HDR_ROOM
                 self.rx_iov[i].iov_len = MAXDGRAM
                 m = &self.rx_msgs[i]
                 m.msg_hdr.msg_iov = &self.rx_iov[i]
@@ -593,6 +603,10 @@ cdef class Engine:
                 if self.mode == MODE_REDIR and not got:
                     self.st[C_DROP_NO_ROUTE] += 1
                     continue
+                data = <uint8_t *>self.rx_iov[i].iov_base
+                dlen = m.msg_len
+                if self.hdr.up and not _hdr_client_in(self, &data, &dlen, seg):
+                    continue
                 if self.reject_map != NULL and _port_rejected(self.reject_map, dk.port):
                     _reject(self, i, &ck, &dk, seg, now)
                     continue
@@ -609,6 +623,8 @@ cdef class Engine:
                     # its idle timeout: by the destination port of its first datagram
                     if self.port_class != NULL:
                         table_set_class(&self.assoc, idx, self.port_class[ntohs(dk.port)])
+                    if self.hdr.up:
+                        _hdr_new_flow(self, idx)
                 else:
                     table_touch(&self.assoc, idx, now)
                 if self.local_src:          # the client may have moved to another address
@@ -625,8 +641,10 @@ cdef class Engine:
                         continue
                 else:
                     nl = 0
-                self._tx_add(self.assoc.e[idx].fd, <uint8_t *>self.rx_iov[i].iov_base,
-                             m.msg_len, seg, nl)
+                if self.hdr.up:
+                    _hdr_tx(self, idx, self.assoc.e[idx].fd, data, dlen, seg, nl)
+                else:
+                    self._tx_add(self.assoc.e[idx].fd, data, dlen, seg, nl)
             if self.core is not None:
                 with gil:
                     self._core_send()
@@ -780,6 +798,7 @@ cdef class Engine:
         """Send the pending upstream datagrams: one sendmmsg per run of the same socket."""
         cdef int j = 0, k, n = self.ntx
         self.ntx = 0
+        self.niov = 0
         while j < n:
             k = j + 1
             while k < n and self.tx_fd[k] == self.tx_fd[j]:
@@ -821,6 +840,7 @@ cdef class Engine:
         for i in range(n):
             nbytes += _msg_bytes(&m[i].msg_hdr)
         ndgrams = _datagrams(m, n)
+        nbytes -= ndgrams * _hdr_added(self, counter)
         if counter == C_DOWN_DATAGRAMS:
             self._count_down(ndgrams, nbytes)
         else:
@@ -868,8 +888,8 @@ cdef class Engine:
                         # GSO (EIO): stop coalescing such runs
                         if e == EIO:
                             self.gso_max = 0
-                        elif m[done].msg_hdr.msg_iov[0].iov_len <= self.gso_max:
-                            self.gso_max = <uint32_t>m[done].msg_hdr.msg_iov[0].iov_len - 1
+                        elif msg_gso_size(&m[done].msg_hdr) <= self.gso_max:
+                            self.gso_max = <uint32_t>msg_gso_size(&m[done].msg_hdr) - 1
                     self._send_split(fd, &m[done].msg_hdr, counter)
                 else:
                     self._count_error(e)
@@ -877,35 +897,45 @@ cdef class Engine:
 
     cdef void _send_split(self, int fd, msghdr *h, int counter) noexcept nogil:
         """The kernel refused a GSO send (segment larger than the route allows, ...):
-        send its datagrams one by one instead (each iovec of a coalesced run, or each
-        segment of a GRO buffer), each with the message's source address if it has one."""
+        send its datagrams one by one instead, each with the message's source address if
+        it has one. A datagram is the next GSO-size bytes of the message's iovecs: an
+        iovec of a coalesced run, a segment of a GRO buffer, or a disguise header's iovec
+        and its payload's."""
         cdef uint16_t seg = msg_gso_size(h)
-        cdef uint8_t *p
-        cdef size_t left, k, v
+        cdef uint64_t total = _msg_bytes(h), done = 0
+        cdef uint32_t added = _hdr_added(self, counter)
+        cdef size_t v = 0, off = 0, avail, take, got
         cdef ssize_t r
         cdef msghdr one
-        cdef iovec part
+        cdef iovec parts[4]
         msg_one_of(h, &one)
-        one.msg_iov = &part
-        for v in range(h.msg_iovlen):
-            p = <uint8_t *>h.msg_iov[v].iov_base
-            left = h.msg_iov[v].iov_len
-            while True:
-                k = seg if left > seg else left
-                part.iov_base = p
-                part.iov_len = k
-                r = sendmsg(fd, &one, MSG_DONTWAIT)
-                if r < 0:
-                    self._count_error(errno)
-                elif counter == C_DOWN_DATAGRAMS:
-                    self._count_down(1, k)
-                else:
-                    self.st[counter] += 1
-                    self.st[counter + 1] += k
-                p += k
-                left -= k
-                if left == 0:
-                    break
+        one.msg_iov = parts
+        if seg == 0:
+            seg = <uint16_t>total
+        while done < total:
+            one.msg_iovlen = 0
+            got = 0
+            while got < seg and v < h.msg_iovlen and one.msg_iovlen < 4:
+                avail = h.msg_iov[v].iov_len - off
+                if avail == 0:
+                    v += 1
+                    off = 0
+                    continue
+                take = seg - got if avail > seg - got else avail
+                parts[one.msg_iovlen].iov_base = <uint8_t *>h.msg_iov[v].iov_base + off
+                parts[one.msg_iovlen].iov_len = take
+                one.msg_iovlen += 1
+                got += take
+                off += take
+            done += got
+            r = sendmsg(fd, &one, MSG_DONTWAIT)
+            if r < 0:
+                self._count_error(errno)
+            elif counter == C_DOWN_DATAGRAMS:
+                self._count_down(1, got - added if got > added else 0)
+            else:
+                self.st[counter] += 1
+                self.st[counter + 1] += got - added if got > added else 0
 
     cdef int _upstream_socket(self, int family) noexcept nogil:
         """A new non-blocking upstream socket of family with the mark, or -errno."""
@@ -1028,6 +1058,8 @@ cdef class Engine:
                 nb += self.ry_msgs[i].msg_len
                 nd += ((self.ry_msgs[i].msg_len + self.ry_gro[i] - 1) // self.ry_gro[i]
                        if self.ry_gro[i] > 0 else 1)
+                if self.hdr.down:
+                    _hdr_reply(self, i, idx)
             flow_in(&self.assoc.e[idx], &self.groups, nd, nb)
             self.ry_count += n
             table_touch(&self.assoc, idx, now)
@@ -1058,9 +1090,14 @@ cdef class Engine:
         cdef uint32_t ln
         cdef msghdr *h
         for i in range(n):
+            if self.ry_gro[i] < 0:          # refused by its disguise header (counted)
+                continue
             nl = akey_to_sockaddr(&self.ry_client[i], self.lfamily, &self.out_names[k])
             if nl == 0:
                 self.st[C_DROP_NO_ROUTE] += 1
+                continue
+            if self.hdr.down and self.ry_gro[i] > 0:
+                _hdr_reply_gro(self, i, &k, &v, nl)
                 continue
             ln = <uint32_t>self.ry_iov[i].iov_len
             j = k - 1
@@ -1093,3 +1130,4 @@ cdef class Engine:
 include "reply_raw.pxi"
 include "reply_transparent.pxi"
 include "reject.pxi"
+include "disguise.pxi"

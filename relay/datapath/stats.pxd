@@ -36,4 +36,5 @@ cdef enum:
     C_REJECTED                # datagrams to a --reject port (answered: port unreachable)
     C_REJECT_RATELIMITED      # ... whose ICMP error the rate limit held back
     C_DROP_FOREIGN_PORT       # SOCKS5 UDP: the client's host, not the port that claimed it
+    C_DROP_BAD_HEADER         # forward --header-in/--header-out: no valid disguise header
     N_COUNTERS

@@ -53,7 +53,7 @@ class UdpService(Service):
                 transparent_idle=cfg.transparent_idle, batch=cfg.batch, stats=ctx.stats,
                 upstream_family=up_family, listen_family=self.listen.family, core=self.core,
                 gro=cfg.gro, port_timeouts=cfg.port_timeouts(), reject=cfg.reject,
-                client_groups=ctx.groups,
+                client_groups=ctx.groups, header_out=cfg.header_out, header_in=cfg.header_in,
             )
         except BaseException:
             self.close()
