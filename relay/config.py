@@ -28,12 +28,16 @@ import stat
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from relay.net import sockopt
+
 try:
     import tomllib
 except ImportError:                 # Python < 3.11: the same parser as the tomli package
     import tomli as tomllib
 
-from relay.net.addr import Upstream, format_hostport, parse_cidr, parse_hostport, parse_upstream
+from relay.net.addr import (
+    Upstream, format_hostport, parse_cidr, parse_hostport, parse_sources, parse_upstream,
+)
 
 __all__ = [
     "ConfigError", "Config", "GlobalConfig", "ListenerConfig", "ConfigDiff",
@@ -82,6 +86,11 @@ class GlobalConfig:
     # Idle seconds before a silent TCP peer is probed (keepalive, then TCP_USER_TIMEOUT:
     # relay/net/sockopt.py tcp_keepalive); 0: off. Every long-lived TCP connection.
     tcp_keepalive: float = 60.0
+    # TCP Fast Open on the tunnel and SOCKS5 connections (clients: TCP_FASTOPEN_CONNECT,
+    # servers' listen sockets: TCP_FASTOPEN) where net.ipv4.tcp_fastopen allows the side.
+    tcp_fastopen: bool = True
+    # TCP_CONGESTION on those connections (None: the kernel's default).
+    tcp_congestion: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,18 @@ class ListenerConfig:
     insecure: bool = False
     strict_udp: bool = False                 # socks5: refuse UDP ASSOCIATE with port 0
     workers: Optional[int] = None            # None: the global number
+    bind_interface: Optional[str] = None     # the upstream side leaves through this interface
+    source: tuple = ()                       # ... from these addresses (one per family)
+
+    def outbound(self):
+        """The outbound binding of the upstream side (relay.net.sockopt.Outbound): an
+        upstream URL's bind= and source= over the listener's own."""
+        Outbound = sockopt.Outbound
+        mine = Outbound.of(self.bind_interface, self.source)
+        up = self.upstream
+        if up is None or not (up.bind_interface or up.source):
+            return mine
+        return Outbound.of(up.bind_interface, up.source).under(mine)
 
     def port_timeouts(self):
         """The per-destination-port idle timeouts, ((first, last, seconds), ...): the given
@@ -148,6 +169,8 @@ class ListenerConfig:
                 value = [str(net) for net in value]
             elif f.name == "reject":
                 value = format_ports(value)
+            elif f.name == "source":
+                value = list(value)
             out[f.name] = value
         return out
 
@@ -226,7 +249,7 @@ def listener(mode, **kw):
 # --- which keys each mode takes -------------------------------------------------------
 
 _COMMON = {"name", "mode", "listen", "mark", "timeout", "timeout_port", "max_associations",
-           "batch", "workers"}
+           "batch", "workers", "bind_interface", "source"}
 _SECRET = {"secret", "secret_file"}
 _LOGIN = {"user", "password", "password_file"}
 _TUNNEL_UP = _SECRET | {"connections"}       # with a tunnel:// upstream
@@ -525,7 +548,39 @@ def _parse_global(ctx, table):
         value = table["tcp_keepalive"]
         kw["tcp_keepalive"] = 0.0 if value == 0 and not isinstance(value, bool) else \
             _get_float(ctx, g + "tcp_keepalive", value, 0, MAX_KEEPALIVE)
+    if "tcp_fastopen" in table:
+        kw["tcp_fastopen"] = _get_bool(ctx, g + "tcp_fastopen", table["tcp_fastopen"])
+    if "tcp_congestion" in table:
+        key = g + "tcp_congestion"
+        kw["tcp_congestion"] = _on_host(ctx, key, sockopt.check_congestion,
+                                        _get_str(ctx, key, table["tcp_congestion"]))
     return GlobalConfig(**kw)
+
+
+def _on_host(ctx, key, check, value):
+    """value, once check(value) found this host able to use it (ValueError: refused)."""
+    try:
+        check(value)
+    except ValueError as exc:
+        raise ctx.error(key, str(exc)) from None
+    return value
+
+
+def _get_interface(ctx, key, value):
+    return _on_host(ctx, key, sockopt.check_interface, _get_str(ctx, key, value))
+
+
+def _get_sources(ctx, key, value):
+    """One source address or two (one per family), each an address of this host."""
+    if not isinstance(value, (str, list, tuple)):
+        raise ctx.error(key, f"expected an address or an array of two, got {_describe(value)}")
+    try:
+        sources = parse_sources(value, what="source")
+    except (TypeError, ValueError) as exc:
+        raise ctx.error(key, str(exc)) from None
+    for host in sources:
+        _on_host(ctx, key, sockopt.check_source, host)
+    return sources
 
 
 def _parse_listener(ctx, index, table):
@@ -569,6 +624,14 @@ def _parse_listener(ctx, index, table):
         except ValueError as exc:
             raise ctx.error(k("upstream"), str(exc)) from None
         kw["upstream"] = None if up.kind == "direct" else up
+        if up.bind_interface:
+            _get_interface(ctx, k("upstream") + " (bind=)", up.bind_interface)
+        if up.source:
+            _get_sources(ctx, k("upstream") + " (source=)", list(up.source))
+    if "bind_interface" in table:
+        kw["bind_interface"] = _get_interface(ctx, k("bind_interface"), table["bind_interface"])
+    if "source" in table:
+        kw["source"] = _get_sources(ctx, k("source"), table["source"])
     if "reply" in table:
         kw["reply"] = _get_choice(ctx, k("reply"), table["reply"], REPLY_MODES, "reply mode")
     if "mark" in table:

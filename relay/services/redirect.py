@@ -52,6 +52,7 @@ class UdpService(Service):
                 transparent_idle=cfg.transparent_idle, batch=cfg.batch, stats=ctx.stats,
                 upstream_family=up_family, listen_family=self.listen.family, core=self.core,
                 gro=cfg.gro, port_timeouts=cfg.port_timeouts(), reject=cfg.reject,
+                outbound=cfg.outbound() or None,
             )
         except BaseException:
             self.close()
@@ -97,7 +98,8 @@ def make_core(cfg, ctx, t=None):
         t = _select.module("tunnel")
     mark = cfg.mark or None
     common = dict(mark=mark, stats=ctx.stats, timeout=cfg.timeout, log=ctx.log,
-                  max_flows=upstream_flows(cfg), port_timeouts=cfg.port_timeouts())
+                  max_flows=upstream_flows(cfg), port_timeouts=cfg.port_timeouts(),
+                  outbound=cfg.outbound() or None)
     if up.kind == "tunnel":
         return t.TunnelUpstream((up.host, up.port), secret=cfg.secret,
                                 connections=cfg.connections, **common)
