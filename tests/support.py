@@ -212,6 +212,19 @@ class Echo:
         self.sock.close()
 
 
+def ask_source(sock, addr, tries=3):
+    """Send to addr a datagram whose answer is the address the server saw it come from
+    (an Echo(who=True)); returns that address."""
+    sock.settimeout(2)
+    for _ in range(tries):
+        sock.sendto(b"?", addr)
+        try:
+            return sock.recvfrom(2048)[0].decode()
+        except socket.timeout:
+            continue
+    raise AssertionError(f"no answer through {addr}")
+
+
 def own_sockets(pick, kind=socket.SOCK_STREAM):
     """Sockets of this process of kind for which pick(sock) holds, one per socket
     (duplicates of their descriptors: close them)."""

@@ -13,7 +13,7 @@ from relay.config import ConfigError, parse_config, parse_listener
 from relay.net import sockopt
 from relay.net.addr import parse_upstream
 from relay.net.sockopt import Outbound
-from tests.support import Echo, cfg, own_sockets, raw_client, read_frames, sockets_to
+from tests.support import Echo, ask_source as ask, cfg, own_sockets, raw_client, read_frames, sockets_to
 
 pytest.importorskip("relay.datapath.tunnel")
 
@@ -23,17 +23,6 @@ def who():
     e = Echo(who=True)
     yield e
     e.close()
-
-
-def ask(sock, addr, tries=3):
-    sock.settimeout(2)
-    for _ in range(tries):
-        sock.sendto(b"?", addr)
-        try:
-            return sock.recvfrom(2048)[0].decode()
-        except socket.timeout:
-            continue
-    raise AssertionError(f"no answer through {addr}")
 
 
 def _lst(**kw):

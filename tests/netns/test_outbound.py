@@ -1,0 +1,210 @@
+"""A router with two uplinks: each listener leaves through the interface (--bind-interface)
+or from the source address (--source) it names, whatever the main route says; and TCP Fast
+Open carries the tunnel handshake in the SYN of a reconnect.
+
+    cli -- rtr ==rtr1 (uplink 1: 198.51.100.1, 2001:db8:2::1; the main route)== srv
+               ==rtr2 (uplink 2: 203.0.113.1, 2001:db8:3::1)================ srv
+
+The remotes (198.18.0.1, 2001:db8:9::1, on srv's lo) are routed through uplink 1 (metric
+100) and through uplink 2 (metric 200: what a device bound to rtr2 finds); packets from
+uplink 2's addresses take uplink 2 (ip rule from ... lookup 202), as multi-WAN routers set
+them up. The server answers each datagram with the source address it saw: that is the
+uplink it left through. One topology for the module: the tests only start services."""
+import socket
+
+import pytest
+
+from tests import namespaces as N
+from tests.namespaces import RTR4_CLI, RTR6_CLI, SRV4, SRV6, wait_until
+from tests.support import Running, ask_source, cfg, redir_rules
+
+pytestmark = pytest.mark.netns
+pytest.importorskip("relay.datapath.engine")
+
+UP1 = {4: N.RTR4_SRV, 6: N.RTR6_SRV}
+UP2 = {4: "203.0.113.1", 6: "2001:db8:3::1"}
+UP2_SRV = {4: "203.0.113.2", 6: "2001:db8:3::2"}
+REMOTE = {4: "198.18.0.1", 6: "2001:db8:9::1"}
+NETS = {4: "198.18.0.0/15", 6: "2001:db8:9::/48"}
+ALLOW = ["198.18.0.0/15", "2001:db8:9::/48"]
+FAM = {4: socket.AF_INET, 6: socket.AF_INET6}
+TABLE = 202
+REDIR_PORT = 7000
+
+WHO_SERVER = r"""
+import selectors, socket, sys
+sel = selectors.DefaultSelector()
+for host in sys.argv[1:]:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.bind((host, 7))
+    sel.register(s, selectors.EVENT_READ)
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        try:
+            data, peer = key.fileobj.recvfrom(65535)
+            key.fileobj.sendto(peer[0].encode(), peer)
+        except OSError:
+            pass
+"""
+
+
+@pytest.fixture(scope="module")
+def wan(netns_available):
+    t = N.Topology()
+    try:
+        r, s = t.rtr, t.srv
+        r.run("ip", "link", "add", "rtr2", "type", "veth", "peer", "name", "srv1", "netns", s.name)
+        for ns, dev, addrs in ((r, "rtr2", UP2), (s, "srv1", UP2_SRV)):
+            for v, a in addrs.items():
+                ns.run("ip", "addr", "add", f"{a}/{24 if v == 4 else 64}", "dev", dev,
+                       *(["nodad"] if v == 6 else []))
+            ns.run("ip", "link", "set", dev, "up")
+        for v in (4, 6):
+            s.run("ip", "addr", "add", f"{REMOTE[v]}/{32 if v == 4 else 128}", "dev", "lo")
+            ip = ["ip", "-6"] if v == 6 else ["ip"]
+            r.run(*ip, "route", "add", NETS[v], "via", {4: SRV4, 6: SRV6}[v], "dev", "rtr1",
+                  "metric", "100")
+            r.run(*ip, "route", "add", NETS[v], "via", UP2_SRV[v], "dev", "rtr2", "metric", "200")
+            r.run(*ip, "route", "add", NETS[v], "via", UP2_SRV[v], "dev", "rtr2", "table", TABLE)
+            r.run(*ip, "rule", "add", "from", UP2[v], "lookup", TABLE)
+        for ns in (r, s):
+            for dev in ("all", "default", "rtr1", "rtr2", "srv0", "srv1"):
+                ns.run("sysctl", "-qw", f"net.ipv4.conf.{dev}.rp_filter=0", check=False)
+            ns.run("sysctl", "-qw", "net.ipv4.tcp_fastopen=3")
+        p = s.python(WHO_SERVER, REMOTE[4], REMOTE[6], text=True)
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        rules = redir_rules(t, "apply", REDIR_PORT)
+        assert rules.returncode == 0, rules.stderr
+        yield t
+    finally:
+        t.close()
+
+
+def ask(ns, family, addr, tries=3):
+    """The source address the server saw for a datagram sent from ns to addr."""
+    s = ns.socket(family)
+    try:
+        return ask_source(s, addr, tries)
+    finally:
+        s.close()
+
+
+def peers_of(ns, port):
+    """Peer addresses of the TCP connections established to port in ns."""
+    out = ns.run("ss", "-Htn", "state", "established", f"( sport = :{port} )").stdout
+    return sorted({line.split()[-1].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+                   for line in out.splitlines() if line.strip()})
+
+
+BINDINGS = {                  # listener keys -> the uplink each family leaves through
+    "main route": ({}, UP1),
+    "bind rtr2": (dict(bind_interface="rtr2"), UP2),
+    "bind rtr1": (dict(bind_interface="rtr1"), UP1),
+    "source": (dict(source=(UP2[4], UP2[6])), UP2),
+}
+
+
+def test_forward_listeners_each_leave_through_their_uplink(wan, running):
+    """Four forward listeners side by side, one per binding, both families: the server sees
+    each one's uplink address."""
+    port = 5300
+    listeners = []
+    for name, (kw, up) in BINDINGS.items():
+        for v in (4, 6):
+            listen = (RTR4_CLI if v == 4 else RTR6_CLI, port)
+            running(cfg("forward", listen=listen, to=(REMOTE[v], 7), **kw), wan.rtr)
+            listeners.append((name, v, listen, up[v]))
+            port += 1
+    seen = {(name, v): ask(wan.cli, FAM[v], listen) for name, v, listen, _up in listeners}
+    assert seen == {(name, v): up for name, v, _listen, up in listeners}
+
+
+@pytest.mark.parametrize("binding", ["main route", "bind rtr2", "source"])
+def test_redir_leaves_through_its_uplink(wan, running, binding):
+    kw, up = BINDINGS[binding]
+    running(cfg("redir", listen=("::", REDIR_PORT), **kw), wan.rtr)
+    for v in (4, 6):
+        assert ask(wan.cli, FAM[v], (REMOTE[v], 7)) == up[v]
+
+
+@pytest.mark.usefixtures("impl")
+@pytest.mark.parametrize("v", [4, 6], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("binding", ["main route", "bind rtr2", "source"])
+def test_tunnel_upstream_connects_through_its_uplink(wan, running, binding, v):
+    """forward --upstream tunnel://...?bind=rtr2 (or ?source=...): the tunnel server in
+    srv sees its connection come from that uplink; the datagrams go through."""
+    kw, up = BINDINGS[binding]
+    query = "&".join(f"{'bind' if k == 'bind_interface' else k}="
+                     f"{val if isinstance(val, str) else ','.join(val)}" for k, val in kw.items())
+    server = running(cfg("tunnel-server", listen=("::", 8443), secret="s", allow=ALLOW,
+                         allow_host=True), wan.srv)
+    host = REMOTE[v] if v == 4 else f"[{REMOTE[v]}]"
+    url = f"tunnel://{host}:8443" + (f"?{query}" if query else "")
+    running(cfg("forward", listen=(RTR4_CLI, 5400), to=(REMOTE[v], 7), upstream=_up(url),
+                secret="s"), wan.rtr)
+    assert ask(wan.cli, socket.AF_INET, (RTR4_CLI, 5400)) == REMOTE[v]   # the server's own
+    assert peers_of(wan.srv, 8443) == [up[v]]
+    assert server.stats()["conn_open"] == 1
+
+
+@pytest.mark.usefixtures("impl")
+@pytest.mark.parametrize("v", [4, 6], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("binding", ["main route", "bind rtr2", "source"])
+def test_tunnel_server_flows_leave_through_their_uplink(wan, running, binding, v):
+    kw, up = BINDINGS[binding]
+    running(cfg("tunnel-server", listen=(RTR4_CLI, 9000), secret="s", allow=ALLOW, **kw),
+            wan.rtr)
+    running(cfg("tunnel-client", listen=("127.0.0.1", 5000), server=(RTR4_CLI, 9000),
+                to=(REMOTE[v], 7), secret="s"), wan.cli)
+    assert ask(wan.cli, socket.AF_INET, ("127.0.0.1", 5000)) == up[v]
+
+
+# ----------------------------------------------------------------------------- Fast Open
+
+def tcp_ext(ns):
+    """TcpExt counters of ns (/proc/net/netstat)."""
+    lines = [l.split() for l in ns.run("cat", "/proc/net/netstat").stdout.splitlines()
+             if l.startswith("TcpExt:")]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
+
+
+FASTOPEN = ("TCPFastOpenActive", "TCPFastOpenPassive")
+
+
+@pytest.mark.usefixtures("impl")
+@pytest.mark.parametrize("fastopen", [True, False], ids=["on", "off"])
+def test_reconnect_carries_the_handshake_in_the_syn(wan, running, fastopen):
+    """A tunnel client's second connection to a server that gave it a cookie carries its
+    first bytes in the SYN (TCPFastOpenActive at the client, TCPFastOpenPassive at the
+    server: counted around the second connection only, the first may have found a cookie
+    already); with tcp_fastopen = false neither end uses it, although a cookie is cached."""
+    from relay.net import sockopt
+    saved = dict(sockopt._tcp_tuning)
+    try:
+        with wan.rtr.enter():
+            sockopt.set_tcp_tuning(fastopen)
+        port = 8500 + fastopen
+        running(cfg("tunnel-server", listen=("::", port), secret="s", allow=ALLOW,
+                    allow_host=True), wan.srv)
+        for i in range(2):              # the first connection asks for the cookie
+            before = (tcp_ext(wan.rtr), tcp_ext(wan.srv))
+            client = Running(cfg("forward", listen=(RTR4_CLI, 5500 + i), to=(REMOTE[4], 7),
+                                 upstream=_up(f"tunnel://{REMOTE[4]}:{port}"), secret="s"),
+                             wan.rtr)
+            assert ask(wan.cli, socket.AF_INET, (RTR4_CLI, 5500 + i)) == REMOTE[4]
+            client.stop()
+            wait_until(lambda: not peers_of(wan.srv, port), 5, what="connection closed")
+        after = (tcp_ext(wan.rtr), tcp_ext(wan.srv))
+    finally:
+        sockopt._tcp_tuning.clear()
+        sockopt._tcp_tuning.update(saved)
+    got = (after[0]["TCPFastOpenActive"] - before[0]["TCPFastOpenActive"],
+           after[1]["TCPFastOpenPassive"] - before[1]["TCPFastOpenPassive"])
+    assert got == ((1, 1) if fastopen else (0, 0))
+
+
+def _up(url):
+    from relay.net.addr import parse_upstream
+    return parse_upstream(url)
