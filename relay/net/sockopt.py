@@ -451,11 +451,13 @@ def cmsg_for(cmsgs, host):
 
 def check_interface(name):
     """Refuse (ValueError) an interface name this host (namespace) does not have."""
-    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or name.strip() != name:
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if not name or size >= IFNAMSIZ or "/" in name or name.strip() != name or \
+            not name.isprintable():
         raise ValueError(f"not an interface name: {name!r} (1-{IFNAMSIZ - 1} characters)")
     try:
         socket.if_nametoindex(name)
-    except OSError:
+    except (OSError, UnicodeError):
         have = ", ".join(n for _i, n in socket.if_nameindex())
         raise ValueError(f"no such interface: {name} (this host has: {have})") from None
 

@@ -208,3 +208,19 @@ def test_reconnect_carries_the_handshake_in_the_syn(wan, running, fastopen):
 def _up(url):
     from relay.net.addr import parse_upstream
     return parse_upstream(url)
+
+
+def test_command_line_relay_binds_as_the_unprivileged_user(wan):
+    """`relay forward --bind-interface rtr2 --source ...` as a process: its workers run as
+    nobody without CAP_NET_RAW on this kernel (5.7 and later: SO_BINDTODEVICE needs none)
+    and every association socket they open still leaves through rtr2."""
+    from relay.privileges import BINDTODEVICE_FREE, effective_capabilities, kernel_version
+    from tests.relayproc import RelayProcess
+    if kernel_version() < BINDTODEVICE_FREE:
+        pytest.skip("SO_BINDTODEVICE needs CAP_NET_RAW before Linux 5.7")
+    with RelayProcess(["forward", "--listen", f"[{RTR6_CLI}]:5600", "--to", f"[{REMOTE[6]}]:7",
+                       "--mark", "0", "--bind-interface", "rtr2", "--source", UP2[6]],
+                      ns=wan.rtr).wait_ready() as r:
+        assert [effective_capabilities(pid) for pid in r.worker_pids()] == [0]
+        for _ in range(2):          # two client sockets: two associations opened as nobody
+            assert ask(wan.cli, socket.AF_INET6, (RTR6_CLI, 5600)) == UP2[6]
