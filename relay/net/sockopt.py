@@ -490,7 +490,7 @@ FASTOPEN_QLEN = 256             # SYNs with data waiting for accept, per listen 
 FASTOPEN_SYSCTL = "/proc/sys/net/ipv4/tcp_fastopen"
 CONGESTION_AVAILABLE = "/proc/sys/net/ipv4/tcp_available_congestion_control"
 CONGESTION_ALLOWED = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
-_tcp_tuning = {"fastopen": True, "congestion": None}
+_tcp_tuning = {"client": True, "server": True, "congestion": None}   # set_tcp_tuning
 
 
 def _read_proc(path):
@@ -553,9 +553,9 @@ def tcp_tune(sock, side="client"):
     than 4.11 for the client) leaves the socket as it is; a congestion control the
     kernel refuses raises."""
     try:
-        if side == "client" and _tcp_tuning.get("client", True):
+        if side == "client" and _tcp_tuning["client"]:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
-        elif side == "server" and _tcp_tuning.get("server", False):
+        elif side == "server" and _tcp_tuning["server"]:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, FASTOPEN_QLEN)
     except OSError as e:
         if e.errno not in (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EINVAL):
