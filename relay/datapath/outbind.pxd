@@ -10,7 +10,10 @@
 # A socket that sends to both families (the tunnel server's dual-stack flow sockets, the
 # SOCKS5 server's relay sockets) cannot be bound to two sources: it takes the device
 # alone (outbind_device) and each datagram its source of the destination's family as an
-# IP_PKTINFO / IPV6_PKTINFO control message (outbind_src on its send queue).
+# IP_PKTINFO / IPV6_PKTINFO control message (outbind_src on its send queue). A socket
+# that talks to its client too (a SOCKS5 relay socket) cannot take the device either: its
+# datagrams to remotes name the interface in that control message (outbind_src with
+# via_dev), which routes them as SO_BINDTODEVICE would.
 from libc.stdint cimport uint8_t
 from libc.string cimport memcmp
 from relay.includes.system cimport (
@@ -18,7 +21,7 @@ from relay.includes.system cimport (
     AF_INET, AF_INET6, SOL_SOCKET, SO_BINDTODEVICE, inet_pton,
 )
 from relay.datapath.addr cimport sockaddr_any
-from relay.datapath.sendq cimport sendq_t, sq_set_src
+from relay.datapath.sendq cimport sendq_t, sq_set_src_dev
 
 cdef enum:
     OUTBIND_IFNAMSIZ = 16
@@ -27,6 +30,7 @@ cdef enum:
 cdef struct outbind_t:
     char dev[OUTBIND_IFNAMSIZ]   # NUL-terminated; "" for none
     int devlen
+    int ifindex                  # dev's interface index (0: none)
     bint has4
     bint has6
     sockaddr_in src4             # for AF_INET sockets
@@ -50,6 +54,8 @@ cdef inline int outbind_init(outbind_t *ob, object out) except -1:
             raise ValueError(f"interface name too long: {out.device!r}")
         memcpy(ob.dev, <char *>b, len(b))
         ob.devlen = len(b)
+        from socket import if_nametoindex
+        ob.ifindex = if_nametoindex(out.device)
     if out.source4:
         b = out.source4.encode()
         if inet_pton(AF_INET, b, &ob.src4.sin_addr) != 1:
@@ -94,22 +100,43 @@ cdef inline int outbind_apply(int fd, int family, bint dest_v6, const outbind_t 
     return 0
 
 
-cdef inline void outbind_src(sendq_t *q, const sockaddr_any *dst, const outbind_t *ob) noexcept nogil:
+cdef inline bint _unset(const uint8_t *a) noexcept nogil:
+    """a (16 bytes) is not all zeros: the queue's source is not "the route's"."""
+    cdef int i
+    for i in range(16):
+        if a[i]:
+            return True
+    return False
+
+
+cdef inline void outbind_src(sendq_t *q, const sockaddr_any *dst, const outbind_t *ob,
+                             bint via_dev) noexcept nogil:
     """The datagrams queued on q next (towards dst) leave from ob's source of dst's family
-    (an IPv4-mapped dst counts as IPv4); nothing without sources."""
-    cdef int fam = 0
+    (an IPv4-mapped dst counts as IPv4) and, with via_dev, through ob's device; nothing
+    when ob has neither."""
+    cdef int fam = 0, ifindex = ob.ifindex if via_dev else 0
     cdef const uint8_t *addr = NULL
     cdef const uint8_t *a6
-    if not (ob.has4 or ob.has6):
+    cdef bint changed
+    if not (ob.has4 or ob.has6 or ifindex):
         return
     a6 = dst.v6.sin6_addr.s6_addr
     if dst.sa.sa_family == AF_INET6 and not (
             a6[10] == 0xff and a6[11] == 0xff and a6[0] == 0 and a6[1] == 0 and a6[2] == 0 and
             a6[3] == 0 and a6[4] == 0 and a6[5] == 0 and a6[6] == 0 and a6[7] == 0 and
             a6[8] == 0 and a6[9] == 0):
-        if ob.has6:
-            fam, addr = AF_INET6, ob.src6.sin6_addr.s6_addr
-    elif ob.has4:
-        fam, addr = AF_INET, <const uint8_t *>&ob.src4.sin_addr
-    if q.src_family != fam or (fam and memcmp(q.src, addr, 4 if fam == AF_INET else 16)):
-        sq_set_src(q, fam, addr)
+        fam = AF_INET6 if ob.has6 or ifindex else 0
+        addr = ob.src6.sin6_addr.s6_addr if ob.has6 else NULL
+    else:
+        fam = AF_INET if ob.has4 or ifindex else 0
+        addr = <const uint8_t *>&ob.src4.sin_addr if ob.has4 else NULL
+    if q.src_family != fam or q.src_ifindex != ifindex:
+        changed = True
+    elif not fam:
+        changed = False
+    elif addr == NULL:
+        changed = _unset(q.src)
+    else:
+        changed = memcmp(q.src, addr, 4 if fam == AF_INET else 16) != 0
+    if changed:
+        sq_set_src_dev(q, fam, addr, ifindex)

@@ -44,7 +44,8 @@ cdef class Socks5Relay(Poller):
     (assoc_expired); port_timeouts ((first, last, seconds), ...) give an association whose
     first datagram goes to one of those ports that port's timeout instead. outbound
     (relay.net.sockopt.Outbound): datagrams to remotes leave from its source of their
-    family (its device does not apply: a relay socket talks to the client too)."""
+    family and through its device, both named in each one's IP_PKTINFO / IPV6_PKTINFO (a
+    relay socket talks to its client too: it cannot be bound to either)."""
     cdef assoc_t *assocs
     cdef int max_assoc
     cdef int nassoc
@@ -233,7 +234,7 @@ cdef class Socks5Relay(Poller):
                     a.classed = True
                     if self.pmap is not None:
                         a.idle = self.ptimeouts[(<const uint8_t *><const char *>self.pmap)[f.port]]
-                outbind_src(&self.sb, &dst, &self.ob)
+                outbind_src(&self.sb, &dst, &self.ob, True)
                 sq_add(&self.sb, &dst, dl, f.data, f.dlen)
             else:
                 if not a.port_known:
@@ -262,5 +263,5 @@ cdef class Socks5Relay(Poller):
         if not a.used or a.gen != gen:           # the association ended meanwhile
             self.st[C_DROP_NO_ROUTE] += 1
             return 0
-        return send_resolved(&self.sb, &self.ob, self.st, self.acl, a.fd, a.client.sa.sa_family, e, port,
-                             data, n)
+        return send_resolved(&self.sb, &self.ob, True, self.st, self.acl, a.fd,
+                             a.client.sa.sa_family, e, port, data, n)

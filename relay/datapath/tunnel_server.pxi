@@ -370,7 +370,7 @@ cdef class TunnelServer(Poller):
             if self.sb.n and (self.sb.fd != self.tab.e[fi].fd or sq_full(&self.sb)):
                 sq_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
             self.sb.fd = self.tab.e[fi].fd
-            outbind_src(&self.sb, &dst, &self.ob)
+            outbind_src(&self.sb, &dst, &self.ob, False)    # the device: on the socket
             sq_add(&self.sb, &dst, dlen, f.data, f.dlen)
         sq_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
         if c.used and c.gen == gen:
@@ -397,8 +397,8 @@ cdef class TunnelServer(Poller):
         if not self.tab.e[owner].used or fl.gen != gen:   # the flow ended while its name was resolved
             self.st[C_DROP_NO_ROUTE] += 1
             return 0
-        return send_resolved(&self.sb, &self.ob, self.st, self.acl, self.tab.e[owner].fd, fl.family, e,
-                             port, data, n)
+        return send_resolved(&self.sb, &self.ob, False, self.st, self.acl,
+                             self.tab.e[owner].fd, fl.family, e, port, data, n)
 
     cdef int flow_read(self, int fi) except -1:
         """Replies of one flow socket: recvmmsg, frame them into the connection, write."""

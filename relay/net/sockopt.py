@@ -130,16 +130,18 @@ def local_of(ancdata):
     return found
 
 
-def src_cmsg(host):
+def src_cmsg(host, ifindex=0):
     """sendmsg ancillary data that makes a datagram leave from local address host:
     IP_PKTINFO (ipi_spec_dst) for IPv4, on AF_INET6 sockets too, else IPV6_PKTINFO;
-    interface index 0, routing picks the interface."""
+    through interface ifindex (0: routing picks the interface; with one, host may be the
+    unspecified address: the source that interface's route picks)."""
     ip = ipaddress.ip_address(host)
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if ip.version == 4:
-        return [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, ip.packed, bytes(4)))]
-    return [(socket.IPPROTO_IPV6, IPV6_PKTINFO, ip.packed + struct.pack("=I", 0))]
+        return [(socket.IPPROTO_IP, IP_PKTINFO,
+                 struct.pack("=i4s4s", ifindex, ip.packed, bytes(4)))]
+    return [(socket.IPPROTO_IPV6, IPV6_PKTINFO, ip.packed + struct.pack("=I", ifindex))]
 
 
 def udp_listen(addr, *, transparent=False, reuseport=True, bufsize=4 << 20):
@@ -434,13 +436,16 @@ def bind_outbound(sock, out, v6_dest, wildcard=False):
         sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", 0))
 
 
-def outbound_cmsgs(out):
+def outbound_cmsgs(out, via_dev=False):
     """(for IPv4, for IPv6) destinations: the sendmsg ancillary data that makes a
-    datagram leave from out's source of that family, None where it has none (the sockets
-    that send to both families: relay/datapath/outbind.pxd outbind_src)."""
+    datagram leave from out's source of that family (and with via_dev through its
+    device), None where there is nothing to say (the sockets that send to both families:
+    relay/datapath/outbind.pxd outbind_src)."""
     if not out:
         return (None, None)
-    return tuple(src_cmsg(a) if a else None for a in (out.source4, out.source6))
+    ifindex = socket.if_nametoindex(out.device) if via_dev and out.device else 0
+    return tuple(src_cmsg(a or unspec, ifindex) if a or ifindex else None
+                 for a, unspec in ((out.source4, "0.0.0.0"), (out.source6, "::")))
 
 
 def cmsg_for(cmsgs, host):

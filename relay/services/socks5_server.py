@@ -285,11 +285,11 @@ class Socks5Service(Service):
                                rejected=True, reply=ctl.hs.reply(proto.REP_NOT_ALLOWED))
         local = sock.getsockname()
         peer = sock.getpeername()
-        # With --source the relay socket's datagrams to remotes carry their family's source
-        # (IP_PKTINFO / IPV6_PKTINFO): it is bound to the wildcard then, so that the
-        # remotes' answers to that source reach it, and answers the client from `local`.
-        out = self.outbound
-        wildcard = sock.family == socket.AF_INET6 or bool(out.source4 or out.source6)
+        # With --source or --bind-interface the relay socket's datagrams to remotes carry
+        # their family's source and the interface (IP_PKTINFO / IPV6_PKTINFO): it is bound
+        # to the wildcard then, so that the remotes' answers to that source reach it, and
+        # answers the client from `local`.
+        wildcard = sock.family == socket.AF_INET6 or bool(self.outbound)
         try:
             udp = socket.socket(sock.family, socket.SOCK_DGRAM)
             udp.setblocking(False)

@@ -36,15 +36,24 @@ import selectors, socket, sys
 sel = selectors.DefaultSelector()
 for host in sys.argv[1:]:
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_DGRAM)
-    s.bind((host, 7))
-    sel.register(s, selectors.EVENT_READ)
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        s = socket.socket(fam, kind)
+        s.bind((host, 7))
+        if kind == socket.SOCK_STREAM:
+            s.listen(16)
+        sel.register(s, selectors.EVENT_READ)
 print("ready", flush=True)
 while True:
     for key, _ in sel.select():
+        s = key.fileobj
         try:
-            data, peer = key.fileobj.recvfrom(65535)
-            key.fileobj.sendto(peer[0].encode(), peer)
+            if s.type == socket.SOCK_STREAM:
+                c, peer = s.accept()
+                c.sendall(peer[0].encode())
+                c.close()
+            else:
+                data, peer = s.recvfrom(65535)
+                s.sendto(peer[0].encode(), peer)
         except OSError:
             pass
 """
@@ -159,6 +168,42 @@ def test_tunnel_server_flows_leave_through_their_uplink(wan, running, binding, v
     running(cfg("tunnel-client", listen=("127.0.0.1", 5000), server=(RTR4_CLI, 9000),
                 to=(REMOTE[v], 7), secret="s"), wan.cli)
     assert ask(wan.cli, socket.AF_INET, ("127.0.0.1", 5000)) == up[v]
+
+
+@pytest.mark.usefixtures("impl")
+@pytest.mark.parametrize("binding", ["main route", "bind rtr2", "source"])
+def test_socks5_server_udp_and_connect_leave_through_their_uplink(wan, running, binding):
+    """relay socks5 in the router: its UDP relay sockets (which answer the client through
+    rtr0 too: the device and source ride in each datagram's packet info) and its CONNECT
+    sockets leave through the uplink the listener names."""
+    from relay import proto
+    from tests.support import raw_associate
+    kw, up = BINDINGS[binding]
+    server = running(cfg("socks5", listen=("::", 1080), insecure=True, allow=ALLOW, **kw),
+                     wan.rtr)
+    for v in (4, 6):
+        with wan.cli.enter():
+            ctl, u, relay = raw_associate(server, at=(RTR4_CLI, 1080))
+            connect = socket.create_connection((RTR4_CLI, 1080), timeout=3)
+        try:
+            u.sendto(proto.udp_header(REMOTE[v], 7) + b"?", relay)
+            got = u.recvfrom(2048)[0]
+            assert got[proto.parse_udp_header(got)[4]:].decode() == up[v]
+            hs = proto.ClientHandshake(cmd=proto.CMD_CONNECT, host=REMOTE[v], port=7)
+            out = hs.start()
+            while not hs.done:
+                connect.sendall(out)
+                out = hs.feed(connect.recv(4096))
+            answer = hs.leftover
+            while len(answer) < len(up[v]):
+                chunk = connect.recv(100)
+                if not chunk:
+                    break
+                answer += chunk
+            assert answer.decode() == up[v]
+        finally:
+            for s in (ctl, u, connect):
+                s.close()
 
 
 # ----------------------------------------------------------------------------- Fast Open

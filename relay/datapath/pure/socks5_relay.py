@@ -19,7 +19,8 @@ class Socks5Relay(Poller):
     def __init__(self, acl_table=(), stats=None, *, max_assoc=1024, batch=32, log=None,
                  resolve=None, timeout=0, port_timeouts=(), outbound=None):
         super().__init__(stats, log)
-        self.out_src = _sockopt.outbound_cmsgs(outbound)    # datagrams to remotes: --source
+        # datagrams to remotes: --source and --bind-interface in their packet info
+        self.out_src = _sockopt.outbound_cmsgs(outbound, via_dev=True)
         self.acl = acl_table if isinstance(acl_table, Acl) else Acl(acl_table)
         self.max_assoc, self.batch, self.timeout = max_assoc, batch, timeout
         self.next_scan = 0.0
