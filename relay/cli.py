@@ -101,8 +101,8 @@ def _flow_options(p, mode):
     _opt(g, mode, "--bind-interface", "the upstream side (direct sockets, tunnel and SOCKS5 "
          "connections, a server's per-flow sockets) leaves through this interface only "
          "(SO_BINDTODEVICE)", metavar="IF")
-    _opt(g, mode, "--source", "... from this address (bound before connect or send), one per "
-         "family: 192.0.2.1,2001:db8::1; an address of this host", metavar="ADDR[,ADDR]")
+    _opt(g, mode, "--source", "the upstream side leaves from this address of this host (bound "
+         "before connect or send), one per family: 192.0.2.1,2001:db8::1", metavar="ADDR[,ADDR]")
 
 
 def _upstream_options(p, mode):
