@@ -269,3 +269,26 @@ def test_command_line_relay_binds_as_the_unprivileged_user(wan):
         assert [effective_capabilities(pid) for pid in r.worker_pids()] == [0]
         for _ in range(2):          # two client sockets: two associations opened as nobody
             assert ask(wan.cli, socket.AF_INET6, (RTR6_CLI, 5600)) == UP2[6]
+
+
+def test_restricted_congestion_control_keeps_cap_net_admin(wan, running):
+    """--tcp-congestion NAME that tcp_allowed_congestion_control does not list: the workers
+    (nobody) keep CAP_NET_ADMIN, and their tunnel connection, opened after the drop, has it."""
+    from relay.net import sockopt
+    from relay.privileges import CAP_NET_ADMIN, effective_capabilities
+    from tests.relayproc import RelayProcess
+    with wan.rtr.enter():
+        restricted = [c for c in sockopt.congestion_available()
+                      if c not in sockopt.congestion_allowed()]
+    if not restricted:
+        pytest.skip("every congestion control the kernel has is allowed to anyone")
+    cc = restricted[0]
+    running(cfg("tunnel-server", listen=(REMOTE[4], 8600), secret="s", allow=ALLOW,
+                allow_host=True), wan.srv)
+    with RelayProcess(["forward", "--listen", f"{RTR4_CLI}:5700", "--to", f"{REMOTE[4]}:7",
+                       "--upstream", f"tunnel://{REMOTE[4]}:8600", "--secret", "s", "--mark",
+                       "0", "--tcp-congestion", cc], ns=wan.rtr).wait_ready() as client:
+        assert [effective_capabilities(p) for p in client.worker_pids()] == [1 << CAP_NET_ADMIN]
+        assert ask(wan.cli, socket.AF_INET, (RTR4_CLI, 5700)) == REMOTE[4]
+        info = wan.rtr.run("ss", "-Htni", "state", "established", "( dport = :8600 )").stdout
+        assert f" {cc} " in f" {info} ", info
