@@ -127,12 +127,13 @@ class ListenerConfig:
     bind_interface: Optional[str] = None     # the upstream side leaves through this interface
     source: tuple = ()                       # ... from these addresses (one per family)
 
-    def outbound(self):
+    def outbound(self, upstream=None):
         """The outbound binding of the upstream side (relay.net.sockopt.Outbound): an
-        upstream URL's bind= and source= over the listener's own."""
+        upstream URL's bind= and source= (``upstream``'s, by default the listener's
+        upstream) over the listener's own keys."""
         Outbound = sockopt.Outbound
         mine = Outbound.of(self.bind_interface, self.source)
-        up = self.upstream
+        up = self.upstream if upstream is None else upstream
         if up is None or not (up.bind_interface or up.source):
             return mine
         return Outbound.of(up.bind_interface, up.source).under(mine)

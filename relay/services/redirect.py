@@ -99,7 +99,7 @@ def make_core(cfg, ctx, t=None):
     mark = cfg.mark or None
     common = dict(mark=mark, stats=ctx.stats, timeout=cfg.timeout, log=ctx.log,
                   max_flows=upstream_flows(cfg), port_timeouts=cfg.port_timeouts(),
-                  outbound=cfg.outbound() or None)
+                  outbound=cfg.outbound(up) or None)
     if up.kind == "tunnel":
         return t.TunnelUpstream((up.host, up.port), secret=cfg.secret,
                                 connections=cfg.connections, **common)
