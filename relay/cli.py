@@ -54,6 +54,15 @@ def _runtime_options(p):
                    help="count datagrams and bytes of the clients in these networks as group "
                         "NAME in `relay stats` and /metrics (repeat for more groups, at most "
                         "16; the rest count as 'other')")
+    g.add_argument("--tcp-fastopen", choices=["on", "off"], default=None,
+                   help="TCP Fast Open on tunnel and SOCKS5 connections: TCP_FASTOPEN_CONNECT "
+                        "on the client's, TCP_FASTOPEN on the servers' listen sockets, where "
+                        "net.ipv4.tcp_fastopen allows the side (1: client, 2: server) (default: "
+                        f"{'on' if GlobalConfig.tcp_fastopen else 'off'})")
+    g.add_argument("--tcp-congestion", default=None, metavar="NAME",
+                   help="TCP congestion control of tunnel and SOCKS5 connections (e.g. bbr; "
+                        "one of /proc/sys/net/ipv4/tcp_available_congestion_control; "
+                        "default: the kernel's)")
 
 
 # Options that become listener keys: dest -> config key (most are the same name).
@@ -93,6 +102,11 @@ def _flow_options(p, mode):
          "traffic is never captured again (0: none; a mark needs CAP_NET_ADMIN)", type=int)
     _opt(g, mode, "--batch", "datagrams per recvmmsg/sendmmsg call", type=int, metavar="N")
     _opt(g, mode, "--name", "listener name in stats, metrics and logs (default: the mode)")
+    _opt(g, mode, "--bind-interface", "the upstream side (direct sockets, tunnel and SOCKS5 "
+         "connections, a server's per-flow sockets) leaves through this interface only "
+         "(SO_BINDTODEVICE)", metavar="IF")
+    _opt(g, mode, "--source", "the upstream side leaves from this address of this host (bound "
+         "before connect or send), one per family: 192.0.2.1,2001:db8::1", metavar="ADDR[,ADDR]")
 
 
 def _upstream_options(p, mode):
@@ -191,6 +205,10 @@ def _global_from_args(args):
         g["user"] = args.run_as
     if args.tcp_keepalive is not None:
         g["tcp_keepalive"] = args.tcp_keepalive
+    if args.tcp_fastopen is not None:
+        g["tcp_fastopen"] = args.tcp_fastopen == "on"
+    if args.tcp_congestion is not None:
+        g["tcp_congestion"] = args.tcp_congestion
     if args.client_group:
         from relay.flows import parse_group
         groups = {}

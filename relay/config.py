@@ -28,12 +28,16 @@ import stat
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from relay.net import sockopt
+
 try:
     import tomllib
 except ImportError:                 # Python < 3.11: the same parser as the tomli package
     import tomli as tomllib
 
-from relay.net.addr import Upstream, format_hostport, parse_cidr, parse_hostport, parse_upstream
+from relay.net.addr import (
+    Upstream, format_hostport, parse_cidr, parse_hostport, parse_sources, parse_upstream,
+)
 from relay.proto.disguise import KINDS as HEADER_KINDS
 
 __all__ = [
@@ -86,6 +90,11 @@ class GlobalConfig:
     # Per-client counters by CIDR group (relay/flows.py): ((name, (network, ...)), ...),
     # at most relay.flows.MAX_CLIENT_GROUPS; clients outside every group count as "other".
     client_groups: tuple = ()
+    # TCP Fast Open on the tunnel and SOCKS5 connections (clients: TCP_FASTOPEN_CONNECT,
+    # servers' listen sockets: TCP_FASTOPEN) where net.ipv4.tcp_fastopen allows the side.
+    tcp_fastopen: bool = True
+    # TCP_CONGESTION on those connections (None: the kernel's default).
+    tcp_congestion: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,19 @@ class ListenerConfig:
     insecure: bool = False
     strict_udp: bool = False                 # socks5: refuse UDP ASSOCIATE with port 0
     workers: Optional[int] = None            # None: the global number
+    bind_interface: Optional[str] = None     # the upstream side leaves through this interface
+    source: tuple = ()                       # ... from these addresses (one per family)
+
+    def outbound(self, upstream=None):
+        """The outbound binding of the upstream side (relay.net.sockopt.Outbound): an
+        upstream URL's bind= and source= (``upstream``'s, by default the listener's
+        upstream) over the listener's own keys."""
+        Outbound = sockopt.Outbound
+        mine = Outbound.of(self.bind_interface, self.source)
+        up = self.upstream if upstream is None else upstream
+        if up is None or not (up.bind_interface or up.source):
+            return mine
+        return Outbound.of(up.bind_interface, up.source).under(mine)
 
     def port_timeouts(self):
         """The per-destination-port idle timeouts, ((first, last, seconds), ...): the given
@@ -154,6 +176,8 @@ class ListenerConfig:
                 value = [str(net) for net in value]
             elif f.name == "reject":
                 value = format_ports(value)
+            elif f.name == "source":
+                value = list(value)
             out[f.name] = value
         return out
 
@@ -232,7 +256,7 @@ def listener(mode, **kw):
 # --- which keys each mode takes -------------------------------------------------------
 
 _COMMON = {"name", "mode", "listen", "mark", "timeout", "timeout_port", "max_associations",
-           "batch", "workers"}
+           "batch", "workers", "bind_interface", "source"}
 _SECRET = {"secret", "secret_file"}
 _LOGIN = {"user", "password", "password_file"}
 _TUNNEL_UP = _SECRET | {"connections"}       # with a tunnel:// upstream
@@ -533,6 +557,12 @@ def _parse_global(ctx, table):
             _get_float(ctx, g + "tcp_keepalive", value, 0, MAX_KEEPALIVE)
     if "client_groups" in table:
         kw["client_groups"] = _get_client_groups(ctx, g + "client_groups", table["client_groups"])
+    if "tcp_fastopen" in table:
+        kw["tcp_fastopen"] = _get_bool(ctx, g + "tcp_fastopen", table["tcp_fastopen"])
+    if "tcp_congestion" in table:
+        key = g + "tcp_congestion"
+        kw["tcp_congestion"] = _on_host(ctx, key, sockopt.check_congestion,
+                                        _get_str(ctx, key, table["tcp_congestion"]))
     return GlobalConfig(**kw)
 
 
@@ -555,6 +585,32 @@ def _get_client_groups(ctx, key, value):
             raise ctx.error(k, "a group needs at least one CIDR")
         groups.append((name, nets))
     return tuple(groups)
+
+
+def _on_host(ctx, key, check, value):
+    """value, once check(value) found this host able to use it (ValueError: refused)."""
+    try:
+        check(value)
+    except ValueError as exc:
+        raise ctx.error(key, str(exc)) from None
+    return value
+
+
+def _get_interface(ctx, key, value):
+    return _on_host(ctx, key, sockopt.check_interface, _get_str(ctx, key, value))
+
+
+def _get_sources(ctx, key, value):
+    """One source address or two (one per family), each an address of this host."""
+    if not isinstance(value, (str, list, tuple)):
+        raise ctx.error(key, f"expected an address or an array of two, got {_describe(value)}")
+    try:
+        sources = parse_sources(value, what="source")
+    except (TypeError, ValueError) as exc:
+        raise ctx.error(key, str(exc)) from None
+    for host in sources:
+        _on_host(ctx, key, sockopt.check_source, host)
+    return sources
 
 
 def _parse_listener(ctx, index, table):
@@ -603,6 +659,14 @@ def _parse_listener(ctx, index, table):
         except ValueError as exc:
             raise ctx.error(k("upstream"), str(exc)) from None
         kw["upstream"] = None if up.kind == "direct" else up
+        if up.bind_interface:
+            _get_interface(ctx, k("upstream") + " (bind=)", up.bind_interface)
+        if up.source:
+            _get_sources(ctx, k("upstream") + " (source=)", list(up.source))
+    if "bind_interface" in table:
+        kw["bind_interface"] = _get_interface(ctx, k("bind_interface"), table["bind_interface"])
+    if "source" in table:
+        kw["source"] = _get_sources(ctx, k("source"), table["source"])
     if "reply" in table:
         kw["reply"] = _get_choice(ctx, k("reply"), table["reply"], REPLY_MODES, "reply mode")
     if "mark" in table:

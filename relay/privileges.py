@@ -4,9 +4,12 @@ A worker keeps exactly the capabilities its listeners still need after start
 (``needed_capabilities``), none when they need none:
 
 - CAP_NET_ADMIN: SO_MARK on the sockets opened per flow (any listener with a mark), and
-  IP_TRANSPARENT on redir's reply sockets;
+  IP_TRANSPARENT on redir's reply sockets; a --tcp-congestion that
+  net.ipv4.tcp_allowed_congestion_control does not list, on TCP connections;
 - CAP_NET_RAW: redir's raw sockets, for raw replies and for --reject's ICMP errors (opened
-  again when a listener restarts);
+  again when a listener restarts); SO_BINDTODEVICE (--bind-interface) on the sockets
+  opened per flow, on kernels before 5.7 (later ones let anyone bind a socket to a device
+  once);
 - CAP_NET_BIND_SERVICE: redir's transparent replies leave from sockets bound to the
   remote's address and port, which is below 1024 for DNS, NTP and the like; and a listener
   on a port below 1024 that a reload restarts binds it again.
@@ -17,7 +20,10 @@ thread; threads started afterwards inherit the reduced set.
 import ctypes
 import os
 import pwd
+import re
 import resource
+
+from relay.net import sockopt
 
 CAP_NET_BIND_SERVICE = 10
 CAP_NET_ADMIN = 12
@@ -81,12 +87,34 @@ def default_user():
         return None
 
 
-def needed_capabilities(listeners):
+# SO_BINDTODEVICE needs CAP_NET_RAW before Linux 5.7 (commit c427bfec18f2).
+BINDTODEVICE_FREE = (5, 7)
+
+
+def kernel_version(release=None):
+    """(major, minor) of the running kernel (or of a release string like "6.1.0-9-amd64")."""
+    m = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _uses_tcp(lc):
+    return lc.mode in ("tunnel-server", "tunnel-client", "socks5") or lc.upstream is not None
+
+
+def needed_capabilities(listeners, global_=None, kernel=None):
     """The capabilities the data path of these listeners (relay.config.ListenerConfig)
-    needs once running, as a sorted tuple."""
+    needs once running, as a sorted tuple; global_ (relay.config.GlobalConfig) for the
+    TCP congestion control, kernel (major, minor) for SO_BINDTODEVICE (default: this one)."""
     caps = set()
+    kernel = kernel or kernel_version()
+    congestion = global_.tcp_congestion if global_ is not None else None
+    restricted = congestion and congestion not in sockopt.congestion_allowed()
     for lc in listeners:
         if lc.mark:
+            caps.add(CAP_NET_ADMIN)
+        if kernel < BINDTODEVICE_FREE and lc.outbound().device:
+            caps.add(CAP_NET_RAW)
+        if restricted and _uses_tcp(lc):
             caps.add(CAP_NET_ADMIN)
         if lc.listen[1] < PRIVILEGED_PORTS:
             caps.add(CAP_NET_BIND_SERVICE)

@@ -194,6 +194,21 @@ class Supervisor:
             raise
         log.info("relay started: %d worker(s), listeners: %s", self.nworkers,
                  ", ".join(f"{lc.name} ({lc.mode})" for lc in self.config.listeners))
+        self._fastopen_note()
+
+    def _fastopen_note(self):
+        """One line when the kernel leaves Fast Open off for a side this config uses."""
+        if not self.config.global_.tcp_fastopen:
+            return
+        sides = {"client" if lc.mode in ("tunnel-client", "forward", "redir") else "server"
+                 for lc in self.config.listeners
+                 if lc.mode in ("tunnel-client", "tunnel-server", "socks5") or lc.upstream}
+        bits = sockopt.fastopen_bits()
+        missing = [s for s in sockopt.fastopen_missing(bits) if s in sides]
+        if missing:
+            log.info("TCP Fast Open off for the %s side: net.ipv4.tcp_fastopen is %d (1: "
+                     "client, 2: server; sysctl -w net.ipv4.tcp_fastopen=3 allows both)",
+                     " and ".join(missing), bits)
 
     def _reap(self):
         while True:
@@ -415,7 +430,8 @@ class Supervisor:
             mine = [lc for lc in listeners if lc.runs_on(w.index)]
             workers.append({"index": w.index, "pid": w.pid,
                             "listeners": [lc.name for lc in mine],
-                            "capabilities": [NAMES[c] for c in needed_capabilities(mine)]})
+                            "capabilities": [NAMES[c] for c in needed_capabilities(
+                                mine, self.config.global_)]})
         g = self.config.global_
         return {"pid": os.getpid(), "user": g.user, "control_socket": g.control_socket,
                 "workers": workers, "listeners": [lc.summary() for lc in listeners]}

@@ -70,6 +70,7 @@ class Worker:
         """Open every listener's sockets; threads start later (see start_all)."""
         opened = []
         sockopt.set_tcp_keepalive(self.config.global_.tcp_keepalive)
+        sockopt.set_tcp_tuning(self.config.global_.tcp_fastopen, self.config.global_.tcp_congestion)
         try:
             for lc in self.mine(self.config).values():
                 opened.append(self._start(lc))
@@ -87,6 +88,7 @@ class Worker:
         """Apply a new configuration: keep unchanged listeners, restart changed ones."""
         self.slots = slots
         sockopt.set_tcp_keepalive(config.global_.tcp_keepalive)     # new connections
+        sockopt.set_tcp_tuning(config.global_.tcp_fastopen, config.global_.tcp_congestion)
         new = self.mine(config)
         for name in list(self.services):
             if name not in new or new[name] != self.services[name].cfg:
@@ -180,7 +182,7 @@ def worker_main(index, config, stats, slots, chan, pin=False, supervisor_pid=Non
         from relay.privileges import default_user, drop_privileges, needed_capabilities
         user = config.global_.user if config.global_.user is not None else default_user()
         try:
-            drop_privileges(user, needed_capabilities(w.mine(config).values()))
+            drop_privileges(user, needed_capabilities(w.mine(config).values(), config.global_))
         except Exception as e:
             w.send({"error": f"dropping privileges to {user}: {e}"})
             os._exit(3)

@@ -184,9 +184,11 @@ def restart_mid_stream(echo_topo, running, server_args, **client_kw):
 
 
 class Echo:
-    """UDP echo on loopback (127.0.0.1 or ::1) in a thread (bad-input tests run on loopback)."""
+    """UDP echo on loopback (127.0.0.1 or ::1) in a thread (bad-input tests run on loopback);
+    who=True: it answers each datagram with the address it came from instead."""
 
-    def __init__(self, host="127.0.0.1"):
+    def __init__(self, host="127.0.0.1", who=False):
+        self.who = who
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                                   socket.SOCK_DGRAM)
         self.sock.bind((host, 0))
@@ -200,7 +202,7 @@ class Echo:
         while not self.stop.is_set():
             try:
                 d, a = self.sock.recvfrom(70000)
-                self.sock.sendto(d, a)
+                self.sock.sendto(a[0].encode() if self.who else d, a)
             except OSError:
                 pass
 
@@ -208,6 +210,48 @@ class Echo:
         self.stop.set()
         self.t.join(2)
         self.sock.close()
+
+
+def ask_source(sock, addr, tries=3):
+    """Send to addr a datagram whose answer is the address the server saw it come from
+    (an Echo(who=True)); returns that address."""
+    sock.settimeout(2)
+    for _ in range(tries):
+        sock.sendto(b"?", addr)
+        try:
+            return sock.recvfrom(2048)[0].decode()
+        except socket.timeout:
+            continue
+    raise AssertionError(f"no answer through {addr}")
+
+
+def own_sockets(pick, kind=socket.SOCK_STREAM):
+    """Sockets of this process of kind for which pick(sock) holds, one per socket
+    (duplicates of their descriptors: close them)."""
+    out, seen = [], set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fd = int(name)
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if not link.startswith("socket:") or link in seen:
+                continue
+            seen.add(link)
+            s = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if s.type == kind and pick(s):
+                out.append(s)
+                continue
+        except OSError:
+            pass
+        s.close()
+    return out
+
+
+def sockets_to(addr):
+    """TCP sockets of this process connected to addr (the cores' own connections)."""
+    return own_sockets(lambda s: s.getpeername()[:2] == tuple(addr[:2]))
 
 
 def raw_client(server, cmd=proto.CMD_UDP_TUN_MUX, rcvbuf=None):

@@ -12,6 +12,7 @@ from relay.datapath.stats cimport N_COUNTERS
 from relay.datapath.tunnel cimport UpstreamCore
 from relay.packet.icmp cimport ICMP_UNREACH_MAX
 from relay.datapath.disguise cimport hdr_t
+from relay.datapath.outbind cimport outbind_t
 
 
 cdef enum:
@@ -46,6 +47,7 @@ cdef enum:
 cdef class Engine:
     cdef int mode, reply_mode, lfd, lfamily, ep, raw4, raw6, up_family, batch, nfd
     cdef uint32_t mark
+    cdef outbind_t ob             # --bind-interface, --source of the upstream sockets
     cdef sockaddr_any to_addr
     cdef socklen_t to_len
     cdef double timeout, tp_idle, next_sweep, min_timeout

@@ -59,6 +59,7 @@ from relay.datapath.flows cimport (
 )
 from relay.datapath.limits cimport fd_soft_limit, fd_reserved
 from relay.datapath.tunnel cimport UpstreamCore
+from relay.datapath.outbind cimport outbind_init, outbind_apply
 
 import os
 
@@ -150,7 +151,7 @@ cdef class Engine:
                  double transparent_idle=30.0, int batch=64, stats=None,
                  int upstream_family=AF_INET6, int listen_family=AF_INET6,
                  UpstreamCore core=None, bint gro=False, port_timeouts=(), reject=(),
-                 client_groups=(), header_out=None, header_in=None):
+                 client_groups=(), header_out=None, header_in=None, outbound=None):
         cdef epoll_event ev
         if mode not in ("forward", "redir"):
             raise ValueError(f"mode must be 'forward' or 'redir', not {mode!r}")
@@ -182,6 +183,7 @@ cdef class Engine:
         self.raw6 = raw6_fd
         self.up_family = upstream_family
         self.mark = <uint32_t>mark
+        outbind_init(&self.ob, outbound)
         self.timeout = timeout
         self.tp_idle = transparent_idle
         self.batch = batch
@@ -319,13 +321,16 @@ cdef class Engine:
         if core is not None:
             return
         # Open one upstream socket now, so a missing privilege (SO_MARK needs
-        # CAP_NET_ADMIN) is reported at start and not as a drop counter later.
+        # CAP_NET_ADMIN, SO_BINDTODEVICE CAP_NET_RAW before Linux 5.7) or a source address
+        # gone is reported at start and not as a drop counter later.
         fd = self._upstream_socket(self.up_family)
         if fd < 0:
             e = -fd
             self.close()
-            raise_oserror(e, "upstream socket (SO_MARK needs CAP_NET_ADMIN)" if e in (EPERM, EACCES)
-                          else "upstream socket")
+            raise_oserror(e, "upstream socket (SO_MARK needs CAP_NET_ADMIN, --bind-interface "
+                          "CAP_NET_RAW on older kernels)" if e in (EPERM, EACCES)
+                          else "upstream socket (--bind-interface, --source)"
+                          if outbound else "upstream socket")
         close(fd)
 
     cdef uint64_t *_stats_ptr(self, object mv) except NULL:
@@ -938,7 +943,9 @@ cdef class Engine:
                 self.st[counter + 1] += got - added if got > added else 0
 
     cdef int _upstream_socket(self, int family) noexcept nogil:
-        """A new non-blocking upstream socket of family with the mark, or -errno."""
+        """A new non-blocking upstream socket of family with the mark and the outbound
+        binding (an AF_INET6 socket: IPv6 destinations; forward's family is --to's), or
+        -errno."""
         cdef int fd = socket(family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
         cdef int zero = 0, one = 1, e, rcvbuf = UPSTREAM_RCVBUF
         if fd < 0:
@@ -951,6 +958,10 @@ cdef class Engine:
             setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero))
         if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof(rcvbuf)) < 0:
             setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf))
+        e = outbind_apply(fd, family, family == AF_INET6, &self.ob)
+        if e < 0:
+            close(fd)
+            return e
         if self.mode == MODE_FORWARD:
             if self.gro:
                 setsockopt(fd, SOL_UDP, UDP_GRO, &one, sizeof(one))

@@ -288,6 +288,14 @@ cdef inline void msg_put_src(msghdr *m, unsigned char *ctrl, int family,
     replaces m's control data (call it first; msg_put_gso appends). Interface index 0:
     routing picks the interface. IP_PKTINFO works on AF_INET6 sockets too, for IPv4-mapped
     destinations. ctrl needs SRC_CTRL bytes, SRC_CTRL + 24 with a UDP_SEGMENT after it."""
+    msg_put_src_dev(m, ctrl, family, addr, 0)
+
+
+cdef inline void msg_put_src_dev(msghdr *m, unsigned char *ctrl, int family,
+                                 const uint8_t *addr, int ifindex) noexcept nogil:
+    """msg_put_src leaving through interface ifindex (nonzero: the route lookup only takes
+    routes through it, as SO_BINDTODEVICE would; addr may be all zeros then: the source
+    that interface's route picks)."""
     cdef cmsghdr *c = <cmsghdr *>ctrl
     cdef size_t n
     memset(ctrl, 0, SRC_CTRL)
@@ -296,11 +304,13 @@ cdef inline void msg_put_src(msghdr *m, unsigned char *ctrl, int family,
         c.cmsg_type = IP_PKTINFO
         n = sizeof(in_pktinfo)
         memcpy(&(<in_pktinfo *>CMSG_DATA(c)).ipi_spec_dst, addr, 4)
+        (<in_pktinfo *>CMSG_DATA(c)).ipi_ifindex = ifindex
     else:
         c.cmsg_level = IPPROTO_IPV6
         c.cmsg_type = IPV6_PKTINFO
         n = sizeof(in6_pktinfo)
         memcpy(&(<in6_pktinfo *>CMSG_DATA(c)).ipi6_addr, addr, 16)
+        (<in6_pktinfo *>CMSG_DATA(c)).ipi6_ifindex = <unsigned int>ifindex
     c.cmsg_len = CMSG_LEN(n)
     m.msg_control = ctrl
     m.msg_controllen = CMSG_SPACE(n)

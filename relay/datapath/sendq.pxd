@@ -27,11 +27,11 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp
 from relay.includes.system cimport (
     errno, EAGAIN, EINTR, EINVAL, EIO, EMSGSIZE, ENETUNREACH, EHOSTUNREACH, EADDRNOTAVAIL,
-    EACCES, EPERM, memcpy, iovec, msghdr, mmsghdr, socklen_t, sendmmsg, sendmsg, MSG_DONTWAIT,
+    EACCES, EPERM, memcpy, memset, iovec, msghdr, mmsghdr, socklen_t, sendmmsg, sendmsg, MSG_DONTWAIT,
     AF_INET,
 )
 from relay.datapath.addr cimport sockaddr_any
-from relay.datapath.ring cimport msg_put_gso, msg_put_src, msg_one_of, SRC_CTRL
+from relay.datapath.ring cimport msg_put_gso, msg_put_src_dev, msg_one_of, SRC_CTRL
 from relay.datapath.stats cimport (
     C_DROP_BUFFER_FULL, C_DROP_TOO_BIG, C_DROP_NO_ROUTE, C_DROP_SEND_ERROR, C_DROP_PERMISSION,
 )
@@ -59,6 +59,7 @@ cdef struct sendq_t:
     uint32_t gso_max             # largest segment size still coalesced (0: never)
     int src_family               # messages queued from now leave from src (0: the route's)
     uint8_t src[16]
+    int src_ifindex              # ... and leave through this interface (0: the route's)
     int src_from                 # first message queued with this source
 
 
@@ -79,6 +80,7 @@ cdef inline int sq_init(sendq_t *q, int cap) except -1:
     q.fd = -1
     q.gso_max = SQ_GSO_MAX
     q.src_family = 0
+    q.src_ifindex = 0
     q.src_from = 0
     return 0
 
@@ -114,9 +116,20 @@ cdef inline void sq_clear(sendq_t *q) noexcept nogil:
 cdef inline void sq_set_src(sendq_t *q, int family, const uint8_t *addr) noexcept nogil:
     """Datagrams queued from now leave from addr (4 bytes for AF_INET, 16 for AF_INET6;
     family 0: the address the route picks, as without this call)."""
+    sq_set_src_dev(q, family, addr, 0)
+
+
+cdef inline void sq_set_src_dev(sendq_t *q, int family, const uint8_t *addr,
+                                int ifindex) noexcept nogil:
+    """sq_set_src through interface ifindex (0: the route's; addr NULL: the source that
+    interface's route picks)."""
     q.src_family = family
+    q.src_ifindex = ifindex
     if family:
-        memcpy(q.src, addr, 4 if family == AF_INET else 16)
+        if addr != NULL:
+            memcpy(q.src, addr, 4 if family == AF_INET else 16)
+        else:
+            memset(q.src, 0, 16)
     q.src_from = q.n
 
 
@@ -176,7 +189,8 @@ cdef inline void sq_add(sendq_t *q, const sockaddr_any *to, socklen_t tolen,
         run_start(&q.msgs[i].msg_hdr, &q.iovs[q.niov], &q.names[i], tolen, data, n,
                   &q.seg[i], &q.nbytes[i], &q.closed[i])
         if q.src_family:
-            msg_put_src(&q.msgs[i].msg_hdr, q.ctrl + <size_t>i * SQ_CTRL, q.src_family, q.src)
+            msg_put_src_dev(&q.msgs[i].msg_hdr, q.ctrl + <size_t>i * SQ_CTRL, q.src_family,
+                            q.src, q.src_ifindex)
     q.niov += 1
 
 

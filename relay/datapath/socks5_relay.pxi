@@ -42,7 +42,10 @@ cdef class Socks5Relay(Poller):
     the client sent to that port (a service on its own host: the last OWN_PORTS kept).
     timeout > 0: tick() closes associations without a datagram either way for that long
     (assoc_expired); port_timeouts ((first, last, seconds), ...) give an association whose
-    first datagram goes to one of those ports that port's timeout instead."""
+    first datagram goes to one of those ports that port's timeout instead. outbound
+    (relay.net.sockopt.Outbound): datagrams to remotes leave from its source of their
+    family and through its device, both named in each one's IP_PKTINFO / IPV6_PKTINFO (a
+    relay socket talks to its client too: it cannot be bound to either)."""
     cdef assoc_t *assocs
     cdef int max_assoc
     cdef int nassoc
@@ -53,6 +56,7 @@ cdef class Socks5Relay(Poller):
     cdef iovec *riovs
     cdef sockaddr_any *rnames
     cdef sendq_t sb
+    cdef outbind_t ob            # sources of the datagrams to remotes (--source)
     cdef sendq_t sb_down
     cdef double timeout
     cdef double next_scan
@@ -61,11 +65,12 @@ cdef class Socks5Relay(Poller):
     cdef list ptimeouts
 
     def __init__(self, acl_table=(), stats=None, *, int max_assoc=1024, int batch=32, log=None,
-                 resolve=None, double timeout=0, port_timeouts=()):
+                 resolve=None, double timeout=0, port_timeouts=(), outbound=None):
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be 1-{MAX_BATCH}, got {batch}")
         self._init_stats(stats, log)
         self.acl = acl_table if isinstance(acl_table, Acl) else Acl(acl_table)
+        outbind_init(&self.ob, outbound)
         self.max_assoc = max_assoc
         self.batch = batch
         self.timeout = timeout
@@ -229,6 +234,7 @@ cdef class Socks5Relay(Poller):
                     a.classed = True
                     if self.pmap is not None:
                         a.idle = self.ptimeouts[(<const uint8_t *><const char *>self.pmap)[f.port]]
+                outbind_src(&self.sb, &dst, &self.ob, True)
                 sq_add(&self.sb, &dst, dl, f.data, f.dlen)
             else:
                 if not a.port_known:
@@ -257,5 +263,5 @@ cdef class Socks5Relay(Poller):
         if not a.used or a.gen != gen:           # the association ended meanwhile
             self.st[C_DROP_NO_ROUTE] += 1
             return 0
-        return send_resolved(&self.sb, self.st, self.acl, a.fd, a.client.sa.sa_family, e, port,
-                             data, n)
+        return send_resolved(&self.sb, &self.ob, True, self.st, self.acl, a.fd,
+                             a.client.sa.sa_family, e, port, data, n)

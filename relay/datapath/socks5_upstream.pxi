@@ -20,7 +20,7 @@ cdef class Socks5Upstream(UpstreamCore):
 
     def __init__(self, server, user=None, password=None, mark=None, stats=None,
                  double timeout=60.0, int max_flows=1024, size_t queue_limit=SOCKS_QUEUE,
-                 int batch=32, log=None, port_timeouts=(), client_groups=()):
+                 int batch=32, log=None, port_timeouts=(), client_groups=(), outbound=None):
         if not 1 <= max_flows <= 65536:
             raise ValueError(f"max_flows must be 1-65536, got {max_flows}")
         if not 1 <= batch <= MAX_BATCH:
@@ -29,6 +29,7 @@ cdef class Socks5Upstream(UpstreamCore):
         self.server = tuple(server)
         self.family, self.addr = _resolve(self.server)
         self.user, self.password, self.mark = user, password, mark
+        self.outbound = outbound
         self.timeout = timeout
         self.queue_limit = max(queue_limit, MAX_PAYLOAD + 64)
         self.max_flows = max_flows
@@ -86,14 +87,14 @@ cdef class Socks5Upstream(UpstreamCore):
                 self.st[C_ASSOC_REFUSED] += 1
                 return -1
             u.setblocking(False)
+            v6 = self.family == socket.AF_INET6
             if self.mark:
                 u.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
-            u.bind(("::" if self.family == socket.AF_INET6 else "0.0.0.0", 0))
+            _sockopt.bind_outbound(u, self.outbound, v6, wildcard=True)
             t.setblocking(False)
-            t.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _sockopt.tcp_keepalive(t)
             if self.mark:
                 t.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            _sockopt.tcp_client(t, self.outbound, v6)
             err = t.connect_ex(self.addr)
             if err not in (0, _errno.EINPROGRESS):
                 raise OSError(err, os.strerror(err))

@@ -119,6 +119,7 @@ cdef class TunnelUpstream(UpstreamCore):
     cdef object user
     cdef object password
     cdef object mark
+    cdef object outbound         # relay.net.sockopt.Outbound of its connections
     cdef object say              # relay.loglimit.LogLimiter
     cdef dict hs
     cdef int conn_open_buffers(self, int i) except -1
@@ -160,6 +161,7 @@ cdef class Socks5Upstream(UpstreamCore):
     cdef object user
     cdef object password
     cdef object mark
+    cdef object outbound         # relay.net.sockopt.Outbound of its TCP and UDP sockets
     cdef dict hs
     cdef int batch
     cdef uint8_t *scratch

@@ -44,6 +44,9 @@ from relay.datapath.addr cimport sockaddr_any, sockaddr_from_tuple, sockaddr_to_
 from relay.datapath.sendq cimport (
     sendq_t, sq_init, sq_free, sq_add, sq_flush, sq_full, sq_clear, sq_set_src,
 )
+from relay.datapath.outbind cimport (
+    outbind_t, outbind_init, outbind_device, outbind_src,
+)
 from relay.datapath.stats cimport (
     N_COUNTERS, C_UP_DATAGRAMS, C_UP_BYTES, C_DOWN_DATAGRAMS, C_DOWN_BYTES,
     C_ASSOC_OPEN, C_ASSOC_CREATED, C_ASSOC_EXPIRED, C_ASSOC_EVICTED, C_ASSOC_REFUSED,

@@ -57,11 +57,12 @@ cdef socklen_t dname_to_sockaddr(const dname_t *e, uint16_t port, int family,
     return <socklen_t>frame_to_sockaddr(&f, out, family)
 
 
-cdef int send_resolved(sendq_t *sb, uint64_t *st, Acl acl, int fd, int family,
-                       const dname_t *e, uint16_t port, const uint8_t *data,
-                       size_t n) except -1:
+cdef int send_resolved(sendq_t *sb, const outbind_t *ob, bint via_dev, uint64_t *st, Acl acl,
+                       int fd, int family, const dname_t *e, uint16_t port,
+                       const uint8_t *data, size_t n) except -1:
     """Send a datagram that waited for its host name from socket fd (of `family`), after
-    the access list has judged the address it resolved to."""
+    the access list has judged the address it resolved to (from ob's source of its
+    family, when given; through ob's device with via_dev)."""
     cdef sockaddr_any dst
     cdef socklen_t dl = dname_to_sockaddr(e, port, family, &dst)
     if dl == 0:
@@ -72,6 +73,7 @@ cdef int send_resolved(sendq_t *sb, uint64_t *st, Acl acl, int fd, int family,
         return 0
     sq_clear(sb)
     sb.fd = fd
+    outbind_src(sb, &dst, ob, via_dev)
     sq_add(sb, &dst, dl, data, n)
     sq_flush(sb, st, C_UP_DATAGRAMS, C_UP_BYTES)
     return 0

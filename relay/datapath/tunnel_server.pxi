@@ -58,6 +58,7 @@ cdef class TunnelServer(Poller):
     cdef int family
     cdef int batch
     cdef object mark
+    cdef outbind_t ob            # the flow sockets' device and sources (--bind-interface, --source)
     cdef uint8_t *scratch
     cdef mmsghdr *rmsgs
     cdef iovec *riovs
@@ -66,7 +67,8 @@ cdef class TunnelServer(Poller):
 
     def __init__(self, acl_table=(), stats=None, *, int max_conns=1024, int max_flows=4096,
                  double timeout=60.0, size_t tx_limit=1 << 20, int batch=32, mark=None,
-                 double stall_timeout=5.0, log=None, resolve=None, port_timeouts=()):
+                 double stall_timeout=5.0, log=None, resolve=None, port_timeouts=(),
+                 outbound=None):
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be 1-{MAX_BATCH}, got {batch}")
         if max_conns < 1 or max_flows < 1:
@@ -78,6 +80,7 @@ cdef class TunnelServer(Poller):
         self.max_conns, self.max_flows, self.batch = max_conns, max_flows, batch
         self.timeout, self.tx_limit, self.stall_timeout = timeout, tx_limit, stall_timeout
         self.mark = mark
+        outbind_init(&self.ob, outbound)
         self.family = AF_INET6
         self.conns = <sconn_t *>calloc(max_conns, sizeof(sconn_t))
         self.conn_free = <int *>malloc(max_conns * sizeof(int))
@@ -263,10 +266,10 @@ cdef class TunnelServer(Poller):
                 self.flow_release(c.flow_tail, C_ASSOC_EVICTED)
             else:
                 self.flow_release(self.tab.tail, C_ASSOC_EVICTED)
-        fd = new_udp_socket(self.family, self.mark)
+        fd = new_udp_socket(self.family, self.mark, &self.ob)
         if fd < 0 and self.family == AF_INET6 and errno == _errno.EAFNOSUPPORT:
             self.family = AF_INET
-            fd = new_udp_socket(self.family, self.mark)
+            fd = new_udp_socket(self.family, self.mark, &self.ob)
         if fd < 0:
             self.st[C_ASSOC_REFUSED] += 1
             return -1
@@ -367,6 +370,7 @@ cdef class TunnelServer(Poller):
             if self.sb.n and (self.sb.fd != self.tab.e[fi].fd or sq_full(&self.sb)):
                 sq_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
             self.sb.fd = self.tab.e[fi].fd
+            outbind_src(&self.sb, &dst, &self.ob, False)    # the device: on the socket
             sq_add(&self.sb, &dst, dlen, f.data, f.dlen)
         sq_flush(&self.sb, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
         if c.used and c.gen == gen:
@@ -393,8 +397,8 @@ cdef class TunnelServer(Poller):
         if not self.tab.e[owner].used or fl.gen != gen:   # the flow ended while its name was resolved
             self.st[C_DROP_NO_ROUTE] += 1
             return 0
-        return send_resolved(&self.sb, self.st, self.acl, self.tab.e[owner].fd, fl.family, e,
-                             port, data, n)
+        return send_resolved(&self.sb, &self.ob, False, self.st, self.acl,
+                             self.tab.e[owner].fd, fl.family, e, port, data, n)
 
     cdef int flow_read(self, int fi) except -1:
         """Replies of one flow socket: recvmmsg, frame them into the connection, write."""

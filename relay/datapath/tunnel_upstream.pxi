@@ -121,7 +121,8 @@ cdef class TunnelUpstream(UpstreamCore):
 
     def __init__(self, server, secret=None, int connections=1, mark=None, stats=None,
                  queue_limit=None, double timeout=60.0, int max_flows=4096, log=None,
-                 bint gost=False, user=None, password=None, port_timeouts=(), client_groups=()):
+                 bint gost=False, user=None, password=None, port_timeouts=(), client_groups=(),
+                 outbound=None):
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be 1-64, got {connections}")
         if not 1 <= max_flows <= 65536:
@@ -135,6 +136,7 @@ cdef class TunnelUpstream(UpstreamCore):
         self.server = tuple(server)
         self.family, self.addr = _resolve(self.server)
         self.secret, self.user, self.password, self.mark = secret, user, password, mark
+        self.outbound = outbound
         self.gost = gost
         self.mux = not gost
         self.say = LogLimiter(self.log)
@@ -407,10 +409,9 @@ cdef class TunnelUpstream(UpstreamCore):
             return 0
         try:
             s.setblocking(False)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _sockopt.tcp_keepalive(s)
             if self.mark:
                 s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            _sockopt.tcp_client(s, self.outbound, self.family == AF_INET6)
             err = s.connect_ex(self.addr)
         except OSError as e:
             s.close()

@@ -105,6 +105,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SHUT_RD
         SO_RXQ_OVFL
         SO_RCVBUFFORCE
+        SO_BINDTODEVICE
 
     int socket(int domain, int type, int protocol)
     int bind(int fd, const sockaddr *addr, socklen_t len)

@@ -20,7 +20,7 @@ from typing import Optional
 
 __all__ = [
     "parse_hostport", "format_hostport", "family_of", "is_v6", "parse_ip", "parse_cidr",
-    "parse_upstream", "Upstream", "UPSTREAM_SCHEMES",
+    "parse_upstream", "Upstream", "UPSTREAM_SCHEMES", "parse_sources",
 ]
 
 UPSTREAM_SCHEMES = ("direct", "socks5://", "tunnel://", "gost://")
@@ -221,6 +221,8 @@ class Upstream:
     port: Optional[int] = None
     user: Optional[str] = None
     password: Optional[str] = field(default=None, repr=False)
+    bind_interface: Optional[str] = None     # ?bind=IF: its connections leave through IF
+    source: tuple = ()                       # ?source=ADDR[,ADDR]: one per family
 
     @property
     def address(self):
@@ -232,7 +234,59 @@ class Upstream:
         cred = ""
         if self.user is not None:
             cred = urllib.parse.quote(self.user, safe="") + ":***@"
-        return f"{self.kind}://{cred}{format_hostport((self.host, self.port))}"
+        query = []
+        if self.bind_interface:
+            query.append(f"bind={self.bind_interface}")
+        if self.source:
+            query.append("source=" + ",".join(self.source))
+        tail = "?" + "&".join(query) if query else ""
+        return f"{self.kind}://{cred}{format_hostport((self.host, self.port))}{tail}"
+
+
+UPSTREAM_QUERY = ("bind", "source")
+
+
+def parse_sources(value, *, what="source"):
+    """Source addresses for outgoing traffic: "192.0.2.1,2001:db8::1" or a list of IP
+    literals, at most one per family, neither wildcard nor multicast -> a tuple of
+    canonical literals, IPv4 first."""
+    if isinstance(value, str):
+        value = [x for x in value.replace(" ", ",").split(",") if x]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{what}: expected one address or two (one per family) separated "
+                         f"by a comma, got {value!r}")
+    by_family = {}
+    for item in value:
+        _require_str(item, what)
+        ip = ipaddress.ip_address(parse_ip(item, what=what))
+        if ip.is_unspecified or ip.is_multicast:
+            raise ValueError(f"{what} {item!r}: a source must be one unicast address of this host")
+        if ip.version in by_family:
+            raise ValueError(f"{what}: two IPv{ip.version} addresses ({by_family[ip.version]}, "
+                             f"{ip}); give at most one per family")
+        by_family[ip.version] = str(ip)
+    return tuple(by_family[v] for v in (4, 6) if v in by_family)
+
+
+def _upstream_query(query, shown):
+    """bind= and source= of an upstream URL's query."""
+    out, seen = {}, set()
+    for part in query.split("&"):
+        key, eq, val = part.partition("=")
+        if key not in UPSTREAM_QUERY:
+            raise ValueError(f"upstream {shown!r}: unknown query key {key!r} (known: "
+                             f"{', '.join(UPSTREAM_QUERY)})")
+        if not eq or not val:
+            raise ValueError(f"upstream {shown!r}: {key}= needs a value")
+        if key in seen:
+            raise ValueError(f"upstream {shown!r}: {key}= given twice")
+        seen.add(key)
+        val = urllib.parse.unquote(val)
+        if key == "bind":
+            out["bind_interface"] = val
+        else:
+            out["source"] = parse_sources(val, what=f"upstream {shown!r}: source")
+    return out
 
 
 def _credential(raw, full, part):
@@ -249,7 +303,9 @@ def _credential(raw, full, part):
 
 def parse_upstream(text, *, resolve=False):
     """``direct``, ``tunnel://HOST:PORT``, ``socks5://[USER:PASS@]HOST:PORT`` or
-    ``gost://[USER:PASS@]HOST:PORT`` -> Upstream.
+    ``gost://[USER:PASS@]HOST:PORT``, each optionally followed by
+    ``?bind=IF&source=ADDR[,ADDR]`` (the interface and source addresses its connections
+    leave from) -> Upstream.
 
     USER and PASS are percent-decoded ("p%40ss" -> "p@ss"). With ``resolve=True`` a host
     name is resolved once; otherwise only IP literals are accepted. Error messages never
@@ -261,6 +317,7 @@ def parse_upstream(text, *, resolve=False):
         return Upstream("direct")
     scheme, sep, rest = value.partition("://")
     scheme = scheme.lower()
+    rest, qmark, query = rest.partition("?")
     userinfo, at, hostport = rest.rpartition("@")
     shown = value
     if at:
@@ -287,4 +344,5 @@ def parse_upstream(text, *, resolve=False):
     if not hostport:
         raise ValueError(f"upstream {shown!r}: missing HOST:PORT")
     host, port = parse_hostport(hostport, what=f"upstream {scheme} server", resolve=resolve)
-    return Upstream(scheme, host, port, user, password)
+    extra = _upstream_query(query, shown) if qmark else {}
+    return Upstream(scheme, host, port, user, password, **extra)

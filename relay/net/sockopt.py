@@ -5,6 +5,8 @@ import ipaddress
 import math
 import socket
 import struct
+from dataclasses import dataclass
+from typing import Optional
 
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = 75
@@ -29,6 +31,11 @@ TCP_KEEPIDLE = getattr(socket, "TCP_KEEPIDLE", 4)
 TCP_KEEPINTVL = getattr(socket, "TCP_KEEPINTVL", 5)
 TCP_KEEPCNT = getattr(socket, "TCP_KEEPCNT", 6)
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)
+TCP_FASTOPEN = getattr(socket, "TCP_FASTOPEN", 23)
+TCP_FASTOPEN_CONNECT = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)   # Linux 4.11
+IFNAMSIZ = 16
 
 def family_of(host):
     return socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -123,16 +130,18 @@ def local_of(ancdata):
     return found
 
 
-def src_cmsg(host):
+def src_cmsg(host, ifindex=0):
     """sendmsg ancillary data that makes a datagram leave from local address host:
     IP_PKTINFO (ipi_spec_dst) for IPv4, on AF_INET6 sockets too, else IPV6_PKTINFO;
-    interface index 0, routing picks the interface."""
+    through interface ifindex (0: routing picks the interface; with one, host may be the
+    unspecified address: the source that interface's route picks)."""
     ip = ipaddress.ip_address(host)
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if ip.version == 4:
-        return [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, ip.packed, bytes(4)))]
-    return [(socket.IPPROTO_IPV6, IPV6_PKTINFO, ip.packed + struct.pack("=I", 0))]
+        return [(socket.IPPROTO_IP, IP_PKTINFO,
+                 struct.pack("=i4s4s", ifindex, ip.packed, bytes(4)))]
+    return [(socket.IPPROTO_IPV6, IPV6_PKTINFO, ip.packed + struct.pack("=I", ifindex))]
 
 
 def udp_listen(addr, *, transparent=False, reuseport=True, bufsize=4 << 20):
@@ -273,8 +282,10 @@ def usable_mark(mark):
         probe.close()
 
 
-def tcp_listen(addr, reuseport=False, backlog=512):
-    """A bound, listening, non-blocking TCP socket on (host, port); "::" takes IPv4 too."""
+def tcp_listen(addr, reuseport=False, backlog=512, tune=False):
+    """A bound, listening, non-blocking TCP socket on (host, port); "::" takes IPv4 too.
+    tune: a tunnel or SOCKS5 server's socket, with Fast Open and the congestion control
+    (tcp_tune), which its connections inherit."""
     host, port = addr[0], addr[1]
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
@@ -285,6 +296,8 @@ def tcp_listen(addr, reuseport=False, backlog=512):
         if fam == socket.AF_INET6 and host not in ("::",):
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind((host, port))
+        if tune:
+            tcp_tune(s, "server")
         s.listen(backlog)
         s.setblocking(False)
     except BaseException:
@@ -351,3 +364,233 @@ def keepalive_of(sock):
             sock.getsockopt(socket.IPPROTO_TCP, TCP_KEEPINTVL),
             sock.getsockopt(socket.IPPROTO_TCP, TCP_KEEPCNT),
             sock.getsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT))
+
+
+# ------------------------------------------------------------------ outbound binding
+# The upstream side of every mode (forward's and redir's direct sockets, the tunnel,
+# gost and SOCKS5 upstream connections and SOCKS5 UDP sockets, tunnel-client's
+# connections, the tunnel server's flow sockets, the SOCKS5 server's CONNECT and UDP
+# sockets) may leave through one interface (SO_BINDTODEVICE: routes through other
+# devices are not used) and from one source address per family (bound before connect or
+# the first send). relay/datapath/outbind.pxd does the same for the C data path.
+
+@dataclass(frozen=True)
+class Outbound:
+    """Where a listener's upstream traffic leaves: ``device`` (an interface name) and one
+    source address per family (``source4``, ``source6``: IP literals), each None when
+    not given: the route decides."""
+    device: Optional[str] = None
+    source4: Optional[str] = None
+    source6: Optional[str] = None
+
+    def __bool__(self):
+        return bool(self.device or self.source4 or self.source6)
+
+    @classmethod
+    def of(cls, bind_interface=None, source=()):
+        """From a listener's (or an upstream URL's) bind_interface and source tuple."""
+        v4 = [a for a in source if ":" not in a]
+        v6 = [a for a in source if ":" in a]
+        return cls(bind_interface or None, v4[0] if v4 else None, v6[0] if v6 else None)
+
+    def under(self, base):
+        """This binding, its unset parts taken from base (an upstream's over its listener's)."""
+        if base is None:
+            return self
+        return Outbound(self.device or base.device, self.source4 or base.source4,
+                        self.source6 or base.source6)
+
+    def source_for(self, v6):
+        return self.source6 if v6 else self.source4
+
+
+NO_OUTBOUND = Outbound()
+
+
+def bind_outbound(sock, out, v6_dest, wildcard=False):
+    """Bind sock (a socket object, not yet connected or bound) to out's device and to
+    its source address of the destination's family (``v6_dest``: True for an IPv6
+    destination; an AF_INET6 socket towards IPv4 is bound to the IPv4-mapped address);
+    without such a source, to the wildcard address when ``wildcard``. Errors say which
+    part failed."""
+    if not out:
+        if wildcard:
+            sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", 0))
+        return
+    if out.device:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, out.device.encode())
+        except PermissionError as e:
+            raise _need(f"SO_BINDTODEVICE {out.device}", "CAP_NET_RAW", e) from None
+        except OSError as e:
+            raise OSError(e.errno, f"cannot bind to interface {out.device}: {e.strerror}") from None
+    src = out.source_for(v6_dest)
+    if src:
+        if sock.family == socket.AF_INET6 and not v6_dest:
+            src = "::ffff:" + src
+        try:
+            sock.bind((src, 0))
+        except OSError as e:
+            raise OSError(e.errno, f"cannot bind to source {src}: {e.strerror}") from None
+    elif wildcard:
+        sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", 0))
+
+
+def outbound_cmsgs(out, via_dev=False):
+    """(for IPv4, for IPv6) destinations: the sendmsg ancillary data that makes a
+    datagram leave from out's source of that family (and with via_dev through its
+    device), None where there is nothing to say (the sockets that send to both families:
+    relay/datapath/outbind.pxd outbind_src)."""
+    if not out:
+        return (None, None)
+    ifindex = socket.if_nametoindex(out.device) if via_dev and out.device else 0
+    return tuple(src_cmsg(a or unspec, ifindex) if a or ifindex else None
+                 for a, unspec in ((out.source4, "0.0.0.0"), (out.source6, "::")))
+
+
+def cmsg_for(cmsgs, host):
+    """The one of outbound_cmsgs' pair for a destination host (IPv4-mapped: IPv4)."""
+    v6 = ":" in host and not (host.startswith("::ffff:") and "." in host)
+    return cmsgs[v6]
+
+
+def check_interface(name):
+    """Refuse (ValueError) an interface name this host (namespace) does not have."""
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if not name or size >= IFNAMSIZ or "/" in name or name.strip() != name or \
+            not name.isprintable():
+        raise ValueError(f"not an interface name: {name!r} (1-{IFNAMSIZ - 1} characters)")
+    try:
+        socket.if_nametoindex(name)
+    except (OSError, UnicodeError):
+        have = ", ".join(n for _i, n in socket.if_nameindex())
+        raise ValueError(f"no such interface: {name} (this host has: {have})") from None
+
+
+def check_source(host):
+    """Refuse (ValueError) a source address that is not one of this host's: binding a
+    probe socket to it fails otherwise."""
+    fam = family_of(host)
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        if fam == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((host, 0))
+    except OSError as e:
+        why = "not an address of this host" if e.errno == errno.EADDRNOTAVAIL else e.strerror
+        raise ValueError(f"{host}: {why}") from None
+    finally:
+        s.close()
+
+
+# ------------------------------------------------------------------ tunnel TCP options
+# TCP Fast Open: the client's connections (tunnel://, gost://, socks5:// control
+# connections, tunnel-client) have TCP_FASTOPEN_CONNECT, so once a server gave this host
+# a cookie the handshake's first bytes ride in the SYN and a reconnect saves a round
+# trip; the tunnel server's and the SOCKS5 server's listen sockets take TCP_FASTOPEN.
+# The kernel allows each side by a bit of net.ipv4.tcp_fastopen (1: client, 2: server);
+# a side it does not allow is left off (fastopen_missing says which). TCP_CONGESTION:
+# every tunnel connection, both ends (accepted ones inherit their listen socket's).
+FASTOPEN_QLEN = 256             # SYNs with data waiting for accept, per listen socket
+FASTOPEN_SYSCTL = "/proc/sys/net/ipv4/tcp_fastopen"
+CONGESTION_AVAILABLE = "/proc/sys/net/ipv4/tcp_available_congestion_control"
+CONGESTION_ALLOWED = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
+_tcp_tuning = {"client": True, "server": True, "congestion": None}   # set_tcp_tuning
+
+
+def _read_proc(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def fastopen_bits(path=FASTOPEN_SYSCTL):
+    """net.ipv4.tcp_fastopen of this network namespace (0 when unreadable)."""
+    text = _read_proc(path)
+    try:
+        return int(text, 0) if text else 0
+    except ValueError:
+        return 0
+
+
+def fastopen_missing(bits=None):
+    """The sides ("client", "server") the kernel does not allow Fast Open on."""
+    bits = fastopen_bits() if bits is None else bits
+    return tuple(side for side, bit in (("client", 1), ("server", 2)) if not bits & bit)
+
+
+def congestion_available(path=CONGESTION_AVAILABLE):
+    text = _read_proc(path)
+    return tuple(text.split()) if text else ()
+
+
+def congestion_allowed(path=CONGESTION_ALLOWED):
+    """The algorithms a process without CAP_NET_ADMIN may set."""
+    text = _read_proc(path)
+    return tuple(text.split()) if text else ()
+
+
+def check_congestion(name):
+    """Refuse (ValueError) a congestion control the kernel lacks."""
+    have = congestion_available()
+    if name not in have:
+        raise ValueError(f"the kernel has no TCP congestion control {name!r} (available: "
+                         f"{', '.join(have) or 'none readable'}; a module such as tcp_{name} "
+                         f"may need loading)")
+
+
+def set_tcp_tuning(fastopen=True, congestion=None):
+    """What tcp_tune applies from now on in this process ([global] tcp_fastopen and
+    tcp_congestion): Fast Open where the kernel allows the side, the congestion control
+    (None: the kernel's default)."""
+    missing = fastopen_missing() if fastopen else ("client", "server")
+    _tcp_tuning["client"] = "client" not in missing
+    _tcp_tuning["server"] = "server" not in missing
+    _tcp_tuning["congestion"] = congestion.encode() if congestion else None
+
+
+def tcp_tune(sock, side="client"):
+    """Fast Open (TCP_FASTOPEN_CONNECT on a client's socket before its connect,
+    TCP_FASTOPEN on a listen socket before listen: side "server") and the congestion
+    control on a TCP socket, as set_tcp_tuning says. A kernel without Fast Open (older
+    than 4.11 for the client) leaves the socket as it is; a congestion control the
+    kernel refuses raises."""
+    try:
+        if side == "client" and _tcp_tuning["client"]:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+        elif side == "server" and _tcp_tuning["server"]:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, FASTOPEN_QLEN)
+    except OSError as e:
+        if e.errno not in (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    cc = _tcp_tuning["congestion"]
+    if cc:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, cc)
+        except PermissionError as e:
+            raise _need(f"TCP_CONGESTION {cc.decode()}", "CAP_NET_ADMIN", e) from None
+
+
+def tcp_client(sock, out=None, v6_dest=False):
+    """Everything an outgoing tunnel or SOCKS5 upstream TCP connection gets before its
+    connect: TCP_NODELAY, keepalive, Fast Open, the congestion control, the outbound
+    binding."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tcp_keepalive(sock)
+    tcp_tune(sock, "client")
+    if out:
+        bind_outbound(sock, out, v6_dest)
+
+
+def tcp_options_of(sock):
+    """(TCP_FASTOPEN_CONNECT, TCP_FASTOPEN queue, congestion control name) of sock (tests)."""
+    cc = sock.getsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, 16).split(b"\0", 1)[0].decode()
+    return (sock.getsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT),
+            sock.getsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN), cc)
+
+
+def device_of(sock):
+    """The interface sock is bound to (SO_BINDTODEVICE), "" for none (tests, doctor)."""
+    return sock.getsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, IFNAMSIZ).split(b"\0", 1)[0].decode()

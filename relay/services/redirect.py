@@ -54,6 +54,7 @@ class UdpService(Service):
                 upstream_family=up_family, listen_family=self.listen.family, core=self.core,
                 gro=cfg.gro, port_timeouts=cfg.port_timeouts(), reject=cfg.reject,
                 client_groups=ctx.groups, header_out=cfg.header_out, header_in=cfg.header_in,
+                outbound=cfg.outbound() or None,
             )
         except BaseException:
             self.close()
@@ -108,7 +109,7 @@ def make_core(cfg, ctx, t=None):
     mark = cfg.mark or None
     common = dict(mark=mark, stats=ctx.stats, timeout=cfg.timeout, log=ctx.log,
                   max_flows=upstream_flows(cfg), port_timeouts=cfg.port_timeouts(),
-                  client_groups=ctx.groups)
+                  client_groups=ctx.groups, outbound=cfg.outbound(up) or None)
     if up.kind == "tunnel":
         return t.TunnelUpstream((up.host, up.port), secret=cfg.secret,
                                 connections=cfg.connections, **common)

@@ -80,12 +80,14 @@ class Socks5Service(Service):
         self.password = cfg.password
         self.dacl = DestinationAcl(cfg, log)      # host-aware: the UDP relay's and CONNECT's
         self.acl = self.dacl.acl
-        self.lsock = sockopt.tcp_listen(cfg.listen, reuseport=ctx.reuseport)
+        self.lsock = sockopt.tcp_listen(cfg.listen, reuseport=ctx.reuseport, tune=True)
         self.relay = _select.module("tunnel").Socks5Relay(self.acl, ctx.stats,
                                          max_assoc=min(cfg.max_associations, MAX_CONTROL),
                                          batch=min(cfg.batch, 256), log=log, resolve=resolve,
                                          timeout=cfg.timeout,
-                                         port_timeouts=cfg.port_timeouts())
+                                         port_timeouts=cfg.port_timeouts(),
+                                         outbound=cfg.outbound() or None)
+        self.outbound = cfg.outbound()
         self.dacl.attach(self.relay)
         self.acceptor = Acceptor(self.lsock, lambda fd: self.relay.watch(fd, 0), self.relay.unwatch,
                                  ctx.stats, _I, log)
@@ -283,6 +285,11 @@ class Socks5Service(Service):
                                rejected=True, reply=ctl.hs.reply(proto.REP_NOT_ALLOWED))
         local = sock.getsockname()
         peer = sock.getpeername()
+        # With --source or --bind-interface the relay socket's datagrams to remotes carry
+        # their family's source and the interface (IP_PKTINFO / IPV6_PKTINFO): it is bound
+        # to the wildcard then, so that the remotes' answers to that source reach it, and
+        # answers the client from `local`.
+        wildcard = sock.family == socket.AF_INET6 or bool(self.outbound)
         try:
             udp = socket.socket(sock.family, socket.SOCK_DGRAM)
             udp.setblocking(False)
@@ -294,7 +301,7 @@ class Socks5Service(Service):
                 udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 udp.bind(("::", 0))
             else:
-                udp.bind((local[0], 0))
+                udp.bind(("0.0.0.0" if wildcard else local[0], 0))
         except OSError as e:
             return self._close(ctl, f"UDP ASSOCIATE: {e}", rejected=True,
                                reply=ctl.hs.reply(proto.REP_FAILURE))
@@ -304,7 +311,6 @@ class Socks5Service(Service):
         client_port = port
         # On the wildcard, replies to the client leave from the address its control
         # connection reached (the one it sends its datagrams to), not the route's choice.
-        wildcard = sock.family == socket.AF_INET6
         idx = self.relay.add(udp.fileno(), (peer[0], client_port),
                              local[:2] if wildcard else None)
         if idx < 0:
@@ -384,6 +390,12 @@ class Socks5Service(Service):
         remote.setblocking(False)
         remote.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sockopt.tcp_keepalive(remote)
+        try:
+            sockopt.bind_outbound(remote, self.outbound, fam == socket.AF_INET6)
+        except OSError as e:
+            remote.close()
+            return self._close(ctl, f"CONNECT {addr[0]}: {e}", rejected=True,
+                               reply=ctl.hs.reply(proto.REP_FAILURE))
         err = remote.connect_ex(addr)
         if err not in (0, errno.EINPROGRESS):
             remote.close()

@@ -31,7 +31,8 @@ class TunnelClientService(Service):
             cfg.server, secret=cfg.secret, connections=cfg.connections,
             mark=sockopt.usable_mark(cfg.mark), stats=ctx.stats, timeout=timeout, max_flows=max_flows,
             queue_limit=QUEUE_LIMIT, log=log, gost=cfg.gost, user=cfg.user,
-            password=cfg.password, port_timeouts=cfg.port_timeouts(), client_groups=ctx.groups)
+            password=cfg.password, port_timeouts=cfg.port_timeouts(), client_groups=ctx.groups,
+            outbound=cfg.outbound() or None)
         self.requests = Requests()
         self.usock = sockopt.udp_listen(cfg.listen, reuseport=ctx.reuseport)
         self.address = self.usock.getsockname()

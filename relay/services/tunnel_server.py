@@ -42,11 +42,12 @@ class TunnelServerService(Service):
         self.user, self.password = cfg.user, cfg.password
         self.st = ctx.stats
         self.dacl = DestinationAcl(cfg, log)
-        self.lsock = sockopt.tcp_listen(cfg.listen, reuseport=ctx.reuseport)
+        self.lsock = sockopt.tcp_listen(cfg.listen, reuseport=ctx.reuseport, tune=True)
         self.core = _select.module("tunnel").TunnelServer(
             self.dacl.acl, ctx.stats, max_flows=min(cfg.max_associations, 1 << 20),
             timeout=cfg.timeout, batch=min(cfg.batch, 256), mark=sockopt.usable_mark(cfg.mark),
-            stall_timeout=STALL_TIMEOUT, log=log, port_timeouts=cfg.port_timeouts())
+            stall_timeout=STALL_TIMEOUT, log=log, port_timeouts=cfg.port_timeouts(),
+            outbound=cfg.outbound() or None)
         self.dacl.attach(self.core)
         self.acceptor = Acceptor(self.lsock, lambda fd: self.core.watch(fd, 0), self.core.unwatch,
                                  ctx.stats, _I, log)

@@ -3,7 +3,6 @@ the loop (bounded, with a deadline), keepalive and TCP_USER_TIMEOUT on every lon
 connection, idle expiry of UDP associations, port-0 associations bound to their first
 sender, strict_udp."""
 import ipaddress
-import os
 import re
 import socket
 import threading
@@ -17,7 +16,7 @@ from relay.net import sockopt
 from relay.stats import INDEX
 from relay.services import socks5_server
 from tests import namespaces as N
-from tests.support import SECRET, Echo, cfg, raw_associate, wait_stat
+from tests.support import SECRET, Echo, cfg, raw_associate, sockets_to, wait_stat
 
 pytestmark = pytest.mark.usefixtures("impl")     # every test: compiled, then pure
 
@@ -191,30 +190,6 @@ def keepalive():
     sockopt.set_tcp_keepalive(parse_config({"listener": [{"name": "x", "mode": "socks5",
                                                           "listen": "127.0.0.1:1"}]})
                               .global_.tcp_keepalive)
-
-
-def sockets_to(addr):
-    """TCP sockets of this process connected to addr, one per socket (duplicates of their
-    descriptors: close them)."""
-    out, seen = [], set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fd = int(name)
-            link = os.readlink(f"/proc/self/fd/{fd}")
-            if not link.startswith("socket:") or link in seen:
-                continue
-            seen.add(link)
-            s = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            continue
-        try:
-            if s.type == socket.SOCK_STREAM and s.getpeername()[:2] == tuple(addr[:2]):
-                out.append(s)
-                continue
-        except OSError:
-            pass
-        s.close()
-    return out
 
 
 def options_of(socks):

@@ -17,8 +17,10 @@ class Socks5Relay(Poller):
     """Pure fallback of relay.datapath.tunnel.Socks5Relay (UDP ASSOCIATE data path)."""
 
     def __init__(self, acl_table=(), stats=None, *, max_assoc=1024, batch=32, log=None,
-                 resolve=None, timeout=0, port_timeouts=()):
+                 resolve=None, timeout=0, port_timeouts=(), outbound=None):
         super().__init__(stats, log)
+        # datagrams to remotes: --source and --bind-interface in their packet info
+        self.out_src = _sockopt.outbound_cmsgs(outbound, via_dev=True)
         self.acl = acl_table if isinstance(acl_table, Acl) else Acl(acl_table)
         self.max_assoc, self.batch, self.timeout = max_assoc, batch, timeout
         self.next_scan = 0.0
@@ -126,7 +128,7 @@ class Socks5Relay(Poller):
             a[8] = True
             if self.pmap is not None:
                 a[7] = self.ptimeouts[self.pmap[port]]
-        self._sent("up", data, sock, (host, port))
+        self._sent("up", data, sock, (host, port), src=_sockopt.cmsg_for(self.out_src, host))
 
     def _dns_send(self, idx, e, port, data):
         a = self.assocs.get(idx)

@@ -35,11 +35,12 @@ class Socks5Upstream(UpstreamBase):
 
     def __init__(self, server, user=None, password=None, mark=None, stats=None, timeout=60.0,
                  max_flows=1024, queue_limit=65536 + 1024, batch=32, log=None, port_timeouts=(),
-                 client_groups=()):
+                 client_groups=(), outbound=None):
         super().__init__(stats, log, client_groups)
         self.server = tuple(server)
         self.family, self.addr = resolve_server(self.server)
         self.user, self.password, self.mark, self.timeout = user, password, mark, timeout
+        self.outbound = outbound
         self.max_flows, self.queue_limit, self.batch = max_flows, max(queue_limit, 65600), batch
         self.assocs = collections.OrderedDict()     # key -> _Assoc, least recently used first
         self.expiry = ExpiryLists(timeout, port_timeouts)   # per destination port
@@ -72,14 +73,14 @@ class Socks5Upstream(UpstreamBase):
                 self._count("assoc_refused")
                 return None
             udp.setblocking(False)
+            v6 = self.family == socket.AF_INET6
             if self.mark:
                 udp.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
-            udp.bind(("::" if self.family == socket.AF_INET6 else "0.0.0.0", 0))
+            _sockopt.bind_outbound(udp, self.outbound, v6, wildcard=True)
             tcp.setblocking(False)
-            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _sockopt.tcp_keepalive(tcp)
             if self.mark:
                 tcp.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            _sockopt.tcp_client(tcp, self.outbound, v6)
             err = tcp.connect_ex(self.addr)
             if err not in (0, _errno.EINPROGRESS):
                 raise OSError(err, os.strerror(err))

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from relay.proto import (
     ATYP_DOMAIN, ATYP_IPV4, FrameError, encode_frame, parse_frame, parse_frames,
 )
+from relay.net import sockopt as _sockopt
 from relay.resolver import Resolver
 from relay.datapath.pure.common import Acl, EPOLLIN, EPOLLOUT, Poller, RX_CAP, SO_MARK, unmap
 from relay.config import FD_RESERVE
@@ -32,7 +33,7 @@ class TunnelServer(Poller):
 
     def __init__(self, acl_table=(), stats=None, *, max_conns=1024, max_flows=4096,
                  timeout=60.0, tx_limit=1 << 20, batch=32, mark=None, stall_timeout=5.0,
-                 log=None, resolve=None, port_timeouts=()):
+                 log=None, resolve=None, port_timeouts=(), outbound=None):
         if not 1 <= batch <= 256:
             raise ValueError(f"batch must be 1-256, got {batch}")
         super().__init__(stats, log)
@@ -40,6 +41,9 @@ class TunnelServer(Poller):
         self.max_conns, self.max_flows, self.batch = max_conns, max_flows, batch
         self.timeout, self.tx_limit, self.stall_timeout = timeout, tx_limit, stall_timeout
         self.mark = mark
+        # flow sockets send to both families: the device on each, a source per datagram
+        self.out_dev = _sockopt.Outbound(outbound.device) if outbound else None
+        self.out_src = _sockopt.outbound_cmsgs(outbound)
         self.conns = {}
         self.flows = {}             # flow fd -> _SFlow
         self.lru = OrderedDict()    # every _SFlow, least recently used first
@@ -116,6 +120,7 @@ class TunnelServer(Poller):
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             if self.mark:
                 s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            _sockopt.bind_outbound(s, self.out_dev, True)
             s.setblocking(False)
         except OSError:
             self._count("assoc_refused")
@@ -222,7 +227,7 @@ class TunnelServer(Poller):
                 self._count("drop_denied")
                 return
             f.last_dst, f.acl_version = dst, self.acl.version
-        self._sent("up", data, f.sock, dst)
+        self._sent("up", data, f.sock, dst, src=_sockopt.cmsg_for(self.out_src, dst[0]))
 
     def _dns_send(self, f, e, port, data):
         if f.sock is None:              # the flow ended while its name was resolved

@@ -89,7 +89,7 @@ class TunnelUpstream(UpstreamBase):
 
     def __init__(self, server, secret=None, connections=1, mark=None, stats=None,
                  queue_limit=None, timeout=60.0, max_flows=4096, log=None, gost=False,
-                 user=None, password=None, port_timeouts=(), client_groups=()):
+                 user=None, password=None, port_timeouts=(), client_groups=(), outbound=None):
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be 1-64, got {connections}")
         if not 1 <= max_flows <= 65536:
@@ -103,6 +103,7 @@ class TunnelUpstream(UpstreamBase):
         self.server = tuple(server)
         self.family, self.addr = resolve_server(self.server)
         self.secret, self.mark, self.timeout = secret, mark, timeout
+        self.outbound = outbound
         self.gost, self.mux, self.user, self.password = gost, not gost, user, password
         self.rx_cap = GOST_RX_CAP if gost else RX_CAP
         self.queue_limit, self.max_flows = queue_limit, max_flows
@@ -291,10 +292,9 @@ class TunnelUpstream(UpstreamBase):
             return True
         try:
             s.setblocking(False)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _sockopt.tcp_keepalive(s)
             if self.mark:
                 s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            _sockopt.tcp_client(s, self.outbound, self.family == socket.AF_INET6)
             err = s.connect_ex(self.addr)
         except OSError as e:
             s.close()
