@@ -51,8 +51,8 @@ BENCH_DIR = os.path.join(ROOT, "bench")
 C_DIR = os.path.join(BENCH_DIR, "c")
 LISTEN_PORT = {"forward": 7000, "redir": 7001}
 SINK_PORT = 9000
-SECTIONS = ("forward", "redir", "rawsend", "tunnel")
-EXTRAS = {"rawsend": "bench_rawsend", "tunnel": "bench_tunnel"}
+SECTIONS = ("forward", "redir", "rawsend", "tunnel", "latency")
+EXTRAS = {"rawsend": "bench_rawsend", "tunnel": "bench_tunnel", "latency": "latency"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,9 +127,9 @@ def profile(name):
 def implementations(scen, nworkers):
     """Peer classes of a scenario, in row order."""
     if scen.kind == "bulk":
-        impls = [peers.CLimit] + peers.offload_peers(scen.mode)
+        impls = peers.anchors(scen.mode) + peers.offload_peers(scen.mode)
     else:
-        impls = ([peers.CLimit] + peers.relay_peers(scen.mode, nworkers)
+        impls = (peers.anchors(scen.mode) + peers.relay_peers(scen.mode, nworkers)
                  + peers.third_party(scen.mode))
     if scen.only:
         impls = [c for c in impls if c.name in scen.only]
@@ -240,7 +240,10 @@ class Runner:
                              duration=self.prof.t_cpu)
         finally:
             sink.stop()
-        return self.metrics(scen, rate, cpu)
+        m = self.metrics(scen, rate, cpu)
+        if not getattr(peer, "has_cpu", True):
+            m["cpu_us"] = None          # no process of its own (the kernel anchor)
+        return m
 
     def use_gso(self, scen, rate):
         if scen.kind == "bulk":
@@ -344,7 +347,8 @@ def run_scenarios(runner, prof, impl_filter=None, sections=(), rows=None):
         for scen in scens:
             impls = implementations(scen, runner.nworkers)
             if impl_filter:
-                impls = [c for c in impls if c.name in impl_filter or c.name == "c-limit"]
+                anchors = [a.name for a in peers.anchors(mode)]
+                impls = [c for c in impls if c.name in impl_filter or c.name in anchors]
             impls_of[scen] = impls
             for cls in impls:
                 if cls.name not in [c.name for c in order]:
@@ -452,19 +456,29 @@ def make_row(scen, cls, res, nworkers):
     return row
 
 
+# Ratio keys of a row: (key suffix, anchor implementation). The plain ratio_rate and
+# ratio_cpu are to c-limit; ratio_rate_gso / ratio_cpu_gso to c-limit-gso; ratio_rate_kernel
+# to the kernel's forwarding (it has no CPU figure of its own).
+ANCHORS = (("", "c-limit"), ("_gso", "c-limit-gso"), ("_kernel", "kernel"))
+
+
+def _ratio(r, c, key):
+    if not c or not r.get(key) or not c.get(key) or c[key]["median"] <= 0:
+        return None
+    return r[key]["median"] / c[key]["median"]
+
+
 def add_ratios(rows):
-    limits = {}
-    for r in rows:
-        if r["impl"] == "c-limit" and r.get("pps"):
-            limits[(r["mode"], r["scenario"])] = r
-    for r in rows:
-        c = limits.get((r["mode"], r["scenario"]))
-        r["ratio_rate"] = r["ratio_cpu"] = None
-        if not c or not r.get("pps"):
-            continue
-        r["ratio_rate"] = r["pps"]["median"] / c["pps"]["median"]
-        if r.get("cpu_us") and c.get("cpu_us") and c["cpu_us"]["median"] > 0:
-            r["ratio_cpu"] = r["cpu_us"]["median"] / c["cpu_us"]["median"]
+    for suffix, anchor in ANCHORS:
+        limits = {}
+        for r in rows:
+            if r["impl"] == anchor and r.get("pps"):
+                limits[(r["mode"], r["scenario"])] = r
+        for r in rows:
+            c = limits.get((r["mode"], r["scenario"]))
+            r["ratio_rate" + suffix] = _ratio(r, c, "pps")
+            if anchor != "kernel":
+                r["ratio_cpu" + suffix] = _ratio(r, c, "cpu_us")
 
 
 # ---------------------------------------------------------------------------------------
@@ -580,7 +594,8 @@ def _med(r, key, f):
 def table(rows):
     """Medians (min-max for the rate and the CPU)."""
     head = ("mode", "scenario", "implementation", "dgram/s [min-max]", "offered", "Mbit/s",
-            "drop", "CPU us/dgram [min-max]", "drop@fixed", "x C rate", "x C CPU")
+            "drop", "CPU us/dgram [min-max]", "drop@fixed", "x C rate", "x C CPU",
+            "x C-GSO rate", "x C-GSO CPU", "x kernel")
     lines = []
     for r in rows:
         if r["status"] == "not available":
@@ -592,8 +607,8 @@ def table(rows):
                  _med(r, "drop", lambda v: f"{v * 100:.1f}%"),
                  fmt_stat(r.get("cpu_us"), lambda v: f"{v:.2f}"),
                  _med(r, "cpu_drop", lambda v: f"{v * 100:.1f}%"),
-                 f"{r['ratio_rate']:.2f}" if r.get("ratio_rate") is not None else "-",
-                 f"{r['ratio_cpu']:.2f}" if r.get("ratio_cpu") is not None else "-")
+                 *(_fmt_ratio(r.get(k)) for k in ("ratio_rate", "ratio_cpu", "ratio_rate_gso",
+                                                  "ratio_cpu_gso", "ratio_rate_kernel")))
         lines.append(cells)
         if r["status"] == "error":
             lines.append(("", "", "", f"error: {r['reason'][:300]}"))
@@ -611,8 +626,13 @@ def table(rows):
             out.append(prefix + "  " + l[3])
     out.append("dgram/s, offered, drop: full-rate phase (offered = load generator rate, "
                "drop = 1 - delivered/sent); CPU and drop@fixed: fixed-rate phase; "
-               "x C = ratio to c-limit of the same scenario")
+               "x C = ratio to c-limit of the same scenario, x C-GSO to c-limit-gso, "
+               "x kernel to the kernel's own forwarding (nftables DNAT/SNAT, no CPU figure)")
     return "\n".join(out)
+
+
+def _fmt_ratio(v):
+    return f"{v:.2f}" if v is not None else "-"
 
 
 def extras_table(extras):
