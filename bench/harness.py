@@ -23,9 +23,11 @@ The load generator and the sink are pinned to CPU 0 (--load-cpus); the implement
 under test is not pinned (its N-worker rows use every CPU).
 
 Implementations alternate round by round (A B C A B C ...); rows report medians with
-min-max, and every row's ratio to the C limit (bench/c/fwd_mmsg.c) of the same scenario
-measured in the same run. Rows of other bench scripts (bench/bench_rawsend.py,
-bench/bench_tunnel.py) are collected when those scripts exist.
+min-max, and every row's ratios to the anchors of the same scenario measured in the same
+run: the C limit (bench/c/fwd_mmsg.c), the C limit with GRO in and UDP_SEGMENT out
+(c-limit-gso, fwd_mmsg --gso) and the kernel's own forwarding (nftables DNAT/SNAT in mid;
+forward only, no CPU figure). Rows of other bench scripts (bench/bench_rawsend.py,
+bench/bench_tunnel.py, bench/latency.py) are collected when those scripts exist.
 Results: DIR/results.json, DIR/chart.png, and the table on stdout.
 """
 import argparse
