@@ -642,6 +642,10 @@ def extras_table(extras):
     for e in extras:
         out.append(f"-- {e['section']} ({e['script']}): {e['status']}"
                    + (f": {e['reason']}" if e.get("reason") else ""))
+        text = _section_table(e)
+        if text:
+            out.append(text)
+            continue
         for r in e.get("rows", []):
             if isinstance(r, dict):
                 out.append("   " + ", ".join(f"{k}={_short(v)}" for k, v in r.items()
@@ -649,6 +653,18 @@ def extras_table(extras):
             else:
                 out.append(f"   {r}")
     return "\n".join(out)
+
+
+def _section_table(extra):
+    """The section script's own table of its rows, when it has a table(rows) (latency)."""
+    if extra.get("status") != "ok" or not extra.get("rows"):
+        return None
+    try:
+        import importlib
+        mod = importlib.import_module(f"bench.{EXTRAS[extra['section']]}")
+        return mod.table(extra["rows"]) if callable(getattr(mod, "table", None)) else None
+    except Exception:            # a table that cannot be drawn falls back to key=value lines
+        return None
 
 
 def _short(v):
@@ -695,7 +711,8 @@ def parse_args(argv):
                    help=f"comma-separated sections to run, of {', '.join(SECTIONS)} "
                         "(default: all)")
     p.add_argument("--impls", default="",
-                   help="comma-separated implementation names to keep (c-limit always runs)")
+                   help="comma-separated implementation names to keep (the anchors c-limit, "
+                        "c-limit-gso and kernel always run)")
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds per scenario (default: 3, 1 with --smoke)")
     p.add_argument("--load-cpus", default="0" if (os.cpu_count() or 1) > 1 else "",

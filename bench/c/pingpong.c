@@ -10,11 +10,13 @@
  * and its round-trip time recorded. At most --inflight datagrams are outstanding (a full
  * window waits for echoes, so the rate falls rather than the window growing); one without
  * an echo after --timeout-ms counts as lost, a late or repeated echo is counted and not
- * recorded. Stops after --count datagrams or --duration seconds, whichever comes first,
+ * recorded; one whose send failed counts in send_errors (sent = received + lost +
+ * send_errors). Stops after --count datagrams or --duration seconds, whichever comes first,
  * then waits --timeout-ms for the last echoes.
  * Payload: byte 0 = --marker (the sink counts per marker; the --warmup datagrams sent first
  * carry 0 and are not recorded), bytes 4-11 the sequence number, 12-19 the send time (ns).
- * Prints one JSON object: counts and p50/p90/p99/p99.9/max of the recorded round trips (us,
+ * Prints one JSON object: counts, "rate" (datagrams/s from the first to the last send:
+ * below --rate when the window was full) and p50/p90/p99/p99.9/max of the recorded round trips (us,
  * nearest rank on the sorted samples: the value at index ceil(q*n)-1); --dump writes the
  * samples (uint32 ns, native order, in arrival order) for pooling rounds.
  */
@@ -152,7 +154,7 @@ int main(int argc, char **argv)
 
     uint64_t interval = (uint64_t)(1e9 / rate);
     uint64_t t0 = now_ns(), stop_at = t0 + (uint64_t)(duration * 1e9);
-    uint64_t next = t0, oldest = 0, outstanding = 0, end = 0;
+    uint64_t next = t0, oldest = 0, outstanding = 0, end = 0, last_send = t0;
     out[0] = (unsigned char)marker;
     for (;;) {
         uint64_t t = now_ns();
@@ -185,6 +187,7 @@ int main(int argc, char **argv)
             uint64_t seq = sent, ts = now_ns();
             memcpy(out + 4, &seq, 8);
             memcpy(out + 12, &ts, 8);
+            last_send = ts;
             if (send(fd, out, (size_t)size, 0) < 0) {
                 send_errors++;
             } else {
@@ -221,8 +224,10 @@ int main(int argc, char **argv)
             if (nrtt < (size_t)count)
                 rtt[nrtt++] = d > 0xffffffffull ? 0xffffffffu : (uint32_t)d;
         }
-        /* Sleep until the next send, the next expiry or an echo. */
+        /* Sleep until the next send, the next expiry or an echo (done: no sleep). */
         t = now_ns();
+        if (((long long)sent >= count || t >= stop_at) && outstanding == 0)
+            break;
         uint64_t wake = end ? end : stop_at;
         if (sending && outstanding < (uint64_t)inflight && next < wake)
             wake = next;
@@ -240,6 +245,9 @@ int main(int argc, char **argv)
         }
     }
     double elapsed = (double)(now_ns() - t0) / 1e9;
+    /* The send rate over the sending window (first to last send), not the final wait. */
+    double window = (double)(last_send - t0) / 1e9;
+    double send_rate = sent > 1 && window > 0 ? (double)(sent - 1) / window : 0.0;
     lost += outstanding;
 
     if (dump) {
@@ -257,7 +265,7 @@ int main(int argc, char **argv)
            "\"samples\": %zu, \"min_us\": %.3f, \"mean_us\": %.3f, \"p50_us\": %.3f, "
            "\"p90_us\": %.3f, \"p99_us\": %.3f, \"p999_us\": %.3f, \"max_us\": %.3f}\n",
            sent, got, lost, late, bad, send_errors, warm_got, window_waits, elapsed,
-           elapsed > 0 ? sent / elapsed : 0.0, size, nrtt,
+           send_rate, size, nrtt,
            nrtt ? rtt[0] / 1000.0 : -1, nrtt ? sum / nrtt / 1000.0 : -1,
            pct_us(rtt, nrtt, 0.50), pct_us(rtt, nrtt, 0.90), pct_us(rtt, nrtt, 0.99),
            pct_us(rtt, nrtt, 0.999), nrtt ? rtt[nrtt - 1] / 1000.0 : -1);

@@ -93,10 +93,10 @@ def test_gso_forwarder_moves_every_segment_both_ways(tools, host, gso_load):
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         sent = json.loads(r.stdout.strip().splitlines()[-1])
-        time.sleep(0.3)
     finally:
+        sout, _ = sink.stop()           # no echo after this one ...
+        time.sleep(0.5)                 # ... and the forwarder has sent the last back
         _, ferr = fwd.stop()
-        sout, _ = sink.stop()
     counters = json.loads(ferr.strip().splitlines()[-1])
     report = json.loads(sout.strip().splitlines()[-1])
     n = sent["sent"]
@@ -250,8 +250,10 @@ def test_pingpong_matches_every_echo_and_its_percentiles_match_python(tools, tmp
     sink, port = _sink(tools, host, echo=True)
     dump = tmp_path / "rtt.bin"
     try:
+        # a long timeout: a loaded machine's stall must not turn an echo into a late one
         r = subprocess.run(latency.pingpong_command(str(tools["pingpong"]), (host, port),
-                                                    rate, 0.1, dump=str(dump)),
+                                                    rate, 0.1, dump=str(dump),
+                                                    timeout_ms=5000),
                            capture_output=True, text=True, timeout=30)
     finally:
         sout, _ = sink.stop()
@@ -260,8 +262,8 @@ def test_pingpong_matches_every_echo_and_its_percentiles_match_python(tools, tmp
     echo = json.loads(sout.strip().splitlines()[-1])
     n = rate // 10 + 1
     assert out["sent"] <= n and out["sent"] > 0
-    assert out["received"] + out["lost"] == out["sent"]
-    assert out["late"] == out["bad"] == 0
+    assert out["received"] + out["lost"] + out["send_errors"] == out["sent"]
+    assert out["late"] == out["bad"] == out["send_errors"] == 0
     assert echo["markers"]["1"]["count"] == out["sent"]     # the echo saw each one once
     assert echo["markers"]["0"]["count"] == 10               # the warm-up, not recorded
     samples = latency.read_dump(dump)
@@ -286,7 +288,9 @@ def test_pingpong_refuses_bad_arguments(tools, argv, msg):
         r = subprocess.run([str(tools["pingpong"])] + argv, capture_output=True, text=True,
                            timeout=10)
         out = json.loads(r.stdout)
-        assert r.returncode == 0 and out["received"] == 0 and out["lost"] == out["sent"] > 0
+        # lost, or refused at send once the port-unreachable came back
+        assert r.returncode == 0 and out["received"] == 0
+        assert out["lost"] + out["send_errors"] == out["sent"] > 0
         assert out["p99_us"] == -1
         return
     r = subprocess.run([str(tools["pingpong"])] + argv, capture_output=True, text=True,
