@@ -298,7 +298,8 @@ def table(rows):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n")[0])
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="short points (1 s at 1k/s, 0.3 s at 50k/s)")
+    g.add_argument("--quick", action="store_true",
+                   help="short points (1 s at 1k/s, 0.3 s at 50k/s)")
     g.add_argument("--smoke", action="store_true", help="tiny counts, 1 round")
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 3; --smoke 1)")
     p.add_argument("--duration", type=float, default=None,

@@ -1,15 +1,19 @@
 """Memory of a relay: idle, with many associations, and what --max-associations costs at
 start (``python -m bench.memory``).
 
-In the bench's namespaces (bench/topo.py: gen -- mid -- sink) a relay with one worker runs
-in ``mid``; a client in ``gen`` opens N flows (one UDP socket each, from two addresses so
-that 100k source ports exist, one datagram per flow, paced) and keeps them open while the
-relay's RSS and the kernel's memory are read:
+In the bench's namespaces (bench/topo.py: gen -- mid -- sink), for each point N a fresh
+relay with one worker runs in ``mid`` and is sampled idle; a client in ``gen`` opens N flows
+(one UDP socket each, from two addresses so that 100k source ports exist, one datagram
+per flow, paced), the relay's association count is read, the client closes its sockets
+again (the kernel counters below are machine-wide) and the relay, which keeps its
+associations, is sampled again:
 
     rss              psutil RSS of the supervisor and of each worker (``relay`` forks one
-                     worker process per --workers)
-    socket_mem       /proc/net/sockstat of mid: UDP + TCP "mem" pages (buffers charged to
-                     sockets) x the page size
+                     worker process per --workers); fds: their open descriptors
+    relay_socket_mem ``ss -m`` in mid summed over the relay's own sockets (skmem r + t + f
+                     + w + o: the memory charged to each socket now)
+    socket_mem       /proc/net/sockstat: UDP + TCP "mem" pages x the page size (the same
+                     kind of memory, machine-wide: noisy on a shared machine)
     slab             /proc/slabinfo: bytes in the caches a socket is made of (UDP, UDPv6,
                      TCP, sock_inode_cache, filp, dentry, eventpoll_epi, eventpoll_pwq);
                      machine-wide, so run it on a quiet machine
@@ -22,7 +26,7 @@ for these relays (a fresh one for each):
     forward-tunnel       relay forward --upstream tunnel://  (relay tunnel-server in sink)
     forward-socks5       relay forward --upstream socks5://  (relay socks5 in sink)
 
-``bytes_per_assoc`` = (RSS + socket_mem at N - the same idle) / N, the brief's figure;
+``bytes_per_assoc`` = (RSS + relay_socket_mem at N - the same relay idle) / N;
 ``slab_per_assoc`` the kernel's part of each association beside it. An --upstream holds at
 most 65536 flows per worker (relay's own cap), so its large point is 65536, not 100,000.
 
@@ -54,6 +58,7 @@ SLAB_CACHES = ("UDP", "UDPv6", "TCP", "TCPv6", "sock_inode_cache", "filp", "dent
 SCENARIOS = ("forward", "redir-raw", "redir-transparent", "forward-tunnel", "forward-socks5")
 PREALLOC = (1024, 65536, 1 << 20)
 FD_LIMIT = 1 << 20
+CLIENT_GONE = 2.0                 # seconds for closed client sockets to leave the slab
 FD_MARGIN = 1024                  # descriptors a relay needs besides its associations
 
 
@@ -75,6 +80,30 @@ def parse_sockstat(text):
         if vals:
             out[name.strip()] = vals
     return out
+
+
+_SKMEM_KEYS = ("r", "t", "f", "w", "o")      # rmem, wmem alloc, forward alloc, queued, optmem
+
+
+def parse_ss(text, pids):
+    """(sockets, bytes) of the sockets of processes pids in ``ss -H -a -n -m -p`` output:
+    the sum of each socket's skmem r + t + f + w + o (memory charged to it now)."""
+    import re
+    pids = {int(p) for p in pids}
+    sockets = total = 0
+    owned = False
+    for line in text.splitlines():
+        if not line.startswith(("\t", " ")):
+            owned = any(int(p) in pids for p in re.findall(r"pid=(\d+)", line))
+        m = re.search(r"skmem:\(([^)]*)\)", line)
+        if m and owned:
+            sockets += 1
+            for item in m.group(1).split(","):
+                k = item.rstrip("0123456789")
+                if k in _SKMEM_KEYS and item[len(k):].isdigit():
+                    total += int(item[len(k):])
+            owned = False
+    return sockets, total
 
 
 def socket_mem_bytes(sockstat, page=4096):
@@ -100,9 +129,11 @@ def per_assoc(idle, at, n):
     if n <= 0:
         return {}
     rss = at["rss_total"] - idle["rss_total"]
-    sock = at["socket_mem"] - idle["socket_mem"]
+    sock = at["relay_socket_mem"] - idle["relay_socket_mem"]
+    stat = at["socket_mem"] - idle["socket_mem"]
     slab = at["slab_total"] - idle["slab_total"]
     return {"rss_per_assoc": rss / n, "socket_mem_per_assoc": sock / n,
+            "sockstat_mem_per_assoc": stat / n,
             "bytes_per_assoc": (rss + sock) / n, "slab_per_assoc": slab / n,
             "with_slab_per_assoc": (rss + sock + slab) / n}
 
@@ -121,8 +152,35 @@ def rss_tree(pid):
         return {"supervisor": None, "workers": []}
 
 
+def fds_tree(pid):
+    """Open file descriptors of a process and its descendants (a relay's sockets)."""
+    import psutil
+    n = 0
+    try:
+        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        try:
+            n += len(os.listdir(f"/proc/{p.pid}/fd"))
+        except OSError:
+            pass
+    return n
+
+
+def tree_pids(pid):
+    import psutil
+    try:
+        return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def sample(ns, pid):
     tree = rss_tree(pid)
+    fds = fds_tree(pid)
+    ss = ns.run("ss", "-H", "-a", "-n", "-m", "-p", "-u", "-t", check=False, timeout=120)
+    nsock, sock_bytes = parse_ss(ss.stdout, tree_pids(pid))
     st = parse_sockstat(ns.run("cat", "/proc/net/sockstat").stdout)
     try:
         with open("/proc/slabinfo") as f:
@@ -130,6 +188,7 @@ def sample(ns, pid):
     except OSError:
         slab = {}
     return {"rss": tree, "rss_total": (tree["supervisor"] or 0) + sum(tree["workers"]),
+            "fds": fds, "relay_sockets": nsock, "relay_socket_mem": sock_bytes,
             "sockstat": st, "socket_mem": socket_mem_bytes(st, resource.getpagesize()),
             "slab": slab, "slab_total": sum(slab.values())}
 
@@ -342,21 +401,52 @@ def settle(control, want, limit, quiet=1.0):
 
 
 def measure_scenario(bt, scenario, points, workdir, rate, fd_limit, log=print):
+    """One row: for each point a fresh relay (and server), sampled idle, then with n flows
+    opened and the client's sockets closed again (the slab and socket counters are
+    machine-wide: the client's own sockets must not count; the relay keeps its
+    associations, nothing expires within --timeout 3600)."""
     row = {"section": "memory", "scenario": scenario, "points": [], "fd_limit": fd_limit}
     pts = points_of(scenario, points, fd_limit)
     if pts != sorted(set(points)):
         row["capped"] = (f"asked {sorted(set(points))}, measured {pts}: "
                          + ("an --upstream holds at most 65536 flows per worker"
-                            if "-" in scenario and scenario.startswith("forward-")
+                            if scenario.startswith("forward-")
                             else f"one socket per association under a {fd_limit} fd limit"))
-    control = os.path.join(workdir, f"mem-{scenario}.sock")
-    relay_argv, server_argv = relay_command(scenario, control, max(pts) + 1024)
-    procs, logs, opener, sink = [], [], None, None
     if scenario.startswith("redir"):
         bt.tproxy(SINK_PORT, LISTEN["redir"])
+    sink = None
     try:
         sink = loadgen.Sink(bt.sink, compile_c(os.path.join(ROOT, "bench/c/sink.c")),
                             f"{topo.SINK4}:{SINK_PORT}").start()
+        for n in pts:
+            point = _one_point(bt, scenario, n, max(pts) + 1024, workdir, rate, fd_limit)
+            row["points"].append(point)
+            row.setdefault("idle", point["idle"])
+            s, i = point["sample"], point["idle"]
+            log(f"   {scenario:18s} {point['associations']:7d} assoc  RSS "
+                f"{s['rss_total'] / 2**20:7.1f} MiB (idle {i['rss_total'] / 2**20:.1f})  "
+                f"socket mem "
+                f"{(s['relay_socket_mem'] - i['relay_socket_mem']) / 2**20:+6.1f} MiB  slab "
+                f"{(s['slab_total'] - i['slab_total']) / 2**20:+6.1f} MiB  "
+                f"{point.get('bytes_per_assoc', 0):7.0f} B/assoc")
+        row.update(status="ok", reason=None)
+    except (peers.PeerError, loadgen.LoadError, topo.TopoError, OSError, ValueError,
+            subprocess.SubprocessError) as e:
+        row.update(status="error", reason=f"{type(e).__name__}: {e}")
+        log(f"   {scenario}: ERROR {e}")
+    finally:
+        if sink:
+            sink.stop()
+        if scenario.startswith("redir"):
+            bt.untproxy()
+    return row
+
+
+def _one_point(bt, scenario, n, max_assoc, workdir, rate, fd_limit):
+    control = os.path.join(workdir, f"mem-{scenario}.sock")
+    relay_argv, server_argv = relay_command(scenario, control, max_assoc)
+    procs, logs, opener = [], [], None
+    try:
         if server_argv:
             logs.append(open(os.path.join(workdir, f"mem-{scenario}.server.log"), "w+"))
             port = TUNNEL_PORT if "tunnel" in scenario else SOCKS_PORT
@@ -367,33 +457,27 @@ def measure_scenario(bt, scenario, points, workdir, rate, fd_limit, log=print):
         procs.append(relay)
         time.sleep(1.0)
         idle = sample(bt.mid, relay.pid)
-        row["idle"] = idle
         dst = ((topo.SINK4, SINK_PORT) if scenario.startswith("redir")
                else (topo.MID4_GEN, LISTEN["forward"]))
         opener = FlowOpener(bt.gen, dst, [topo.GEN4, GEN4_B], rate,
                             per_proc=max(100, min(50000, fd_limit - FD_MARGIN)))
-        for n in pts:
-            got = opener.open(n, timeout=n / rate + 60)
-            held = settle(control, n, limit=n / rate + 30)
-            time.sleep(0.5)
-            s = sample(bt.mid, relay.pid)
-            assoc = held or 0
-            point = {"flows": n, "flows_open": got["open"], "associations": assoc,
-                     "opener_errors": got["errors"], "sample": s}
-            if assoc < got["open"]:
-                point["short"] = (f"{got['open']} flows open, the relay holds {assoc} "
-                                  f"(see bench/out/memory/mem-{scenario}*.log)")
-            point.update(per_assoc(idle, s, assoc))
-            row["points"].append(point)
-            log(f"   {scenario:18s} {assoc:7d} assoc  RSS {s['rss_total'] / 2**20:7.1f} MiB  "
-                f"socket mem {s['socket_mem'] / 2**20:6.1f} MiB  slab "
-                f"{(s['slab_total'] - idle['slab_total']) / 2**20:6.1f} MiB  "
-                f"{point.get('bytes_per_assoc', 0):7.0f} B/assoc")
-        row.update(status="ok", reason=None)
-    except (peers.PeerError, loadgen.LoadError, topo.TopoError, OSError, ValueError,
-            subprocess.SubprocessError) as e:
-        row.update(status="error", reason=f"{type(e).__name__}: {e}")
-        log(f"   {scenario}: ERROR {e}")
+        got = opener.open(n, timeout=n / rate + 60)
+        held = settle(control, n, limit=n / rate + 30)
+        with_client = sample(bt.mid, relay.pid)
+        opener.close()
+        opener = None
+        time.sleep(CLIENT_GONE)         # the client's sockets are freed (RCU) ...
+        s = sample(bt.mid, relay.pid)
+        after = assoc_open(control)     # ... and the relay still holds its associations
+        assoc = min(held or 0, after if after is not None else held or 0)
+        point = {"flows": n, "flows_open": got["open"], "associations": assoc,
+                 "opener_errors": got["errors"], "idle": idle, "sample": s,
+                 "with_client": with_client}
+        if assoc < got["open"]:
+            point["short"] = (f"{got['open']} flows open, the relay holds {assoc} "
+                              f"(see bench/out/memory/mem-{scenario}*.log)")
+        point.update(per_assoc(idle, s, assoc))
+        return point
     finally:
         if opener:
             opener.close()
@@ -401,11 +485,6 @@ def measure_scenario(bt, scenario, points, workdir, rate, fd_limit, log=print):
             loadgen.stop_group(p)
         for f in logs:
             f.close()
-        if sink:
-            sink.stop()
-        if scenario.startswith("redir"):
-            bt.untproxy()
-    return row
 
 
 def measure_prealloc(bt, sizes, workdir, log=print):
@@ -482,8 +561,8 @@ def run(quick=False, rounds=None, duration=None, log=print, scenarios=SCENARIOS,
 
 def table(rows):
     out = [f"{'scenario':18s} {'assoc':>7s} {'RSS MiB':>8s} {'sockmem MiB':>11s} "
-           f"{'slab MiB':>8s} {'B/assoc':>8s} {'+slab B/assoc':>13s}",
-           "-" * 80]
+           f"{'slab MiB':>8s} {'B/assoc':>8s} {'+slab B/assoc':>13s} {'relay fds':>9s}",
+           "-" * 90]
     for r in rows:
         if r["scenario"] == "prealloc":
             continue
@@ -494,16 +573,17 @@ def table(rows):
             out.append(f"{r['scenario']:18s} note: {r['capped']}")
         i = r["idle"]
         out.append(f"{r['scenario']:18s} {'idle':>7s} {i['rss_total'] / 2**20:8.1f} "
-                   f"{i['socket_mem'] / 2**20:11.2f} {'-':>8s} {'-':>8s} {'-':>13s}")
+                   f"{i['relay_socket_mem'] / 2**20:11.2f} {'-':>8s} {'-':>8s} {'-':>13s} "
+                   f"{i.get('fds', 0):9d}")
         for p in r["points"]:
-            s = p["sample"]
+            s, i = p["sample"], p.get("idle", i)
             if p.get("short"):
                 out.append(f"{'':18s} note: {p['short']}")
             out.append(f"{'':18s} {p['associations']:7d} {s['rss_total'] / 2**20:8.1f} "
-                       f"{s['socket_mem'] / 2**20:11.2f} "
+                       f"{s['relay_socket_mem'] / 2**20:11.2f} "
                        f"{(s['slab_total'] - i['slab_total']) / 2**20:8.1f} "
                        f"{p.get('bytes_per_assoc', 0):8.0f} "
-                       f"{p.get('with_slab_per_assoc', 0):13.0f}")
+                       f"{p.get('with_slab_per_assoc', 0):13.0f} {s.get('fds', 0):9d}")
     pre = [r for r in rows if r["scenario"] == "prealloc"]
     if pre:
         out.append("")
@@ -514,8 +594,10 @@ def table(rows):
             else:
                 out.append(f"{r['max_associations']:>18d}   {r['worker_rss'] / 2**20:13.1f} MiB"
                            f"   {r.get('extra_over_smallest', 0) / 2**20:9.1f} MiB")
-    out.append("RSS = supervisor + worker; sockmem = /proc/net/sockstat UDP+TCP mem of mid; "
-               "slab = socket caches in /proc/slabinfo (machine-wide) over idle; "
+    out.append("RSS = supervisor + worker; sockmem = ss -m of the relay's sockets; "
+               "slab = socket caches in /proc/slabinfo (machine-wide) over idle, the client's "
+               "sockets closed (with an --upstream it includes the server's sockets in sink: "
+               "see relay fds); each point a fresh relay; "
                "B/assoc = (RSS + sockmem - idle) / associations")
     return "\n".join(out)
 

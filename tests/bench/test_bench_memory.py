@@ -36,9 +36,43 @@ def test_parse_sockstat():
     assert memory.socket_mem_bytes({}, page=4096) == 0
 
 
+SS = """UNCONN 0      0      192.0.2.1:7000   0.0.0.0:*     users:(("python",pid=11,fd=8))
+	 skmem:(r0,rb8388608,t0,tb212992,f4096,w0,o0,bl0,d0)
+ESTAB  0      0      198.51.100.1:5000 198.51.100.2:8443 users:(("python",pid=12,fd=9))
+	 skmem:(r100,rb131072,t20,tb87040,f1000,w300,o16,bl0,d2)
+UNCONN 0      0      192.0.2.1:7001   0.0.0.0:*     users:(("other",pid=99,fd=3))
+	 skmem:(r5000,rb8388608,t0,tb212992,f4096,w0,o0,bl0,d0)
+UNCONN 0      0      192.0.2.1:7002   0.0.0.0:*
+	 skmem:(r7000,rb8388608,t0,tb212992,f4096,w0,o0,bl0,d0)
+UNCONN 0 0 192.0.2.1:7003 0.0.0.0:* users:(("python",pid=11,fd=10)) skmem:(r1,rb2,t0,tb3,f4,w0,o0,bl0,d0)
+"""
+
+
+def test_parse_ss_sums_the_relays_own_sockets():
+    # r + t + f + w + o of pid 11 and 12's sockets, not the buffer sizes, not pid 99's,
+    # not a socket without an owner; skmem on its own line or on the socket's
+    assert memory.parse_ss(SS, [11, 12]) == (3, 4096 + (100 + 20 + 1000 + 300 + 16) + 5)
+    assert memory.parse_ss(SS, [99]) == (1, 5000 + 4096)
+    assert memory.parse_ss(SS, []) == (0, 0)
+    assert memory.parse_ss("garbage\n\tskmem:(rx,f)\n", [1]) == (0, 0)
+
+
 def test_parse_slabinfo_keeps_the_socket_caches():
     slab = memory.parse_slabinfo(SLABINFO)
     assert slab == {"UDP": 1024 * 1216, "sock_inode_cache": 2048 * 832, "filp": 4096 * 256}
+
+
+def test_fds_and_rss_of_a_process_tree():
+    import os
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        tree = memory.rss_tree(os.getpid())
+        assert tree["supervisor"] > 0 and len(tree["workers"]) >= 1
+        assert memory.fds_tree(os.getpid()) >= len(os.listdir("/proc/self/fd")) - 1
+    finally:
+        child.kill()
+        child.wait()
+    assert memory.fds_tree(2**22 + 12345) == 0
 
 
 def test_parse_the_real_files():
@@ -47,13 +81,15 @@ def test_parse_the_real_files():
     assert "UDP" in st and "mem" in st["UDP"]
 
 
-def _sample(rss, sock, slab):
-    return {"rss_total": rss, "socket_mem": sock, "slab_total": slab}
+def _sample(rss, sock, slab, stat=0):
+    return {"rss_total": rss, "relay_socket_mem": sock, "slab_total": slab, "socket_mem": stat}
 
 
 def test_per_association_figures():
-    got = memory.per_assoc(_sample(1000, 100, 10_000), _sample(201_000, 40_100, 510_000), 100)
+    got = memory.per_assoc(_sample(1000, 100, 10_000, 7), _sample(201_000, 40_100, 510_000, 107),
+                           100)
     assert got == {"rss_per_assoc": 2000.0, "socket_mem_per_assoc": 400.0,
+                   "sockstat_mem_per_assoc": 1.0,
                    "bytes_per_assoc": 2400.0, "slab_per_assoc": 5000.0,
                    "with_slab_per_assoc": 7400.0}
     assert memory.per_assoc(_sample(1, 1, 1), _sample(2, 2, 2), 0) == {}
@@ -92,18 +128,21 @@ def test_relay_command_lines():
 
 
 def test_table_reports_points_notes_and_prealloc():
-    idle = {"rss_total": 40 << 20, "socket_mem": 0, "slab_total": 0}
-    at = {"rss_total": 50 << 20, "socket_mem": 1 << 20, "slab_total": 2 << 20}
+    idle = {"rss_total": 40 << 20, "relay_socket_mem": 0, "socket_mem": 0, "slab_total": 0,
+            "fds": 12}
+    at = {"rss_total": 50 << 20, "relay_socket_mem": 1 << 20, "socket_mem": 5 << 20,
+          "slab_total": 2 << 20, "fds": 1012}
     rows = [{"scenario": "forward", "status": "ok", "idle": idle, "capped": "fd limit",
-             "points": [dict(associations=1000, sample=at, short="x",
+             "points": [dict(associations=1000, sample=at, short="x", idle=idle,
                              **memory.per_assoc(idle, at, 1000))]},
             {"scenario": "redir-raw", "status": "error", "reason": "boom"},
             {"scenario": "prealloc", "status": "ok", "max_associations": 1024,
              "worker_rss": 20 << 20, "extra_over_smallest": 0}]
     text = memory.table(rows)
-    assert "note: fd limit" in text and "note: x" in text and "redir-raw          error: boom" in text
+    assert "note: fd limit" in text and "note: x" in text
+    assert "redir-raw          error: boom" in text
     line = [l for l in text.splitlines() if l.strip().startswith("1000")][0].split()
-    assert line[-2:] == [f"{11 * 2**20 / 1000:.0f}", f"{13 * 2**20 / 1000:.0f}"]
+    assert line[-3:] == [f"{11 * 2**20 / 1000:.0f}", f"{13 * 2**20 / 1000:.0f}", "1012"]
     assert "20.0 MiB" in text
 
 
@@ -114,7 +153,8 @@ def test_flow_opener_holds_distinct_source_ports(host, fam):
     rx.settimeout(5)
     port = rx.getsockname()[1]
     p = subprocess.Popen([sys.executable, "-m", "bench.memory", "open-flows", "--dst",
-                          f"[{host}]:{port}" if ":" in host else f"{host}:{port}", "--src", host, "--rate", "5000"],
+                          f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                          "--src", host, "--rate", "5000"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                          cwd=memory.ROOT)
     try:

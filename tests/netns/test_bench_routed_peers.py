@@ -11,7 +11,8 @@ import pytest
 from bench import peers, topo
 
 SEND = ("import socket, sys; s = socket.socket(2, 2); "
-        "s.bind(('0.0.0.0', int(sys.argv[3]))); s.sendto(b'probe', (sys.argv[1], int(sys.argv[2])))")
+        "s.bind(('0.0.0.0', int(sys.argv[3]))); "
+        "s.sendto(b'probe', (sys.argv[1], int(sys.argv[2])))")
 RECV = ("import socket, sys; s = socket.socket(2, 2); s.bind(('0.0.0.0', 9000)); "
         "s.settimeout(float(sys.argv[1])); print('ready', flush=True)\n"
         "try:\n d, a = s.recvfrom(64); print(a[0], d.decode())\n"
