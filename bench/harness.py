@@ -803,13 +803,20 @@ def main(argv=None):
                                   if c.name not in names]
                 results["implementations"][m] = names
             run_scenarios(runner, prof, impl_filter, net_modes, rows=results["rows"])
+        # The scripts that pin (bench/latency.py) take the run's CPUs from the environment.
+        for var, cpus in (("RELAY_BENCH_IMPL_CPUS", args.impl_cpus),
+                          ("RELAY_BENCH_LOAD_CPUS", args.load_cpus)):
+            os.environ[var] = ",".join(map(str, sorted(cpus))) if cpus else ""
         for section in args.sections:
             if section in EXTRAS:
                 print(f"== {section}: bench/{EXTRAS[section]}.py", flush=True)
                 # --quick leaves the scripts their own quick round count (time budget).
                 rounds = None if prof.name == "quick" else prof.rounds
+                timeout = prof.extra_timeout
+                if section == "latency" and rounds:
+                    timeout = max(timeout, 100 * rounds)    # ~60 s a round in full
                 results["extras"].append(run_extra(section, prof.name != "full", rounds,
-                                                   prof.extra_timeout, workdir,
+                                                   timeout, workdir,
                                                    smoke=prof.name == "smoke",
                                                    duration=prof.extra_duration))
     except KeyboardInterrupt:

@@ -175,6 +175,15 @@ def _one_point(runner, tools, mode, peer_cls, rate, seconds, workdir, rnd):
     return out, samples
 
 
+def cpus_from_env(var, default):
+    """A CPU set from a comma-separated environment variable that python -m bench sets
+    for its sections ('' = none); default when it is not set."""
+    text = os.environ.get(var)
+    if text is None:
+        return default
+    return {int(c) for c in text.split(",") if c.strip()} or None
+
+
 def run(quick=False, rounds=None, duration=None, log=print, modes=("forward", "redir"),
         load_cpus="default", impl_cpus=None, impls=None):
     """Rows of the latency section; bench/harness.py calls this. RELAY_BENCH_SMOKE=1:
@@ -187,7 +196,10 @@ def run(quick=False, rounds=None, duration=None, log=print, modes=("forward", "r
         # CI: every code path once; the third-party relays run the same path as c-limit
         impls = {"c-limit", "relay-1w", "relay-raw-1w"}
     if load_cpus == "default":
-        load_cpus = {0} if (os.cpu_count() or 1) > 1 else None
+        load_cpus = cpus_from_env("RELAY_BENCH_LOAD_CPUS",
+                                  {0} if (os.cpu_count() or 1) > 1 else None)
+    if impl_cpus is None:
+        impl_cpus = cpus_from_env("RELAY_BENCH_IMPL_CPUS", None)
     reason = topo.unavailable_reason()
     if reason:
         raise RuntimeError(f"cannot run the latency bench: {reason}")
@@ -217,6 +229,9 @@ def run(quick=False, rounds=None, duration=None, log=print, modes=("forward", "r
             finally:
                 part = [make_row(mode, rate, cls, res[cls.name, rate])
                         for rate, _ in points for cls in classes]
+                for r in part:
+                    r["impl_cpus"] = sorted(impl_cpus) if impl_cpus else None
+                    r["load_cpus"] = sorted(load_cpus) if load_cpus else None
                 rows += add_deltas(part)
     finally:
         if runner.tproxy_on:

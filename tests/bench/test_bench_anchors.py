@@ -232,6 +232,15 @@ def test_a_row_without_echoes_is_an_error():
     assert r["status"] == "error" and "no echo" in r["reason"]
 
 
+def test_cpus_come_from_the_bench_run(monkeypatch):
+    monkeypatch.delenv("RELAY_BENCH_IMPL_CPUS", raising=False)
+    assert latency.cpus_from_env("RELAY_BENCH_IMPL_CPUS", {7}) == {7}
+    monkeypatch.setenv("RELAY_BENCH_IMPL_CPUS", "1,0")
+    assert latency.cpus_from_env("RELAY_BENCH_IMPL_CPUS", None) == {0, 1}
+    monkeypatch.setenv("RELAY_BENCH_IMPL_CPUS", "")
+    assert latency.cpus_from_env("RELAY_BENCH_IMPL_CPUS", {0}) is None
+
+
 def test_pingpong_command_and_plan():
     argv = latency.pingpong_command("/pp", ("198.51.100.2", 9000), 50000, 0.5, dump="/d")
     assert argv[:3] == ["/pp", "--dst", "198.51.100.2:9000"]
