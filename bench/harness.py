@@ -813,8 +813,8 @@ def main(argv=None):
                 # --quick leaves the scripts their own quick round count (time budget).
                 rounds = None if prof.name == "quick" else prof.rounds
                 timeout = prof.extra_timeout
-                if section == "latency" and rounds:
-                    timeout = max(timeout, 100 * rounds)    # ~60 s a round in full
+                if section == "latency":
+                    timeout = max(timeout, 100 * (rounds or 1))   # ~60 s a round in full
                 results["extras"].append(run_extra(section, prof.name != "full", rounds,
                                                    timeout, workdir,
                                                    smoke=prof.name == "smoke",

@@ -190,7 +190,7 @@ def run(quick=False, rounds=None, duration=None, log=print, modes=("forward", "r
     tiny counts, one round."""
     from bench.harness import Runner, build_tools
     smoke = os.environ.get("RELAY_BENCH_SMOKE") == "1"
-    rounds = rounds or (1 if smoke else 3)
+    rounds = rounds or (1 if smoke or quick else 3)
     points = plan(quick, smoke, duration)
     if smoke and impls is None:
         # CI: every code path once; the third-party relays run the same path as c-limit
@@ -314,9 +314,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n")[0])
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true",
-                   help="short points (1 s at 1k/s, 0.3 s at 50k/s)")
+                   help="short points (1 s at 1k/s, 0.3 s at 50k/s), 1 round")
     g.add_argument("--smoke", action="store_true", help="tiny counts, 1 round")
-    p.add_argument("--rounds", type=int, default=None, help="rounds (default 3; --smoke 1)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds (default 3; --quick, --smoke 1)")
     p.add_argument("--duration", type=float, default=None,
                    help="seconds of every point (default: 3 s at 1k/s, 1 s at 50k/s)")
     p.add_argument("--modes", default="forward,redir", help="forward,redir (default both)")
