@@ -4,7 +4,7 @@
     exe = compile_c("bench/c/raw_sendmmsg.c")           # -> bench/out/bin/raw_sendmmsg
     exe = compile_c("bench/c/x.c", extra_flags=["-lm"])  # flags are part of the cache key
 
-The binary is rebuilt when it is missing or older than the source. ``CC`` picks the
+The binary is rebuilt when it is missing or older than the source or a header beside it. ``CC`` picks the
 compiler (default gcc); the build is -O2 and written atomically, so parallel callers
 never run a half-written file.
 """
@@ -31,7 +31,12 @@ def compile_c(source_path, extra_flags=()):
         name = f"{name}-{key}"
     os.makedirs(BIN_DIR, exist_ok=True)
     exe = os.path.join(BIN_DIR, name)
-    if os.path.exists(exe) and os.path.getmtime(exe) >= os.path.getmtime(source_path):
+    # The source and the headers beside it (bench/c/*.h) decide whether it is stale.
+    src_dir = os.path.dirname(source_path)
+    newest = max([os.path.getmtime(source_path)]
+                 + [os.path.getmtime(os.path.join(src_dir, h)) for h in os.listdir(src_dir)
+                    if h.endswith(".h")])
+    if os.path.exists(exe) and os.path.getmtime(exe) >= newest:
         return exe
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=BIN_DIR)
     os.close(fd)

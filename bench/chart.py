@@ -42,8 +42,10 @@ def _grouped(ax, rows, key, ylabel, title, colors, scale=1.0):
             stat = r.get(key) if r else None
             x = gi - 0.4 + width * (bi + 0.5)
             if not stat:
-                if r:       # measured here but unavailable or failed
-                    ax.text(x, 0, "n/a" if r.get("status") == "not available" else "error",
+                if r:       # measured here but unavailable, failed or without this figure
+                    label = ("n/a" if r.get("status") in ("not available", "ok")
+                             else "error")
+                    ax.text(x, 0, label,
                             rotation=90, ha="center", va="bottom", fontsize=6, color="grey")
                 continue
             med = stat["median"] * scale

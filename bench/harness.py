@@ -23,9 +23,11 @@ The load generator and the sink are pinned to CPU 0 (--load-cpus); the implement
 under test is not pinned (its N-worker rows use every CPU).
 
 Implementations alternate round by round (A B C A B C ...); rows report medians with
-min-max, and every row's ratio to the C limit (bench/c/fwd_mmsg.c) of the same scenario
-measured in the same run. Rows of other bench scripts (bench/bench_rawsend.py,
-bench/bench_tunnel.py) are collected when those scripts exist.
+min-max, and every row's ratios to the anchors of the same scenario measured in the same
+run: the C limit (bench/c/fwd_mmsg.c), the C limit with GRO in and UDP_SEGMENT out
+(c-limit-gso, fwd_mmsg --gso) and the kernel's own forwarding (nftables DNAT/SNAT in mid;
+forward only, no CPU figure). Rows of other bench scripts (bench/bench_rawsend.py,
+bench/bench_tunnel.py, bench/latency.py) are collected when those scripts exist.
 Results: DIR/results.json, DIR/chart.png, and the table on stdout.
 """
 import argparse
@@ -51,8 +53,8 @@ BENCH_DIR = os.path.join(ROOT, "bench")
 C_DIR = os.path.join(BENCH_DIR, "c")
 LISTEN_PORT = {"forward": 7000, "redir": 7001}
 SINK_PORT = 9000
-SECTIONS = ("forward", "redir", "rawsend", "tunnel")
-EXTRAS = {"rawsend": "bench_rawsend", "tunnel": "bench_tunnel"}
+SECTIONS = ("forward", "redir", "rawsend", "tunnel", "latency")
+EXTRAS = {"rawsend": "bench_rawsend", "tunnel": "bench_tunnel", "latency": "latency"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,9 +129,9 @@ def profile(name):
 def implementations(scen, nworkers):
     """Peer classes of a scenario, in row order."""
     if scen.kind == "bulk":
-        impls = [peers.CLimit] + peers.offload_peers(scen.mode)
+        impls = peers.anchors(scen.mode) + peers.offload_peers(scen.mode)
     else:
-        impls = ([peers.CLimit] + peers.relay_peers(scen.mode, nworkers)
+        impls = (peers.anchors(scen.mode) + peers.relay_peers(scen.mode, nworkers)
                  + peers.third_party(scen.mode))
     if scen.only:
         impls = [c for c in impls if c.name in scen.only]
@@ -240,7 +242,10 @@ class Runner:
                              duration=self.prof.t_cpu)
         finally:
             sink.stop()
-        return self.metrics(scen, rate, cpu)
+        m = self.metrics(scen, rate, cpu)
+        if not getattr(peer, "has_cpu", True):
+            m["cpu_us"] = None          # no process of its own (the kernel anchor)
+        return m
 
     def use_gso(self, scen, rate):
         if scen.kind == "bulk":
@@ -344,7 +349,8 @@ def run_scenarios(runner, prof, impl_filter=None, sections=(), rows=None):
         for scen in scens:
             impls = implementations(scen, runner.nworkers)
             if impl_filter:
-                impls = [c for c in impls if c.name in impl_filter or c.name == "c-limit"]
+                anchors = [a.name for a in peers.anchors(mode)]
+                impls = [c for c in impls if c.name in impl_filter or c.name in anchors]
             impls_of[scen] = impls
             for cls in impls:
                 if cls.name not in [c.name for c in order]:
@@ -452,19 +458,29 @@ def make_row(scen, cls, res, nworkers):
     return row
 
 
+# Ratio keys of a row: (key suffix, anchor implementation). The plain ratio_rate and
+# ratio_cpu are to c-limit; ratio_rate_gso / ratio_cpu_gso to c-limit-gso; ratio_rate_kernel
+# to the kernel's forwarding (it has no CPU figure of its own).
+ANCHORS = (("", "c-limit"), ("_gso", "c-limit-gso"), ("_kernel", "kernel"))
+
+
+def _ratio(r, c, key):
+    if not c or not r.get(key) or not c.get(key) or c[key]["median"] <= 0:
+        return None
+    return r[key]["median"] / c[key]["median"]
+
+
 def add_ratios(rows):
-    limits = {}
-    for r in rows:
-        if r["impl"] == "c-limit" and r.get("pps"):
-            limits[(r["mode"], r["scenario"])] = r
-    for r in rows:
-        c = limits.get((r["mode"], r["scenario"]))
-        r["ratio_rate"] = r["ratio_cpu"] = None
-        if not c or not r.get("pps"):
-            continue
-        r["ratio_rate"] = r["pps"]["median"] / c["pps"]["median"]
-        if r.get("cpu_us") and c.get("cpu_us") and c["cpu_us"]["median"] > 0:
-            r["ratio_cpu"] = r["cpu_us"]["median"] / c["cpu_us"]["median"]
+    for suffix, anchor in ANCHORS:
+        limits = {}
+        for r in rows:
+            if r["impl"] == anchor and r.get("pps"):
+                limits[(r["mode"], r["scenario"])] = r
+        for r in rows:
+            c = limits.get((r["mode"], r["scenario"]))
+            r["ratio_rate" + suffix] = _ratio(r, c, "pps")
+            if anchor != "kernel":
+                r["ratio_cpu" + suffix] = _ratio(r, c, "cpu_us")
 
 
 # ---------------------------------------------------------------------------------------
@@ -580,7 +596,8 @@ def _med(r, key, f):
 def table(rows):
     """Medians (min-max for the rate and the CPU)."""
     head = ("mode", "scenario", "implementation", "dgram/s [min-max]", "offered", "Mbit/s",
-            "drop", "CPU us/dgram [min-max]", "drop@fixed", "x C rate", "x C CPU")
+            "drop", "CPU us/dgram [min-max]", "drop@fixed", "x C rate", "x C CPU",
+            "x C-GSO rate", "x C-GSO CPU", "x kernel")
     lines = []
     for r in rows:
         if r["status"] == "not available":
@@ -592,8 +609,8 @@ def table(rows):
                  _med(r, "drop", lambda v: f"{v * 100:.1f}%"),
                  fmt_stat(r.get("cpu_us"), lambda v: f"{v:.2f}"),
                  _med(r, "cpu_drop", lambda v: f"{v * 100:.1f}%"),
-                 f"{r['ratio_rate']:.2f}" if r.get("ratio_rate") is not None else "-",
-                 f"{r['ratio_cpu']:.2f}" if r.get("ratio_cpu") is not None else "-")
+                 *(_fmt_ratio(r.get(k)) for k in ("ratio_rate", "ratio_cpu", "ratio_rate_gso",
+                                                  "ratio_cpu_gso", "ratio_rate_kernel")))
         lines.append(cells)
         if r["status"] == "error":
             lines.append(("", "", "", f"error: {r['reason'][:300]}"))
@@ -611,8 +628,13 @@ def table(rows):
             out.append(prefix + "  " + l[3])
     out.append("dgram/s, offered, drop: full-rate phase (offered = load generator rate, "
                "drop = 1 - delivered/sent); CPU and drop@fixed: fixed-rate phase; "
-               "x C = ratio to c-limit of the same scenario")
+               "x C = ratio to c-limit of the same scenario, x C-GSO to c-limit-gso, "
+               "x kernel to the kernel's own forwarding (nftables DNAT/SNAT, no CPU figure)")
     return "\n".join(out)
+
+
+def _fmt_ratio(v):
+    return f"{v:.2f}" if v is not None else "-"
 
 
 def extras_table(extras):
@@ -620,6 +642,10 @@ def extras_table(extras):
     for e in extras:
         out.append(f"-- {e['section']} ({e['script']}): {e['status']}"
                    + (f": {e['reason']}" if e.get("reason") else ""))
+        text = _section_table(e)
+        if text:
+            out.append(text)
+            continue
         for r in e.get("rows", []):
             if isinstance(r, dict):
                 out.append("   " + ", ".join(f"{k}={_short(v)}" for k, v in r.items()
@@ -627,6 +653,18 @@ def extras_table(extras):
             else:
                 out.append(f"   {r}")
     return "\n".join(out)
+
+
+def _section_table(extra):
+    """The section script's own table of its rows, when it has a table(rows) (latency)."""
+    if extra.get("status") != "ok" or not extra.get("rows"):
+        return None
+    try:
+        import importlib
+        mod = importlib.import_module(f"bench.{EXTRAS[extra['section']]}")
+        return mod.table(extra["rows"]) if callable(getattr(mod, "table", None)) else None
+    except Exception:            # a table that cannot be drawn falls back to key=value lines
+        return None
 
 
 def _short(v):
@@ -673,7 +711,8 @@ def parse_args(argv):
                    help=f"comma-separated sections to run, of {', '.join(SECTIONS)} "
                         "(default: all)")
     p.add_argument("--impls", default="",
-                   help="comma-separated implementation names to keep (c-limit always runs)")
+                   help="comma-separated implementation names to keep (the anchors c-limit, "
+                        "c-limit-gso and kernel always run)")
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds per scenario (default: 3, 1 with --smoke)")
     p.add_argument("--load-cpus", default="0" if (os.cpu_count() or 1) > 1 else "",
@@ -764,13 +803,20 @@ def main(argv=None):
                                   if c.name not in names]
                 results["implementations"][m] = names
             run_scenarios(runner, prof, impl_filter, net_modes, rows=results["rows"])
+        # The scripts that pin (bench/latency.py) take the run's CPUs from the environment.
+        for var, cpus in (("RELAY_BENCH_IMPL_CPUS", args.impl_cpus),
+                          ("RELAY_BENCH_LOAD_CPUS", args.load_cpus)):
+            os.environ[var] = ",".join(map(str, sorted(cpus))) if cpus else ""
         for section in args.sections:
             if section in EXTRAS:
                 print(f"== {section}: bench/{EXTRAS[section]}.py", flush=True)
                 # --quick leaves the scripts their own quick round count (time budget).
                 rounds = None if prof.name == "quick" else prof.rounds
+                timeout = prof.extra_timeout
+                if section == "latency":
+                    timeout = max(timeout, 100 * (rounds or 1))   # ~60 s a round in full
                 results["extras"].append(run_extra(section, prof.name != "full", rounds,
-                                                   prof.extra_timeout, workdir,
+                                                   timeout, workdir,
                                                    smoke=prof.name == "smoke",
                                                    duration=prof.extra_duration))
     except KeyboardInterrupt:

@@ -7,6 +7,8 @@ binary installed, does the mode make sense), ``start(listen, target)`` and ``sto
 ``None`` for ``redir`` (the destination is each datagram's original destination, TPROXY).
 
     c-limit          bench/c/fwd_mmsg.c: recvmmsg/sendmmsg, batch 64, per-client upstream
+    c-limit-gso      the same with --gso: UDP_GRO in, each run out as one UDP_SEGMENT message
+    kernel           no user space: nftables DNAT + SNAT in mid, forwarding on (forward only)
     relay-*          the project's own ``relay forward`` / ``relay redir``
     python-loop      a plain socket loop (selectors), one upstream socket per client
     asyncio-uvloop   a DatagramProtocol relay on uvloop, one endpoint per client
@@ -164,6 +166,106 @@ class CLimit(Peer):
         else:
             args += ["--to", hostport(target)]
         return [args]
+
+
+class CLimitGso(CLimit):
+    name = "c-limit-gso"
+    note = ("bench/c/fwd_mmsg.c --gso: UDP_GRO on receive, each run one UDP_SEGMENT "
+            "message (redir: full cone)")
+
+    def _commands(self, listen, target):
+        return [super()._commands(listen, target)[0] + ["--gso"]]
+
+
+class _Routed(Peer):
+    """No process of its own: the kernel of ``mid`` moves the datagrams, with IPv4
+    forwarding on in ``mid`` while this peer runs and off again after it (and the nftables
+    table of ``ruleset``, if any). No CPU per datagram: its work is softirq time on
+    whatever CPU a packet arrives on."""
+
+    has_cpu = False
+    TABLE = None
+
+    def ruleset_for(self, listen, target):
+        return None
+
+    def start(self, listen, target):
+        self.slow_stop = []
+        rules = self.ruleset_for(listen, target)
+        if rules:
+            r = subprocess.run(self.ns.command(["nft", "-f", "-"]), input=rules,
+                               capture_output=True, text=True, timeout=30)
+            if r.returncode != 0:
+                raise PeerError(f"{self.name}: nft rules failed: {r.stderr.strip()}")
+        self._installed = True
+        self.ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        return self
+
+    def stop(self):
+        from bench import topo
+        if getattr(self, "_installed", False):
+            self.ns.run("sysctl", "-qw", "net.ipv4.ip_forward=0", check=False)
+            if self.TABLE:
+                self.ns.run("nft", "delete", "table", "ip", self.TABLE, check=False)
+                # NAT bindings live in conntrack entries: drop them, or a later peer's
+                # flow that reuses a source port would still be rewritten.
+                topo.flush_conntrack(self.ns)
+            self._installed = False
+        self.slow_stop = []
+        self._last_tail = f"({self.name}: no process)"
+        return []
+
+    def pids(self):
+        return []
+
+
+class Kernel(_Routed):
+    """The kernel's own port forward: nftables DNAT of the listen address to the target,
+    SNAT to mid's address towards it, conntrack for the replies."""
+
+    name = "kernel"
+    modes = ("forward",)
+    note = "nftables DNAT + SNAT in mid, ip_forward on (no process: no CPU figure)"
+    TABLE = "relaybench_kernel"
+
+    @classmethod
+    def unavailable(cls, mode):
+        if mode == "redir":
+            return ("the kernel has no full-cone UDP relay to the original destination "
+                    "(TPROXY needs a socket): no kernel equivalent of redir")
+        if shutil.which("nft") is None:
+            return "nft is not installed"
+        return None
+
+    @staticmethod
+    def ruleset(table, listen, target, snat_to):
+        """The nftables ruleset of a kernel port forward from listen to target."""
+        (lhost, lport), (thost, tport) = listen, target
+        return (
+            f"table ip {table} {{\n"
+            " chain pre {\n"
+            "  type nat hook prerouting priority dstnat; policy accept;\n"
+            f"  ip daddr {lhost} udp dport {lport} dnat to {thost}:{tport}\n"
+            " }\n"
+            " chain post {\n"
+            "  type nat hook postrouting priority srcnat; policy accept;\n"
+            f"  ip daddr {thost} udp dport {tport} snat to {snat_to}\n"
+            " }\n"
+            "}\n")
+
+    def ruleset_for(self, listen, target):
+        from bench import topo
+        if target is None:
+            raise ValueError("kernel forwarding needs a target (forward only)")
+        return self.ruleset(self.TABLE, listen, target, topo.MID4_SINK)
+
+
+class Direct(_Routed):
+    """No relay at all: the client talks to the sink itself, routed by mid (the latency
+    bench's baseline)."""
+
+    name = "direct"
+    note = "no relay: routed by mid's kernel (ip_forward on for this row only)"
 
 
 class PythonLoop(Peer):
@@ -371,6 +473,11 @@ class Relay(Peer):
             on, off = relay_offload_flags(self.mode)
             args += on if self.offload else off
         return [args]
+
+
+def anchors(mode):
+    """The limits every row is compared with: C, C with GRO/GSO, the kernel (forward)."""
+    return [CLimit, CLimitGso, Kernel]
 
 
 def relay_peers(mode, nworkers):

@@ -183,6 +183,28 @@ class BenchTopo:
         self.close()
 
 
+_FLUSH_CT = """
+import socket, struct
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)   # NETLINK_NETFILTER
+# nlmsghdr: IPCTNL_MSG_CT_DELETE (2) of NFNL_SUBSYS_CTNETLINK (1), no attributes = flush
+msg = struct.pack("=IHHII", 20, (1 << 8) | 2, 0x1 | 0x4, 1, 0) + struct.pack("=BBH", 2, 0, 0)
+s.sendto(msg, (0, 0))
+s.settimeout(2)
+data = s.recv(4096)
+err = struct.unpack_from("=i", data, 16)[0] if len(data) >= 20 else 0
+raise SystemExit(0 if err in (0, -2) else 1)
+"""
+
+
+def flush_conntrack(ns):
+    """Delete every IPv4 conntrack entry of namespace ns (the NAT bindings of the kernel
+    anchor), through ctnetlink; True when done."""
+    import sys
+    r = subprocess.run(ns.command([sys.executable, "-c", _FLUSH_CT]), capture_output=True,
+                       text=True, timeout=30)
+    return r.returncode == 0
+
+
 def _mac(ns, dev):
     return json.loads(ns.run("ip", "-j", "link", "show", "dev", dev).stdout)[0]["address"]
 

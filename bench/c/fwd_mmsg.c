@@ -1,7 +1,7 @@
 /* fwd_mmsg: the minimal UDP forwarder the benchmark uses as "the C limit".
  *
  *   fwd_mmsg --listen HOST:PORT (--to HOST:PORT | --tproxy [--full-cone]) [--batch 64]
- *            [--mark N] [--rcvbuf BYTES]
+ *            [--mark N] [--rcvbuf BYTES] [--gso]
  *
  * Does the same work as a relay, with nothing else: recvmmsg a batch from the listen
  * socket; look each client up in a hash table (a new client gets its own upstream UDP
@@ -16,6 +16,11 @@
  * socket per client, every datagram sent with its own destination (the work a full-cone
  * relay such as `relay redir` has to do; replies still leave bound to the first destination,
  * which is the only remote in the benchmark).
+ * --gso: UDP_GRO on every receiving socket (a GSO buffer arrives whole, with its segment
+ * size in a control message) and every run of one association's datagrams of one segment
+ * size (only the last may be shorter, at most 64 segments and 65000 bytes) leaves as ONE
+ * message with a UDP_SEGMENT control message and an iovec per received buffer, both ways:
+ * what the best user-space relay can do (the "c-limit-gso" anchor of the benchmark).
  * No idle expiry and no per-datagram logging. SIGTERM/SIGINT: print counters as JSON on
  * stderr and exit.
  */
@@ -32,6 +37,8 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+#include "hostport.h"
 
 #ifndef IP_TRANSPARENT
 #define IP_TRANSPARENT 19
@@ -54,10 +61,21 @@
 #ifndef SO_MARK
 #define SO_MARK 36
 #endif
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
 
 #define MAX_BATCH 256
 #define SLOT_BYTES 65536
-#define CTRL_BYTES 64
+#define CTRL_BYTES 128
+#define GSO_MAX_SEGS 64
+#define GSO_MAX_BYTES 65000
 #define NBUCKETS (1u << 16)
 
 struct assoc {
@@ -74,7 +92,7 @@ static volatile sig_atomic_t stop;
 static void on_term(int sig) { (void)sig; stop = 1; }
 
 static struct assoc *table[NBUCKETS];
-static int tproxy, full_cone, mark = -1, rcvbuf = 4 << 20, epfd, lfd;
+static int tproxy, full_cone, gso, mark = -1, rcvbuf = 4 << 20, epfd, lfd;
 static struct sockaddr_storage target;
 static socklen_t target_len;
 static unsigned long long n_up, n_down, n_assoc, n_drop_up, n_drop_down, n_refused;
@@ -89,42 +107,6 @@ static void die(const char *what)
 {
     fprintf(stderr, "fwd_mmsg: %s: %s\n", what, strerror(errno));
     exit(2);
-}
-
-static socklen_t parse_hostport(const char *s, struct sockaddr_storage *out)
-{
-    char host[128];
-    const char *colon = strrchr(s, ':');
-    if (!colon || colon == s || (size_t)(colon - s) >= sizeof host)
-        usage("address must be HOST:PORT or [V6]:PORT");
-    long port = strtol(colon + 1, NULL, 10);
-    if (port < 0 || port > 65535)
-        usage("port must be 0-65535");
-    size_t len = (size_t)(colon - s);
-    if (s[0] == '[') {
-        if (len < 2 || s[len - 1] != ']')
-            usage("IPv6 address must be in brackets");
-        memcpy(host, s + 1, len - 2);
-        host[len - 2] = 0;
-    } else {
-        memcpy(host, s, len);
-        host[len] = 0;
-    }
-    memset(out, 0, sizeof *out);
-    struct sockaddr_in *a4 = (struct sockaddr_in *)out;
-    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)out;
-    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
-        a4->sin_family = AF_INET;
-        a4->sin_port = htons((uint16_t)port);
-        return sizeof *a4;
-    }
-    if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
-        a6->sin6_family = AF_INET6;
-        a6->sin6_port = htons((uint16_t)port);
-        return sizeof *a6;
-    }
-    usage("bad IP address");
-    return 0;
 }
 
 static int addr_eq(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
@@ -169,6 +151,8 @@ static void set_rcvbuf(int fd, int bytes)
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
 }
 
+static void enable_gro(int fd);
+
 static struct assoc *lookup(const struct sockaddr_storage *client, socklen_t clen,
                             const struct sockaddr_storage *odst, socklen_t olen)
 {
@@ -188,6 +172,8 @@ static struct assoc *lookup(const struct sockaddr_storage *client, socklen_t cle
     if (mark >= 0)
         setsockopt(up, SOL_SOCKET, SO_MARK, &mark, sizeof mark);
     set_rcvbuf(up, rcvbuf);
+    if (gso)
+        enable_gro(up);
     /* --full-cone: one unconnected socket per client, each datagram names its destination
      * (what a full-cone relay must do); otherwise one connected socket per destination. */
     if (!full_cone && connect(up, (const struct sockaddr *)odst, olen) < 0) {
@@ -214,6 +200,89 @@ static struct assoc *lookup(const struct sockaddr_storage *client, socklen_t cle
     *slot = a;
     n_assoc++;
     return a;
+}
+
+/* --gso: receive GSO buffers whole (UDP_GRO). */
+static void enable_gro(int fd)
+{
+    int one = 1;
+    if (setsockopt(fd, SOL_UDP, UDP_GRO, &one, sizeof one) < 0)
+        die("UDP_GRO (Linux 5.0+)");
+}
+
+/* Segment size of a received buffer: the UDP_GRO control message, else its length. */
+static size_t gro_size(struct msghdr *h, size_t len)
+{
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c; c = CMSG_NXTHDR(h, c)) {
+        if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
+            int v;
+            memcpy(&v, CMSG_DATA(c), sizeof v);
+            if (v > 0)
+                return (size_t)v;
+        }
+    }
+    return len ? len : 1;
+}
+
+/* Sends n received buffers (iov[i], segment size seg[i]) to one destination (name NULL:
+ * the connected peer), each run of equal-size segments as one UDP_SEGMENT message.
+ * Adds the datagrams sent to *ok and those not sent to *lost. */
+static void send_runs(int fd, struct iovec *iov, const size_t *seg, int n,
+                      void *name, socklen_t namelen, unsigned long long *ok,
+                      unsigned long long *lost)
+{
+    static struct mmsghdr gm[MAX_BATCH];
+    static unsigned char gctrl[MAX_BATCH][CMSG_SPACE(sizeof(uint16_t))];
+    static unsigned nsegs[MAX_BATCH];
+    int m = 0;
+    for (int i = 0; i < n;) {
+        size_t s = seg[i], bytes = 0;
+        unsigned segs = 0;
+        int first = i;
+        while (i < n) {
+            size_t len = iov[i].iov_len;
+            unsigned k = (unsigned)((len + seg[i] - 1) / seg[i]);
+            if (len == 0)
+                k = 1;
+            if (i > first) {
+                /* joins when the run so far ends on a full segment and this buffer is
+                 * of the run's size (or one shorter datagram: the run's tail) */
+                if (bytes % s || !(seg[i] == s || (len < s && k == 1)))
+                    break;
+                if (bytes + len > GSO_MAX_BYTES || segs + k > GSO_MAX_SEGS)
+                    break;
+            }
+            bytes += len;
+            segs += k;
+            i++;
+        }
+        struct msghdr *h = &gm[m].msg_hdr;
+        memset(h, 0, sizeof *h);
+        h->msg_name = name;
+        h->msg_namelen = name ? namelen : 0;
+        h->msg_iov = iov + first;
+        h->msg_iovlen = (size_t)(i - first);
+        if (segs > 1) {
+            h->msg_control = gctrl[m];
+            h->msg_controllen = sizeof gctrl[m];
+            struct cmsghdr *c = CMSG_FIRSTHDR(h);
+            c->cmsg_level = SOL_UDP;
+            c->cmsg_type = UDP_SEGMENT;
+            c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            uint16_t v = (uint16_t)s;
+            memcpy(CMSG_DATA(c), &v, sizeof v);
+        }
+        nsegs[m++] = segs;
+    }
+    int k = sendmmsg(fd, gm, (unsigned)m, MSG_DONTWAIT);
+    if (k < 0)
+        k = 0;
+    for (int j = 0; j < m; j++) {
+        if (j < k)
+            *ok += nsegs[j];
+        else
+            *lost += nsegs[j];
+    }
 }
 
 /* --tproxy: the socket replies leave from, bound to the remote the client talked to. */
@@ -269,6 +338,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--to")) { NEEDV(); to_s = v; }
         else if (!strcmp(a, "--tproxy")) tproxy = 1;
         else if (!strcmp(a, "--full-cone")) full_cone = 1;
+        else if (!strcmp(a, "--gso")) gso = 1;
         else if (!strcmp(a, "--batch")) { NEEDV(); batch = atol(v); }
         else if (!strcmp(a, "--mark")) { NEEDV(); mark = atoi(v); }
         else if (!strcmp(a, "--rcvbuf")) { NEEDV(); rcvbuf = atoi(v); }
@@ -292,6 +362,8 @@ int main(int argc, char **argv)
     if (lfd < 0) die("socket");
     int one = 1;
     set_rcvbuf(lfd, rcvbuf);
+    if (gso)
+        enable_gro(lfd);
     if (la.ss_family == AF_INET6)
         setsockopt(lfd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
     if (tproxy) {
@@ -324,6 +396,9 @@ int main(int argc, char **argv)
     if (!lpool || !upool) die("malloc");
     static struct mmsghdr lm[MAX_BATCH], sm[MAX_BATCH], um[MAX_BATCH], rm[MAX_BATCH];
     static struct sockaddr_storage sdst[MAX_BATCH];
+    static socklen_t sdlen[MAX_BATCH];
+    static size_t lseg[MAX_BATCH], useg[MAX_BATCH];
+    static unsigned char uctrl[MAX_BATCH][CTRL_BYTES];
     static struct iovec liov[MAX_BATCH], siov[MAX_BATCH], uiov[MAX_BATCH], riov[MAX_BATCH];
     static struct sockaddr_storage lname[MAX_BATCH];
     static unsigned char lctrl[MAX_BATCH][CTRL_BYTES];
@@ -355,7 +430,7 @@ int main(int argc, char **argv)
                 /* Client -> upstream. */
                 for (int i = 0; i < batch; i++) {
                     lm[i].msg_hdr.msg_namelen = sizeof lname[i];
-                    if (tproxy) {
+                    if (tproxy || gso) {
                         lm[i].msg_hdr.msg_control = lctrl[i];
                         lm[i].msg_hdr.msg_controllen = CTRL_BYTES;
                     }
@@ -375,6 +450,7 @@ int main(int argc, char **argv)
                         owner[i] = lookup(&lname[i], lm[i].msg_hdr.msg_namelen, &od, olen);
                         if (full_cone) {
                             memcpy(&sdst[i], &od, olen);
+                            sdlen[i] = olen;
                             sm[i].msg_hdr.msg_name = &sdst[i];
                             sm[i].msg_hdr.msg_namelen = olen;
                         }
@@ -383,8 +459,10 @@ int main(int argc, char **argv)
                                           target_len);
                     }
                     siov[i].iov_len = lm[i].msg_len;
+                    if (gso)
+                        lseg[i] = gro_size(&lm[i].msg_hdr, lm[i].msg_len);
                     if (!owner[i])
-                        n_drop_up++;
+                        n_drop_up++;   /* a GSO buffer counts once: not the limit's concern */
                 }
                 for (int i = 0; i < n;) {
                     struct assoc *o = owner[i];
@@ -393,8 +471,16 @@ int main(int argc, char **argv)
                         i = j;
                         continue;
                     }
-                    while (j < n && owner[j] == o)
+                    while (j < n && owner[j] == o &&
+                           (!gso || !full_cone || addr_eq(&sdst[j], &sdst[i])))
                         j++;
+                    if (gso) {
+                        send_runs(o->up, siov + i, lseg + i, j - i,
+                                  full_cone ? (void *)&sdst[i] : NULL, sdlen[i],
+                                  &n_up, &n_drop_up);
+                        i = j;
+                        continue;
+                    }
                     int k = sendmmsg(o->up, sm + i, (unsigned)(j - i), MSG_DONTWAIT);
                     if (k < 0) k = 0;
                     n_up += (unsigned)k;
@@ -403,6 +489,11 @@ int main(int argc, char **argv)
                 }
             } else {
                 /* Upstream -> client. */
+                if (gso)
+                    for (int i = 0; i < batch; i++) {
+                        um[i].msg_hdr.msg_control = uctrl[i];
+                        um[i].msg_hdr.msg_controllen = CTRL_BYTES;
+                    }
                 int n = recvmmsg(a->up, um, (unsigned)batch, MSG_DONTWAIT, NULL);
                 if (n <= 0)
                     continue;
@@ -415,6 +506,12 @@ int main(int argc, char **argv)
                     riov[i].iov_len = um[i].msg_len;
                     rm[i].msg_hdr.msg_name = &a->client;
                     rm[i].msg_hdr.msg_namelen = a->clen;
+                    if (gso)
+                        useg[i] = gro_size(&um[i].msg_hdr, um[i].msg_len);
+                }
+                if (gso) {
+                    send_runs(fd, riov, useg, n, &a->client, a->clen, &n_down, &n_drop_down);
+                    continue;
                 }
                 int k = sendmmsg(fd, rm, (unsigned)n, MSG_DONTWAIT);
                 if (k < 0) k = 0;

@@ -11,9 +11,9 @@ import pytest
 from tests.support import REPO
 
 
-FORWARD = ["c-limit", "relay-1w", "relay-Nw", "python-loop", "asyncio-uvloop", "socat",
+FORWARD = ["c-limit", "c-limit-gso", "kernel", "relay-1w", "relay-Nw", "python-loop", "asyncio-uvloop", "socat",
            "v2ray-dokodemo", "ss-tunnel"]
-REDIR = ["c-limit", "relay-raw-1w", "relay-raw-Nw", "relay-transparent-1w",
+REDIR = ["c-limit", "c-limit-gso", "kernel", "relay-raw-1w", "relay-raw-Nw", "relay-transparent-1w",
          "relay-transparent-Nw", "python-loop", "asyncio-uvloop", "socat", "v2ray-dokodemo",
          "ss-redir"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,13 +49,16 @@ def _check_row(row):
         assert "pps" not in row
         return
     assert row["status"] == "ok", f"{row['mode']} {row['scenario']} {row['impl']}: {row['reason']}"
-    for key in ("pps", "mbps", "drop", "cpu_us"):
+    for key in ("pps", "mbps", "drop") + (() if row["impl"] == "kernel" else ("cpu_us",)):
         stat = row[key]
         assert stat is not None, (row["impl"], key)
         assert stat["min"] <= stat["median"] <= stat["max"]
         assert all(math.isfinite(v) for v in stat["values"])
     assert row["pps"]["median"] > 0
     assert 0.0 <= row["drop"]["median"] <= 1.0
+    if row["impl"] == "kernel":                         # no process: no CPU figure
+        assert row["cpu_us"] is None
+        return
     assert row["cpu_us"]["median"] > 0
     assert len(row["rounds"]) == 1                      # --smoke: one round
 
@@ -104,20 +107,60 @@ def test_c_limit_moves_datagrams_and_anchors_the_ratios(smoke):
         c = limits.get((r["mode"], r["scenario"]))
         if r["status"] == "ok" and c:
             assert r["ratio_rate"] == pytest.approx(r["pps"]["median"] / c["pps"]["median"])
-            assert r["ratio_cpu"] == pytest.approx(r["cpu_us"]["median"]
-                                                   / c["cpu_us"]["median"])
+            if r["cpu_us"]:
+                assert r["ratio_cpu"] == pytest.approx(r["cpu_us"]["median"]
+                                                       / c["cpu_us"]["median"])
+            else:
+                assert r["ratio_cpu"] is None
+
+
+def test_gso_and_kernel_anchors(smoke):
+    _, _, results = smoke
+    rows = {(r["mode"], r["scenario"], r["impl"]): r for r in results["rows"]}
+    for mode, scen in (("forward", "64B 1 flow"), ("forward", "1400B 1 flow bulk"),
+                       ("redir", "64B 1 flow"), ("redir", "1400B 1 flow bulk")):
+        g = rows[mode, scen, "c-limit-gso"]
+        assert g["status"] == "ok" and g["ratio_rate_gso"] == pytest.approx(1.0), g
+        r = rows[mode, scen, "c-limit"]
+        assert r["ratio_rate_gso"] == pytest.approx(r["pps"]["median"] / g["pps"]["median"])
+        k = rows[mode, scen, "kernel"]
+        if mode == "redir":
+            assert k["status"] == "not available" and "no kernel equivalent" in k["reason"]
+            assert r["ratio_rate_kernel"] is None
+        else:
+            assert k["status"] == "ok" and k["ratio_rate_kernel"] == pytest.approx(1.0), k
+            assert r["ratio_rate_kernel"] == pytest.approx(r["pps"]["median"]
+                                                           / k["pps"]["median"])
 
 
 def test_other_bench_scripts_are_reported(smoke):
     _, _, results = smoke
     extras = {e["section"]: e for e in results["extras"]}
-    assert set(extras) == {"rawsend", "tunnel"}
+    assert set(extras) == {"rawsend", "tunnel", "latency"}
     for e in extras.values():
         assert e["status"] in ("ok", "not available"), e
         if e["status"] == "not available":
             assert e["reason"]
         else:
             assert isinstance(e["rows"], list) and e["rows"]
+
+
+def test_latency_rows(smoke):
+    _, _, results = smoke
+    lat = {e["section"]: e for e in results["extras"]}["latency"]
+    assert lat["status"] == "ok", lat
+    rows = {(r["mode"], r["rate"], r["impl"]): r for r in lat["rows"]}
+    for mode, relay in (("forward", "relay-1w"), ("redir", "relay-raw-1w")):
+        for rate in (1000, 50000):
+            for impl in ("direct", "c-limit", relay):
+                r = rows[mode, rate, impl]
+                assert r["status"] == "ok", r
+                assert r["samples"] > 0 and r["sent"] >= r["samples"]
+                assert 0 < r["p50_us"] <= r["p99_us"] <= r["p999_us"] <= r["max_us"]
+            assert rows[mode, rate, "direct"]["added_p99_us"] == 0
+            c = rows[mode, rate, "c-limit"]
+            assert rows[mode, rate, relay]["p99_vs_c_limit_us"] == pytest.approx(
+                rows[mode, rate, relay]["p99_us"] - c["p99_us"])
 
 
 def test_chart_is_a_png(smoke):
