@@ -12,6 +12,7 @@ PARTS = {
     "packet": ("relay.packet._fast", "relay.packet.pure.fast"),       # build/parse/checksum, BatchSocket
     "rawsock": ("relay.packet._rawsock", "relay.packet.pure.rawsock"),  # RawSender
     "tunnel": ("relay.datapath.tunnel", "relay.datapath.pure"),       # tunnel and SOCKS5 cores
+    "tun": ("relay.datapath.tun", "relay.datapath.pure.tun"),         # relay tun's data path
 }
 _warned = set()
 

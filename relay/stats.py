@@ -17,6 +17,8 @@ COUNTERS = (
     "conn_open", "conn_accepted", "conn_rejected", "conn_reconnects", "frames_bad",
     "queue_drops", "icmp_errors", "drop_rcvbuf", "drop_permission",
     "rejected", "reject_ratelimited", "drop_foreign_port",
+    "drop_not_udp", "frag_reassembled", "frag_timeout", "frag_overlap", "frag_dropped_memory",
+    "tun_icmp_sent", "tun_runs_in", "tun_runs_out",
 )
 N_COUNTERS = len(COUNTERS)
 INDEX = {name: i for i, name in enumerate(COUNTERS)}
@@ -57,6 +59,16 @@ HELP = {
                           "the rate limit (1000/s, burst 50)",
     "drop_foreign_port": "SOCKS5 UDP datagrams from a client's host but not from the port "
                          "bound to its association",
+    "drop_not_udp": "tun: packets read from the TUN that are not UDP (TCP, ICMP echo, others)",
+    "frag_reassembled": "tun: datagrams reassembled from IP fragments read from the TUN",
+    "frag_timeout": "tun: datagrams whose fragments did not all arrive within 30 s",
+    "frag_overlap": "tun: fragmented datagrams dropped for overlapping fragments (RFC 5722), "
+                    "and later fragments of them",
+    "frag_dropped_memory": "tun: fragmented datagrams dropped at the reassembly bounds "
+                           "(4 MiB, 1024 datagrams, 2048 fragments each per worker)",
+    "tun_icmp_sent": "tun: ICMP/ICMPv6 errors written into the TUN for errors on upstream sockets",
+    "tun_runs_in": "tun: runs of datagrams read as one packet (UDP segmentation offload)",
+    "tun_runs_out": "tun: runs of replies written as one packet (UDP segmentation offload)",
 }
 assert set(HELP) == set(COUNTERS)
 

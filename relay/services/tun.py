@@ -1,0 +1,61 @@
+"""`tun`: UDP routed into a TUN device, relayed to its IP destination (data path: relay
+._select's "tun" part, TunRelay), replies written back as packets from each remote.
+
+Each worker opens its own queue of the device (IFF_MULTI_QUEUE), so the kernel spreads
+flows over the workers; worker 0 gives the device its addresses and MTU and brings it up,
+before the worker drops its privileges. Offload (the virtio-net header with UDP
+segmentation offload) is chosen at start — ``offload = "auto"`` takes it where the kernel
+has it — and logged."""
+import os
+import socket
+
+from relay import _select
+from relay.net import sockopt, tundev
+from relay.services.base import Service
+from relay.services.redirect import make_core
+
+
+class TunService(Service):
+    def __init__(self, cfg, ctx):
+        self.cfg, self.ctx = cfg, ctx
+        self.fd = -1
+        self.relay = self.core = None
+        mod = _select.module("tun")
+        try:
+            self.fd, on = tundev.open_queue(cfg.dev, multi_queue=True, offload=cfg.offload)
+            if ctx.index == 0:
+                tundev.configure(cfg.dev, tundev.parse_addresses(cfg.address or ""), cfg.mtu)
+                ctx.log.info("tun %s: %s path (offload %s), mtu %s", cfg.dev,
+                             "offload" if on else "plain", cfg.offload,
+                             cfg.mtu or tundev.device_mtu(cfg.dev))
+            mtu = cfg.mtu or tundev.device_mtu(cfg.dev) or 1500
+            self.core = make_core(cfg, ctx)
+            self.relay = mod.TunRelay(
+                self.fd, vnet=on, mtu=max(1280, mtu), mark=cfg.mark, timeout=cfg.timeout,
+                port_timeouts=cfg.port_timeouts(), max_associations=cfg.max_associations,
+                batch=cfg.batch, stats=ctx.stats, log=ctx.log, core=self.core,
+                upstream_family=socket.AF_INET6 if sockopt.ipv6_available() else socket.AF_INET)
+            self.offload = on
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self):
+        stop, relay = self.ctx.stop, self.relay
+        while not stop.is_set():
+            relay.run(100)
+
+    def close(self):
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
+        if self.core is not None:
+            self.core.close()
+            self.core = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def create(cfg, ctx):
+    return TunService(cfg, ctx)
