@@ -128,6 +128,10 @@ def _device(runner, dev):
     return entries[0] if entries else None
 
 
+def _is_throw(entry):
+    return str(entry.get("type", "unicast")) in ("throw", "9")     # RTN_THROW with -N
+
+
 def _ours(entry):
     return _num(entry.get("protocol", 0)) == RT_PROTO
 
@@ -139,7 +143,7 @@ def find_rules(runner, opts, version):
     for e in entries:
         if not _ours(e):
             continue
-        if str(e.get("table")) == str(opts.table) and e.get("ipproto") in ("udp", 17, "17"):
+        if str(e.get("table")) == str(opts.table) and str(e.get("ipproto")) in ("udp", "17", "ipproto-17"):
             out.append(e)
         elif e.get("priority") == opts.priority and e.get("table") in ("main", 254, "254"):
             out.append(e)
@@ -163,11 +167,10 @@ def apply(opts, runner=subprocess.run):
             _checked(runner, ["ip", "link", "set", "dev", opts.dev, "alias", OWNER_ALIAS])
         _checked(runner, ["ip", "link", "set", "dev", opts.dev, "up"])
         for v in opts.versions():
-            have = {(e.get("dst"), e.get("type")) for e in find_routes(runner, opts, v)}
+            have = {(e.get("dst"), _is_throw(e)) for e in find_routes(runner, opts, v)}
             for cmd in route_cmds(opts, v):
-                dst = cmd[5] if cmd[4] == "throw" else "default"
-                dst = "default" if dst in ("0.0.0.0/0", "::/0") else dst
-                if (dst, "throw" if cmd[4] == "throw" else "unicast") in have:
+                throw = cmd[4] == "throw"
+                if ((cmd[5] if throw else "default"), throw) in have:
                     continue
                 _checked(runner, cmd)
                 undo.append([*cmd[:3], "del", *cmd[4:]])
@@ -203,8 +206,7 @@ def remove(opts, runner=subprocess.run):
             except RulesError as exc:
                 errors.append(exc)
         for e in routes:
-            kind = e.get("type", "unicast")
-            cmd = ["ip", _fam(v), "route", "del"] + (["throw"] if kind == "throw" else []) + \
+            cmd = ["ip", _fam(v), "route", "del"] + (["throw"] if _is_throw(e) else []) + \
                 [e["dst"], "table", str(opts.table), "proto", str(RT_PROTO)]
             try:
                 _checked(runner, cmd)

@@ -12,6 +12,7 @@ import pytest
 from tests.namespaces import (CLI4, CLI6, SRV4, SRV4_B, SRV6, SRV6_B, Topology, start_echo,
                               wait_until)
 from tests.relayproc import RelayProcess, relay_env, udp_roundtrip
+from tests.support import ALLOW_SRV_HOST, serve_in, wait_tcp
 
 pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("impl")]
 
@@ -48,6 +49,13 @@ def tun_topo(netns_available):
         start_echo(t.srv, f"{SRV4}:7", f"[{SRV6}]:7")
         p = t.srv.python(CONE, SRV4, SRV4_B, SRV6, SRV6_B)
         assert p.stdout.readline().strip() == b"ready"
+        allow = ",".join(ALLOW_SRV_HOST)
+        serve_in(t.srv, "tunnel-server", "--listen", "[::]:8443", "--secret", "s3cret",
+                 "--allow", allow)
+        serve_in(t.srv, "socks5", "--listen", "[::]:1080", "--username", "u", "--password",
+                 "p", "--allow", allow)
+        wait_tcp(t.srv, (SRV4, 8443))
+        wait_tcp(t.srv, (SRV4, 1080))
         r = rules_tun(t, "apply")
         assert r.returncode == 0, r.stderr
         yield t
@@ -65,18 +73,130 @@ def payload(size, seed=0):
 
 
 @pytest.mark.parametrize("offload", ["off", "on"])
-@pytest.mark.parametrize("fam", [4, 6])
-def test_every_size_both_ways_from_the_remotes_address(tun_topo, fam, offload):
-    family, srv, _ = FAMILIES[fam]
+def test_every_size_both_ways_from_the_remotes_address(tun_topo, offload):
     with start_tun(tun_topo, offload=offload) as relay:
-        c = tun_topo.cli.socket(family)
-        for size in SIZES:
-            data, src = udp_roundtrip(c, (srv, 7), payload(size, size))
-            assert data == payload(size, size), size
-            assert src == (srv, 7)
-        st = relay.settled_stats(lambda s: s["down_datagrams"] >= len(SIZES))
-        assert st["up_datagrams"] == len(SIZES) and st["assoc_created"] == 1
-        assert st["frag_reassembled"] >= 3          # 8000, 65507 and 1473 (IPv4) came in pieces
-        assert st["reply_fragmented"] >= 2
+        for fam in (4, 6):
+            family, srv, _ = FAMILIES[fam]
+            c = tun_topo.cli.socket(family)
+            for size in SIZES:
+                data, src = udp_roundtrip(c, (srv, 7), payload(size, size))
+                assert data == payload(size, size), size
+                assert src == (srv, 7)
+            c.close()
+        n = 2 * len(SIZES)
+        st = relay.settled_stats(lambda s: s["down_datagrams"] >= n)
+        assert st["up_datagrams"] == n and st["assoc_created"] == 2
+        # 1473, 8000 and 65507 came in pieces and went back in pieces, and 1472 over IPv6
+        assert st["frag_reassembled"] == st["reply_fragmented"] == 7
         assert st["drop_malformed"] == 0
-        c.close()
+
+
+def test_full_cone_second_remote_delivered_as_itself(tun_topo):
+    with start_tun(tun_topo) as relay:
+        for fam in (4, 6):
+            family, srv, srv_b = FAMILIES[fam]
+            c = tun_topo.cli.socket(family)
+            data, src = udp_roundtrip(c, (srv, 6000), b"who answers?")
+            assert (data, src) == (b"cone:who answers?", (srv_b, 6001))
+            c.close()
+        relay.settled_stats(lambda s: s["down_datagrams"] == 2 and s["assoc_created"] == 2)
+
+
+UPSTREAMS = {"tunnel": ["--upstream", f"tunnel://{SRV4}:8443", "--secret", "s3cret"],
+             "socks5": ["--upstream", f"socks5://u:p@{SRV4}:1080"]}
+
+
+@pytest.mark.parametrize("kind", sorted(UPSTREAMS))
+def test_each_upstream_kind_both_families(tun_topo, kind):
+    with start_tun(tun_topo, *UPSTREAMS[kind]) as relay:
+        for fam in (4, 6):
+            family, srv, _ = FAMILIES[fam]
+            c = tun_topo.cli.socket(family)
+            for size in (0, 1400, 3000):
+                want = payload(size, fam)
+                wait_until(lambda: _answered(c, (srv, 7), want), 10, what=f"{kind} reply")
+            c.close()
+        st = relay.settled_stats(lambda s: s["down_datagrams"] >= 6)
+        assert st["conn_open"] >= 1 and st["drop_malformed"] == 0
+
+
+def _answered(sock, dst, want):
+    try:
+        data, src = udp_roundtrip(sock, dst, want, timeout=1.0)
+    except OSError:
+        return False
+    return data == want and src == dst
+
+
+def test_a_thousand_flows(tun_topo):
+    with start_tun(tun_topo, offload="auto") as relay:
+        socks = []
+        try:
+            for i in range(1000):
+                s = tun_topo.cli.socket(socket.AF_INET if i % 2 else socket.AF_INET6)
+                s.settimeout(3)
+                socks.append(s)
+            for wave in range(0, 1000, 50):             # within the device's queue (500)
+                for i in range(wave, wave + 50):
+                    socks[i].sendto(b"flow %d" % i, (SRV4 if i % 2 else SRV6, 7))
+                for i in range(wave, wave + 50):
+                    assert socks[i].recv(100) == b"flow %d" % i
+        finally:
+            for s in socks:
+                s.close()
+        st = relay.settled_stats(lambda s: s["down_datagrams"] >= 1000)
+        assert st["assoc_created"] == 1000 and st["assoc_open"] == 1000
+
+
+@pytest.mark.parametrize("offload", ["off", "on"])
+def test_a_gso_send_reaches_the_relay_as_one_run_only_with_offload(tun_topo, offload):
+    with start_tun(tun_topo, offload=offload) as relay:
+        for fam in (4, 6):
+            family, srv, _ = FAMILIES[fam]
+            c = tun_topo.cli.socket(family)
+            c.setsockopt(socket.SOL_UDP, 103, 1000)     # UDP_SEGMENT: ten datagrams, one send
+            c.settimeout(3)
+            c.sendto(bytes(range(250)) * 40, (srv, 7))
+            got = [c.recv(2000) for _ in range(10)]
+            assert got == [(bytes(range(250)) * 4)] * 10
+            c.close()
+        st = relay.settled_stats(lambda s: s["down_datagrams"] == 20)
+        assert st["up_datagrams"] == 20
+        assert st["tun_runs_in"] == (2 if offload == "on" else 0)
+
+
+def _raw_udp(fam, src, dst, dport, body, bad):
+    """An IPv4/IPv6 UDP packet with a wrong UDP checksum (bad="csum") or UDP length ("len")."""
+    from scapy.all import IP, UDP, IPv6, Raw, raw
+    ip = IP(src=src, dst=dst) if fam == 4 else IPv6(src=src, dst=dst)
+    pkt = bytearray(raw(ip / UDP(sport=4242, dport=dport) / Raw(body)))
+    at = 20 if fam == 4 else 40
+    if bad == "csum":
+        pkt[at + 6] ^= 0x5A
+    else:
+        pkt[at + 5] += 2
+    return bytes(pkt)
+
+
+def test_bad_packets_dropped_and_port_unreachable_passed_on(tun_topo):
+    with start_tun(tun_topo) as relay:
+        for fam in (4, 6):
+            family, srv, _ = FAMILIES[fam]
+            cli = CLI4 if fam == 4 else CLI6
+            raw = tun_topo.cli.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            for bad in ("csum", "len"):
+                raw.sendto(_raw_udp(fam, cli, srv, 7, b"broken", bad), (srv, 0))
+            raw.close()
+            relay.settled_stats(lambda s: s["drop_malformed"] == (2 if fam == 4 else 4))
+            c = tun_topo.cli.socket(family)
+            assert udp_roundtrip(c, (srv, 7), b"fine")[0] == b"fine"
+            c.close()
+            c = tun_topo.cli.socket(family)
+            c.connect((srv, 9))                    # nothing listens there
+            c.settimeout(3)
+            c.send(b"hello?")
+            with pytest.raises(ConnectionRefusedError):
+                c.recv(100)
+            c.close()
+        st = relay.settled_stats(lambda s: s["tun_icmp_sent"] == 2)
+        assert st["icmp_errors"] >= 2 and st["up_datagrams"] == 4
