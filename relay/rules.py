@@ -574,13 +574,13 @@ def add_cli(subparsers):
     rules_tun.add_arguments(p)
     p.add_argument("--port", type=port_arg, default=None,
                    help="local port of the transparent listener (relay redir --listen) "
-                        "(required, but not with tun)")
+                        "(required) except with tun")
     p.add_argument("--mark", type=_u32, default=1,
                    help="firewall mark set on redirected packets and matched by the ip rule "
                         "(default: %(default)s)")
     p.add_argument("--table", type=_u32, default=None,
-                   help="routing table holding the 'local' default routes (default: 100; "
-                        "with tun: the routes into the device, default: 110)")
+                   help="routing table holding the 'local' default routes (default: 100); "
+                        "with tun, the one holding the routes into the device (default: 110)")
     p.add_argument("--iface", action="append", default=[], metavar="IFACE",
                    help="act only on UDP entering IFACE; repeatable or comma-separated, "
                         "'eth*' matches a prefix (default: every interface but lo)")

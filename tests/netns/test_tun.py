@@ -200,3 +200,27 @@ def test_bad_packets_dropped_and_port_unreachable_passed_on(tun_topo):
             c.close()
         st = relay.settled_stats(lambda s: s["tun_icmp_sent"] == 2)
         assert st["icmp_errors"] >= 2 and st["up_datagrams"] == 4
+
+
+def _doctor_tun(topo, relay=None):
+    import json
+    args = ["--control", relay.control] if relay else ["--control", "", "--dev", DEV]
+    r = subprocess.run(["ip", "netns", "exec", topo.rtr.name, sys.executable, "-m", "relay",
+                        "doctor", "--json", *args], capture_output=True, text=True,
+                       env=relay_env(), timeout=60)
+    return next(c for c in json.loads(r.stdout)["checks"] if c["name"] == "tun")
+
+
+def test_doctor_checks_the_tun_setup(tun_topo):
+    with start_tun(tun_topo) as relay:
+        c = _doctor_tun(tun_topo, relay)
+        assert c["ok"] and "UDP routed in: IPv4 table 110 from rtr0" in c["message"], c
+        tun_topo.rtr.run("sysctl", "-qw", f"net.ipv4.conf.{DEV}.rp_filter=1")
+        try:
+            c = _doctor_tun(tun_topo, relay)
+            assert not c["ok"] and "strict rp_filter on relay0" in c["message"]
+            assert c["fix"] == f"sysctl -w net.ipv4.conf.{DEV}.rp_filter=2"
+        finally:
+            tun_topo.rtr.run("sysctl", "-qw", f"net.ipv4.conf.{DEV}.rp_filter=0")
+    c = _doctor_tun(tun_topo)
+    assert not c["ok"] and "relay0 is up but not served" in c["message"], c
