@@ -75,7 +75,8 @@ class _Assoc:
 
 
 class TunRelay(Poller):
-    """The TUN data path of one worker (pure twin of relay.datapath.tun.TunRelay)."""
+    """The TUN data path of one worker (pure twin of relay.datapath.tun.TunRelay, which
+    shares tun_stack's Reassembler)."""
 
     def __init__(self, tun_fd, *, vnet=False, mtu=1500, mark=0, timeout=60.0, port_timeouts=(),
                  max_associations=65536, batch=64, stats=None, log=None, core=None,
