@@ -52,7 +52,8 @@ HELP = {
     "frames_bad": "tunnel or SOCKS5 frames rejected as malformed",
     "queue_drops": "datagrams dropped from a bounded queue (e.g. while reconnecting)",
     "icmp_errors": "ICMP errors (unreachable, refused) seen on upstream sockets",
-    "drop_rcvbuf": "datagrams the kernel dropped because a listen socket's receive buffer was full",
+    "drop_rcvbuf": "datagrams the kernel dropped because a listen socket's receive buffer was "
+                   "full (tun: the device's queue)",
     "drop_permission": "datagrams dropped because the worker lacks a privilege (EACCES, EPERM)",
     "rejected": "datagrams to a rejected port (--reject), answered with an ICMP port unreachable",
     "reject_ratelimited": "ICMP port unreachable errors for rejected datagrams held back by "

@@ -5,6 +5,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 from relay.includes.system cimport iovec, mmsghdr, epoll_event
 from relay.datapath.addr cimport sockaddr_any
 from relay.datapath.table cimport akey_t, table_t
+from relay.datapath.sendq cimport sendq_t
 from relay.datapath.stats cimport N_COUNTERS
 from relay.datapath.tunnel cimport UpstreamCore
 from relay.packet.headers cimport FRAG_HDR_MAX
@@ -43,7 +44,8 @@ cdef class TunRelay:
     cdef uint32_t ident
     cdef readonly double next_sweep
     cdef public double now
-    cdef uint8_t *rbuf            # one TUN read
+    cdef uint8_t *rbuf            # the reads of one batch (batch slots of a TUN read each)
+    cdef sendq_t sq               # datagrams to the upstream socket being sent to, and runs
     cdef uint8_t *ry              # reply slots: headroom, then the payload
     cdef mmsghdr *ry_msgs
     cdef iovec *ry_iov
@@ -56,6 +58,7 @@ cdef class TunRelay:
     cdef void _free(self) noexcept
     cdef void _loop(self, int max_ms)
     cdef void _on_tun(self)
+    cdef void _sq_for(self, int fd) noexcept nogil
     cdef void _on_run(self, const uint8_t *p, size_t n, uint16_t seg)
     cdef void _on_packet(self, const uint8_t *p, size_t n, bint valid)
     cdef void _up(self, pkt_t *k, const uint8_t *data, size_t n)

@@ -35,6 +35,7 @@ from relay.datapath.table cimport (
     table_touch, table_timeouts, table_set_class, table_expired,
 )
 from relay.datapath.stats cimport *
+from relay.datapath.sendq cimport sq_init, sq_free, sq_full, sq_add, sq_flush
 from relay.datapath.limits cimport fd_soft_limit, fd_reserved
 from relay.datapath.tunnel cimport UpstreamCore
 from relay.packet.checksum cimport csum_partial, csum_fold, csum_update16, udp_pseudo_sum
@@ -58,6 +59,7 @@ cdef enum:
     HEADROOM = 64                 # room in front of each reply payload for its headers
     MAXDGRAM = 65535
     SLOT = HEADROOM + MAXDGRAM
+    SQ_DATAGRAMS = 1024           # datagrams queued towards upstream before a flush
     RUN_SEGMENTS = 64             # replies in one offload write at most
     RUN_BYTES = 65535 - 48        # payload bytes of one offload write at most
     MAX_EVENTS = TUN_MAX_EVENTS
@@ -157,7 +159,12 @@ cdef class TunRelay:
                 raise MemoryError("port timeouts")
             memcpy(self.port_class, <const char *>pmap, 65536)
         self.nfd = fd_soft_limit()
-        self.rbuf = <uint8_t *>malloc(READ_MAX)
+        self.rbuf = <uint8_t *>malloc(<size_t>batch * READ_MAX)
+        try:
+            sq_init(&self.sq, SQ_DATAGRAMS)
+        except MemoryError:
+            self._free()
+            raise
         self.ry = <uint8_t *>malloc(<size_t>batch * SLOT)
         self.ry_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
         self.ry_iov = <iovec *>calloc(batch, sizeof(iovec))
@@ -266,6 +273,7 @@ cdef class TunRelay:
             close(self.ep)
             self.ep = -1
         table_free(&self.assoc)
+        sq_free(&self.sq)
         free(self.port_class); self.port_class = NULL
         free(self.rbuf); self.rbuf = NULL
         free(self.ry); self.ry = NULL
@@ -303,34 +311,41 @@ cdef class TunRelay:
                     self._on_upstream(idx)
 
     cdef void _on_tun(self):
+        """A batch of reads (one packet or offload run each, into its own slot: what they
+        carry upstream stays queued in sq until the batch is sent)."""
         cdef int r
         cdef ssize_t got
         cdef bint valid
         cdef uint8_t flags, gso
         cdef uint16_t seg
+        cdef uint8_t *p
         for r in range(self.batch):
+            p = self.rbuf + <size_t>r * READ_MAX
             with nogil:
-                got = read(self.fd, self.rbuf, READ_MAX)
+                got = read(self.fd, p, READ_MAX)
             if got < 0:
                 if errno == EAGAIN or errno == EINTR:
                     break
                 self.st[C_DROP_MALFORMED] += 1
                 continue
             if not self.vnet:
-                self._on_packet(self.rbuf, <size_t>got, False)
+                self._on_packet(p, <size_t>got, False)
                 continue
             if got < VNET_LEN:
                 self.st[C_DROP_MALFORMED] += 1
                 continue
-            flags, gso = self.rbuf[0], self.rbuf[1] & ~GSO_ECN
-            seg = <uint16_t>(self.rbuf[4] | (self.rbuf[5] << 8))
+            flags, gso = p[0], p[1] & ~GSO_ECN
+            seg = <uint16_t>(p[4] | (p[5] << 8))
             valid = (flags & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID)) != 0
             if gso == GSO_NONE:
-                self._on_packet(self.rbuf + VNET_LEN, <size_t>got - VNET_LEN, valid)
+                self._on_packet(p + VNET_LEN, <size_t>got - VNET_LEN, valid)
             elif gso == GSO_UDP_L4:
-                self._on_run(self.rbuf + VNET_LEN, <size_t>got - VNET_LEN, seg)
+                self._on_run(p + VNET_LEN, <size_t>got - VNET_LEN, seg)
             else:
                 self.st[C_DROP_NOT_UDP] += 1
+        if self.sq.n:
+            with nogil:
+                sq_flush(&self.sq, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
         if self.core is not None:
             try:
                 self.core.c_flush()
@@ -375,6 +390,8 @@ cdef class TunRelay:
             self.st[C_DROP_MALFORMED] += 1
             return
         self._up(&k, k.l4 + UDP_HDR_LEN, k.l4_len - UDP_HDR_LEN)
+        if kind == PK_FRAG and self.sq.n:       # whole lives only as long as this call
+            sq_flush(&self.sq, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
 
     # ---- client -> upstream --------------------------------------------------------
 
@@ -404,13 +421,15 @@ cdef class TunRelay:
         if dl == 0:
             self.st[C_DROP_NO_ROUTE] += 1
             return
-        with nogil:
-            sent = sendto(self.assoc.e[i].fd, data, n, MSG_DONTWAIT, &dst.sa, dl)
-        if sent < 0:
-            self.st[send_error_counter(errno)] += 1
-            return
-        self.st[C_UP_DATAGRAMS] += 1
-        self.st[C_UP_BYTES] += n
+        self._sq_for(self.assoc.e[i].fd)
+        sq_add(&self.sq, &dst, dl, data, n)     # counted when sent (sq_flush)
+
+    cdef void _sq_for(self, int fd) noexcept nogil:
+        """Make the send queue the one of socket fd: what it holds for another goes first;
+        a full one too."""
+        if self.sq.n and (self.sq.fd != fd or sq_full(&self.sq)):
+            sq_flush(&self.sq, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
+        self.sq.fd = fd
 
     cdef int _upstream_socket(self, bint v6) noexcept nogil:
         cdef int fam = self.up_family
@@ -465,6 +484,8 @@ cdef class TunRelay:
 
     cdef void _close_assoc(self, int32_t i, int counter) noexcept:
         cdef int fd = self.assoc.e[i].fd
+        if self.sq.n and self.sq.fd == fd:      # queued for it: sent before it closes
+            sq_flush(&self.sq, self.st, C_UP_DATAGRAMS, C_UP_BYTES)
         epoll_ctl(self.ep, EPOLL_CTL_DEL, fd, NULL)
         close(fd)
         table_remove(&self.assoc, i)

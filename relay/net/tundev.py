@@ -35,6 +35,7 @@ GSO_UDP_L4 = 5                  # VIRTIO_NET_HDR_GSO_UDP_L4: gso_size payload by
 GSO_ECN = 0x80
 VNET = struct.Struct("<BBHHHH")
 OFFLOAD_MODES = ("auto", "on", "off")
+TXQUEUELEN = 4096               # packets the kernel queues for the relay (a new TUN has 500)
 
 log = logging.getLogger("relay")
 
@@ -112,7 +113,9 @@ def _ip(*args):
 
 
 def configure(name, addresses=(), mtu=None):
-    """Give device ``name`` its addresses (kept if there already), MTU and bring it up."""
+    """Give device ``name`` its addresses (kept if there already), MTU and queue length
+    (TXQUEUELEN, like a socket's receive buffer) and bring it up."""
+    _ip("link", "set", "dev", name, "txqueuelen", str(TXQUEUELEN))
     if mtu:
         _ip("link", "set", "dev", name, "mtu", str(mtu))
     for a in addresses:
@@ -120,6 +123,15 @@ def configure(name, addresses=(), mtu=None):
         extra = ("nodad",) if a.version == 6 else ()
         _ip(fam, "addr", "replace", str(a), "dev", name, *extra)
     _ip("link", "set", "dev", name, "up")
+
+
+def tx_dropped(name):
+    """Packets the kernel dropped at the device's full queue (sysfs), or None."""
+    try:
+        with open(f"/sys/class/net/{name}/statistics/tx_dropped") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def device_mtu(name):

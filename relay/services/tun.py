@@ -8,11 +8,15 @@ segmentation offload) is chosen at start — ``offload = "auto"`` takes it where
 has it — and logged."""
 import os
 import socket
+import time
 
 from relay import _select
 from relay.net import sockopt, tundev
 from relay.services.base import Service
 from relay.services.redirect import make_core
+from relay.stats import INDEX
+
+DROP_RCVBUF = INDEX["drop_rcvbuf"]
 
 
 class TunService(Service):
@@ -42,8 +46,19 @@ class TunService(Service):
 
     def run(self):
         stop, relay = self.ctx.stop, self.relay
+        # the device's full-queue drops (one count for all queues): worker 0 reports them
+        # in drop_rcvbuf, as the engine reports its listen socket's
+        dropped0 = tundev.tx_dropped(self.cfg.dev) if self.ctx.index == 0 else None
+        slot = self.ctx.stats if dropped0 is not None else None
+        base = slot[DROP_RCVBUF] if slot is not None else 0
+        next_read = time.monotonic() + 1.0
         while not stop.is_set():
             relay.run(100)
+            if slot is not None and time.monotonic() >= next_read:
+                next_read = time.monotonic() + 1.0
+                now = tundev.tx_dropped(self.cfg.dev)
+                if now is not None and now >= dropped0:
+                    slot[DROP_RCVBUF] = base + now - dropped0
 
     def close(self):
         if self.relay is not None:
