@@ -134,6 +134,15 @@ def tx_dropped(name):
         return None
 
 
+def is_up(name):
+    """Whether interface ``name`` is administratively up (sysfs flags, IFF_UP)."""
+    try:
+        with open(f"/sys/class/net/{name}/flags") as f:
+            return bool(int(f.read(), 16) & 1)
+    except (OSError, ValueError):
+        return False
+
+
 def device_mtu(name):
     """The MTU of interface ``name`` (sysfs), or None."""
     try:

@@ -28,7 +28,15 @@ class TunService(Service):
         try:
             self.fd, on = tundev.open_queue(cfg.dev, multi_queue=True, offload=cfg.offload)
             if ctx.index == 0:
-                tundev.configure(cfg.dev, tundev.parse_addresses(cfg.address or ""), cfg.mtu)
+                try:
+                    tundev.configure(cfg.dev, tundev.parse_addresses(cfg.address or ""),
+                                     cfg.mtu)
+                except OSError as e:
+                    # a restarted worker has dropped its privileges: `ip` cannot run, the
+                    # device keeps what the first start gave it
+                    if not tundev.is_up(cfg.dev):
+                        raise
+                    ctx.log.warning("tun %s: left as it is (%s)", cfg.dev, e)
                 ctx.log.info("tun %s: %s path (offload %s), mtu %s", cfg.dev,
                              "offload" if on else "plain", cfg.offload,
                              cfg.mtu or tundev.device_mtu(cfg.dev))
