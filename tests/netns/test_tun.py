@@ -224,3 +224,20 @@ def test_doctor_checks_the_tun_setup(tun_topo):
             tun_topo.rtr.run("sysctl", "-qw", f"net.ipv4.conf.{DEV}.rp_filter=0")
     c = _doctor_tun(tun_topo)
     assert not c["ok"] and "relay0 is up but not served" in c["message"], c
+
+
+def test_one_queue_per_worker(tun_topo):
+    with start_tun(tun_topo, workers=2) as relay:
+        def queues():
+            out = tun_topo.rtr.run("ls", f"/sys/class/net/{DEV}/queues").stdout.split()
+            return sorted(q for q in out if q.startswith("tx-"))
+        wait_until(lambda: queues() == ["tx-0", "tx-1"], 10, what="two queues")
+        socks = [tun_topo.cli.socket(socket.AF_INET) for _ in range(20)]
+        try:
+            for i, s in enumerate(socks):
+                assert udp_roundtrip(s, (SRV4, 7), b"q%d" % i)[0] == b"q%d" % i
+        finally:
+            for s in socks:
+                s.close()
+        st = relay.settled_stats(lambda s: s["down_datagrams"] == 20)
+        assert st["assoc_created"] == 20

@@ -415,3 +415,26 @@ def test_a_reassembled_datagram_larger_than_ip_allows_is_dropped(harness, echo):
     h.inject(udp(4, CLI[4], LO[4], 40101, echo.port[4], b"ok"))
     h.run_until(lambda g: len(g) == 1)
     assert h.counters()["drop_malformed"] == 1
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from tests.support import examples  # noqa: E402
+
+
+@settings(max_examples=examples(60), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(v=st.sampled_from([4, 6]), cut=st.integers(0, 80), flips=st.lists(
+    st.tuples(st.integers(0, 79), st.integers(1, 255)), max_size=4))
+def test_mangled_packets_never_crash_and_the_relay_keeps_serving(harness, echo, v, cut, flips):
+    h = harness()
+    pkt = bytearray(raw(udp(v, CLI[v], LO[v], 40110, echo.port[v], data(40))))
+    for at, x in flips:
+        if at < len(pkt):
+            pkt[at] ^= x
+    h.inject(bytes(pkt[:cut] if cut < len(pkt) else pkt))
+    h.relay.run(0)
+    h.inject(udp(v, CLI[v], LO[v], 40111, echo.port[v], b"alive"))
+    got = h.run_until(lambda g: any(b"alive" in p for p in g))
+    assert sum(1 for p in got if b"alive" in p) == 1
+    h.close()
