@@ -38,3 +38,9 @@ def load(part: str):
 def module(part: str):
     """load(part)'s module alone."""
     return load(part)[0]
+
+
+def pure_module(part: str):
+    """The pure twin of part, whatever is built (for a compiled part that cannot drive a
+    pure neighbour: relay tun's C loop takes only the compiled upstream cores)."""
+    return importlib.import_module(PARTS[part][1])

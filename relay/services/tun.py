@@ -24,7 +24,9 @@ class TunService(Service):
         self.cfg, self.ctx = cfg, ctx
         self.fd = -1
         self.relay = self.core = None
-        mod = _select.module("tun")
+        mod, native = _select.load("tun")
+        if native and cfg.upstream is not None and not _select.load("tunnel")[1]:
+            mod = _select.pure_module("tun")    # the C loop drives compiled cores only
         try:
             self.fd, on = tundev.open_queue(cfg.dev, multi_queue=True, offload=cfg.offload)
             if ctx.index == 0:

@@ -45,15 +45,6 @@ def _ntop(v6, b):
     return socket.inet_ntop(socket.AF_INET6 if v6 else socket.AF_INET, b)
 
 
-def _sum(b):
-    s = 0
-    for i in range(0, len(b) - 1, 2):
-        s += (b[i] << 8) | b[i + 1]
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
-
-
 def run_header(v6, src, dst, sport, dport, payload_len, ident, ttl=64):
     """IP + UDP header of an offload write carrying payload_len bytes of segments: the UDP
     checksum field holds the pseudo-header sum (VNET_F_NEEDS_CSUM), lengths the whole run's."""
@@ -64,10 +55,11 @@ def run_header(v6, src, dst, sport, dport, payload_len, ident, ttl=64):
     else:
         ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, ident, 0, ttl, 17, 0,
                                    src, dst))
-        ip[10:12] = (~_sum(ip) & 0xFFFF).to_bytes(2, "big")
+        ip[10:12] = _packet.inet_checksum(ip).to_bytes(2, "big")
         ip = bytes(ip)
         pseudo = src + dst + struct.pack("!HH", 17, ulen)
-    return ip + struct.pack("!HHHH", sport, dport, ulen, _sum(pseudo))
+    folded = ~_packet.inet_checksum(pseudo) & 0xFFFF     # the sum, not its complement
+    return ip + struct.pack("!HHHH", sport, dport, ulen, folded)
 
 
 class _Assoc:
