@@ -15,7 +15,7 @@ if os.environ.get("RELAY_DEBUG_BUILD"):
 
 # The extensions: the packet library's two and the data path's two.
 MODULES = ["relay.packet._fast", "relay.packet._rawsock", "relay.datapath.engine",
-           "relay.datapath.tunnel"]
+           "relay.datapath.tunnel", "relay.datapath.tun"]
 
 # RELAY_MODULES=engine,tunnel builds only those (handy while one module is being edited).
 only = [m for m in os.environ.get("RELAY_MODULES", "").split(",") if m]

@@ -53,7 +53,8 @@ BENCH_DIR = os.path.join(ROOT, "bench")
 C_DIR = os.path.join(BENCH_DIR, "c")
 LISTEN_PORT = {"forward": 7000, "redir": 7001}
 SINK_PORT = 9000
-SECTIONS = ("forward", "redir", "rawsend", "tunnel", "latency")
+SECTIONS = ("forward", "redir", "tun", "rawsend", "tunnel", "latency")
+NET_MODES = ("forward", "redir", "tun")    # the sections measured through the namespaces
 EXTRAS = {"rawsend": "bench_rawsend", "tunnel": "bench_tunnel", "latency": "latency"}
 
 
@@ -62,7 +63,7 @@ EXTRAS = {"rawsend": "bench_rawsend", "tunnel": "bench_tunnel", "latency": "late
 
 @dataclass(frozen=True)
 class Scenario:
-    mode: str                 # forward | redir
+    mode: str                 # forward | redir | tun
     size: int                 # UDP payload bytes
     flows: int = 1            # distinct client source ports
     kind: str = "oneway"      # oneway | echo (round trips) | bulk (GSO load in both
@@ -108,13 +109,15 @@ def profile(name):
               Scenario("forward", 64, loadgen="relay", only=("c-limit",)),
               Scenario("redir", 64),
               Scenario("redir", 64, kind="echo", only=("c-limit",)),
-              Scenario("redir", 1400, kind="bulk")]
+              Scenario("redir", 1400, kind="bulk"),
+              Scenario("tun", 64),
+              Scenario("tun", 1400, kind="bulk")]
         return Profile("smoke", 1, 0.1, 0.1, 5000, 120, sc, extra_duration=0.1)
     if name == "quick":
         sc = (_grid("forward", (64, 1400), (1,))
               + [Scenario("forward", 64, 1000, only=("c-limit", "relay-1w")),
                  Scenario("forward", 1400, kind="bulk")]
-              + [Scenario("redir", 64)])
+              + [Scenario("redir", 64), Scenario("tun", 64)])
         return Profile("quick", 3, 0.3, 0.25, 50000, 60, sc, extra_duration=0.3)
     sc = (_grid("forward", (64, 512, 1400), (1, 1000))
           + [Scenario("forward", 64, kind="echo"),
@@ -122,7 +125,10 @@ def profile(name):
              Scenario("forward", 64, loadgen="relay", only=("c-limit",))]
           + _grid("redir", (64, 512, 1400), (1, 1000))
           + [Scenario("redir", 64, kind="echo"),
-             Scenario("redir", 1400, kind="bulk")])
+             Scenario("redir", 1400, kind="bulk")]
+          + _grid("tun", (64, 512, 1400), (1, 1000))
+          + [Scenario("tun", 64, kind="echo"),
+             Scenario("tun", 1400, kind="bulk")])
     return Profile("full", 3, 0.8, 0.6, 50000, 300, sc)
 
 
@@ -201,6 +207,7 @@ class Runner:
         self.impl_cpus = impl_cpus      # CPUs of the implementation under test (None: any)
         self.topo = None
         self.tproxy_on = False
+        self.tun_on = False
 
     def blaster_command(self, which):
         if which == "relay":
@@ -214,16 +221,28 @@ class Runner:
             self.topo.untproxy()
         self.tproxy_on = on
 
+    def ensure_routing(self, mode):
+        """What the mode needs in mid: TPROXY rules (redir) or UDP routed into the TUN."""
+        self.ensure_tproxy(mode == "redir")
+        on = mode == "tun"
+        if on and not self.tun_on:
+            self.topo.tun_route()
+        elif not on and self.tun_on:
+            self.topo.untun()
+        self.tun_on = on
+
     def addresses(self, mode):
         """(listen, target, where the load generator sends)."""
         sink = (topo.SINK4, SINK_PORT)
         if mode == "forward":
             listen = (topo.MID4_GEN, LISTEN_PORT["forward"])
             return listen, sink, listen
+        if mode == "tun":
+            return None, None, sink
         return ("0.0.0.0", LISTEN_PORT["redir"]), None, sink
 
     def start_peer(self, cls, mode):
-        self.ensure_tproxy(mode == "redir")
+        self.ensure_routing(mode)
         listen, target, _ = self.addresses(mode)
         peer = cls(self.topo.mid, self.workdir, mode, self.tools)
         peer.cpus = self.impl_cpus
@@ -231,7 +250,7 @@ class Runner:
 
     def measure(self, scen, peer):
         """Both phases of one scenario through a running peer; a fresh sink each time."""
-        self.ensure_tproxy(scen.mode == "redir")
+        self.ensure_routing(scen.mode)
         _, _, dst = self.addresses(scen.mode)
         sink = loadgen.Sink(self.topo.sink, self.tools["sink"], f"{topo.SINK4}:{SINK_PORT}",
                             echo=scen.kind == "echo", cpus=self.load_cpus).start()
@@ -471,13 +490,16 @@ def _ratio(r, c, key):
 
 
 def add_ratios(rows):
+    """Each row against the anchors of its scenario (ANCHORS); tun rows, which the C
+    limits cannot serve (they read no TUN), against redir's: the same datagrams, the same
+    destinations."""
     for suffix, anchor in ANCHORS:
         limits = {}
         for r in rows:
             if r["impl"] == anchor and r.get("pps"):
                 limits[(r["mode"], r["scenario"])] = r
         for r in rows:
-            c = limits.get((r["mode"], r["scenario"]))
+            c = limits.get(("redir" if r["mode"] == "tun" else r["mode"], r["scenario"]))
             r["ratio_rate" + suffix] = _ratio(r, c, "pps")
             if anchor != "kernel":
                 r["ratio_cpu" + suffix] = _ratio(r, c, "cpu_us")
@@ -785,7 +807,7 @@ def main(argv=None):
     runner = None
     impl_filter = {s for s in args.impls.split(",") if s}
     try:
-        net_modes = [m for m in ("forward", "redir") if m in args.sections]
+        net_modes = [m for m in NET_MODES if m in args.sections]
         if net_modes:
             reason = topo.unavailable_reason()
             if reason:

@@ -64,8 +64,8 @@ class Peer:
     note = ""
 
     def __init__(self, ns, workdir, mode, tools=None):
-        if mode not in ("forward", "redir"):
-            raise ValueError(f"mode must be forward or redir, not {mode!r}")
+        if mode not in ("forward", "redir", "tun"):
+            raise ValueError(f"mode must be forward, redir or tun, not {mode!r}")
         self.ns, self.workdir, self.mode = ns, workdir, mode
         self.tools = tools or {}
         self.procs = []
@@ -89,8 +89,8 @@ class Peer:
 
     # --- common machinery
     def start(self, listen, target):
-        if (target is None) != (self.mode == "redir"):
-            raise ValueError("forward needs a target; redir takes none")
+        if (target is None) != (self.mode in ("redir", "tun")):
+            raise ValueError("forward needs a target; redir and tun take none")
         try:
             for i, argv in enumerate(self._commands(listen, target)):
                 log = open(os.path.join(self.workdir, f"{self.name}.{i}.log"), "w+")
@@ -478,10 +478,54 @@ class Relay(Peer):
 def anchors(mode):
     """The limits every row is compared with: C, C with GRO/GSO, the kernel (forward)."""
     return [CLimit, CLimitGso, Kernel]
+class RelayTun(Relay):
+    """``relay tun`` on the bench's TUN device (bench/topo.py tun_route), offload on or off;
+    started once the device has a queue attached (carrier)."""
+
+    modes = ("tun",)
+
+    @classmethod
+    def variant(cls, name, **opts):
+        note = f"{opts.get('workers', 1)} worker(s), --offload {opts['offload']}"
+        return type(f"RelayTun_{name}", (cls,), {
+            "name": name, "opts": opts, "note": note,
+            "__init__": functools.partialmethod(cls.__init__, **opts)})
+
+    @classmethod
+    def unavailable(cls, mode):
+        return Peer.unavailable.__func__(cls, mode) or relay_help("tun")[1]
+
+    def _ports(self, listen):
+        return []
+
+    def _commands(self, listen, target):
+        from bench.topo import TUN_DEV
+        args = [sys.executable, "-m", "relay.cli", "tun", "--dev", TUN_DEV, "--offload",
+                self.offload, "--workers", self.workers,
+                "--control", os.path.join(self.workdir, f"{self.name}.sock"),
+                "--log-level", "warning"]
+        return [args]
+
+    def start(self, listen, target):
+        from bench.topo import TUN_DEV
+        super().start(listen, target)
+        deadline = time.monotonic() + 20
+        while "LOWER_UP" not in self.ns.run("ip", "link", "show", TUN_DEV).stdout:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                tail = self.log_tail()
+                self.stop()
+                raise PeerError(f"{self.name} did not attach to {TUN_DEV}: {tail}")
+            time.sleep(0.02)
+        return self
 
 
 def relay_peers(mode, nworkers):
-    """The relay rows of a mode: 1 worker and N workers (and both reply ways for redir)."""
+    """The relay rows of a mode: 1 worker and N workers (and both reply ways for redir;
+    offload off and on for tun)."""
+    if mode == "tun":
+        return [RelayTun.variant("relay-tun-plain-1w", workers=1, offload="off"),
+                RelayTun.variant("relay-tun-offload-1w", workers=1, offload="on"),
+                RelayTun.variant("relay-tun-offload-Nw", workers=nworkers, offload="on")]
     if mode == "forward":
         return [Relay.variant("relay-1w", workers=1),
                 Relay.variant("relay-Nw", workers=nworkers)]
@@ -493,7 +537,9 @@ def relay_peers(mode, nworkers):
 
 
 def offload_peers(mode):
-    """relay with the bulk path (GRO in, GSO out) off and on, 1 worker."""
+    """relay with the bulk path (GRO in, GSO out) off and on, 1 worker (tun: --offload)."""
+    if mode == "tun":
+        return relay_peers("tun", 1)[:2]
     extra = {"reply": "raw"} if mode == "redir" else {}
     return [Relay.variant("relay-bulk-off", workers=1, offload=False, **extra),
             Relay.variant("relay-bulk-on", workers=1, offload=True, **extra)]
@@ -503,6 +549,8 @@ def third_party(mode):
     """Everything users run instead of relay, in row order (unavailable ones included)."""
     if mode == "forward":
         return [PythonLoop, AsyncioUvloop, Socat, V2rayDokodemo, SsTunnel]
+    if mode == "tun":
+        return []          # no TUN-based relay (tun2socks, hev-socks5-tunnel) installed here
     return [PythonLoop, AsyncioUvloop, Socat, V2rayDokodemo, SsRedir]
 
 

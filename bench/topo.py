@@ -26,6 +26,7 @@ MID4_SINK = "198.51.100.1"
 SINK4 = "198.51.100.2"
 
 PREFIX = "rlb"
+TUN_DEV = "rlbtun0"             # the TUN device of the tun rows, in mid
 _counter = itertools.count()
 _NAME = re.compile(rf"^{PREFIX}(\d+)x\d+-\w+$")
 
@@ -170,6 +171,25 @@ class BenchTopo:
         self.mid.run("nft", "delete", "table", "ip", "relaybench", check=False)
         self.mid.run("ip", "rule", "del", "fwmark", mark, "lookup", table, check=False)
         self.mid.run("ip", "route", "flush", "table", table, check=False)
+
+    def tun_route(self, table=110):
+        """Route UDP arriving at mid from gen into the TUN device TUN_DEV (what `relay rules
+        tun` sets up; persistent here, so the route exists between relay runs) and turn
+        forwarding on for the replies written into it. Without a relay attached the device
+        has no carrier and drops everything: nothing reaches the sink around the relay."""
+        m = self.mid
+        m.run("ip", "tuntap", "add", "dev", TUN_DEV, "mode", "tun", "multi_queue")
+        m.run("ip", "link", "set", "dev", TUN_DEV, "up")
+        m.run("ip", "route", "add", "default", "dev", TUN_DEV, "table", table)
+        m.run("ip", "rule", "add", "iif", "mid0", "ipproto", "udp", "lookup", table)
+        m.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+    def untun(self, table=110):
+        m = self.mid
+        m.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
+        m.run("ip", "rule", "del", "iif", "mid0", "ipproto", "udp", "lookup", table,
+              check=False)
+        m.run("ip", "link", "del", "dev", TUN_DEV, check=False)
 
     def close(self):
         for name in self.names:

@@ -12,6 +12,7 @@ PARTS = {
     "packet": ("relay.packet._fast", "relay.packet.pure.fast"),       # build/parse/checksum, BatchSocket
     "rawsock": ("relay.packet._rawsock", "relay.packet.pure.rawsock"),  # RawSender
     "tunnel": ("relay.datapath.tunnel", "relay.datapath.pure"),       # tunnel and SOCKS5 cores
+    "tun": ("relay.datapath.tun", "relay.datapath.pure.tun"),         # relay tun's data path
 }
 _warned = set()
 
@@ -37,3 +38,9 @@ def load(part: str):
 def module(part: str):
     """load(part)'s module alone."""
     return load(part)[0]
+
+
+def pure_module(part: str):
+    """The pure twin of part, whatever is built (for a compiled part that cannot drive a
+    pure neighbour: relay tun's C loop takes only the compiled upstream cores)."""
+    return importlib.import_module(PARTS[part][1])

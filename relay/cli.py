@@ -111,8 +111,10 @@ def _flow_options(p, mode):
 
 def _upstream_options(p, mode):
     g = p.add_argument_group("upstream")
-    _opt(g, mode, "--gro", "bulk path: take coalesced datagrams from the kernel (UDP_GRO) and "
-         "pass each run on as one segmentation-offload send (UDP_SEGMENT)", action="store_true")
+    if mode != "tun":
+        _opt(g, mode, "--gro", "bulk path: take coalesced datagrams from the kernel (UDP_GRO) "
+             "and pass each run on as one segmentation-offload send (UDP_SEGMENT)",
+             action="store_true")
     _opt(g, mode, "--upstream", "send through tunnel://HOST:PORT (relay tunnel-server), "
          "gost://[USER:PASS@]HOST:PORT (a gost server's UDP-over-TCP tunnel, one TCP connection "
          "per flow) or socks5://[USER:PASS@]HOST:PORT (SOCKS5 UDP ASSOCIATE) instead of "
@@ -188,7 +190,7 @@ def _listener_from_args(args, mode):
         if key in MODE_KEYS[mode] and not any(k in lc for k in options) and os.environ.get(env):
             if key == "password" and "user" not in lc:
                 continue            # a password goes with a username
-            if mode in ("forward", "redir") and not str(lc.get("upstream", "")).startswith(
+            if mode in ("forward", "redir", "tun") and not str(lc.get("upstream", "")).startswith(
                     "tunnel://"):
                 continue            # a secret only goes with a tunnel:// upstream
             lc[key] = os.environ[env]
@@ -425,6 +427,30 @@ def _add_redir(sub):
     _runtime_options(p)
 
 
+def _add_tun(sub):
+    p = _mode_parser(sub, "tun", "UDP from a TUN device: no TPROXY needed, replies as the remote",
+                     "Create (or attach to) a TUN device and relay every UDP datagram routed into "
+                     "it (see `relay rules tun`) to its IP destination: one upstream socket per "
+                     "client address and port, full cone, replies written back into the device "
+                     "as packets from the remote that sent them. IP fragments are reassembled, "
+                     "ICMP errors of upstream sockets are passed on, everything that is not UDP "
+                     "is dropped and counted (docs/tun.md).")
+    g = p.add_argument_group("device")
+    _opt(g, "tun", "--dev", "the TUN device (created if missing; one queue per worker)",
+         metavar="NAME")
+    _opt(g, "tun", "--address", "addresses with prefix lengths given to the device at start, "
+         "comma-separated (e.g. 198.18.0.1/30,fd00::1/126); default: none",
+         metavar="CIDR,...")
+    _opt(g, "tun", "--mtu", "MTU of the device (1280-65535); replies larger go as IP "
+         "fragments; default: the device's (1500 for a new one)", type=int, metavar="N")
+    _opt(g, "tun", "--offload", "auto: the virtio-net header with UDP segmentation offload "
+         "where the kernel has it (Linux 6.2+), runs of datagrams as one read and one write; "
+         "on: that or fail; off: one packet per read and write", choices=["auto", "on", "off"])
+    _flow_options(p, "tun")
+    _upstream_options(p, "tun")
+    _runtime_options(p)
+
+
 def _add_tunnel_server(sub):
     m = "tunnel-server"
     p = _mode_parser(sub, m, "UDP-over-TCP tunnel server (gost-compatible framing)",
@@ -499,6 +525,7 @@ def build_parser():
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _add_forward(sub)
     _add_redir(sub)
+    _add_tun(sub)
 
     run = sub.add_parser("run", formatter_class=Formatter,
                          help="run every listener of a TOML configuration file",

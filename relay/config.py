@@ -46,7 +46,7 @@ __all__ = [
     "read_secret_file", "format_ports", "MODES", "LOG_LEVELS", "REPLY_MODES", "MODE_KEYS",
 ]
 
-MODES = ("forward", "redir", "tunnel-server", "tunnel-client", "socks5")
+MODES = ("forward", "redir", "tunnel-server", "tunnel-client", "socks5", "tun")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 REPLY_MODES = ("raw", "transparent")
 
@@ -103,7 +103,7 @@ class ListenerConfig:
     ``upstream`` is None for direct; ``allow``/``deny`` are tuples of ipaddress networks."""
     name: str
     mode: str
-    listen: tuple
+    listen: Optional[tuple]                  # None: tun (packets come from a device)
     to: Optional[tuple] = None
     server: Optional[tuple] = None
     upstream: Optional[Upstream] = None
@@ -143,6 +143,10 @@ class ListenerConfig:
         if up is None or not (up.bind_interface or up.source):
             return mine
         return Outbound.of(up.bind_interface, up.source).under(mine)
+    dev: Optional[str] = None                # tun: the TUN device (created if missing)
+    address: Optional[str] = None            # tun: its addresses, "198.18.0.1/30,fd00::1/126"
+    mtu: Optional[int] = None                # tun: its MTU (None: the device's, 1500 when new)
+    offload: str = "auto"                    # tun: virtio-net header + UDP segmentation offload
 
     def port_timeouts(self):
         """The per-destination-port idle timeouts, ((first, last, seconds), ...): the given
@@ -222,7 +226,10 @@ class Config:
 MODE_DEFAULTS = {
     "tunnel-server": {"mark": 0},
     "socks5": {"mark": 0},
+    "tun": {"dev": "relay0"},
 }
+TUN_OFFLOAD = ("auto", "on", "off")     # relay/net/tundev.py OFFLOAD_MODES
+TUN_MTU = (1280, 65535)
 
 
 # Idle timeouts by destination port unless `timeout_port` says otherwise: DNS and NTP are
@@ -267,6 +274,7 @@ MODE_KEYS = {
     "tunnel-server": _COMMON | _SECRET | _LOGIN | {"allow", "deny", "allow_host", "insecure"},
     "tunnel-client": _COMMON | _SECRET | _LOGIN | {"to", "server", "connections", "gost"},
     "socks5": _COMMON | _LOGIN | {"allow", "deny", "allow_host", "insecure", "strict_udp"},
+    "tun": (_COMMON - {"listen"}) | {"upstream", "dev", "address", "mtu", "offload"} | _TUNNEL_UP,
 }
 # Keys that name a file holding a field's value (kept out of `ps` and of the TOML file).
 FILE_KEYS = {"secret_file": "secret", "password_file": "password"}
@@ -276,13 +284,14 @@ MODE_REQUIRED = {
     "tunnel-server": (),
     "tunnel-client": ("server", "to"),
     "socks5": (),
+    "tun": (),
 }
 LISTENER_KEYS = tuple(f.name for f in fields(ListenerConfig)) + tuple(FILE_KEYS)
 GLOBAL_KEYS = tuple(f.name for f in fields(GlobalConfig))
 TOP_KEYS = ("global", "listener")
 # Which sockets a listen address binds: two listeners may not share one, nor two relays.
 LISTEN_PROTO = {"forward": "udp", "redir": "udp", "tunnel-client": "udp",
-                 "tunnel-server": "tcp", "socks5": "tcp"}
+                 "tunnel-server": "tcp", "socks5": "tcp", "tun": None}
 
 
 # Why a gost server takes neither a secret nor a connection pool (both ends of a gost
@@ -619,7 +628,7 @@ def _parse_listener(ctx, index, table):
         raise ctx.error(p, f"expected a table ([[listener]]), got {_describe(table)}")
     _check_keys(ctx, p, table, LISTENER_KEYS)
     for key in ("name", "mode", "listen"):
-        if key not in table:
+        if key not in table and not (key == "listen" and table.get("mode") == "tun"):
             raise ctx.error(f"{p}.{key}", "missing required key")
     name = _get_str(ctx, f"{p}.name", table["name"])
     if not _NAME.match(name):
@@ -648,7 +657,9 @@ def _parse_listener(ctx, index, table):
     kw = {**MODE_DEFAULTS.get(mode, {}), "name": name, "mode": mode}
     k = lambda key: f"{p}.{key}"  # noqa: E731
     given = {}                  # field -> the key that set it (secret_file sets secret, ...)
-    kw["listen"] = _get_addr(ctx, k("listen"), table["listen"], listen=True)
+    kw["listen"] = (None if mode == "tun" else
+                    _get_addr(ctx, k("listen"), table["listen"], listen=True))
+    _parse_tun_keys(ctx, k, table, kw)
     for key in ("to", "server"):
         if key in table:
             kw[key] = _get_addr(ctx, k(key), table[key], listen=False)
@@ -732,7 +743,7 @@ def _parse_listener(ctx, index, table):
         missing = "password" if "user" in kw else "user"
         raise ctx.error(k(missing), "user and password go together: both or neither")
     k_given = lambda key: k(given.get(key, key))  # noqa: E731
-    if mode in ("forward", "redir"):
+    if mode in ("forward", "redir", "tun"):
         up = kw.get("upstream")
         for key in ("secret", "connections"):
             if key in kw and up is not None and up.kind == "gost":
@@ -769,6 +780,29 @@ def _parse_listener(ctx, index, table):
                                            f"({format_hostport(kw['listen'])}); set insecure = "
                                            f"true to run an open relay")
     return ListenerConfig(**kw)
+
+
+def _parse_tun_keys(ctx, k, table, kw):
+    """dev, address, mtu, offload (mode tun)."""
+    if "dev" in table:
+        dev = _get_str(ctx, k("dev"), table["dev"])
+        if len(dev.encode()) > 15 or not re.match(r"^[A-Za-z0-9_.-]+$", dev):
+            raise ctx.error(k("dev"), f"\"{dev}\": a device name is 1-15 letters, digits, "
+                                      f"'_', '.' or '-'")
+        kw["dev"] = dev
+    if "address" in table:
+        from relay.net.tundev import parse_addresses
+        text = _get_str(ctx, k("address"), table["address"])
+        try:
+            parse_addresses(text)
+        except ValueError as exc:
+            raise ctx.error(k("address"), str(exc)) from None
+        kw["address"] = text
+    if "mtu" in table:
+        kw["mtu"] = _get_int(ctx, k("mtu"), table["mtu"], *TUN_MTU)
+    if "offload" in table:
+        kw["offload"] = _get_choice(ctx, k("offload"), table["offload"], TUN_OFFLOAD,
+                                    "offload mode")
 
 
 MAX_SECRET_FILE = 4096
@@ -841,6 +875,11 @@ def _build(ctx, doc):
             raise ctx.error(f"listener[{i}].name", f"duplicate name \"{lst.name}\" "
                                                     f"(also listener[{names[lst.name]}])")
         for j, other in enumerate(listeners):
+            if lst.mode == other.mode == "tun" and lst.dev == other.dev:
+                raise ctx.error(f"listener[{i}].dev", f"device {lst.dev} is already used by "
+                                                      f"listener[{j}] \"{other.name}\"")
+            if lst.listen is None or other.listen is None:
+                continue
             if LISTEN_PROTO[other.mode] == LISTEN_PROTO[lst.mode] and \
                     _overlaps(other.listen, lst.listen):
                 raise ctx.error(f"listener[{i}].listen",

@@ -89,8 +89,9 @@ class Facts:
     """What the checks look at, each gathered once, on first use."""
 
     def __init__(self, *, port=None, ifaces=(), control=DEFAULT_CONTROL, nft_table="relay",
-                 runner=subprocess.run, proc="/proc"):
+                 runner=subprocess.run, proc="/proc", tun_dev=None):
         self.port_given = port
+        self.tun_dev = tun_dev          # relay tun's device to check without a running relay
         self.ifaces = tuple(ifaces)
         self.control = control
         self.nft_table = nft_table
@@ -596,6 +597,9 @@ def check_forwarding(f):
     return good(f"{_fams(f.families)} forwarding on")
 
 
+from relay import doctor_tun  # noqa: E402,F401  (registers the "tun" check)
+
+
 def run_checks(facts):
     return [run(facts) for run in CHECKS]
 
@@ -626,7 +630,8 @@ def run_cli(args, runner=subprocess.run, proc="/proc", out=None, err=None):
         print(f"relay doctor: {e}", file=err)
         return 2
     facts = Facts(port=args.port, ifaces=ifaces, control=args.control,
-                  nft_table=args.nft_table, runner=runner, proc=proc)
+                  nft_table=args.nft_table, runner=runner, proc=proc,
+                  tun_dev=getattr(args, "dev", None))
     checks = run_checks(facts)
     if args.json:
         json.dump({"ok": all(c.ok for c in checks), "port": facts.port,
@@ -656,6 +661,9 @@ def add_cli(subparsers):
                    help="interface the clients come in on; repeatable or comma-separated "
                         "(default: the interfaces the rules act on)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.add_argument("--dev", default=None, metavar="NAME",
+                   help="a TUN device to check (default: the running relay's relay tun "
+                        "listeners)")
     p.add_argument("--control", default=DEFAULT_CONTROL, metavar="PATH",
                    help=f"the running relay's control socket (default: {DEFAULT_CONTROL})")
     p.add_argument("--nft-table", default="relay", metavar="NAME",

@@ -116,7 +116,9 @@ def needed_capabilities(listeners, global_=None, kernel=None):
             caps.add(CAP_NET_RAW)
         if restricted and _uses_tcp(lc):
             caps.add(CAP_NET_ADMIN)
-        if lc.listen[1] < PRIVILEGED_PORTS:
+        if lc.mode == "tun":
+            caps.add(CAP_NET_ADMIN)     # a restarted worker attaches its TUN queue again
+        if lc.listen is not None and lc.listen[1] < PRIVILEGED_PORTS:
             caps.add(CAP_NET_BIND_SERVICE)
         if lc.mode == "redir":
             # every reply mode may use transparent sockets (the raw mode for what it cannot

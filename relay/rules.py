@@ -512,7 +512,10 @@ def split_values(values):
 
 
 def options_from_args(args):
-    return RulesOptions(port=args.port, mark=args.mark, table=args.table,
+    if args.port is None:
+        raise ValueError("--port is required (the port of relay redir --listen)")
+    return RulesOptions(port=args.port, mark=args.mark,
+                        table=RulesOptions.table if args.table is None else args.table,
                         ifaces=split_values(args.iface), ipv6=args.ipv6,
                         exclude=split_values(args.exclude), skip_mark=args.skip_mark,
                         nft_table=args.nft_table)
@@ -521,6 +524,9 @@ def options_from_args(args):
 def run_cli(args, runner=subprocess.run, out=None, err=None):
     out = out or sys.stdout
     err = err or sys.stderr
+    if args.action == "tun":
+        from relay import rules_tun
+        return rules_tun.run_cli(args, runner=runner, out=out, err=err)
     try:
         opts = options_from_args(args)
     except (ValueError, TypeError) as exc:
@@ -556,18 +562,25 @@ def add_cli(subparsers):
         description="The nftables ruleset (one table of its own) and the ip rule / ip route "
                     "lines a router needs to send forwarded UDP to `relay redir` on PORT with "
                     "TPROXY. `print` shows them, `apply` installs them (idempotent), `remove` "
-                    "removes exactly what `apply` installed.",
-        epilog="example: relay rules apply --port 5300 --iface br-lan --exclude 192.0.2.0/24",
+                    "removes exactly what `apply` installed. `relay rules tun print|apply|remove "
+                    "--dev DEV` instead: the policy routing that sends UDP into the TUN device "
+                    "of `relay tun` (docs/tun.md).",
+        epilog="examples: relay rules apply --port 5300 --iface br-lan --exclude 192.0.2.0/24; "
+               "relay rules tun apply --dev relay0 --iface br-lan",
     )
-    p.add_argument("action", choices=("print", "apply", "remove"),
-                   help="print the rules, apply them, or remove them")
-    p.add_argument("--port", type=port_arg, required=True,
-                   help="local port of the transparent listener (relay redir --listen) (required)")
+    p.add_argument("action", choices=("print", "apply", "remove", "tun"),
+                   help="print the rules, apply them, or remove them; tun: the TUN routing")
+    from relay import rules_tun
+    rules_tun.add_arguments(p)
+    p.add_argument("--port", type=port_arg, default=None,
+                   help="local port of the transparent listener (relay redir --listen) "
+                        "(required) except with tun")
     p.add_argument("--mark", type=_u32, default=1,
                    help="firewall mark set on redirected packets and matched by the ip rule "
                         "(default: %(default)s)")
-    p.add_argument("--table", type=_u32, default=100,
-                   help="routing table holding the 'local' default routes (default: %(default)s)")
+    p.add_argument("--table", type=_u32, default=None,
+                   help="routing table holding the 'local' default routes (default: 100); "
+                        "with tun, the one holding the routes into the device (default: 110)")
     p.add_argument("--iface", action="append", default=[], metavar="IFACE",
                    help="act only on UDP entering IFACE; repeatable or comma-separated, "
                         "'eth*' matches a prefix (default: every interface but lo)")

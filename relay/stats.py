@@ -19,6 +19,8 @@ COUNTERS = (
     "queue_drops", "icmp_errors", "drop_rcvbuf", "drop_permission",
     "rejected", "reject_ratelimited", "drop_foreign_port",
     "drop_bad_header",
+    "drop_not_udp", "frag_reassembled", "frag_timeout", "frag_overlap", "frag_dropped_memory",
+    "tun_icmp_sent", "tun_runs_in", "tun_runs_out",
 )
 N_COUNTERS = len(COUNTERS)
 INDEX = {name: i for i, name in enumerate(COUNTERS)}
@@ -53,7 +55,8 @@ HELP = {
     "frames_bad": "tunnel or SOCKS5 frames rejected as malformed",
     "queue_drops": "datagrams dropped from a bounded queue (e.g. while reconnecting)",
     "icmp_errors": "ICMP errors (unreachable, refused) seen on upstream sockets",
-    "drop_rcvbuf": "datagrams the kernel dropped because a listen socket's receive buffer was full",
+    "drop_rcvbuf": "datagrams the kernel dropped because a listen socket's receive buffer was "
+                   "full (tun: the device's queue)",
     "drop_permission": "datagrams dropped because the worker lacks a privilege (EACCES, EPERM)",
     "rejected": "datagrams to a rejected port (--reject), answered with an ICMP port unreachable",
     "reject_ratelimited": "ICMP port unreachable errors for rejected datagrams held back by "
@@ -62,6 +65,16 @@ HELP = {
                          "bound to its association",
     "drop_bad_header": "datagrams dropped because they lack the valid disguise header their "
                        "listener expects (forward --header-in, replies under --header-out)",
+    "drop_not_udp": "tun: packets read from the TUN that are not UDP (TCP, ICMP echo, others)",
+    "frag_reassembled": "tun: datagrams reassembled from IP fragments read from the TUN",
+    "frag_timeout": "tun: datagrams whose fragments did not all arrive within 30 s",
+    "frag_overlap": "tun: fragmented datagrams dropped for overlapping fragments (RFC 5722), "
+                    "and later fragments of them",
+    "frag_dropped_memory": "tun: fragmented datagrams dropped at the reassembly bounds "
+                           "(4 MiB, 1024 datagrams, 2048 fragments each per worker)",
+    "tun_icmp_sent": "tun: ICMP/ICMPv6 errors written into the TUN for errors on upstream sockets",
+    "tun_runs_in": "tun: runs of datagrams read as one packet (UDP segmentation offload)",
+    "tun_runs_out": "tun: runs of replies written as one packet (UDP segmentation offload)",
 }
 assert set(HELP) == set(COUNTERS)
 

@@ -132,7 +132,8 @@ class Supervisor:
 
     @staticmethod
     def _bound(config):
-        return {(LISTEN_PROTO[lc.mode], tuple(lc.listen)) for lc in config.listeners}
+        return {(LISTEN_PROTO[lc.mode], tuple(lc.listen)) for lc in config.listeners
+                if lc.listen is not None}
 
     def _check_ports(self, config, held=()):
         """Refuse listen addresses another process serves (see sockopt.check_port_free);

@@ -37,4 +37,12 @@ cdef enum:
     C_REJECT_RATELIMITED      # ... whose ICMP error the rate limit held back
     C_DROP_FOREIGN_PORT       # SOCKS5 UDP: the client's host, not the port that claimed it
     C_DROP_BAD_HEADER         # forward --header-in/--header-out: no valid disguise header
+    C_DROP_NOT_UDP            # tun: packets that are not UDP
+    C_FRAG_REASSEMBLED        # tun: datagrams reassembled from fragments
+    C_FRAG_TIMEOUT
+    C_FRAG_OVERLAP            # RFC 5722
+    C_FRAG_DROPPED_MEMORY     # reassembly bounds
+    C_TUN_ICMP_SENT           # ICMP errors written into the TUN
+    C_TUN_RUNS_IN             # offload runs read
+    C_TUN_RUNS_OUT            # offload runs written
     N_COUNTERS

@@ -47,6 +47,7 @@ cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
         void *iov_base
         size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t

@@ -12,6 +12,7 @@ MODULES = {
     "tunnel-server": "relay.services.tunnel_server",
     "tunnel-client": "relay.services.tunnel_client",
     "socks5": "relay.services.socks5_server",
+    "tun": "relay.services.tun",
 }
 
 

@@ -23,6 +23,7 @@ MINIMAL = {
     "tunnel-client": {"name": "tc", "mode": "tunnel-client", "listen": "127.0.0.1:5354",
                       "server": "127.0.0.1:8443", "to": "198.51.100.2:53"},
     "socks5": {"name": "s", "mode": "socks5", "listen": "127.0.0.1:1080"},
+    "tun": {"name": "t", "mode": "tun"},
 }
 
 
@@ -56,6 +57,8 @@ def test_example_file_loads():
     assert not by["tunnel-out"].gost
     assert by["game-gost"].upstream == Upstream("gost", "203.0.113.10", 8444, "alice", "s3cr@t")
     assert by["socks"].user == "alice" and by["socks"].password == "s3cr@t"
+    assert (by["tun"].dev, by["tun"].mtu, by["tun"].offload, by["tun"].listen) == \
+        ("relay0", 1500, "auto", None)
 
 
 def test_minimal_listener_of_every_mode_and_defaults():
@@ -306,7 +309,7 @@ def test_document_structure_errors(doc, key, reason):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_required_keys(mode):
-    for key in ("name", "mode", "listen"):
+    for key in ("name", "mode") + (() if mode == "tun" else ("listen",)):
         table = dict(MINIMAL[mode])
         del table[key]
         assert err({"listener": [table]}) == f"relay.toml: listener[0].{key}: missing required key"
@@ -498,8 +501,11 @@ def test_fuzz_valid_results_are_well_typed(tables):
         return
     for lst in cfg.listeners:
         assert lst.mode in MODES
-        assert isinstance(lst.listen, tuple) and 1 <= lst.listen[1] <= 65535
-        ipaddress.ip_address(lst.listen[0])
+        if lst.mode == "tun":
+            assert lst.listen is None and isinstance(lst.dev, str)
+        else:
+            assert isinstance(lst.listen, tuple) and 1 <= lst.listen[1] <= 65535
+            ipaddress.ip_address(lst.listen[0])
         assert isinstance(lst.timeout, float) and lst.timeout > 0
         assert type(lst.batch) is int and type(lst.mark) is int
         for key in LISTENER_KEYS:
@@ -508,3 +514,26 @@ def test_fuzz_valid_results_are_well_typed(tables):
             assert key in MODE_KEYS[lst.mode] or \
                 getattr(lst, key) == getattr(parse_config(
                     {"listener": [MINIMAL[lst.mode]]}).listeners[0], key) or key == "name"
+
+
+def test_tun_keys_are_checked_naming_the_key():
+    tun = MINIMAL["tun"]
+    lst = parse_config(one("tun", address="198.18.0.1/30,fd00::1/126", mtu=9000,
+                           offload="off")).listeners[0]
+    assert (lst.address, lst.mtu, lst.offload, lst.listen) == \
+        ("198.18.0.1/30,fd00::1/126", 9000, "off", None)
+    assert err(one("tun", dev="a-name-far-too-long")).startswith(
+        "relay.toml: listener[0].dev: \"a-name-far-too-long\": a device name is 1-15")
+    assert "listener[0].address: '198.18.0.1' needs a prefix length" in \
+        err(one("tun", address="198.18.0.1"))
+    assert "listener[0].address: 'nonsense' is not an address" in err(one("tun", address="nonsense"))
+    assert err(one("tun", mtu=1000)).startswith("relay.toml: listener[0].mtu:")
+    assert err(one("tun", offload="maybe")).startswith("relay.toml: listener[0].offload:")
+    assert err(one("tun", listen="127.0.0.1:1")) == \
+        'relay.toml: listener[0].listen: not allowed for mode "tun" (only for: forward, ' \
+        'redir, tunnel-server, tunnel-client, socks5)'
+    two = {"listener": [tun, dict(tun, name="u")]}
+    assert err(two) == 'relay.toml: listener[1].dev: device relay0 is already used by ' \
+                       'listener[0] "t"'
+    assert err(one("tun", secret="x")).startswith(
+        "relay.toml: listener[0].secret: only applies with a tunnel:// upstream")

@@ -192,8 +192,13 @@ def test_cli_parses_and_prints():
     assert "ip -6 route add local ::/0 dev lo table 200" in text
 
 
+def test_cli_refuses_a_missing_port(capsys):
+    args = make_parser().parse_args(["rules", "print"])
+    assert args.func(args) == 2
+    assert "--port is required" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, reason", [
-    (["rules", "print"], "--port"),
     (["rules", "print", "--port", "0"], "port out of range"),
     (["rules", "print", "--port", "x"], "not a port number"),
     (["rules", "print", "--port", "1", "--exclude", "10.0.0.0/40"], "prefix length"),
