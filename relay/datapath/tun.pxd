@@ -5,6 +5,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 from relay.includes.system cimport iovec, mmsghdr, epoll_event
 from relay.datapath.addr cimport sockaddr_any
 from relay.datapath.table cimport akey_t, table_t
+from relay.datapath.flows cimport groups_t
+from relay.datapath.outbind cimport outbind_t
 from relay.datapath.sendq cimport sendq_t
 from relay.datapath.stats cimport N_COUNTERS
 from relay.datapath.tunnel cimport UpstreamCore
@@ -35,6 +37,8 @@ cdef class TunRelay:
     cdef uint32_t mtu, mark
     cdef bint vnet, closed
     cdef table_t assoc
+    cdef groups_t groups          # client groups' counters (flows.pxd)
+    cdef outbind_t ob             # --bind-interface / --source of the upstream sockets
     cdef uint8_t *port_class
     cdef uint64_t *st
     cdef object stats_ref

@@ -38,6 +38,10 @@ from relay.datapath.stats cimport *
 from relay.datapath.sendq cimport sq_init, sq_free, sq_full, sq_add, sq_flush
 from relay.datapath.limits cimport fd_soft_limit, fd_reserved
 from relay.datapath.tunnel cimport UpstreamCore
+from relay.datapath.flows cimport (
+    flow_in, flow_out, group_of, groups_init, groups_free, table_rows, table_clients, ROWS_FLOWS_DST,
+)
+from relay.datapath.outbind cimport outbind_init, outbind_apply
 from relay.packet.checksum cimport csum_partial, csum_fold, csum_update16, udp_pseudo_sum
 from relay.packet.headers cimport (
     put16, get16, write_udp_headers, write_ip_header, write_fragment, frag_chunk,
@@ -120,7 +124,8 @@ cdef class TunRelay:
     def __init__(self, int tun_fd, *, bint vnet=False, int mtu=1500, unsigned long mark=0,
                  double timeout=60.0, port_timeouts=(), int max_associations=65536,
                  int batch=64, stats=None, log=None, UpstreamCore core=None,
-                 int upstream_family=AF_INET6, frag_memory=None, frag_timeout=None):
+                 int upstream_family=AF_INET6, frag_memory=None, frag_timeout=None,
+                 client_groups=(), outbound=None):
         cdef epoll_event ev
         from relay.datapath.pure import tun_stack
         if not 1 <= batch <= 1024:
@@ -143,6 +148,10 @@ cdef class TunRelay:
             if len(self.stats_ref) < N_COUNTERS or self.stats_ref.readonly:
                 raise ValueError(f"stats must be a writable buffer of {N_COUNTERS} uint64")
             self.st = _stats_ptr(self.stats_ref)
+        from relay.flows import check_group_words
+        check_group_words(client_groups, self.stats_ref)
+        groups_init(&self.groups, client_groups, self.stats_ref, N_COUNTERS)
+        outbind_init(&self.ob, outbound)
         self.frags = tun_stack.Reassembler(
             self._count_name,
             memory=tun_stack.FRAG_MEMORY if frag_memory is None else frag_memory,
@@ -221,6 +230,21 @@ cdef class TunRelay:
     def reassembling(self):
         return len(self.frags)
 
+    @property
+    def flows_open(self):
+        return self.core.flows_open if self.core is not None else self.assoc.count
+
+    def snapshot(self, int n, int sort, bint by_client=False, int clients_cap=4096):
+        """relay flows rows of the associations (flows.pxd; Engine.snapshot): call it
+        between run() calls, from the thread that runs them."""
+        if self.closed:
+            return []
+        if self.core is not None:
+            return self.core.snapshot(n, sort, by_client, clients_cap)
+        if by_client:
+            return table_clients(&self.assoc, sort, n, clients_cap, monotonic())
+        return table_rows(&self.assoc, sort, n, monotonic(), ROWS_FLOWS_DST)
+
     def counters(self):
         from relay.stats import COUNTERS
         return {name: self.st[i] for i, name in enumerate(COUNTERS)}
@@ -272,6 +296,7 @@ cdef class TunRelay:
         if self.ep >= 0:
             close(self.ep)
             self.ep = -1
+        groups_free(&self.groups)
         table_free(&self.assoc)
         sq_free(&self.sq)
         free(self.port_class); self.port_class = NULL
@@ -417,6 +442,8 @@ cdef class TunRelay:
                 return
         else:
             table_touch(&self.assoc, i, self.now)
+        key_of(k.v6, k.dst, k.dport, &self.assoc.e[i].aux)     # `relay flows`: latest destination
+        flow_out(&self.assoc.e[i], &self.groups, 1, n)
         dl = sa_of(k.v6, k.dst, k.dport, &dst, self.up_family)
         if dl == 0:
             self.st[C_DROP_NO_ROUTE] += 1
@@ -445,6 +472,10 @@ cdef class TunRelay:
             one = errno
             close(fd)
             return -one
+        one = outbind_apply(fd, fam, v6, &self.ob)
+        if one < 0:
+            close(fd)
+            return one
         return fd
 
     cdef int32_t _new_assoc(self, akey_t *ck, pkt_t *k):
@@ -473,6 +504,7 @@ cdef class TunRelay:
             self.st[C_DROP_TABLE_FULL] += 1
             return -1
         self.assoc.e[i].fd = fd
+        self.assoc.e[i].group = group_of(&self.groups, ck)
         if self.port_class != NULL:
             table_set_class(&self.assoc, i, self.port_class[k.dport])
         ev.events = EPOLLIN
@@ -496,6 +528,7 @@ cdef class TunRelay:
     # ---- upstream -> client --------------------------------------------------------
 
     cdef void _on_upstream(self, int32_t i):
+        cdef uint64_t nb
         cdef int fd = self.assoc.e[i].fd
         cdef akey_t client = self.assoc.e[i].key
         cdef int n, j
@@ -513,8 +546,11 @@ cdef class TunRelay:
             return
         table_touch(&self.assoc, i, self.now)
         self.st[C_DOWN_DATAGRAMS] += n
+        nb = 0
         for j in range(n):
-            self.st[C_DOWN_BYTES] += self.ry_msgs[j].msg_len
+            nb += self.ry_msgs[j].msg_len
+        self.st[C_DOWN_BYTES] += nb
+        flow_in(&self.assoc.e[i], &self.groups, n, nb)
         with nogil:
             write_replies(self, &client, n)
 

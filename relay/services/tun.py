@@ -12,7 +12,7 @@ import time
 
 from relay import _select
 from relay.net import sockopt, tundev
-from relay.services.base import Service
+from relay.services.base import Requests, Service
 from relay.services.redirect import make_core
 from relay.stats import INDEX
 
@@ -24,6 +24,7 @@ class TunService(Service):
         self.cfg, self.ctx = cfg, ctx
         self.fd = -1
         self.relay = self.core = None
+        self.requests = Requests()
         mod, native = _select.load("tun")
         if native and cfg.upstream is not None and not _select.load("tunnel")[1]:
             mod = _select.pure_module("tun")    # the C loop drives compiled cores only
@@ -48,7 +49,8 @@ class TunService(Service):
                 self.fd, vnet=on, mtu=max(1280, mtu), mark=cfg.mark, timeout=cfg.timeout,
                 port_timeouts=cfg.port_timeouts(), max_associations=cfg.max_associations,
                 batch=cfg.batch, stats=ctx.stats, log=ctx.log, core=self.core,
-                upstream_family=socket.AF_INET6 if sockopt.ipv6_available() else socket.AF_INET)
+                upstream_family=socket.AF_INET6 if sockopt.ipv6_available() else socket.AF_INET,
+                client_groups=ctx.groups, outbound=cfg.outbound() or None)
             self.offload = on
         except BaseException:
             self.close()
@@ -62,13 +64,18 @@ class TunService(Service):
         slot = self.ctx.stats if dropped0 is not None else None
         base = slot[DROP_RCVBUF] if slot is not None else 0
         next_read = time.monotonic() + 1.0
+        requests = self.requests
         while not stop.is_set():
             relay.run(100)
+            requests.serve()
             if slot is not None and time.monotonic() >= next_read:
                 next_read = time.monotonic() + 1.0
                 now = tundev.tx_dropped(self.cfg.dev)
                 if now is not None and now >= dropped0:
                     slot[DROP_RCVBUF] = base + now - dropped0
+
+    def flow_source(self):
+        return self.relay
 
     def close(self):
         if self.relay is not None:

@@ -438,3 +438,31 @@ def test_mangled_packets_never_crash_and_the_relay_keeps_serving(harness, echo, 
     got = h.run_until(lambda g: any(b"alive" in p for p in g))
     assert sum(1 for p in got if b"alive" in p) == 1
     h.close()
+
+
+@pytest.mark.parametrize("v", [4, 6])
+def test_flows_client_groups_and_the_outbound_source(harness, echo, v):
+    """relay flows of tun: per association its latest destination and counts both ways;
+    client groups counted in the stats slot; --source binds the upstream socket."""
+    from relay import flows as F
+    from relay import stats as _stats
+    from relay.net.sockopt import Outbound
+    region = _stats.StatsRegion(1)
+    groups = F.compile_groups((("lan", (F.network(CLI[v] + ("/128" if v == 6 else "/32")),)),))
+    h = harness(mtu=1500, stats=region.slot(0), client_groups=groups,
+                outbound=Outbound.of(None, ("127.0.0.2",)))   # IPv4 destinations: from .2
+    for sport, sizes in ((40001, (10, 20)), (40002, (300,))):
+        for n in sizes:
+            h.inject(udp(v, CLI[v], LO[v], sport, echo.port[v], data(n)))
+            h.run_until(lambda g: any(len(p) >= n + 28 for p in g))
+    rows = h.relay.snapshot(10, F.SORTS.index("bytes"))
+    assert [(r[0][1], r[1], r[2:6]) for r in rows] == [
+        (40002, (LO[v], echo.port[v]), (1, 300, 1, 300)),
+        (40001, (LO[v], echo.port[v]), (2, 30, 2, 30))]
+    assert h.relay.flows_open == 2
+    rows = h.relay.snapshot(10, 0, True)
+    assert [(r[0], r[8], r[3]) for r in rows] == [(CLI[v], 2, 330)]
+    words = list(region.slot(0)[_stats.N_COUNTERS:_stats.N_COUNTERS + 4])
+    assert words == [3, 330, 3, 330]
+    if v == 4:
+        assert {p[0] for p in echo.peers} == {"127.0.0.2"}

@@ -24,6 +24,7 @@ import time as _time
 from relay import packet as _packet
 from relay.datapath.pure import tun_stack as _stack
 from relay.datapath.pure.common import Poller, fd_ceiling, send_error_counter
+from relay.datapath.pure.flows import Groups, client_rows, flow_rows
 from relay.datapath.timeouts import ExpiryLists
 from relay.net import sockopt as _sockopt
 from relay.net import tundev as _dev
@@ -63,7 +64,7 @@ def run_header(v6, src, dst, sport, dport, payload_len, ident, ttl=64):
 
 
 class _Assoc:
-    __slots__ = ("sock", "client", "v6")
+    __slots__ = ("sock", "client", "v6", "last", "stat")
 
 
 class TunRelay(Poller):
@@ -73,7 +74,7 @@ class TunRelay(Poller):
     def __init__(self, tun_fd, *, vnet=False, mtu=1500, mark=0, timeout=60.0, port_timeouts=(),
                  max_associations=65536, batch=64, stats=None, log=None, core=None,
                  upstream_family=socket.AF_INET6, frag_memory=_stack.FRAG_MEMORY,
-                 frag_timeout=_stack.FRAG_TIMEOUT):
+                 frag_timeout=_stack.FRAG_TIMEOUT, client_groups=(), outbound=None):
         if not 1 <= batch <= 1024:
             raise ValueError(f"batch must be 1-1024, not {batch}")
         if max_associations < 1:
@@ -84,6 +85,8 @@ class TunRelay(Poller):
             raise ValueError(f"mtu must be 1280-65535, not {mtu}")
         super().__init__(core.stats if (stats is None and core is not None) else stats, log)
         self.fd, self.vnet, self.mtu, self.mark = tun_fd, bool(vnet), mtu, mark
+        self.groups = Groups(client_groups, self._stats)
+        self.outbound = outbound
         self.batch, self.cap, self.core = batch, max_associations, core
         self.up_family = upstream_family
         self.assoc = collections.OrderedDict()      # client (host, port) -> _Assoc, LRU first
@@ -110,6 +113,20 @@ class TunRelay(Poller):
     @property
     def reassembling(self):
         return len(self.frags)
+
+    @property
+    def flows_open(self):
+        return self.core.flows_open if self.core is not None else len(self.assoc)
+
+    def snapshot(self, n, sort, by_client=False, clients_cap=4096):
+        """relay flows rows (relay/datapath/flows.pxd table_rows / table_clients)."""
+        if self.core is not None:
+            return self.core.snapshot(n, sort, by_client, clients_cap)
+        now = _time.monotonic()
+        items = [(key, a.last, a.stat) for key, a in self.assoc.items()]
+        if by_client:
+            return client_rows(items, sort, n, clients_cap, now)
+        return flow_rows(items, sort, n, now)
 
     def counters(self):
         from relay.stats import COUNTERS
@@ -245,6 +262,8 @@ class TunRelay(Poller):
         else:
             self.assoc.move_to_end(client)
             self.expiry.touch(client, self.now)
+        a.last = self.now
+        self.groups.count_out(a.stat, (dhost, dport), len(payload))
         if not v6 and a.sock.family == socket.AF_INET6:
             dhost = "::ffff:" + dhost
         self._sent("up", payload, a.sock, (dhost, dport))
@@ -258,6 +277,7 @@ class TunRelay(Poller):
                 s.setsockopt(socket.IPPROTO_IPV6, _sockopt.IPV6_RECVERR, 1)
             s.setsockopt(socket.IPPROTO_IP, _sockopt.IP_RECVERR, 1)
             _sockopt.set_mark(s, self.mark)
+            _sockopt.bind_outbound(s, self.outbound, v6)
             s.setblocking(False)
             return s
         except BaseException:
@@ -283,7 +303,8 @@ class TunRelay(Poller):
             self._count("drop_table_full")
             return None
         a = _Assoc()
-        a.sock, a.client, a.v6 = s, client, v6
+        a.sock, a.client, a.v6, a.last = s, client, v6, self.now
+        a.stat = self.groups.new(self.now, client)
         self.assoc[client] = a
         self.expiry.add(client, dport, self.now)
         self._add(s.fileno(), "assoc", client)
@@ -318,6 +339,8 @@ class TunRelay(Poller):
             self.out.append((a.v6, host, addr[1], a.client, data))
             self.assoc.move_to_end(a.client)
             self.expiry.touch(a.client, self.now)
+            a.last = self.now
+            self.groups.count_in(a.stat, len(data))
             self._count("down_datagrams")
             self._count("down_bytes", len(data))
 
