@@ -98,7 +98,13 @@ def _upstream_options(p, mode):
     _opt(g, mode, "--upstream", "send through tunnel://HOST:PORT (relay tunnel-server), "
          "gost://[USER:PASS@]HOST:PORT (a gost server's UDP-over-TCP tunnel, one TCP connection "
          "per flow) or socks5://[USER:PASS@]HOST:PORT (SOCKS5 UDP ASSOCIATE) instead of "
-         "directly; USER and PASS are percent-encoded", metavar="URL")
+         "directly; USER and PASS are percent-encoded; repeat for several upstreams (at most "
+         "16, see --balance)", metavar="URL", action="append")
+    from relay.config import BALANCE_MODES
+    _opt(g, mode, "--balance", "with several --upstream: failover (every new flow through the "
+         "first healthy one) or hash (a client's flows through one, by a consistent hash of its "
+         "address); a flow whose upstream goes down moves to the next healthy one",
+         choices=BALANCE_MODES)
     _opt(g, mode, "--secret", "with --upstream tunnel:// only: the tunnel server's secret "
          "(proved with an HMAC, never sent); visible in `ps`: prefer --secret-file or "
          "RELAY_SECRET")
@@ -151,13 +157,16 @@ def _listener_from_args(args, mode):
             continue
         if key in _LISTS:
             value = [x for v in value for x in v.replace(" ", ",").split(",") if x]
+        elif key == "upstream" and len(value) == 1:
+            value = value[0]                # repeated: a list, as in TOML
         lc[key] = value
     for key, (env, options) in _ENV.items():
         if key in MODE_KEYS[mode] and not any(k in lc for k in options) and os.environ.get(env):
             if key == "password" and "user" not in lc:
                 continue            # a password goes with a username
-            if mode in ("forward", "redir") and not str(lc.get("upstream", "")).startswith(
-                    "tunnel://"):
+            ups = lc.get("upstream", "")
+            if mode in ("forward", "redir") and not any(
+                    str(u).startswith("tunnel://") for u in (ups if isinstance(ups, list) else [ups])):
                 continue            # a secret only goes with a tunnel:// upstream
             lc[key] = os.environ[env]
     return lc
@@ -232,7 +241,8 @@ def _cmd_stats(args):
     if args.json or args.prometheus:
         print(text, end="" if text.endswith("\n") else "\n")
         return 0
-    print(stats_table(json.loads(text)), end="")
+    data = json.loads(text)
+    print(stats_table(data) + upstreams_table(data), end="")
     return 0
 
 
@@ -260,6 +270,18 @@ def stats_table(data, rates=None):
         out.append(key.ljust(width) + "  " + "  ".join(cell(c, key).rjust(w)
                                                         for c, w in zip(cols, widths)))
     return "\n".join(out) + "\n"
+
+
+def upstreams_table(data):
+    """The `upstreams` section of a `stats` answer (listeners with several upstreams) as
+    text: per listener, each upstream's URL (no password), health and flows; "" if none."""
+    out = []
+    for name, ups in sorted(data.get("upstreams", {}).items()):
+        out.append(f"upstreams of {name}:")
+        for up in ups:
+            out.append(f"  {up['url']:<40} {'healthy' if up['healthy'] else 'DOWN':<8} "
+                       f"{up['flows']} flows")
+    return "\n".join(out) + "\n" if out else ""
 
 
 def stats_rates(before, after, seconds):

@@ -44,6 +44,10 @@ __all__ = [
 MODES = ("forward", "redir", "tunnel-server", "tunnel-client", "socks5")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 REPLY_MODES = ("raw", "transparent")
+BALANCE_MODES = ("failover", "hash")     # several upstreams (relay/datapath/pure/balance.py)
+MAX_UPSTREAMS = 16                       # upstreams of one listener (tunnel_balance.pxi)
+HEALTH_INTERVAL = 1.0       # seconds between background checks of gost:// and socks5:// upstreams
+HEALTH_TIMEOUT = 2.0        # seconds one check may take (relay/services/health.py)
 
 MAX_WORKERS = 1024
 MAX_BATCH = 1024            # UIO_MAXIOV: the most messages one recvmmsg/sendmmsg takes
@@ -94,6 +98,8 @@ class ListenerConfig:
     to: Optional[tuple] = None
     server: Optional[tuple] = None
     upstream: Optional[Upstream] = None
+    upstreams: tuple = ()                    # every upstream, in order, when several are given
+    balance: str = "failover"                # several upstreams: failover or hash
     reply: str = "raw"
     mark: int = 255
     timeout: float = 60.0
@@ -123,6 +129,10 @@ class ListenerConfig:
             return self.timeout_port
         return tuple((lo, hi, min(sec, self.timeout)) for lo, hi, sec in DEFAULT_PORT_TIMEOUTS)
 
+    def all_upstreams(self):
+        """The upstreams in order: () for direct, one, or several (--upstream repeated)."""
+        return self.upstreams or ((self.upstream,) if self.upstream is not None else ())
+
     def effective_workers(self, global_):
         return self.workers if self.workers is not None else global_.workers
 
@@ -142,6 +152,8 @@ class ListenerConfig:
                 value = format_hostport(value)
             elif f.name == "upstream":
                 value = "direct" if value is None else str(value)
+            elif f.name == "upstreams":
+                value = [str(up) for up in value]
             elif f.name == "timeout_port":
                 value = format_port_timeouts(self.port_timeouts())
             elif f.name in ("allow", "deny"):
@@ -231,8 +243,8 @@ _SECRET = {"secret", "secret_file"}
 _LOGIN = {"user", "password", "password_file"}
 _TUNNEL_UP = _SECRET | {"connections"}       # with a tunnel:// upstream
 MODE_KEYS = {
-    "forward": _COMMON | {"to", "upstream", "gro"} | _TUNNEL_UP,
-    "redir": _COMMON | {"upstream", "reply", "transparent_cache", "transparent_idle", "gro",
+    "forward": _COMMON | {"to", "upstream", "balance", "gro"} | _TUNNEL_UP,
+    "redir": _COMMON | {"upstream", "balance", "reply", "transparent_cache", "transparent_idle", "gro",
                         "reject"} | _TUNNEL_UP,
     "tunnel-server": _COMMON | _SECRET | _LOGIN | {"allow", "deny", "allow_host", "insecure"},
     "tunnel-client": _COMMON | _SECRET | _LOGIN | {"to", "server", "connections", "gost"},
@@ -373,6 +385,31 @@ def _get_str(ctx, key, value, *, nonempty=True):
     if "\x00" in value:
         raise ctx.error(key, "must not contain NUL characters")
     return value
+
+
+def _get_upstreams(ctx, key, value):
+    """``upstream``: one URL, or a list of 2 to MAX_UPSTREAMS distinct proxy URLs (each
+    refused naming its index): {"upstream": the first or None, "upstreams": all or ()}."""
+    texts = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not 1 <= len(value) <= MAX_UPSTREAMS:
+        raise ctx.error(key, f"expected 1-{MAX_UPSTREAMS} upstream URLs, got {len(value)}")
+    ups = []
+    for n, text in enumerate(texts):
+        where = f"{key}[{n}]" if isinstance(value, list) else key
+        text = _get_str(ctx, where, text)
+        try:
+            up = parse_upstream(text, resolve=ctx.resolve)
+        except ValueError as exc:
+            raise ctx.error(where, str(exc)) from None
+        if len(texts) > 1 and up.kind == "direct":
+            raise ctx.error(where, "direct cannot be one of several upstreams (give tunnel://, "
+                                   "gost:// or socks5:// URLs)")
+        if any(str(u) == str(up) for u in ups):
+            raise ctx.error(where, f"{up} is given twice")
+        ups.append(up)
+    if len(ups) == 1:
+        return {"upstream": None if ups[0].kind == "direct" else ups[0]}
+    return {"upstream": ups[0], "upstreams": tuple(ups)}
 
 
 def _get_choice(ctx, key, value, choices, what):
@@ -563,12 +600,13 @@ def _parse_listener(ctx, index, table):
         if key in table:
             kw[key] = _get_addr(ctx, k(key), table[key], listen=False)
     if "upstream" in table:
-        text = _get_str(ctx, k("upstream"), table["upstream"])
-        try:
-            up = parse_upstream(text, resolve=ctx.resolve)
-        except ValueError as exc:
-            raise ctx.error(k("upstream"), str(exc)) from None
-        kw["upstream"] = None if up.kind == "direct" else up
+        kw.update(_get_upstreams(ctx, k("upstream"), table["upstream"]))
+    if "balance" in table:
+        if not kw.get("upstreams"):
+            raise ctx.error(k("balance"), "only applies with several upstreams "
+                                          "(upstream = [\"URL\", \"URL\", ...])")
+        kw["balance"] = _get_choice(ctx, k("balance"), table["balance"], BALANCE_MODES,
+                                    "balance mode")
     if "reply" in table:
         kw["reply"] = _get_choice(ctx, k("reply"), table["reply"], REPLY_MODES, "reply mode")
     if "mark" in table:
@@ -633,11 +671,12 @@ def _parse_listener(ctx, index, table):
     k_given = lambda key: k(given.get(key, key))  # noqa: E731
     if mode in ("forward", "redir"):
         up = kw.get("upstream")
+        kinds = {u.kind for u in kw.get("upstreams") or (up,) if u is not None}
         for key in ("secret", "connections"):
-            if key in kw and up is not None and up.kind == "gost":
+            if key in kw and "tunnel" not in kinds and "gost" in kinds:
                 raise ctx.error(k_given(key), _GOST_REFUSES[key].format(what="a gost:// upstream",
                                                                   cred="USER:PASS@ in the URL"))
-            if key in kw and (up is None or up.kind != "tunnel"):
+            if key in kw and "tunnel" not in kinds:
                 raise ctx.error(k_given(key), f"only applies with a tunnel:// upstream "
                                         f"(upstream is {str(up) if up else 'direct'})")
     if mode == "tunnel-client":

@@ -17,6 +17,7 @@ COUNTERS = (
     "conn_open", "conn_accepted", "conn_rejected", "conn_reconnects", "frames_bad",
     "queue_drops", "icmp_errors", "drop_rcvbuf", "drop_permission",
     "rejected", "reject_ratelimited", "drop_foreign_port",
+    "upstream_failover",
 )
 N_COUNTERS = len(COUNTERS)
 INDEX = {name: i for i, name in enumerate(COUNTERS)}
@@ -57,6 +58,8 @@ HELP = {
                           "the rate limit (1000/s, burst 50)",
     "drop_foreign_port": "SOCKS5 UDP datagrams from a client's host but not from the port "
                          "bound to its association",
+    "upstream_failover": "flows moved from one upstream to another (away from one found "
+                         "down; with --balance hash also back to the client's own one)",
 }
 assert set(HELP) == set(COUNTERS)
 
@@ -67,6 +70,7 @@ class StatsRegion:
     def __init__(self, slots=256):
         self.slots = slots
         self.mem = mmap.mmap(-1, slots * SLOT_BYTES)
+        self.upstreams = UpstreamRegion(slots)     # several upstreams: health, flows
 
     def slot(self, i):
         """A writable memoryview (uint64 format) of slot i, for the data path."""
@@ -102,6 +106,54 @@ def prometheus(per_listener):
     return "\n".join(lines) + "\n"
 
 
-def to_json(per_listener):
-    return json.dumps({"listeners": per_listener, "total": total(per_listener.values())},
-                      indent=2, sort_keys=True)
+def to_json(per_listener, upstreams=None):
+    """The `stats` answer; ``upstreams``: {listener: [{url, healthy, flows}]} of the
+    listeners with several upstreams (Supervisor.upstream_health), when there are any."""
+    out = {"listeners": per_listener, "total": total(per_listener.values())}
+    if upstreams:
+        out["upstreams"] = upstreams
+    return json.dumps(out, indent=2, sort_keys=True)
+
+
+# ---- several upstreams: health and flows per upstream, for `relay stats` ---------------
+MAX_UPSTREAMS = 16                  # relay/datapath/tunnel_balance.pxi MAX_UPSTREAMS
+UP_SLOT_BYTES = MAX_UPSTREAMS * 16  # per upstream: state (0 unknown, 1 down, 2 up), flows
+
+
+class UpstreamRegion:
+    """A shared anonymous mapping beside the counters: per (listener, worker) slot, the
+    health and flows of each of its upstreams, written by relay.services.health."""
+
+    def __init__(self, slots=256):
+        self.slots = slots
+        self.mem = mmap.mmap(-1, slots * UP_SLOT_BYTES)
+
+    def slot(self, i):
+        if not 0 <= i < self.slots:
+            raise IndexError(f"upstream slot {i} out of range 0-{self.slots - 1}")
+        return memoryview(self.mem)[i * UP_SLOT_BYTES:(i + 1) * UP_SLOT_BYTES].cast("Q")
+
+    def read(self, i):
+        v = struct.unpack_from(f"{2 * MAX_UPSTREAMS}Q", self.mem, i * UP_SLOT_BYTES)
+        return [(v[2 * j], v[2 * j + 1]) for j in range(MAX_UPSTREAMS)]
+
+    def clear(self, i):
+        self.mem[i * UP_SLOT_BYTES:(i + 1) * UP_SLOT_BYTES] = bytes(UP_SLOT_BYTES)
+
+
+def publish_upstreams(view, health, flows):
+    """Write one worker's view of its upstreams into its slot (UpstreamRegion.slot)."""
+    for j, (ok, n) in enumerate(zip(health, flows)):
+        view[2 * j + 1] = max(0, n)
+        view[2 * j] = 2 if ok else 1
+
+
+def upstream_summary(names, per_worker):
+    """[{url, healthy, flows}] of one listener from its workers' slots (UpstreamRegion.read):
+    healthy when every worker that reported says so; flows summed."""
+    out = []
+    for j, name in enumerate(names):
+        states = [w[j][0] for w in per_worker if w[j][0]]
+        out.append({"url": name, "healthy": bool(states) and all(s == 2 for s in states),
+                    "flows": sum(w[j][1] for w in per_worker)})
+    return out

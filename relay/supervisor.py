@@ -96,6 +96,18 @@ class Supervisor:
                                             self.retired.get(lc.name, {})])
         return out
 
+    def upstream_health(self):
+        """{listener name: [{url, healthy, flows}]} for the listeners with several upstreams
+        (what their workers published: relay/services/health.py)."""
+        out = {}
+        for lc in self.config.listeners:
+            if lc.upstreams:
+                base = self.slots[lc.name]
+                out[lc.name] = stats_mod.upstream_summary(
+                    [str(u) for u in lc.upstreams],
+                    [self.stats.upstreams.read(base + i) for i in range(self.nworkers)])
+        return out
+
     def _retire_slots(self, index):
         """Keep a dead worker's counts (gauges excepted) and clear its slots for the next one."""
         for name, base in self.slots.items():
@@ -105,6 +117,7 @@ class Supervisor:
                 if k not in stats_mod.GAUGES:
                     acc[k] = acc.get(k, 0) + v
             self.stats.clear(base + index)
+            self.stats.upstreams.clear(base + index)
 
     # ---- listen addresses --------------------------------------------------------------
 
@@ -323,7 +336,7 @@ class Supervisor:
                     conn.settimeout(2)
                     req = conn.recv(256).decode(errors="replace").strip() or "stats"
                     if req == "stats":
-                        body = stats_mod.to_json(self.counters())
+                        body = stats_mod.to_json(self.counters(), self.upstream_health())
                     elif req == "metrics":
                         body = stats_mod.prometheus(self.counters())
                     elif req == "config":

@@ -54,7 +54,9 @@ class Worker:
         self.stopping = threading.Event()
 
     def _start(self, lc):
-        ctx = WorkerContext(index=self.index, stats=self.stats.slot(self.slots[lc.name] + self.index))
+        slot = self.slots[lc.name] + self.index
+        ctx = WorkerContext(index=self.index, stats=self.stats.slot(slot),
+                            upstreams=self.stats.upstreams.slot(slot))
         svc = create_service(lc, ctx)
         rs = RunningService(lc, svc, ctx)
         self.services[lc.name] = rs

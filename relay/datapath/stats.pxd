@@ -36,4 +36,5 @@ cdef enum:
     C_REJECTED                # datagrams to a --reject port (answered: port unreachable)
     C_REJECT_RATELIMITED      # ... whose ICMP error the rate limit held back
     C_DROP_FOREIGN_PORT       # SOCKS5 UDP: the client's host, not the port that claimed it
+    C_UPSTREAM_FAILOVER       # flows moved from one upstream to another (several upstreams)
     N_COUNTERS

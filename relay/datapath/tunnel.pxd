@@ -169,3 +169,23 @@ cdef class Socks5Upstream(UpstreamCore):
     cdef int flow_close(self, int i, int counter) except -1
     cdef int flow_send_queue(self, int i) except -1
     cdef int flow_recv(self, int i) except -1
+
+
+from libc.stdint cimport int64_t
+
+cdef class BalancedUpstream(UpstreamCore):
+    # several upstreams (relay/datapath/tunnel_balance.pxi; pure twin: pure/balance.py)
+    cdef list kids               # the child cores, UpstreamCore each
+    cdef list names              # their URLs without credentials
+    cdef int nkids
+    cdef bint hashed             # --balance hash (else failover)
+    cdef uint8_t healthy[16]
+    cdef uint8_t by_conn[16]     # 1: health is the child's own connection (multiplexed tunnel)
+    cdef uint64_t seeds[16]      # rendezvous (HRW) seeds, from the names
+    cdef int64_t nflows[16]      # flows on each upstream now
+    cdef uint8_t *cur            # by table entry: the upstream the flow uses
+    cdef uint8_t *own            # by table entry: its first choice (hash: the client's own)
+    cdef int max_flows
+    cdef table_t tab             # client -> flow slot, LRU order, last use
+    cdef int bal_pick(self, const akey_t *k, int *first) noexcept
+    cdef int bal_conn_health(self) except -1

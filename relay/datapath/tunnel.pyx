@@ -51,6 +51,7 @@ from relay.datapath.stats cimport (
     C_DROP_NO_ROUTE, C_DROP_DENIED, C_CONN_OPEN, C_CONN_REJECTED, C_CONN_RECONNECTS,
     C_FRAMES_BAD, C_QUEUE_DROPS, C_DROP_FOREIGN_PORT,
 )
+from relay.datapath.stats cimport C_UPSTREAM_FAILOVER
 
 from relay import proto as _proto
 from relay import resolver as _resolver
@@ -188,3 +189,4 @@ include "tunnel_server.pxi"
 include "tunnel_upstream.pxi"
 include "socks5_upstream.pxi"
 include "socks5_relay.pxi"
+include "tunnel_balance.pxi"

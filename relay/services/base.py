@@ -2,6 +2,7 @@
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass
@@ -11,6 +12,7 @@ class WorkerContext:
     stop: threading.Event = field(default_factory=threading.Event)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("relay"))
     reuseport: bool = True          # every worker binds its own SO_REUSEPORT listen socket
+    upstreams: Optional[memoryview] = None   # several upstreams: their health for `relay stats`
 
 
 class Service:

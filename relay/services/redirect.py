@@ -10,6 +10,7 @@ import time
 from relay import _select
 from relay.config import MAX_UPSTREAM_FLOWS
 from relay.net import sockopt
+from relay.services import health
 from relay.services.base import Service
 
 
@@ -18,7 +19,7 @@ class UdpService(Service):
         self.cfg = cfg
         self.ctx = ctx
         self.socks = []
-        self.engine = self.frontend = None
+        self.engine = self.frontend = self.health = None
         redir = cfg.mode == "redir"
         t, native = _select.load("tunnel")
         if redir and not native and cfg.upstream is not None and cfg.upstream.kind != "direct":
@@ -39,6 +40,7 @@ class UdpService(Service):
                     raw6 = r6.fileno()
             up_family = socket.AF_INET6 if sockopt.ipv6_available() else socket.AF_INET
             self.core = make_core(cfg, ctx, t)
+            self.health = start_health(cfg, ctx, self.core)
             if self.core is not None and not native:
                 self.frontend = t.UdpFrontend(self.listen.fileno(), cfg.to, self.core,
                                               batch=min(cfg.batch, 256), log=ctx.log,
@@ -68,6 +70,8 @@ class UdpService(Service):
                 engine.run(100)
 
     def close(self):
+        if self.health is not None:
+            self.health.stop()
         engine = self.engine
         if engine is not None:
             engine.close()
@@ -89,7 +93,8 @@ def upstream_flows(cfg):
 def make_core(cfg, ctx, t=None):
     """The upstream core for --upstream tunnel://, gost:// or socks5:// (classes of module t,
     by default relay._select's choice), or None for direct. It holds upstream_flows(cfg)
-    flows, evicting the least recently used at the cap, like the engine's associations."""
+    flows, evicting the least recently used at the cap, like the engine's associations.
+    Several upstreams: a BalancedUpstream over one core each (--balance)."""
     up = cfg.upstream
     if up is None or up.kind == "direct":
         return None
@@ -98,6 +103,31 @@ def make_core(cfg, ctx, t=None):
     mark = cfg.mark or None
     common = dict(mark=mark, stats=ctx.stats, timeout=cfg.timeout, log=ctx.log,
                   max_flows=upstream_flows(cfg), port_timeouts=cfg.port_timeouts())
+    if cfg.upstreams:
+        kids = []
+        try:
+            for u in cfg.upstreams:
+                kids.append(_one_core(t, cfg, u, common))
+        except BaseException:
+            for kid in kids:
+                kid.close()
+            raise
+        return t.BalancedUpstream(kids, [str(u) for u in cfg.upstreams], balance=cfg.balance,
+                                  by_conn=[health.by_conn(u) for u in cfg.upstreams],
+                                  stats=ctx.stats, log=ctx.log, max_flows=upstream_flows(cfg),
+                                  timeout=cfg.timeout, port_timeouts=cfg.port_timeouts())
+    return _one_core(t, cfg, up, common)
+
+
+def start_health(cfg, ctx, core):
+    """The background health checks of a core over several upstreams (else None)."""
+    if not cfg.upstreams or core is None:
+        return None
+    return health.HealthChecker(core, cfg.upstreams, secret=cfg.secret, mark=cfg.mark or None,
+                                publish=getattr(ctx, "upstreams", None), name=cfg.name).start()
+
+
+def _one_core(t, cfg, up, common):
     if up.kind == "tunnel":
         return t.TunnelUpstream((up.host, up.port), secret=cfg.secret,
                                 connections=cfg.connections, **common)

@@ -214,6 +214,10 @@ def test_float_keys(mode, key, bad, reason):
 @pytest.mark.parametrize("bad, described", [(5, "integer 5"), (True, "boolean true"),
                                             (["x"], "array"), (1.5, "float 1.5")])
 def test_string_keys_refuse_other_types(mode, key, bad, described):
+    if key == "upstream" and isinstance(bad, list):     # a list of URLs: each one checked
+        assert err(one(mode, upstream=[5, "direct"])) == \
+            "relay.toml: listener[0].upstream[0]: expected a string, got integer 5"
+        return
     assert err(one(mode, **{key: bad})) == \
         f"relay.toml: listener[0].{key}: expected a string, got {described}"
 
@@ -508,3 +512,56 @@ def test_fuzz_valid_results_are_well_typed(tables):
             assert key in MODE_KEYS[lst.mode] or \
                 getattr(lst, key) == getattr(parse_config(
                     {"listener": [MINIMAL[lst.mode]]}).listeners[0], key) or key == "name"
+
+
+# --- several upstreams (--upstream repeated, --balance) -----------------------------------
+
+TWO = ["tunnel://127.0.0.1:8443", "socks5://u:p@[::1]:1080"]
+
+
+def test_several_upstreams_list_and_single_string():
+    lst = parse_config(one("forward", upstream=TWO, secret="k", balance="HASH")).listeners[0]
+    assert lst.upstreams == (Upstream("tunnel", "127.0.0.1", 8443),
+                             Upstream("socks5", "::1", 1080, "u", "p"))
+    assert lst.upstream == lst.upstreams[0] and lst.all_upstreams() == lst.upstreams
+    assert lst.balance == "hash" and lst.secret == "k"
+    assert lst.summary()["upstreams"] == ["tunnel://127.0.0.1:8443", "socks5://u:***@[::1]:1080"]
+    for value in ("tunnel://127.0.0.1:8443", ["tunnel://127.0.0.1:8443"]):
+        lst = parse_config(one("redir", upstream=value)).listeners[0]
+        assert lst.upstreams == () and lst.all_upstreams() == (lst.upstream,)
+        assert lst.balance == "failover"
+    assert parse_config(one("forward")).listeners[0].all_upstreams() == ()
+    # secret and connections go with the tunnel:// one of a mix with gost://
+    parse_config(one("forward", upstream=["gost://127.0.0.1:1", "tunnel://127.0.0.1:2"],
+                     secret="k", connections=2))
+
+
+@pytest.mark.parametrize("value,extra,key,reason", [
+    (["tunnel://127.0.0.1:1", "tunnel://127.0.0.1"], {}, "upstream[1]", "missing port"),
+    (["tunnel://127.0.0.1:1", 5], {}, "upstream[1]", "expected a string"),
+    (["tunnel://127.0.0.1:1", "direct"], {}, "upstream[1]", "direct cannot be one of several"),
+    (["socks5://127.0.0.1:1", "socks5://127.0.0.1:1"], {}, "upstream[1]", "is given twice"),
+    ([], {}, "upstream", "expected 1-16 upstream URLs, got 0"),
+    ([f"tunnel://127.0.0.1:{p}" for p in range(1, 18)], {}, "upstream", "got 17"),
+    ("tunnel://127.0.0.1:1", {"balance": "hash"}, "balance", "only applies with several"),
+    (TWO, {"balance": "random"}, "balance", "balance mode"),
+    (["gost://127.0.0.1:1", "socks5://127.0.0.1:2"], {"secret": "k"}, "secret",
+     "does not apply with a gost:// upstream"),
+])
+def test_several_upstreams_refused_naming_key(value, extra, key, reason):
+    msg = err(one("forward", upstream=value, **extra))
+    assert msg.startswith(f"relay.toml: listener[0].{key}: ") and reason in msg, msg
+
+
+def test_upstream_repeated_on_the_command_line():
+    from relay import cli
+    args = cli.build_parser().parse_args(
+        ["forward", "--listen", "127.0.0.1:7000", "--to", "198.51.100.2:53",
+         "--upstream", TWO[0], "--upstream", TWO[1], "--balance", "hash", "--secret", "k"])
+    lc = cli._listener_from_args(args, "forward")
+    assert lc["upstream"] == TWO and lc["balance"] == "hash"
+    lst = parse_config({"listener": [lc]}).listeners[0]
+    assert [str(u) for u in lst.upstreams] == ["tunnel://127.0.0.1:8443", "socks5://u:***@[::1]:1080"]
+    args = cli.build_parser().parse_args(
+        ["forward", "--listen", "127.0.0.1:7000", "--to", "198.51.100.2:53", "--upstream", TWO[0]])
+    assert cli._listener_from_args(args, "forward")["upstream"] == TWO[0]

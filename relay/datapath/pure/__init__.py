@@ -8,3 +8,4 @@ from relay.datapath.pure.socks5_upstream import Socks5Upstream  # noqa: F401
 from relay.datapath.pure.tunnel_server import TunnelServer  # noqa: F401
 from relay.datapath.pure.tunnel_upstream import TunnelUpstream  # noqa: F401
 from relay.proto.frame import parse_frames  # noqa: F401
+from relay.datapath.pure.balance import BalancedUpstream  # noqa: F401

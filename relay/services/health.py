@@ -1,0 +1,122 @@
+"""Health of several upstreams (--upstream repeated), checked in the background.
+
+The data path reads one flag per upstream (relay/datapath/tunnel_balance.pxi,
+pure/balance.py); this module sets the flags, off the data path, in one thread per
+listener and worker:
+
+- a multiplexed tunnel:// upstream needs no check: its core keeps its TCP connections up
+  anyway and the flag follows them (healthy while a connection's handshake is done, down
+  the moment the connection is lost);
+- gost:// : a TCP connection and the gost handshake (CMD 0xF3, RFC 1929 when the URL has
+  credentials), then closed;
+- socks5:// : the control connection and a UDP ASSOCIATE that must succeed, then closed;
+
+every HEALTH_INTERVAL seconds, each check given HEALTH_TIMEOUT seconds (relay/config.py).
+The thread also publishes each upstream's health and flows for `relay stats`
+(relay.stats.UpstreamRegion).
+"""
+import logging
+import socket
+import threading
+
+from relay import proto as _proto
+from relay.config import HEALTH_INTERVAL, HEALTH_TIMEOUT
+from relay.net import sockopt
+
+log = logging.getLogger("relay")
+
+
+def by_conn(up):
+    """Is upstream ``up``'s health its own connection (a multiplexed tunnel)?"""
+    return up.kind == "tunnel"
+
+
+def probe(up, timeout=HEALTH_TIMEOUT, secret=None, mark=None):
+    """Check upstream ``up`` (relay.net.addr.Upstream) once: None when healthy, else why not."""
+    try:
+        infos = socket.getaddrinfo(up.host, up.port, 0, socket.SOCK_STREAM)
+    except OSError as e:
+        return f"cannot resolve {up.host}: {e}"
+    fam, _, _, _, addr = infos[0]
+    if up.kind == "socks5":
+        hs = _proto.ClientHandshake(cmd=_proto.CMD_UDP_ASSOCIATE,
+                                    host="::" if fam == socket.AF_INET6 else "0.0.0.0",
+                                    user=up.user, password=up.password)
+    else:
+        hs = _proto.ClientHandshake(
+            cmd=_proto.CMD_UDP_TUN if up.kind == "gost" else _proto.CMD_UDP_TUN_MUX,
+            secret=None if up.kind == "gost" else secret, user=up.user, password=up.password)
+    try:
+        with socket.socket(fam, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            if mark:
+                s.setsockopt(socket.SOL_SOCKET, sockopt.SO_MARK, mark)
+            s.connect(addr)
+            s.sendall(hs.start())
+            while not hs.done:
+                data = s.recv(4096)
+                if not data:
+                    return "the server closed the connection during the handshake"
+                out = hs.feed(data)
+                if out:
+                    s.sendall(out)
+    except socket.timeout:
+        return "timed out"
+    except (OSError, ValueError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+class HealthChecker:
+    """The background checks of one balancing core: ``core`` (BalancedUpstream) over
+    ``upstreams`` (relay.net.addr.Upstream, in the core's order); ``publish`` a writable
+    uint64 memoryview (relay.stats.UpstreamRegion.slot) or None."""
+
+    def __init__(self, core, upstreams, *, secret=None, mark=None, publish=None,
+                 interval=HEALTH_INTERVAL, timeout=HEALTH_TIMEOUT, name="upstream"):
+        self.core, self.upstreams = core, list(upstreams)
+        self.secret, self.mark, self.publish = secret, mark, publish
+        self.interval, self.timeout = interval, timeout
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"health-{name}")
+        self.last = [None] * len(self.upstreams)     # why each was down at the last check
+                                                     # (None: healthy; so at the start)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def check_once(self):
+        """One round: probe the upstreams that need it, set the core's flags, publish."""
+        for i, up in enumerate(self.upstreams):
+            if by_conn(up):
+                continue
+            why = probe(up, self.timeout, secret=self.secret, mark=self.mark)
+            if self.stop_event.is_set():
+                return
+            if why is not None and self.last[i] is None:
+                log.warning("upstream %s is down: %s", up, why)
+            elif why is None and self.last[i] is not None:
+                log.warning("upstream %s is healthy again", up)
+            self.last[i] = why
+            self.core.set_health(i, why is None)
+        self.publish_now()
+
+    def publish_now(self):
+        if self.publish is None:
+            return
+        from relay.stats import publish_upstreams
+        publish_upstreams(self.publish, self.core.health, self.core.upstream_flows())
+
+    def _run(self):
+        while not self.stop_event.is_set():
+            try:
+                self.check_once()
+            except Exception:            # a check must never take the listener down
+                log.exception("upstream health check failed; retrying")
+            self.stop_event.wait(self.interval)
+
+    def stop(self):
+        self.stop_event.set()
+        if self.thread.is_alive():
+            self.thread.join(self.timeout + 1.0)
