@@ -180,7 +180,8 @@ cdef class BalancedUpstream(UpstreamCore):
     cdef int nkids
     cdef bint hashed             # --balance hash (else failover)
     cdef uint8_t healthy[16]
-    cdef uint8_t by_conn[16]     # 1: health is the child's own connection (multiplexed tunnel)
+    cdef uint8_t by_conn[16]     # 1: also the child's own connection (multiplexed tunnel)
+    cdef uint8_t probe_ok[16]    # the last background check (set_health)
     cdef uint64_t seeds[16]      # rendezvous (HRW) seeds, from the names
     cdef int64_t nflows[16]      # flows on each upstream now
     cdef uint8_t *cur            # by table entry: the upstream the flow uses

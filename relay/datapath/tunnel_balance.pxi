@@ -52,10 +52,10 @@ cdef class BalancedUpstream(UpstreamCore):
     the next healthy one (upstream_failover); failover mode leaves it there when the first
     comes back, hash mode moves it back to the client's own upstream.
 
-    Health is one flag per upstream, read per datagram and never checked here: by_conn[i]
-    true (a multiplexed TunnelUpstream): up while its own connection's handshake is done;
-    else set_health (relay/services/health.py's background checks; healthy until told
-    otherwise). At most max_flows flows (relay/datapath/table.pxd, the children's cap and
+    Health is one flag per upstream, read per datagram and never checked here: what
+    set_health last said (relay/services/health.py's background checks; healthy until told
+    otherwise) and, by_conn[i] true (a multiplexed TunnelUpstream), while its own
+    connection's handshake is done. At most max_flows flows (relay/datapath/table.pxd, the children's cap and
     timeouts): the children end and count their flows themselves."""
 
     def __init__(self, upstreams, names, balance="failover", by_conn=None, stats=None,
@@ -89,7 +89,7 @@ cdef class BalancedUpstream(UpstreamCore):
             kid = upstreams[i]
             self.seeds[i] = _upstream_seed(names[i])
             self.by_conn[i] = bool(by_conn[i]) and isinstance(kid, TunnelUpstream)
-            self.healthy[i] = 1
+            self.healthy[i] = self.probe_ok[i] = 1
             self.nflows[i] = 0
             kid.reply_fn = _balance_reply
             kid.reply_ctx = <void *>self
@@ -118,11 +118,13 @@ cdef class BalancedUpstream(UpstreamCore):
         return [bool(self.healthy[i]) for i in range(self.nkids)]
 
     def set_health(self, int i, ok):
-        """Upstream i's health from a background check (ignored for a by_conn upstream)."""
+        """Upstream i's health from a background check."""
         if not 0 <= i < self.nkids:
             raise IndexError(i)
+        self.probe_ok[i] = 1 if ok else 0
         if not self.by_conn[i]:
-            self.healthy[i] = 1 if ok else 0
+            self.healthy[i] = self.probe_ok[i]
+        self.bal_conn_health()
 
     def upstream_flows(self):
         """Flows on each upstream now."""
@@ -220,7 +222,7 @@ cdef class BalancedUpstream(UpstreamCore):
         cdef int i
         for i in range(self.nkids):
             if self.by_conn[i]:
-                self.healthy[i] = (<TunnelUpstream>self.kids[i]).nup > 0
+                self.healthy[i] = self.probe_ok[i] and (<TunnelUpstream>self.kids[i]).nup > 0
         return 0
 
     cdef int c_process(self) except -1:

@@ -4,9 +4,9 @@ The data path reads one flag per upstream (relay/datapath/tunnel_balance.pxi,
 pure/balance.py); this module sets the flags, off the data path, in one thread per
 listener and worker:
 
-- a multiplexed tunnel:// upstream needs no check: its core keeps its TCP connections up
-  anyway and the flag follows them (healthy while a connection's handshake is done, down
-  the moment the connection is lost);
+- tunnel:// : a TCP connection and the handshake (the secret proved), then closed; and
+  besides, its core's own connection: the flag is down the moment that connection is lost
+  (a server that stops), and when a check fails (a path that drops everything silently);
 - gost:// : a TCP connection and the gost handshake (CMD 0xF3, RFC 1929 when the URL has
   credentials), then closed;
 - socks5:// : the control connection and a UDP ASSOCIATE that must succeed, then closed;
@@ -27,7 +27,7 @@ log = logging.getLogger("relay")
 
 
 def by_conn(up):
-    """Is upstream ``up``'s health its own connection (a multiplexed tunnel)?"""
+    """Is upstream ``up``'s health also its own connection (a multiplexed tunnel)?"""
     return up.kind == "tunnel"
 
 
@@ -89,8 +89,6 @@ class HealthChecker:
     def check_once(self):
         """One round: probe the upstreams that need it, set the core's flags, publish."""
         for i, up in enumerate(self.upstreams):
-            if by_conn(up):
-                continue
             why = probe(up, self.timeout, secret=self.secret, mark=self.mark)
             if self.stop_event.is_set():
                 return

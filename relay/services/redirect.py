@@ -40,7 +40,7 @@ class UdpService(Service):
                     raw6 = r6.fileno()
             up_family = socket.AF_INET6 if sockopt.ipv6_available() else socket.AF_INET
             self.core = make_core(cfg, ctx, t)
-            self.health = start_health(cfg, ctx, self.core)
+            self.health = make_health(cfg, ctx, self.core)
             if self.core is not None and not native:
                 self.frontend = t.UdpFrontend(self.listen.fileno(), cfg.to, self.core,
                                               batch=min(cfg.batch, 256), log=ctx.log,
@@ -62,6 +62,8 @@ class UdpService(Service):
     def run(self):
         stop = self.ctx.stop
         engine, frontend = self.engine, self.frontend
+        if self.health is not None:
+            self.health.start()
         while not stop.is_set():
             if frontend is not None:
                 frontend.poll(100)
@@ -119,12 +121,14 @@ def make_core(cfg, ctx, t=None):
     return _one_core(t, cfg, up, common)
 
 
-def start_health(cfg, ctx, core):
-    """The background health checks of a core over several upstreams (else None)."""
+def make_health(cfg, ctx, core):
+    """The background health checks of a core over several upstreams (else None), started
+    by the service's thread (which holds the capabilities a mark needs, as its own data
+    path does: threads started before the worker dropped privileges have none)."""
     if not cfg.upstreams or core is None:
         return None
     return health.HealthChecker(core, cfg.upstreams, secret=cfg.secret, mark=cfg.mark or None,
-                                publish=getattr(ctx, "upstreams", None), name=cfg.name).start()
+                                publish=getattr(ctx, "upstreams", None), name=cfg.name)
 
 
 def _one_core(t, cfg, up, common):

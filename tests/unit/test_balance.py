@@ -195,6 +195,10 @@ def test_server_dies_flows_move_and_stay(running, core, mode, host):
     b.collect_replies(got)
     try:
         drive(b, lambda: b.health == [True, True], "both connected")
+        b.set_health(1, False)              # a failed check downs a connected upstream too
+        assert b.health == [True, False] and b.connected == 2
+        b.set_health(1, True)
+        assert b.health == [True, True]
         client = (host, 40000)
         ask(b, got, client, echo.addr, b"one")
         first = b.flow_upstream(client)

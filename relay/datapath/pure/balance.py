@@ -8,9 +8,9 @@ address, so all flows of a client share one upstream and losing an upstream move
 clients it had. A flow whose upstream is down moves to the next healthy one
 (``upstream_failover``); failover mode leaves moved flows where they are when the first
 upstream comes back (new flows go to it), hash mode moves them back to their own upstream.
-Health is not looked at on the data path beyond one flag per upstream: a multiplexed
-tunnel's flag follows its own TCP connection (up once its handshake is done), the others'
-flags are set by relay.services.health's background checks (set_health).
+Health is not looked at on the data path beyond one flag per upstream: what
+relay.services.health's background checks last said (set_health), and for a multiplexed
+tunnel also its own TCP connection (up while its handshake is done).
 """
 import collections
 import ipaddress
@@ -67,9 +67,9 @@ def hrw_order(host, seeds):
 
 class BalancedUpstream(UpstreamBase):
     """Routes flows over ``upstreams`` (child cores); see the module text. ``names`` are
-    their URLs without credentials (the hash seeds, `relay stats`); ``by_conn[i]`` true:
-    upstream i's health is its own connection (a multiplexed TunnelUpstream), else what
-    set_health last said (healthy until told otherwise). At most ``max_flows`` flows, the
+    their URLs without credentials (the hash seeds, `relay stats`); upstream i is healthy
+    while set_health last said so (healthy until told otherwise) and, ``by_conn[i]`` true
+    (a multiplexed TunnelUpstream), its own connection is up. At most ``max_flows`` flows, the
     least recently used forgotten at the cap, idle ones after their timeout (the children's
     cap and timeouts: a child ends its own flows and counts them)."""
 
@@ -89,6 +89,7 @@ class BalancedUpstream(UpstreamBase):
         self.seeds = [upstream_seed(n) for n in names]
         self.by_conn = [bool(b) for b in (by_conn or [False] * len(upstreams))]
         self.healthy = [True] * len(upstreams)
+        self.probe_ok = [True] * len(upstreams)
         self.nflows = [0] * len(upstreams)
         self.max_flows = max_flows
         self.flows = collections.OrderedDict()   # key -> [upstream, own upstream], LRU first
@@ -106,9 +107,11 @@ class BalancedUpstream(UpstreamBase):
         return list(self.healthy)
 
     def set_health(self, i, ok):
-        """Upstream i's health from a background check (ignored for a by_conn upstream)."""
+        """Upstream i's health from a background check."""
+        self.probe_ok[i] = bool(ok)
         if not self.by_conn[i]:
             self.healthy[i] = bool(ok)
+        self._conn_health()
 
     def upstream_flows(self):
         """Flows on each upstream now."""
@@ -187,7 +190,7 @@ class BalancedUpstream(UpstreamBase):
     def _conn_health(self):
         for i, k in enumerate(self.kids):
             if self.by_conn[i]:
-                self.healthy[i] = k.connected > 0
+                self.healthy[i] = self.probe_ok[i] and k.connected > 0
 
     def process(self):
         for fd, _ev in self.ep.poll(0, 64):
