@@ -100,11 +100,7 @@ def _upstream_options(p, mode):
          "per flow) or socks5://[USER:PASS@]HOST:PORT (SOCKS5 UDP ASSOCIATE) instead of "
          "directly; USER and PASS are percent-encoded; repeat for several upstreams (at most "
          "16, see --balance)", metavar="URL", action="append")
-    from relay.config import BALANCE_MODES
-    _opt(g, mode, "--balance", "with several --upstream: failover (every new flow through the "
-         "first healthy one) or hash (a client's flows through one, by a consistent hash of its "
-         "address); a flow whose upstream goes down moves to the next healthy one",
-         choices=BALANCE_MODES)
+    _balance_option(g, mode, "--upstream")
     _opt(g, mode, "--secret", "with --upstream tunnel:// only: the tunnel server's secret "
          "(proved with an HMAC, never sent); visible in `ps`: prefer --secret-file or "
          "RELAY_SECRET")
@@ -112,6 +108,14 @@ def _upstream_options(p, mode):
          "file (mode 600)", metavar="FILE")
     _opt(g, mode, "--connections", "with --upstream tunnel:// only: TCP connections the flows "
          "are spread over (default: 1)", type=int, metavar="N")
+
+
+def _balance_option(g, mode, several):
+    from relay.config import BALANCE_MODES
+    _opt(g, mode, "--balance", f"with several {several}: failover (every new flow through the "
+         "first healthy one) or hash (a client's flows through one, by a consistent hash of its "
+         "address); a flow whose upstream goes down moves to the next healthy one",
+         choices=BALANCE_MODES)
 
 
 def _secret_options(g, mode, help):
@@ -157,7 +161,7 @@ def _listener_from_args(args, mode):
             continue
         if key in _LISTS:
             value = [x for v in value for x in v.replace(" ", ",").split(",") if x]
-        elif key == "upstream" and len(value) == 1:
+        elif key in ("upstream", "server") and len(value) == 1:
             value = value[0]                # repeated: a list, as in TOML
         lc[key] = value
     for key, (env, options) in _ENV.items():
@@ -408,7 +412,8 @@ def _add_tunnel_client(sub):
                      "server is a gost server instead: every flow gets its own TCP connection "
                      "(CMD 0xF3), opened when the flow starts and closed when it idles out "
                      "(docs/tunnel.md).")
-    _opt(p, m, "--server", "the tunnel server", required=True, metavar="HOST:PORT")
+    _opt(p, m, "--server", "the tunnel server; repeat for several (at most 16, see --balance)",
+         required=True, metavar="HOST:PORT", action="append")
     _opt(p, m, "--listen", "UDP address to listen on", required=True, metavar="HOST:PORT")
     _opt(p, m, "--to", "destination of every datagram, as seen from the server", required=True,
          metavar="HOST:PORT")
@@ -420,6 +425,7 @@ def _add_tunnel_client(sub):
          "one TCP connection per flow; empty datagrams cannot be carried and are dropped "
          "(counted in drop_malformed)", action="store_true")
     _login_options(g, m, "with --gost: username for the server (RFC 1929)")
+    _balance_option(g, m, "--server")
     _flow_options(p, m)
     _runtime_options(p)
 

@@ -99,6 +99,7 @@ class ListenerConfig:
     server: Optional[tuple] = None
     upstream: Optional[Upstream] = None
     upstreams: tuple = ()                    # every upstream, in order, when several are given
+    servers: tuple = ()                      # tunnel-client: every server, when several
     balance: str = "failover"                # several upstreams: failover or hash
     reply: str = "raw"
     mark: int = 255
@@ -133,6 +134,16 @@ class ListenerConfig:
         """The upstreams in order: () for direct, one, or several (--upstream repeated)."""
         return self.upstreams or ((self.upstream,) if self.upstream is not None else ())
 
+    def balanced_upstreams(self):
+        """The upstreams a balancing core spreads flows over (relay.net.addr.Upstream, in
+        order): forward/redir's several ``upstream``, tunnel-client's several ``server``
+        (tunnel://, or gost:// with its user and password); () with one or none."""
+        if self.servers:
+            kind = "gost" if self.gost else "tunnel"
+            return tuple(Upstream(kind, h, p, self.user if self.gost else None,
+                                  self.password if self.gost else None) for h, p in self.servers)
+        return self.upstreams
+
     def effective_workers(self, global_):
         return self.workers if self.workers is not None else global_.workers
 
@@ -150,6 +161,8 @@ class ListenerConfig:
                 continue
             if f.name in ("listen", "to", "server") and value is not None:
                 value = format_hostport(value)
+            elif f.name == "servers":
+                value = [format_hostport(a) for a in value]
             elif f.name == "upstream":
                 value = "direct" if value is None else str(value)
             elif f.name == "upstreams":
@@ -247,7 +260,8 @@ MODE_KEYS = {
     "redir": _COMMON | {"upstream", "balance", "reply", "transparent_cache", "transparent_idle", "gro",
                         "reject"} | _TUNNEL_UP,
     "tunnel-server": _COMMON | _SECRET | _LOGIN | {"allow", "deny", "allow_host", "insecure"},
-    "tunnel-client": _COMMON | _SECRET | _LOGIN | {"to", "server", "connections", "gost"},
+    "tunnel-client": _COMMON | _SECRET | _LOGIN | {"to", "server", "balance", "connections",
+                                                   "gost"},
     "socks5": _COMMON | _LOGIN | {"allow", "deny", "allow_host", "insecure", "strict_udp"},
 }
 # Keys that name a file holding a field's value (kept out of `ps` and of the TOML file).
@@ -387,26 +401,37 @@ def _get_str(ctx, key, value, *, nonempty=True):
     return value
 
 
+def _get_several(ctx, key, value, parse_one, show=str):
+    """One value, or an array of 1 to MAX_UPSTREAMS distinct ones (``upstream``, tunnel-client's
+    ``server``): the values parse_one(key of the element, element) made, in order; each is
+    refused naming its index (``upstream[1]``)."""
+    several = isinstance(value, list)
+    if several and not 1 <= len(value) <= MAX_UPSTREAMS:
+        raise ctx.error(key, f"expected 1-{MAX_UPSTREAMS} values, got {len(value)}")
+    out = []
+    for n, item in enumerate(value if several else [value]):
+        where = f"{key}[{n}]" if several else key
+        got = parse_one(where, item, several and len(value) > 1)
+        if any(show(o) == show(got) for o in out):
+            raise ctx.error(where, f"{show(got)} is given twice")
+        out.append(got)
+    return out
+
+
 def _get_upstreams(ctx, key, value):
-    """``upstream``: one URL, or a list of 2 to MAX_UPSTREAMS distinct proxy URLs (each
-    refused naming its index): {"upstream": the first or None, "upstreams": all or ()}."""
-    texts = value if isinstance(value, list) else [value]
-    if isinstance(value, list) and not 1 <= len(value) <= MAX_UPSTREAMS:
-        raise ctx.error(key, f"expected 1-{MAX_UPSTREAMS} upstream URLs, got {len(value)}")
-    ups = []
-    for n, text in enumerate(texts):
-        where = f"{key}[{n}]" if isinstance(value, list) else key
+    """``upstream``: one URL or several proxy URLs: {"upstream": the first or None,
+    "upstreams": all when several, else ()}."""
+    def one(where, text, several):
         text = _get_str(ctx, where, text)
         try:
             up = parse_upstream(text, resolve=ctx.resolve)
         except ValueError as exc:
             raise ctx.error(where, str(exc)) from None
-        if len(texts) > 1 and up.kind == "direct":
+        if several and up.kind == "direct":
             raise ctx.error(where, "direct cannot be one of several upstreams (give tunnel://, "
                                    "gost:// or socks5:// URLs)")
-        if any(str(u) == str(up) for u in ups):
-            raise ctx.error(where, f"{up} is given twice")
-        ups.append(up)
+        return up
+    ups = _get_several(ctx, key, value, one)
     if len(ups) == 1:
         return {"upstream": None if ups[0].kind == "direct" else ups[0]}
     return {"upstream": ups[0], "upstreams": tuple(ups)}
@@ -596,15 +621,22 @@ def _parse_listener(ctx, index, table):
     k = lambda key: f"{p}.{key}"  # noqa: E731
     given = {}                  # field -> the key that set it (secret_file sets secret, ...)
     kw["listen"] = _get_addr(ctx, k("listen"), table["listen"], listen=True)
-    for key in ("to", "server"):
-        if key in table:
-            kw[key] = _get_addr(ctx, k(key), table[key], listen=False)
+    if "to" in table:
+        kw["to"] = _get_addr(ctx, k("to"), table["to"], listen=False)
+    if "server" in table:               # tunnel-client: one, or several (like upstream)
+        servers = _get_several(ctx, k("server"), table["server"],
+                               lambda where, v, _: _get_addr(ctx, where, v, listen=False),
+                               show=format_hostport)
+        kw["server"] = servers[0]
+        if len(servers) > 1:
+            kw["servers"] = tuple(servers)
     if "upstream" in table:
         kw.update(_get_upstreams(ctx, k("upstream"), table["upstream"]))
     if "balance" in table:
-        if not kw.get("upstreams"):
-            raise ctx.error(k("balance"), "only applies with several upstreams "
-                                          "(upstream = [\"URL\", \"URL\", ...])")
+        if not kw.get("upstreams") and not kw.get("servers"):
+            several = "server" if mode == "tunnel-client" else "upstream"
+            raise ctx.error(k("balance"), f"only applies with several upstreams "
+                                          f"({several} = [\"...\", \"...\"])")
         kw["balance"] = _get_choice(ctx, k("balance"), table["balance"], BALANCE_MODES,
                                     "balance mode")
     if "reply" in table:

@@ -101,10 +101,10 @@ class Supervisor:
         (what their workers published: relay/services/health.py)."""
         out = {}
         for lc in self.config.listeners:
-            if lc.upstreams:
+            if lc.balanced_upstreams():
                 base = self.slots[lc.name]
                 out[lc.name] = stats_mod.upstream_summary(
-                    [str(u) for u in lc.upstreams],
+                    [str(u) for u in lc.balanced_upstreams()],
                     [self.stats.upstreams.read(base + i) for i in range(self.nworkers)])
         return out
 

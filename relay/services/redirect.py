@@ -114,20 +114,27 @@ def make_core(cfg, ctx, t=None):
             for kid in kids:
                 kid.close()
             raise
-        return t.BalancedUpstream(kids, [str(u) for u in cfg.upstreams], balance=cfg.balance,
-                                  by_conn=[health.by_conn(u) for u in cfg.upstreams],
-                                  stats=ctx.stats, log=ctx.log, max_flows=upstream_flows(cfg),
-                                  timeout=cfg.timeout, port_timeouts=cfg.port_timeouts())
+        return balanced_core(t, cfg, ctx, kids, upstream_flows(cfg))
     return _one_core(t, cfg, up, common)
+
+
+def balanced_core(t, cfg, ctx, kids, max_flows):
+    """A BalancedUpstream (of module t) over kids, the cores of cfg.balanced_upstreams()."""
+    ups = cfg.balanced_upstreams()
+    return t.BalancedUpstream(kids, [str(u) for u in ups], balance=cfg.balance,
+                              by_conn=[health.by_conn(u) for u in ups], stats=ctx.stats,
+                              log=ctx.log, max_flows=max_flows, timeout=cfg.timeout,
+                              port_timeouts=cfg.port_timeouts())
 
 
 def make_health(cfg, ctx, core):
     """The background health checks of a core over several upstreams (else None), started
     by the service's thread (which holds the capabilities a mark needs, as its own data
     path does: threads started before the worker dropped privileges have none)."""
-    if not cfg.upstreams or core is None:
+    if not cfg.balanced_upstreams() or core is None:
         return None
-    return health.HealthChecker(core, cfg.upstreams, secret=cfg.secret, mark=cfg.mark or None,
+    return health.HealthChecker(core, cfg.balanced_upstreams(), secret=cfg.secret,
+                                mark=sockopt.usable_mark(cfg.mark),
                                 publish=getattr(ctx, "upstreams", None), name=cfg.name)
 
 

@@ -12,7 +12,7 @@ from relay.datapath.pure import balance
 from relay.net.addr import parse_upstream
 from relay.services import health
 from relay.stats import INDEX
-from tests.support import Echo, cfg
+from tests.support import Echo, cfg, roundtrip
 
 pytest.importorskip("relay.datapath.tunnel")
 pytestmark = pytest.mark.usefixtures("impl")     # every test: compiled, then pure
@@ -266,3 +266,24 @@ def test_checker_sets_and_publishes_health(running, core):
         checker.stop()
         b.close()
 
+
+
+def test_tunnel_client_with_two_servers(running):
+    """tunnel-client --server A --server B: its flows go through A; A stops: through B."""
+    servers = [running(cfg("tunnel-server", listen=("127.0.0.1", 0), allow=["127.0.0.0/8"]))
+               for _ in range(2)]
+    addrs = tuple(tuple(s.address[:2]) for s in servers)
+    echo = Echo("127.0.0.1")
+    client = running(cfg("tunnel-client", listen=("127.0.0.1", 0), server=addrs[0],
+                         servers=addrs, to=echo.addr))
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert roundtrip(c, client.address, b"one") == b"one"
+        assert servers[0].stats()["up_datagrams"] == 1 and servers[1].stats()["up_datagrams"] == 0
+        servers[0].stop()
+        assert roundtrip(c, client.address, b"two", timeout=1.0, tries=5) == b"two"
+        assert servers[1].stats()["up_datagrams"] >= 1
+        assert client.stats()["upstream_failover"] == 1
+    finally:
+        c.close()
+        echo.close()

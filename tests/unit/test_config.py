@@ -214,9 +214,9 @@ def test_float_keys(mode, key, bad, reason):
 @pytest.mark.parametrize("bad, described", [(5, "integer 5"), (True, "boolean true"),
                                             (["x"], "array"), (1.5, "float 1.5")])
 def test_string_keys_refuse_other_types(mode, key, bad, described):
-    if key == "upstream" and isinstance(bad, list):     # a list of URLs: each one checked
-        assert err(one(mode, upstream=[5, "direct"])) == \
-            "relay.toml: listener[0].upstream[0]: expected a string, got integer 5"
+    if key in ("upstream", "server") and isinstance(bad, list):    # several: each checked
+        assert err(one(mode, **{key: [5, "direct"]})) == \
+            f"relay.toml: listener[0].{key}[0]: expected a string, got integer 5"
         return
     assert err(one(mode, **{key: bad})) == \
         f"relay.toml: listener[0].{key}: expected a string, got {described}"
@@ -541,7 +541,7 @@ def test_several_upstreams_list_and_single_string():
     (["tunnel://127.0.0.1:1", 5], {}, "upstream[1]", "expected a string"),
     (["tunnel://127.0.0.1:1", "direct"], {}, "upstream[1]", "direct cannot be one of several"),
     (["socks5://127.0.0.1:1", "socks5://127.0.0.1:1"], {}, "upstream[1]", "is given twice"),
-    ([], {}, "upstream", "expected 1-16 upstream URLs, got 0"),
+    ([], {}, "upstream", "expected 1-16 values, got 0"),
     ([f"tunnel://127.0.0.1:{p}" for p in range(1, 18)], {}, "upstream", "got 17"),
     ("tunnel://127.0.0.1:1", {"balance": "hash"}, "balance", "only applies with several"),
     (TWO, {"balance": "random"}, "balance", "balance mode"),
@@ -565,3 +565,22 @@ def test_upstream_repeated_on_the_command_line():
     args = cli.build_parser().parse_args(
         ["forward", "--listen", "127.0.0.1:7000", "--to", "198.51.100.2:53", "--upstream", TWO[0]])
     assert cli._listener_from_args(args, "forward")["upstream"] == TWO[0]
+
+
+def test_tunnel_client_several_servers():
+    lst = parse_config(one("tunnel-client", server=["127.0.0.1:8443", "[::1]:8443"],
+                           balance="hash", secret="k")).listeners[0]
+    assert lst.server == ("127.0.0.1", 8443) and lst.servers == (("127.0.0.1", 8443), ("::1", 8443))
+    assert [str(u) for u in lst.balanced_upstreams()] == ["tunnel://127.0.0.1:8443",
+                                                          "tunnel://[::1]:8443"]
+    assert lst.summary()["servers"] == ["127.0.0.1:8443", "[::1]:8443"]
+    lst = parse_config(one("tunnel-client", server=["127.0.0.1:1", "127.0.0.1:2"], gost=True,
+                           user="u", password="p")).listeners[0]
+    assert [(u.kind, u.user, u.password) for u in lst.balanced_upstreams()] == [("gost", "u", "p")] * 2
+    assert parse_config(one("tunnel-client", server=["127.0.0.1:1"])).listeners[0].servers == ()
+    assert err(one("tunnel-client", server=["127.0.0.1:1", "127.0.0.1:1"])).startswith(
+        "relay.toml: listener[0].server[1]: 127.0.0.1:1 is given twice")
+    assert err(one("tunnel-client", server=["127.0.0.1:1", "127.0.0.1"])).startswith(
+        "relay.toml: listener[0].server[1]: missing port")
+    assert err(one("tunnel-client", balance="hash")).startswith(
+        "relay.toml: listener[0].balance: only applies with several upstreams (server = [")
