@@ -13,17 +13,19 @@ listener and worker:
 
 every HEALTH_INTERVAL seconds, each check given HEALTH_TIMEOUT seconds (relay/config.py).
 The thread also publishes each upstream's health and flows for `relay stats`
-(relay.stats.UpstreamRegion).
+(relay.stats.UpstreamRegion) after every check and every PUBLISH_INTERVAL between them.
 """
 import logging
 import socket
 import threading
+import time
 
 from relay import proto as _proto
 from relay.config import HEALTH_INTERVAL, HEALTH_TIMEOUT
 from relay.net import sockopt
 
 log = logging.getLogger("relay")
+PUBLISH_INTERVAL = 0.25     # seconds between publications of health and flows (relay stats)
 
 
 def by_conn(up):
@@ -107,12 +109,17 @@ class HealthChecker:
         publish_upstreams(self.publish, self.core.health, self.core.upstream_flows())
 
     def _run(self):
+        next_check = 0.0
         while not self.stop_event.is_set():
             try:
-                self.check_once()
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + self.interval
+                    self.check_once()
+                else:
+                    self.publish_now()
             except Exception:            # a check must never take the listener down
                 log.exception("upstream health check failed; retrying")
-            self.stop_event.wait(self.interval)
+            self.stop_event.wait(max(0.0, min(PUBLISH_INTERVAL, next_check - time.monotonic())))
 
     def stop(self):
         self.stop_event.set()

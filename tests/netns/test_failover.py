@@ -5,12 +5,15 @@ kill on is echoed, through the other server; the flows that moved are counted
 (upstream_failover) and are exactly those of the dead server; `relay stats` shows each
 upstream's health and flows. The server then comes back on its address: failover mode
 leaves the flows where they are (the new server carries nothing), hash mode moves its
-clients back (the new server carries exactly theirs)."""
+clients back (the new server carries exactly theirs). And redir over a SOCKS5 and a gost
+server, the SOCKS5 one killed: noticed by the background check."""
 import json
 import os
 import select
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -18,7 +21,7 @@ import pytest
 from relay.datapath.pure.balance import hrw_order, upstream_seed
 from relay.supervisor import query
 from tests.namespaces import RTR4_CLI, RTR6_CLI, SRV4, SRV4_B, SRV6, SRV6_B, Topology, start_echo
-from tests.relayproc import RelayProcess, wait_until
+from tests.relayproc import RelayProcess, relay_env, udp_roundtrip, wait_until
 from tests.support import ALLOW
 
 pytestmark = pytest.mark.netns
@@ -53,9 +56,10 @@ def url(host, port):
 
 
 def tunnel_server(topo, host, port):
+    """A tunnel-server process (not waited for: see RelayProcess.wait_ready)."""
     return RelayProcess(["tunnel-server", "--listen", f"[{host}]:{port}" if ":" in host
                          else f"{host}:{port}", "--secret", SECRET, "--allow", ALLOW],
-                        ns=topo.srv, log_level="warning").wait_ready()
+                        ns=topo.srv, log_level="warning")
 
 
 def kill(relay):
@@ -65,7 +69,8 @@ def kill(relay):
 
 
 def upstreams(relay):
-    return json.loads(query(relay.control, "stats"))["upstreams"]["forward"]
+    (ups,) = json.loads(query(relay.control, "stats"))["upstreams"].values()
+    return ups
 
 
 def settled_upstreams(relay, pred, timeout=6.0):
@@ -103,7 +108,7 @@ def load(topo, socks, dst, kill_at, on_kill):
             ready, _, _ = select.select(socks, [], [], left)
             for s in ready:
                 echoed.add(tuple(int(x) for x in s.recv(100).split(b"/")))
-    drain = time.monotonic() + 1.0
+    drain = time.monotonic() + 0.5
     while (left := drain - time.monotonic()) > 0 and len(echoed) < len(sent):
         ready, _, _ = select.select(socks, [], [], left)
         for s in ready:
@@ -126,11 +131,18 @@ def round_trip_all(socks, dst, tag):
             raise AssertionError(f"client {i}: no echo of {msg!r}")
 
 
-@pytest.mark.parametrize("mode", ["failover", "hash"])
-@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-def test_kill_one_server_under_load(mtopo, mode, v6):
+CASES = [("failover", False, "c"), ("hash", False, "c"), ("failover", True, "c"),
+         ("hash", True, "c"), ("hash", False, "pure")]
+
+
+@pytest.mark.parametrize("mode,v6,impl_", CASES,
+                         ids=[f"{m}-{'ipv6' if v6 else 'ipv4'}-{i}" for m, v6, i in CASES])
+def test_kill_one_server_under_load(mtopo, monkeypatch, mode, v6, impl_):
+    """impl_ "pure": the relays run the pure twins (forward's UdpFrontend, pure/balance.py)."""
+    if impl_ == "pure":
+        monkeypatch.setenv("RELAY_PURE_PYTHON", "1")
     topo = mtopo
-    port = 8443 + 2 * (v6 * 2 + (mode == "hash"))      # a port pair per test
+    port = 8443 + 2 * CASES.index((mode, v6, impl_))      # a port pair per test
     hosts = (SRV6, SRV6_B) if v6 else (SRV4, SRV4_B)
     clients = CLIENTS6 if v6 else CLIENTS4
     family = socket.AF_INET6 if v6 else socket.AF_INET
@@ -143,7 +155,8 @@ def test_kill_one_server_under_load(mtopo, mode, v6):
                           "--secret", SECRET], ns=topo.rtr, log_level="warning")
     socks = []
     try:
-        relay.wait_ready()
+        for r in (*servers, relay):             # started together, waited for together
+            r.wait_ready()
         for c in clients:
             s = topo.cli.socket(family)
             s.bind((c, 0))
@@ -171,7 +184,7 @@ def test_kill_one_server_under_load(mtopo, mode, v6):
         assert [u["healthy"] for u in ups] == [False, True]
         assert [u["url"] for u in ups] == urls
         # the server comes back on its address
-        servers[victim] = tunnel_server(topo, hosts[victim], port)
+        servers[victim] = tunnel_server(topo, hosts[victim], port).wait_ready()
         settled_upstreams(relay, lambda ups: [u["healthy"] for u in ups] == [True, True], 10.0)
         round_trip_all(socks, dst, b"back")
         if mode == "failover":
@@ -190,3 +203,44 @@ def test_kill_one_server_under_load(mtopo, mode, v6):
         relay.close()
         for s in servers:
             s.close()
+
+
+def test_redir_socks5_then_gost_failover(topo):
+    """redir (raw replies spoofed as the remote) over socks5:// then gost://: the SOCKS5
+    server is killed, the background check notices, the IPv4 and IPv6 flows go on through
+    gost, their replies still from the real remote."""
+    start_echo(topo.srv, f"{SRV4}:5000", f"[{SRV6}]:5000")
+    socks = RelayProcess(["socks5", "--listen", "[::]:1080", "--username", "u", "--password", "p",
+                          "--allow", ALLOW], ns=topo.srv, log_level="warning").wait_ready()
+    gost = RelayProcess(["tunnel-server", "--listen", "[::]:8444", "--insecure", "--allow", ALLOW],
+                        ns=topo.srv, log_level="warning").wait_ready()
+    r = subprocess.run(["ip", "netns", "exec", topo.rtr.name, sys.executable, "-m", "relay",
+                        "rules", "apply", "--port", "7000", "--iface", "rtr0"],
+                       capture_output=True, text=True, env=relay_env(), timeout=30)
+    assert r.returncode == 0, r.stderr
+    urls = [f"socks5://u:p@{SRV4}:1080", f"gost://[{SRV6}]:8444"]
+    relay = RelayProcess(["redir", "--listen", "[::]:7000", "--upstream", urls[0],
+                          "--upstream", urls[1]], ns=topo.rtr, log_level="warning")
+    try:
+        relay.wait_ready()
+        settled_upstreams(relay, lambda ups: [u["healthy"] for u in ups] == [True, True])
+        clients = [(topo.cli.socket(socket.AF_INET), (SRV4, 5000)),
+                   (topo.cli.socket(socket.AF_INET6), (SRV6, 5000))]
+
+        def both(tag):
+            for c, dst in clients:
+                assert udp_roundtrip(c, dst, tag, timeout=3) == (tag, dst)
+        both(b"before")
+        ups = settled_upstreams(relay, lambda ups: [u["flows"] for u in ups] == [2, 0])
+        assert [u["url"] for u in ups] == ["socks5://u:***@198.51.100.2:1080", urls[1]]
+        kill(socks)
+        settled_upstreams(relay, lambda ups: [u["healthy"] for u in ups] == [False, True])
+        both(b"after")
+        st = relay.settled_stats(lambda st: st["upstream_failover"] == 2)
+        assert st["up_datagrams"] == 4
+        settled_upstreams(relay, lambda ups: [u["flows"] for u in ups] == [0, 2])
+        gost.settled_stats(lambda st: st["up_datagrams"] == 2)
+    finally:
+        relay.close()
+        socks.close()
+        gost.close()
