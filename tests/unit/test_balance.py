@@ -287,3 +287,22 @@ def test_tunnel_client_with_two_servers(running):
     finally:
         c.close()
         echo.close()
+
+
+def test_stats_answer_and_table_show_upstreams():
+    import json
+    from relay import cli, stats
+    region = stats.UpstreamRegion(2)
+    stats.publish_upstreams(region.slot(0), [True, False], [3, 0])
+    stats.publish_upstreams(region.slot(1), [True, True], [1, 2])
+    names = ["tunnel://192.0.2.1:8443", "socks5://u:***@192.0.2.2:1080"]
+    ups = stats.upstream_summary(names, [region.read(0), region.read(1)])
+    assert ups == [{"url": names[0], "healthy": True, "flows": 4},
+                   {"url": names[1], "healthy": False, "flows": 2}]   # one worker sees it down
+    data = json.loads(stats.to_json({"wan": dict.fromkeys(stats.COUNTERS, 0)}, {"wan": ups}))
+    text = cli.upstreams_table(data)
+    assert text.splitlines()[0] == "upstreams of wan:"
+    assert "tunnel://192.0.2.1:8443" in text and "DOWN" in text.splitlines()[2]
+    assert cli.upstreams_table(json.loads(stats.to_json({}))) == ""
+    region.clear(0)
+    assert stats.upstream_summary(names, [region.read(0)])[0]["healthy"] is False   # unknown

@@ -55,6 +55,8 @@ def test_example_file_loads():
         ("alice", "s3cr@t")
     assert not by["tunnel-out"].gost
     assert by["game-gost"].upstream == Upstream("gost", "203.0.113.10", 8444, "alice", "s3cr@t")
+    assert [u.kind for u in by["game-multi"].upstreams] == ["tunnel", "socks5"]
+    assert by["game-multi"].balance == "hash"
     assert by["socks"].user == "alice" and by["socks"].password == "s3cr@t"
 
 
