@@ -11,7 +11,8 @@ listener and worker:
   credentials), then closed;
 - socks5:// : the control connection and a UDP ASSOCIATE that must succeed, then closed;
 
-every HEALTH_INTERVAL seconds, each check given HEALTH_TIMEOUT seconds (relay/config.py).
+every HEALTH_INTERVAL seconds, all at the same time, each check given HEALTH_TIMEOUT seconds
+(relay/config.py).
 The thread also publishes each upstream's health and flows for `relay stats`
 (relay.stats.UpstreamRegion) after every check and every PUBLISH_INTERVAL between them.
 """
@@ -19,6 +20,7 @@ import logging
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from relay import proto as _proto
 from relay.config import HEALTH_INTERVAL, HEALTH_TIMEOUT
@@ -88,12 +90,14 @@ class HealthChecker:
         self.thread.start()
         return self
 
-    def check_once(self):
-        """One round: probe the upstreams that need it, set the core's flags, publish."""
-        for i, up in enumerate(self.upstreams):
-            why = probe(up, self.timeout, secret=self.secret, mark=self.mark)
-            if self.stop_event.is_set():
-                return
+    def check_once(self, pool=None):
+        """One round: probe the upstreams (at the same time on ``pool``, a thread pool, so
+        one that times out delays no other), set the core's flags, publish."""
+        whys = list((pool.map if pool is not None else map)(
+            lambda up: probe(up, self.timeout, secret=self.secret, mark=self.mark), self.upstreams))
+        if self.stop_event.is_set():
+            return
+        for i, (up, why) in enumerate(zip(self.upstreams, whys)):
             if why is not None and self.last[i] is None:
                 log.warning("upstream %s is down: %s", up, why)
             elif why is None and self.last[i] is not None:
@@ -110,16 +114,19 @@ class HealthChecker:
 
     def _run(self):
         next_check = 0.0
-        while not self.stop_event.is_set():
-            try:
-                if time.monotonic() >= next_check:
-                    next_check = time.monotonic() + self.interval
-                    self.check_once()
-                else:
-                    self.publish_now()
-            except Exception:            # a check must never take the listener down
-                log.exception("upstream health check failed; retrying")
-            self.stop_event.wait(max(0.0, min(PUBLISH_INTERVAL, next_check - time.monotonic())))
+        # its threads start from this one, with the capabilities a mark needs
+        with ThreadPoolExecutor(len(self.upstreams), thread_name_prefix=self.thread.name) as pool:
+            while not self.stop_event.is_set():
+                try:
+                    if time.monotonic() >= next_check:
+                        next_check = time.monotonic() + self.interval
+                        self.check_once(pool)
+                    else:
+                        self.publish_now()
+                except Exception:            # a check must never take the listener down
+                    log.exception("upstream health check failed; retrying")
+                self.stop_event.wait(max(0.0, min(PUBLISH_INTERVAL,
+                                                  next_check - time.monotonic())))
 
     def stop(self):
         self.stop_event.set()

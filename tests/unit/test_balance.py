@@ -234,6 +234,15 @@ def test_probe_live_and_dead_servers(running):
     assert "refused" in health.probe(parse_upstream(f"gost://127.0.0.1:{port}")).lower()
     # a socks5 server is no gost server: the handshake fails
     assert health.probe(parse_upstream(f"gost://[{host}]:{sport}")) is not None
+    # a server that accepts and never answers: the check times out
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    try:
+        up = parse_upstream(f"tunnel://127.0.0.1:{silent.getsockname()[1]}")
+        assert health.probe(up, timeout=0.3) == "timed out"
+    finally:
+        silent.close()
 
 
 def test_checker_sets_and_publishes_health(running, core):
