@@ -68,6 +68,8 @@ cdef class UpstreamCore:
     cdef int c_flush(self) except -1
     cdef int c_process(self) except -1
     cdef int c_tick(self, double now) except -1
+    # several upstreams: the flow of client moved to another upstream; end it here
+    cdef int c_forget(self, const sockaddr_any *client) except -1
 
 
 cdef struct cconn_t:             # one tunnel TCP connection of TunnelUpstream

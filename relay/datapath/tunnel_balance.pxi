@@ -49,8 +49,9 @@ cdef class BalancedUpstream(UpstreamCore):
     balance="failover": the first healthy upstream of the list; "hash": the healthy one of
     highest rendezvous score for the client's IP address (a client's flows share one
     upstream; losing one moves only its clients). A flow whose upstream is down moves to
-    the next healthy one (upstream_failover); failover mode leaves it there when the first
-    comes back, hash mode moves it back to the client's own upstream.
+    the next healthy one (upstream_failover), and the upstream it left ends it (c_forget);
+    failover mode leaves it there when the first comes back, hash mode moves it back to the
+    client's own upstream.
 
     Health is one flag per upstream, read per datagram and never checked here: what
     set_health last said (relay/services/health.py's background checks; healthy until told
@@ -206,6 +207,7 @@ cdef class BalancedUpstream(UpstreamCore):
             elif self.hashed and to != self.own[i] and self.healthy[self.own[i]]:
                 to = self.own[i]
             if to != self.cur[i]:
+                (<UpstreamCore>self.kids[self.cur[i]]).c_forget(client)
                 self.nflows[self.cur[i]] -= 1
                 self.nflows[to] += 1
                 self.cur[i] = to

@@ -33,22 +33,22 @@ def dead_port():
 
 @pytest.fixture
 def idle_balancer(core):
-    """make(balance, n) -> a BalancedUpstream over n tunnel cores whose server is not
-    there, health set by hand (by_conn false): for choosing, not for carrying."""
+    """make(balance, n) -> (a BalancedUpstream over n tunnel cores whose server is not
+    there, health set by hand (by_conn false): for choosing, not for carrying; its kids)."""
     made = []
 
     def make(balance_mode, n=4):
         kids = [core.TunnelUpstream(("127.0.0.1", dead_port())) for _ in range(n)]
         b = core.BalancedUpstream(kids, NAMES[:n], balance=balance_mode, max_flows=4096)
         made.append(b)
-        return b
+        return b, kids
     yield make
     for b in made:
         b.close()
 
 
 def test_hrw_order_same_in_both_implementations(idle_balancer):
-    b = idle_balancer("hash")
+    b, _ = idle_balancer("hash")
     seeds = [balance.upstream_seed(n) for n in NAMES]
     for host in CLIENTS4[:100] + CLIENTS6[:100] + ["::ffff:198.51.100.7"]:
         assert b.order(host) == balance.hrw_order(host, seeds), host
@@ -70,7 +70,7 @@ def test_hrw_is_stable_and_spreads():
 
 @pytest.mark.parametrize("lost", [0, 2])
 def test_hash_losing_one_upstream_moves_only_its_clients(idle_balancer, lost):
-    b = idle_balancer("hash")
+    b, kids = idle_balancer("hash")
     dst = ("192.0.2.99", 53)
     before = {}
     for n, host in enumerate(CLIENTS4[:150] + CLIENTS6[:150]):
@@ -86,6 +86,9 @@ def test_hash_losing_one_upstream_moves_only_its_clients(idle_balancer, lost):
     moved = {c for c in before if after[c] != before[c]}
     assert moved == {c for c in before if before[c] == lost}
     assert lost not in after.values()
+    # the upstream a flow left ended it: each flow is on one child only
+    assert [k.flows_open for k in kids] == b.upstream_flows() == [
+        list(after.values()).count(i) for i in range(4)]
     assert b.stats[INDEX["upstream_failover"]] == len(moved)
     # a second flow of a moved client goes where its first went
     host, port = next(iter(moved))
@@ -96,11 +99,12 @@ def test_hash_losing_one_upstream_moves_only_its_clients(idle_balancer, lost):
     for client in before:
         b.send(client, dst, b"w")
     assert {c: b.flow_upstream(c) for c in before} == before
+    assert [k.flows_open for k in kids] == b.upstream_flows()
     assert b.stats[INDEX["upstream_failover"]] == 2 * len(moved)
 
 
 def test_failover_first_healthy_and_sticky(idle_balancer):
-    b = idle_balancer("failover", 3)
+    b, kids = idle_balancer("failover", 3)
     dst = ("192.0.2.99", 53)
     b.send(("198.51.100.1", 1), dst, b"a")
     assert b.flow_upstream(("198.51.100.1", 1)) == 0
@@ -126,6 +130,7 @@ def test_failover_first_healthy_and_sticky(idle_balancer):
     b.send(("198.51.100.4", 1), dst, b"h")
     assert [b.flow_upstream((h, 1)) for h in ("198.51.100.2", "198.51.100.4")] == [1, 0]
     assert b.flow_upstream(("198.51.100.250", 1)) is None
+    assert [k.flows_open for k in kids] == b.upstream_flows() == [2, 1, 1]
 
 
 def test_balancer_table_is_bounded_and_expires(core):
@@ -188,9 +193,10 @@ def test_server_dies_flows_move_and_stay(running, core, mode, host):
     servers = [running(cfg("tunnel-server", listen=(host, 0), allow=allow)) for _ in range(2)]
     addrs = [s.address[:2] for s in servers]
     echo = Echo(host)
-    kids = [core.TunnelUpstream(a) for a in addrs]
+    stats = memoryview(bytearray(8 * len(INDEX))).cast("Q")      # shared, as in a worker
+    kids = [core.TunnelUpstream(a, stats=stats) for a in addrs]
     names = [f"tunnel://[{a[0]}]:{a[1]}" if ":" in a[0] else f"tunnel://{a[0]}:{a[1]}" for a in addrs]
-    b = core.BalancedUpstream(kids, names, balance=mode, by_conn=[True, True])
+    b = core.BalancedUpstream(kids, names, balance=mode, by_conn=[True, True], stats=stats)
     got = []
     b.collect_replies(got)
     try:
@@ -210,11 +216,14 @@ def test_server_dies_flows_move_and_stay(running, core, mode, host):
         assert b.flow_upstream(client) == 1 - first
         assert b.stats[INDEX["upstream_failover"]] == 1
         assert b.upstream_flows()[1 - first] == 1 and b.upstream_flows()[first] == 0
+        assert [k.flows_open for k in kids] == b.upstream_flows()      # the dead one ended it
         servers[first] = running(cfg("tunnel-server", listen=(host, port), allow=allow))
         drive(b, lambda: b.health == [True, True], "the server back", timeout=8.0)
         ask(b, got, client, echo.addr, b"three")
         assert b.flow_upstream(client) == (1 - first if mode == "failover" else first)
         assert b.stats[INDEX["upstream_failover"]] == (1 if mode == "failover" else 2)
+        assert [k.flows_open for k in kids] == b.upstream_flows()
+        assert b.stats[INDEX["assoc_open"]] == 1
     finally:
         b.close()
         echo.close()

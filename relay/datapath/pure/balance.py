@@ -6,7 +6,7 @@ A balancing core owns N child cores (TunnelUpstream, Socks5Upstream) and gives e
 list; ``hash``: the healthy upstream of highest rendezvous (HRW) score for the client's IP
 address, so all flows of a client share one upstream and losing an upstream moves only the
 clients it had. A flow whose upstream is down moves to the next healthy one
-(``upstream_failover``); failover mode leaves moved flows where they are when the first
+(``upstream_failover``), and the upstream it left ends it (``forget``); failover mode leaves moved flows where they are when the first
 upstream comes back (new flows go to it), hash mode moves them back to their own upstream.
 Health is not looked at on the data path beyond one flag per upstream: what
 relay.services.health's background checks last said (set_health), and for a multiplexed
@@ -143,7 +143,8 @@ class BalancedUpstream(UpstreamBase):
                 return i, order[0]
         return order[0], order[0]
 
-    def _move(self, fl, to):
+    def _move(self, client, fl, to):
+        self.kids[fl[0]].forget(client)
         self.nflows[fl[0]] -= 1
         self.nflows[to] += 1
         fl[0] = to
@@ -165,9 +166,9 @@ class BalancedUpstream(UpstreamBase):
             if not self.healthy[fl[0]]:
                 to = self._pick(key[0])[0]
                 if to != fl[0] and self.healthy[to]:
-                    self._move(fl, to)
+                    self._move(client, fl, to)
             elif self.hashed and fl[0] != fl[1] and self.healthy[fl[1]]:
-                self._move(fl, fl[1])
+                self._move(client, fl, fl[1])
         self.kids[fl[0]].send(client, dst, data)
 
     def _forget(self, key):
