@@ -62,9 +62,10 @@ def one(topo, scenario, port):
                 if how == "kill":
                     os.killpg(servers[0].proc.pid, signal.SIGKILL)
                 else:
-                    topo.srv.run("nft", "add table inet fo")
-                    topo.srv.run("nft", "add chain inet fo in { type filter hook input priority 0 ; }")
-                    topo.srv.run("nft", f"add rule inet fo in ip daddr {SRV4} tcp dport {port} drop")
+                    for rule in ("add table inet fo",
+                                 "add chain inet fo in { type filter hook input priority 0 ; }",
+                                 f"add rule inet fo in ip daddr {SRV4} tcp dport {port} drop"):
+                        topo.srv.run("nft", rule)
                 t_fail, fail_seq = time.monotonic(), n
             s.send(b"%d" % n)
             n += 1

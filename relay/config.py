@@ -46,7 +46,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 REPLY_MODES = ("raw", "transparent")
 BALANCE_MODES = ("failover", "hash")     # several upstreams (relay/datapath/pure/balance.py)
 MAX_UPSTREAMS = 16                       # upstreams of one listener (tunnel_balance.pxi)
-HEALTH_INTERVAL = 1.0       # seconds between background checks of gost:// and socks5:// upstreams
+HEALTH_INTERVAL = 1.0       # seconds between background checks of several upstreams
 HEALTH_TIMEOUT = 2.0        # seconds one check may take (relay/services/health.py)
 
 MAX_WORKERS = 1024
@@ -257,8 +257,8 @@ _LOGIN = {"user", "password", "password_file"}
 _TUNNEL_UP = _SECRET | {"connections"}       # with a tunnel:// upstream
 MODE_KEYS = {
     "forward": _COMMON | {"to", "upstream", "balance", "gro"} | _TUNNEL_UP,
-    "redir": _COMMON | {"upstream", "balance", "reply", "transparent_cache", "transparent_idle", "gro",
-                        "reject"} | _TUNNEL_UP,
+    "redir": _COMMON | {"upstream", "balance", "reply", "transparent_cache", "transparent_idle",
+                        "gro", "reject"} | _TUNNEL_UP,
     "tunnel-server": _COMMON | _SECRET | _LOGIN | {"allow", "deny", "allow_host", "insecure"},
     "tunnel-client": _COMMON | _SECRET | _LOGIN | {"to", "server", "balance", "connections",
                                                    "gost"},
