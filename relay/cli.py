@@ -327,7 +327,8 @@ def _watch_stats(args, query, clock=time.monotonic, sleep=time.sleep, out=None, 
                 clear = "\x1b[H\x1b[2J" if out.isatty() else ""
                 out.write(f"{clear}relay stats every {interval:g} s "
                           f"({time.strftime('%H:%M:%S')}), Ctrl-C ends\n"
-                          + stats_table(data, rates) + ("" if clear else "\n"))
+                          + stats_table(data, rates) + upstreams_table(data)
+                          + ("" if clear else "\n"))
                 out.flush()
                 n += 1
             prev, prev_t = data, now

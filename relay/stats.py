@@ -93,16 +93,31 @@ def total(dicts):
     return out
 
 
-def prometheus(per_listener):
-    """Prometheus text exposition of {listener_name: counters}."""
+def _label(value):
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def prometheus(per_listener, upstreams=None):
+    """Prometheus text exposition of {listener_name: counters}, and of ``upstreams``
+    ({listener: [{url, healthy, flows}]}, several upstreams) when given."""
     lines = []
     for name in COUNTERS:
         metric = f"relay_{name}" + ("" if name in GAUGES else "_total")
         lines.append(f"# HELP {metric} {HELP[name]}")
         lines.append(f"# TYPE {metric} {'gauge' if name in GAUGES else 'counter'}")
         for listener, counters in sorted(per_listener.items()):
-            label = listener.replace("\\", "\\\\").replace('"', '\\"')
-            lines.append(f'{metric}{{listener="{label}"}} {counters[name]}')
+            lines.append(f'{metric}{{listener="{_label(listener)}"}} {counters[name]}')
+    if upstreams:
+        for metric, key, text in (("relay_upstream_healthy", "healthy",
+                                   "1 while the upstream is healthy (several upstreams)"),
+                                  ("relay_upstream_flows", "flows", "flows on the upstream now")):
+            lines.append(f"# HELP {metric} {text}")
+            lines.append(f"# TYPE {metric} gauge")
+            for listener, ups in sorted(upstreams.items()):
+                for up in ups:
+                    labels = ",".join(f'{k}="{_label(v)}"' for k, v in
+                                      (("listener", listener), ("upstream", up["url"])))
+                    lines.append(f"{metric}{{{labels}}} {int(up[key])}")
     return "\n".join(lines) + "\n"
 
 

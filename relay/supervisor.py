@@ -338,7 +338,7 @@ class Supervisor:
                     if req == "stats":
                         body = stats_mod.to_json(self.counters(), self.upstream_health())
                     elif req == "metrics":
-                        body = stats_mod.prometheus(self.counters())
+                        body = stats_mod.prometheus(self.counters(), self.upstream_health())
                     elif req == "config":
                         body = json.dumps(self.describe())
                     else:
@@ -367,7 +367,8 @@ class Supervisor:
         if not addr:
             return
         from relay.metrics import MetricsServer
-        self.metrics_server = MetricsServer(addr, lambda: stats_mod.prometheus(self.counters()))
+        self.metrics_server = MetricsServer(addr, lambda: stats_mod.prometheus(self.counters(),
+                                                                        self.upstream_health()))
 
     # ---- main loop -------------------------------------------------------------------
 

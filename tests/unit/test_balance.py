@@ -324,3 +324,7 @@ def test_stats_answer_and_table_show_upstreams():
     assert cli.upstreams_table(json.loads(stats.to_json({}))) == ""
     region.clear(0)
     assert stats.upstream_summary(names, [region.read(0)])[0]["healthy"] is False   # unknown
+    text = stats.prometheus({"wan": dict.fromkeys(stats.COUNTERS, 0)}, {"wan": ups})
+    assert 'relay_upstream_healthy{listener="wan",upstream="tunnel://192.0.2.1:8443"} 1' in text
+    assert 'relay_upstream_flows{listener="wan",upstream="socks5://u:***@192.0.2.2:1080"} 2' in text
+    assert "relay_upstream_healthy" not in stats.prometheus({"wan": dict.fromkeys(stats.COUNTERS, 0)})
