@@ -26,7 +26,8 @@ from tests.support import ALLOW
 
 pytestmark = pytest.mark.netns
 
-BOUND = 1.0              # seconds from the kill after which nothing may be lost (bench/README.md)
+BOUND = 0.5              # seconds from the kill after which nothing may be lost (measured:
+                         # about 15 ms, bench/README.md "Failover")
 CLIENTS4 = [f"192.0.2.{30 + i}" for i in range(8)]
 CLIENTS6 = [f"2001:db8:1::{30 + i:x}" for i in range(8)]
 INTERVAL = 0.02          # each client sends every INTERVAL seconds
@@ -131,18 +132,12 @@ def round_trip_all(socks, dst, tag):
             raise AssertionError(f"client {i}: no echo of {msg!r}")
 
 
-CASES = [("failover", False, "c"), ("hash", False, "c"), ("failover", True, "c"),
-         ("hash", True, "c"), ("hash", False, "pure")]
-
-
-@pytest.mark.parametrize("mode,v6,impl_", CASES,
-                         ids=[f"{m}-{'ipv6' if v6 else 'ipv4'}-{i}" for m, v6, i in CASES])
-def test_kill_one_server_under_load(mtopo, monkeypatch, mode, v6, impl_):
-    """impl_ "pure": the relays run the pure twins (forward's UdpFrontend, pure/balance.py)."""
-    if impl_ == "pure":
-        monkeypatch.setenv("RELAY_PURE_PYTHON", "1")
+@pytest.mark.parametrize("mode", ["failover", "hash"])
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_kill_one_server_under_load(mtopo, mode, v6):
+    """The compiled cores (the pure twins: tests/unit/test_balance.py, with live servers)."""
     topo = mtopo
-    port = 8443 + 2 * CASES.index((mode, v6, impl_))      # a port pair per test
+    port = 8443 + 2 * (2 * v6 + (mode == "hash"))      # a port pair per test
     hosts = (SRV6, SRV6_B) if v6 else (SRV4, SRV4_B)
     clients = CLIENTS6 if v6 else CLIENTS4
     family = socket.AF_INET6 if v6 else socket.AF_INET
