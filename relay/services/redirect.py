@@ -110,11 +110,11 @@ def make_core(cfg, ctx, t=None):
         try:
             for u in cfg.upstreams:
                 kids.append(_one_core(t, cfg, u, common))
+            return balanced_core(t, cfg, ctx, kids, upstream_flows(cfg))
         except BaseException:
             for kid in kids:
                 kid.close()
             raise
-        return balanced_core(t, cfg, ctx, kids, upstream_flows(cfg))
     return _one_core(t, cfg, up, common)
 
 

@@ -38,12 +38,12 @@ class TunnelClientService(Service):
                     mark=sockopt.usable_mark(cfg.mark), stats=ctx.stats, timeout=timeout,
                     max_flows=max_flows, queue_limit=QUEUE_LIMIT, log=log, gost=cfg.gost,
                     user=cfg.user, password=cfg.password, port_timeouts=cfg.port_timeouts()))
+            self.upstream = kids[0] if not cfg.servers else \
+                balanced_core(t, cfg, ctx, kids, max_flows)
         except BaseException:
             for kid in kids:
                 kid.close()
             raise
-        self.upstream = kids[0] if not cfg.servers else \
-            balanced_core(t, cfg, ctx, kids, max_flows)
         self.health = make_health(cfg, ctx, self.upstream)
         self.usock = sockopt.udp_listen(cfg.listen, reuseport=ctx.reuseport)
         self.address = self.usock.getsockname()
