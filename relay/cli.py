@@ -99,7 +99,7 @@ def _upstream_options(p, mode):
          "gost://[USER:PASS@]HOST:PORT (a gost server's UDP-over-TCP tunnel, one TCP connection "
          "per flow) or socks5://[USER:PASS@]HOST:PORT (SOCKS5 UDP ASSOCIATE) instead of "
          "directly; USER and PASS are percent-encoded; repeat for several upstreams (at most "
-         "16, see --balance)", metavar="URL", action="append")
+         "16, 'direct' may be one of them; see --balance)", metavar="URL", action="append")
     _balance_option(g, mode, "--upstream")
     _opt(g, mode, "--secret", "with --upstream tunnel:// only: the tunnel server's secret "
          "(proved with an HMAC, never sent); visible in `ps`: prefer --secret-file or "

@@ -99,6 +99,7 @@ class ListenerConfig:
     server: Optional[tuple] = None
     upstream: Optional[Upstream] = None
     upstreams: tuple = ()                    # every upstream, in order, when several are given
+                                             # (then upstream is the first, direct included)
     servers: tuple = ()                      # tunnel-client: every server, when several
     balance: str = "failover"                # several upstreams: failover or hash
     reply: str = "raw"
@@ -419,18 +420,14 @@ def _get_several(ctx, key, value, parse_one, show=str):
 
 
 def _get_upstreams(ctx, key, value):
-    """``upstream``: one URL or several proxy URLs: {"upstream": the first or None,
-    "upstreams": all when several, else ()}."""
-    def one(where, text, several):
+    """``upstream``: one URL or several (``direct`` may be one of them): {"upstream": the
+    first (None for direct alone), "upstreams": all when several, else ()}."""
+    def one(where, text, _several):
         text = _get_str(ctx, where, text)
         try:
-            up = parse_upstream(text, resolve=ctx.resolve)
+            return parse_upstream(text, resolve=ctx.resolve)
         except ValueError as exc:
             raise ctx.error(where, str(exc)) from None
-        if several and up.kind == "direct":
-            raise ctx.error(where, "direct cannot be one of several upstreams (give tunnel://, "
-                                   "gost:// or socks5:// URLs)")
-        return up
     ups = _get_several(ctx, key, value, one)
     if len(ups) == 1:
         return {"upstream": None if ups[0].kind == "direct" else ups[0]}

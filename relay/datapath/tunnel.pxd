@@ -192,3 +192,20 @@ cdef class BalancedUpstream(UpstreamCore):
     cdef table_t tab             # client -> flow slot, LRU order, last use
     cdef int bal_pick(self, const akey_t *k, int *first) noexcept
     cdef int bal_conn_health(self) except -1
+
+
+cdef class DirectUpstream(UpstreamCore):
+    # plain UDP as one of several upstreams (relay/datapath/direct_upstream.pxi)
+    cdef sockaddr_any *clients   # by table entry: the flow's client (its socket: tab.e[i].fd)
+    cdef int max_flows
+    cdef int family              # of the flow sockets (AF_INET6: dual stack)
+    cdef int batch
+    cdef int fd_ceiling
+    cdef table_t tab             # client -> flow slot, LRU order, last use
+    cdef object mark
+    cdef uint8_t *scratch
+    cdef mmsghdr *rmsgs
+    cdef iovec *riovs
+    cdef sockaddr_any *rnames
+    cdef int dflow_close(self, int i, int counter) except -1
+    cdef int dflow_read(self, int i) except -1

@@ -9,6 +9,9 @@ listener and worker:
   (a server that stops), and when a check fails (a path that drops everything silently);
 - gost:// : a TCP connection and the gost handshake (CMD 0xF3, RFC 1929 when the URL has
   credentials), then closed;
+- direct : the route (a UDP socket connected, nothing sent): to forward's --to, or for
+  redir to ROUTE_PROBES, an address of each family that only a default route reaches
+  (healthy when either family has a route);
 - socks5:// : the control connection and a UDP ASSOCIATE that must succeed, then closed;
 
 every HEALTH_INTERVAL seconds, all at the same time, each check given HEALTH_TIMEOUT seconds
@@ -27,6 +30,7 @@ from relay.config import HEALTH_INTERVAL, HEALTH_TIMEOUT
 from relay.net import sockopt
 
 log = logging.getLogger("relay")
+ROUTE_PROBES = (("198.18.0.1", 9), ("2001:2::1", 9))    # benchmarking ranges (RFC 2544, 5180)
 PUBLISH_INTERVAL = 0.25     # seconds between publications of health and flows (relay stats)
 
 
@@ -35,8 +39,28 @@ def by_conn(up):
     return up.kind == "tunnel"
 
 
-def probe(up, timeout=HEALTH_TIMEOUT, secret=None, mark=None):
-    """Check upstream ``up`` (relay.net.addr.Upstream) once: None when healthy, else why not."""
+def route_probe(targets, mark=None):
+    """None when the kernel has a route to one of ``targets`` ((host, port), IP literals),
+    else why not. Nothing is sent: connect() on a UDP socket only looks the route up."""
+    why = "no target"
+    for host, port in targets:
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            with socket.socket(fam, socket.SOCK_DGRAM) as s:
+                if mark:
+                    s.setsockopt(socket.SOL_SOCKET, sockopt.SO_MARK, mark)
+                s.connect((host, port))
+                return None
+        except OSError as e:
+            why = f"no route to {host}: {e.strerror or e}"
+    return why
+
+
+def probe(up, timeout=HEALTH_TIMEOUT, secret=None, mark=None, direct_to=None):
+    """Check upstream ``up`` (relay.net.addr.Upstream) once: None when healthy, else why not
+    (direct: the route to ``direct_to``, or to ROUTE_PROBES)."""
+    if up.kind == "direct":
+        return route_probe([direct_to] if direct_to else ROUTE_PROBES, mark)
     try:
         infos = socket.getaddrinfo(up.host, up.port, 0, socket.SOCK_STREAM)
     except OSError as e:
@@ -77,8 +101,9 @@ class HealthChecker:
     uint64 memoryview (relay.stats.UpstreamRegion.slot) or None."""
 
     def __init__(self, core, upstreams, *, secret=None, mark=None, publish=None,
-                 interval=HEALTH_INTERVAL, timeout=HEALTH_TIMEOUT, name="upstream"):
-        self.core, self.upstreams = core, list(upstreams)
+                 interval=HEALTH_INTERVAL, timeout=HEALTH_TIMEOUT, name="upstream",
+                 direct_to=None):
+        self.core, self.upstreams, self.direct_to = core, list(upstreams), direct_to
         self.secret, self.mark, self.publish = secret, mark, publish
         self.interval, self.timeout = interval, timeout
         self.stop_event = threading.Event()
@@ -94,7 +119,8 @@ class HealthChecker:
         """One round: probe the upstreams (at the same time on ``pool``, a thread pool, so
         one that times out delays no other), set the core's flags, publish."""
         whys = list((pool.map if pool is not None else map)(
-            lambda up: probe(up, self.timeout, secret=self.secret, mark=self.mark), self.upstreams))
+            lambda up: probe(up, self.timeout, secret=self.secret, mark=self.mark,
+                             direct_to=self.direct_to), self.upstreams))
         if self.stop_event.is_set():
             return
         for i, (up, why) in enumerate(zip(self.upstreams, whys)):

@@ -22,7 +22,7 @@ class UdpService(Service):
         self.engine = self.frontend = self.health = None
         redir = cfg.mode == "redir"
         t, native = _select.load("tunnel")
-        if redir and not native and cfg.upstream is not None and cfg.upstream.kind != "direct":
+        if redir and not native and (cfg.upstreams or cfg.upstream is not None):
             raise RuntimeError("redir through an upstream needs the compiled relay.datapath.tunnel "
                                "(python setup.py build_ext), which is not in use here")
         try:
@@ -98,7 +98,7 @@ def make_core(cfg, ctx, t=None):
     flows, evicting the least recently used at the cap, like the engine's associations.
     Several upstreams: a BalancedUpstream over one core each (--balance)."""
     up = cfg.upstream
-    if up is None or up.kind == "direct":
+    if not cfg.upstreams and (up is None or up.kind == "direct"):
         return None
     if t is None:
         t = _select.module("tunnel")
@@ -135,7 +135,8 @@ def make_health(cfg, ctx, core):
         return None
     return health.HealthChecker(core, cfg.balanced_upstreams(), secret=cfg.secret,
                                 mark=sockopt.usable_mark(cfg.mark),
-                                publish=getattr(ctx, "upstreams", None), name=cfg.name)
+                                publish=getattr(ctx, "upstreams", None), name=cfg.name,
+                                direct_to=cfg.to if cfg.mode == "forward" else None)
 
 
 def _one_core(t, cfg, up, common):
@@ -148,6 +149,8 @@ def _one_core(t, cfg, up, common):
     if up.kind == "socks5":
         return t.Socks5Upstream((up.host, up.port), user=up.user, password=up.password,
                                 **common)
+    if up.kind == "direct":                     # one of several upstreams
+        return t.DirectUpstream(**common)
     raise ValueError(f"unknown upstream kind {up.kind!r}")
 
 

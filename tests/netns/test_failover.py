@@ -239,3 +239,37 @@ def test_redir_socks5_then_gost_failover(topo):
         relay.close()
         socks.close()
         gost.close()
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_tunnel_then_direct(mtopo, v6):
+    """upstream = [tunnel://srv, direct]: through the tunnel, then, the tunnel server
+    killed, directly (direct's health: the route to --to)."""
+    topo = mtopo
+    port = 8470 + v6
+    host = SRV6_B if v6 else SRV4_B
+    target = (SRV6 if v6 else SRV4, 5000)
+    server = tunnel_server(topo, host, port)
+    relay = RelayProcess(["forward", "--listen", f"[::]:{port}", "--to",
+                          f"[{target[0]}]:5000" if v6 else f"{target[0]}:5000",
+                          "--upstream", url(host, port), "--upstream", "direct",
+                          "--secret", SECRET], ns=topo.rtr, log_level="warning")
+    c = topo.cli.socket(socket.AF_INET6 if v6 else socket.AF_INET)
+    dst = (RTR6_CLI if v6 else RTR4_CLI, port)
+    try:
+        server.wait_ready()
+        relay.wait_ready()
+        settled_upstreams(relay, lambda ups: [u["healthy"] for u in ups] == [True, True])
+        assert udp_roundtrip(c, dst, b"tunnel", timeout=3) == (b"tunnel", dst)
+        server.settled_stats(lambda st: st["up_datagrams"] == 1)
+        kill(server)
+        settled_upstreams(relay, lambda ups: [u["healthy"] for u in ups] == [False, True])
+        assert udp_roundtrip(c, dst, b"direct", timeout=3) == (b"direct", dst)
+        st = relay.settled_stats(lambda st: st["upstream_failover"] == 1)
+        assert st["up_datagrams"] == 2 == st["down_datagrams"]
+        ups = settled_upstreams(relay, lambda ups: [u["flows"] for u in ups] == [0, 1])
+        assert [u["url"] for u in ups] == [url(host, port), "direct"]
+    finally:
+        c.close()
+        relay.close()
+        server.close()

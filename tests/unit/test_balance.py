@@ -328,3 +328,71 @@ def test_stats_answer_and_table_show_upstreams():
     assert 'relay_upstream_healthy{listener="wan",upstream="tunnel://192.0.2.1:8443"} 1' in text
     assert 'relay_upstream_flows{listener="wan",upstream="socks5://u:***@192.0.2.2:1080"} 2' in text
     assert "relay_upstream_healthy" not in stats.prometheus({"wan": dict.fromkeys(stats.COUNTERS, 0)})
+
+
+# ------------------------------------------------------------------ direct as one of several
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
+def test_direct_upstream_carries_bounded_flows(core, host):
+    echo = Echo(host)
+    d = core.DirectUpstream(max_flows=2, timeout=5.0)
+    got = []
+    d.collect_replies(got)
+    try:
+        for ports in ((1, 2), (3,)):            # the third evicts the first (at the cap)
+            for port in ports:
+                d.send(("198.51.100.1", port), echo.addr, b"p%d" % port)
+            deadline, want = time.monotonic() + 5, len(got) + len(ports)
+            while len(got) < want and time.monotonic() < deadline:
+                select.select([d.fileno()], [], [], 0.05)
+                d.process()
+        assert [g[2] for g in got[:2]] in ([b"p1", b"p2"], [b"p2", b"p1"]) and got[2][2] == b"p3"
+        assert [g[0][:2] for g in got if g[2] == b"p3"] == [("198.51.100.1", 3)]
+        assert {g[1][:2] for g in got} == {tuple(echo.addr[:2])}      # the real source
+        st = d.stats
+        assert d.flows_open == 2 and st[INDEX["assoc_created"]] == 3
+        assert st[INDEX["assoc_evicted"]] == 1 and st[INDEX["assoc_open"]] == 2
+        assert st[INDEX["up_datagrams"]] == 3 == st[INDEX["down_datagrams"]]
+        d.forget(("198.51.100.1", 3))
+        assert d.flows_open == 1 and st[INDEX["assoc_open"]] == 1
+        d.tick(time.monotonic() + 10)
+        assert d.flows_open == 0 and st[INDEX["assoc_expired"]] == 1
+    finally:
+        d.close()
+        echo.close()
+
+
+def test_tunnel_down_falls_back_to_direct(running, core):
+    """upstream = [tunnel://A, direct]: through the tunnel while it is up, directly once
+    its server stops; the route check of direct (forward's --to) passes."""
+    server = running(cfg("tunnel-server", listen=("127.0.0.1", 0), allow=["127.0.0.0/8"]))
+    echo = Echo("127.0.0.1")
+    stats = memoryview(bytearray(8 * len(INDEX))).cast("Q")
+    kids = [core.TunnelUpstream(server.address[:2], stats=stats), core.DirectUpstream(stats=stats)]
+    b = core.BalancedUpstream(kids, ["tunnel://127.0.0.1", "direct"], by_conn=[True, False],
+                              stats=stats)
+    got = []
+    b.collect_replies(got)
+    try:
+        assert health.probe(parse_upstream("direct"), direct_to=tuple(echo.addr)) is None
+        drive(b, lambda: b.health == [True, True], "connected")
+        client = ("198.51.100.1", 7)
+        ask(b, got, client, echo.addr, b"tunnel")
+        assert b.flow_upstream(client) == 0 and server.stats()["up_datagrams"] == 1
+        server.stop()
+        drive(b, lambda: not b.health[0], "the dead server noticed")
+        ask(b, got, client, echo.addr, b"direct")
+        assert b.flow_upstream(client) == 1 and stats[INDEX["upstream_failover"]] == 1
+        assert [k.flows_open for k in kids] == [0, 1]
+    finally:
+        b.close()
+        echo.close()
+
+
+def test_route_probe():
+    assert health.route_probe([("127.0.0.1", 9)]) is None
+    assert health.route_probe([("::1", 9)]) is None
+    # the broadcast address without SO_BROADCAST: refused, the reason given; one target
+    # of several with a route is enough
+    assert health.route_probe([("255.255.255.255", 9)]).startswith("no route to 255.255.255.255")
+    assert health.route_probe([("255.255.255.255", 9), ("127.0.0.1", 9)]) is None

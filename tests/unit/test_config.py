@@ -533,6 +533,10 @@ def test_several_upstreams_list_and_single_string():
         assert lst.upstreams == () and lst.all_upstreams() == (lst.upstream,)
         assert lst.balance == "failover"
     assert parse_config(one("forward")).listeners[0].all_upstreams() == ()
+    lst = parse_config(one("forward", upstream=["tunnel://127.0.0.1:8443", "direct"],
+                           secret="k")).listeners[0]
+    assert [u.kind for u in lst.upstreams] == ["tunnel", "direct"]
+    assert lst.summary()["upstreams"] == ["tunnel://127.0.0.1:8443", "direct"]
     # secret and connections go with the tunnel:// one of a mix with gost://
     parse_config(one("forward", upstream=["gost://127.0.0.1:1", "tunnel://127.0.0.1:2"],
                      secret="k", connections=2))
@@ -541,7 +545,7 @@ def test_several_upstreams_list_and_single_string():
 @pytest.mark.parametrize("value,extra,key,reason", [
     (["tunnel://127.0.0.1:1", "tunnel://127.0.0.1"], {}, "upstream[1]", "missing port"),
     (["tunnel://127.0.0.1:1", 5], {}, "upstream[1]", "expected a string"),
-    (["tunnel://127.0.0.1:1", "direct"], {}, "upstream[1]", "direct cannot be one of several"),
+    (["direct", "tunnel://127.0.0.1:1", "direct"], {}, "upstream[2]", "direct is given twice"),
     (["socks5://127.0.0.1:1", "socks5://127.0.0.1:1"], {}, "upstream[1]", "is given twice"),
     ([], {}, "upstream", "expected 1-16 values, got 0"),
     ([f"tunnel://127.0.0.1:{p}" for p in range(1, 18)], {}, "upstream", "got 17"),
