@@ -115,6 +115,11 @@ cdef class BalancedUpstream(UpstreamCore):
 
     # -- what stats, health checks and `relay flows` read
     @property
+    def upstream_names(self):
+        """The upstreams' URLs without credentials: flow_upstream's indices name these."""
+        return list(self.names)
+
+    @property
     def health(self):
         return [bool(self.healthy[i]) for i in range(self.nkids)]
 

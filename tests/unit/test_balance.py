@@ -209,6 +209,7 @@ def test_server_dies_flows_move_and_stay(running, core, mode, host):
         ask(b, got, client, echo.addr, b"one")
         first = b.flow_upstream(client)
         assert first == (0 if mode == "failover" else b.order(host)[0])
+        assert b.upstream_names == names
         port = addrs[first][1]
         servers[first].stop()
         drive(b, lambda: not b.health[first], "the dead server noticed")

@@ -103,6 +103,11 @@ class BalancedUpstream(UpstreamBase):
 
     # -- what stats, health checks and `relay flows` read
     @property
+    def upstream_names(self):
+        """The upstreams' URLs without credentials: flow_upstream's indices name these."""
+        return list(self.names)
+
+    @property
     def health(self):
         return list(self.healthy)
 
