@@ -118,7 +118,9 @@ def _upstream_options(p, mode):
     _opt(g, mode, "--upstream", "send through tunnel://HOST:PORT (relay tunnel-server), "
          "gost://[USER:PASS@]HOST:PORT (a gost server's UDP-over-TCP tunnel, one TCP connection "
          "per flow) or socks5://[USER:PASS@]HOST:PORT (SOCKS5 UDP ASSOCIATE) instead of "
-         "directly; USER and PASS are percent-encoded", metavar="URL")
+         "directly; USER and PASS are percent-encoded; repeat for several upstreams (at most "
+         "16, 'direct' may be one of them; see --balance)", metavar="URL", action="append")
+    _balance_option(g, mode, "--upstream")
     _opt(g, mode, "--secret", "with --upstream tunnel:// only: the tunnel server's secret "
          "(proved with an HMAC, never sent); visible in `ps`: prefer --secret-file or "
          "RELAY_SECRET")
@@ -140,6 +142,12 @@ def _header_options(p, mode):
          "it is taken off (without a valid one: dropped, drop_bad_header) and put in front "
          "of every reply; the clients are relays running --header-out KIND",
          metavar="KIND")
+def _balance_option(g, mode, several):
+    from relay.config import BALANCE_MODES
+    _opt(g, mode, "--balance", f"with several {several}: failover (every new flow through the "
+         "first healthy one) or hash (a client's flows through one, by a consistent hash of its "
+         "address); a flow whose upstream goes down moves to the next healthy one",
+         choices=BALANCE_MODES)
 
 
 def _secret_options(g, mode, help):
@@ -185,13 +193,16 @@ def _listener_from_args(args, mode):
             continue
         if key in _LISTS:
             value = [x for v in value for x in v.replace(" ", ",").split(",") if x]
+        elif key in ("upstream", "server") and len(value) == 1:
+            value = value[0]                # repeated: a list, as in TOML
         lc[key] = value
     for key, (env, options) in _ENV.items():
         if key in MODE_KEYS[mode] and not any(k in lc for k in options) and os.environ.get(env):
             if key == "password" and "user" not in lc:
                 continue            # a password goes with a username
-            if mode in ("forward", "redir", "tun") and not str(lc.get("upstream", "")).startswith(
-                    "tunnel://"):
+            ups = lc.get("upstream", "")
+            if mode in ("forward", "redir", "tun") and not any(
+                    str(u).startswith("tunnel://") for u in (ups if isinstance(ups, list) else [ups])):
                 continue            # a secret only goes with a tunnel:// upstream
             lc[key] = os.environ[env]
     return lc
@@ -281,7 +292,8 @@ def _cmd_stats(args):
     if args.json or args.prometheus:
         print(text, end="" if text.endswith("\n") else "\n")
         return 0
-    print(stats_table(json.loads(text)), end="")
+    data = json.loads(text)
+    print(stats_table(data) + upstreams_table(data), end="")
     return 0
 
 
@@ -324,6 +336,16 @@ def clients_table(groups, rates=None):
     return "\n" + "\n".join(r[0].ljust(widths[0]) + "".join("  " + v.rjust(w) for v, w in
                                                            zip(r[1:], widths[1:]))
                             for r in [head] + rows)
+def upstreams_table(data):
+    """The `upstreams` section of a `stats` answer (listeners with several upstreams) as
+    text: per listener, each upstream's URL (no password), health and flows; "" if none."""
+    out = []
+    for name, ups in sorted(data.get("upstreams", {}).items()):
+        out.append(f"upstreams of {name}:")
+        for up in ups:
+            out.append(f"  {up['url']:<40} {'healthy' if up['healthy'] else 'DOWN':<8} "
+                       f"{up['flows']} flows")
+    return "\n".join(out) + "\n" if out else ""
 
 
 def stats_rates(before, after, seconds):
@@ -370,7 +392,8 @@ def _watch_stats(args, query, clock=time.monotonic, sleep=time.sleep, out=None, 
                 clear = "\x1b[H\x1b[2J" if out.isatty() else ""
                 out.write(f"{clear}relay stats every {interval:g} s "
                           f"({time.strftime('%H:%M:%S')}), Ctrl-C ends\n"
-                          + stats_table(data, rates) + ("" if clear else "\n"))
+                          + stats_table(data, rates) + upstreams_table(data)
+                          + ("" if clear else "\n"))
                 out.flush()
                 n += 1
             prev, prev_t = data, now
@@ -480,7 +503,8 @@ def _add_tunnel_client(sub):
                      "server is a gost server instead: every flow gets its own TCP connection "
                      "(CMD 0xF3), opened when the flow starts and closed when it idles out "
                      "(docs/tunnel.md).")
-    _opt(p, m, "--server", "the tunnel server", required=True, metavar="HOST:PORT")
+    _opt(p, m, "--server", "the tunnel server; repeat for several (at most 16, see --balance)",
+         required=True, metavar="HOST:PORT", action="append")
     _opt(p, m, "--listen", "UDP address to listen on", required=True, metavar="HOST:PORT")
     _opt(p, m, "--to", "destination of every datagram, as seen from the server", required=True,
          metavar="HOST:PORT")
@@ -492,6 +516,7 @@ def _add_tunnel_client(sub):
          "one TCP connection per flow; empty datagrams cannot be carried and are dropped "
          "(counted in drop_malformed)", action="store_true")
     _login_options(g, m, "with --gost: username for the server (RFC 1929)")
+    _balance_option(g, m, "--server")
     _flow_options(p, m)
     _runtime_options(p)
 

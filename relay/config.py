@@ -49,6 +49,10 @@ __all__ = [
 MODES = ("forward", "redir", "tunnel-server", "tunnel-client", "socks5", "tun")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 REPLY_MODES = ("raw", "transparent")
+BALANCE_MODES = ("failover", "hash")     # several upstreams (relay/datapath/pure/balance.py)
+MAX_UPSTREAMS = 16                       # upstreams of one listener (tunnel_balance.pxi)
+HEALTH_INTERVAL = 1.0       # seconds between background checks of several upstreams
+HEALTH_TIMEOUT = 2.0        # seconds one check may take (relay/services/health.py)
 
 MAX_WORKERS = 1024
 MAX_BATCH = 1024            # UIO_MAXIOV: the most messages one recvmmsg/sendmmsg takes
@@ -107,6 +111,10 @@ class ListenerConfig:
     to: Optional[tuple] = None
     server: Optional[tuple] = None
     upstream: Optional[Upstream] = None
+    upstreams: tuple = ()                    # every upstream, in order, when several are given
+                                             # (then upstream is the first, direct included)
+    servers: tuple = ()                      # tunnel-client: every server, when several
+    balance: str = "failover"                # several upstreams: failover or hash
     reply: str = "raw"
     mark: int = 255
     timeout: float = 60.0
@@ -155,6 +163,20 @@ class ListenerConfig:
             return self.timeout_port
         return tuple((lo, hi, min(sec, self.timeout)) for lo, hi, sec in DEFAULT_PORT_TIMEOUTS)
 
+    def all_upstreams(self):
+        """The upstreams in order: () for direct, one, or several (--upstream repeated)."""
+        return self.upstreams or ((self.upstream,) if self.upstream is not None else ())
+
+    def balanced_upstreams(self):
+        """The upstreams a balancing core spreads flows over (relay.net.addr.Upstream, in
+        order): forward/redir's several ``upstream``, tunnel-client's several ``server``
+        (tunnel://, or gost:// with its user and password); () with one or none."""
+        if self.servers:
+            kind = "gost" if self.gost else "tunnel"
+            return tuple(Upstream(kind, h, p, self.user if self.gost else None,
+                                  self.password if self.gost else None) for h, p in self.servers)
+        return self.upstreams
+
     def effective_workers(self, global_):
         return self.workers if self.workers is not None else global_.workers
 
@@ -172,8 +194,12 @@ class ListenerConfig:
                 continue
             if f.name in ("listen", "to", "server") and value is not None:
                 value = format_hostport(value)
+            elif f.name == "servers":
+                value = [format_hostport(a) for a in value]
             elif f.name == "upstream":
                 value = "direct" if value is None else str(value)
+            elif f.name == "upstreams":
+                value = [str(up) for up in value]
             elif f.name == "timeout_port":
                 value = format_port_timeouts(self.port_timeouts())
             elif f.name in ("allow", "deny"):
@@ -268,11 +294,12 @@ _SECRET = {"secret", "secret_file"}
 _LOGIN = {"user", "password", "password_file"}
 _TUNNEL_UP = _SECRET | {"connections"}       # with a tunnel:// upstream
 MODE_KEYS = {
-    "forward": _COMMON | {"to", "upstream", "gro", "header_out", "header_in"} | _TUNNEL_UP,
-    "redir": _COMMON | {"upstream", "reply", "transparent_cache", "transparent_idle", "gro",
-                        "reject"} | _TUNNEL_UP,
+    "forward": _COMMON | {"to", "upstream", "balance", "gro", "header_out", "header_in"} | _TUNNEL_UP,
+    "redir": _COMMON | {"upstream", "balance", "reply", "transparent_cache", "transparent_idle",
+                        "gro", "reject"} | _TUNNEL_UP,
     "tunnel-server": _COMMON | _SECRET | _LOGIN | {"allow", "deny", "allow_host", "insecure"},
-    "tunnel-client": _COMMON | _SECRET | _LOGIN | {"to", "server", "connections", "gost"},
+    "tunnel-client": _COMMON | _SECRET | _LOGIN | {"to", "server", "balance", "connections",
+                                                   "gost"},
     "socks5": _COMMON | _LOGIN | {"allow", "deny", "allow_host", "insecure", "strict_udp"},
     "tun": (_COMMON - {"listen"}) | {"upstream", "dev", "address", "mtu", "offload"} | _TUNNEL_UP,
 }
@@ -412,6 +439,38 @@ def _get_str(ctx, key, value, *, nonempty=True):
     if "\x00" in value:
         raise ctx.error(key, "must not contain NUL characters")
     return value
+
+
+def _get_several(ctx, key, value, parse_one, show=str):
+    """One value, or an array of 1 to MAX_UPSTREAMS distinct ones (``upstream``, tunnel-client's
+    ``server``): the values parse_one(key of the element, element) made, in order; each is
+    refused naming its index (``upstream[1]``)."""
+    several = isinstance(value, list)
+    if several and not 1 <= len(value) <= MAX_UPSTREAMS:
+        raise ctx.error(key, f"expected 1-{MAX_UPSTREAMS} values, got {len(value)}")
+    out = []
+    for n, item in enumerate(value if several else [value]):
+        where = f"{key}[{n}]" if several else key
+        got = parse_one(where, item, several and len(value) > 1)
+        if any(show(o) == show(got) for o in out):
+            raise ctx.error(where, f"{show(got)} is given twice")
+        out.append(got)
+    return out
+
+
+def _get_upstreams(ctx, key, value):
+    """``upstream``: one URL or several (``direct`` may be one of them): {"upstream": the
+    first (None for direct alone), "upstreams": all when several, else ()}."""
+    def one(where, text, _several):
+        text = _get_str(ctx, where, text)
+        try:
+            return parse_upstream(text, resolve=ctx.resolve)
+        except ValueError as exc:
+            raise ctx.error(where, str(exc)) from None
+    ups = _get_several(ctx, key, value, one)
+    if len(ups) == 1:
+        return {"upstream": None if ups[0].kind == "direct" else ups[0]}
+    return {"upstream": ups[0], "upstreams": tuple(ups)}
 
 
 def _get_choice(ctx, key, value, choices, what):
@@ -660,20 +719,24 @@ def _parse_listener(ctx, index, table):
     kw["listen"] = (None if mode == "tun" else
                     _get_addr(ctx, k("listen"), table["listen"], listen=True))
     _parse_tun_keys(ctx, k, table, kw)
-    for key in ("to", "server"):
-        if key in table:
-            kw[key] = _get_addr(ctx, k(key), table[key], listen=False)
+    if "to" in table:
+        kw["to"] = _get_addr(ctx, k("to"), table["to"], listen=False)
+    if "server" in table:               # tunnel-client: one, or several (like upstream)
+        servers = _get_several(ctx, k("server"), table["server"],
+                               lambda where, v, _: _get_addr(ctx, where, v, listen=False),
+                               show=format_hostport)
+        kw["server"] = servers[0]
+        if len(servers) > 1:
+            kw["servers"] = tuple(servers)
     if "upstream" in table:
-        text = _get_str(ctx, k("upstream"), table["upstream"])
-        try:
-            up = parse_upstream(text, resolve=ctx.resolve)
-        except ValueError as exc:
-            raise ctx.error(k("upstream"), str(exc)) from None
-        kw["upstream"] = None if up.kind == "direct" else up
-        if up.bind_interface:
-            _get_interface(ctx, k("upstream") + " (bind=)", up.bind_interface)
-        if up.source:
-            _get_sources(ctx, k("upstream") + " (source=)", list(up.source))
+        kw.update(_get_upstreams(ctx, k("upstream"), table["upstream"]))
+    if "balance" in table:
+        if not kw.get("upstreams") and not kw.get("servers"):
+            several = "server" if mode == "tunnel-client" else "upstream"
+            raise ctx.error(k("balance"), f"only applies with several upstreams "
+                                          f"({several} = [\"...\", \"...\"])")
+        kw["balance"] = _get_choice(ctx, k("balance"), table["balance"], BALANCE_MODES,
+                                    "balance mode")
     if "bind_interface" in table:
         kw["bind_interface"] = _get_interface(ctx, k("bind_interface"), table["bind_interface"])
     if "source" in table:
@@ -745,11 +808,12 @@ def _parse_listener(ctx, index, table):
     k_given = lambda key: k(given.get(key, key))  # noqa: E731
     if mode in ("forward", "redir", "tun"):
         up = kw.get("upstream")
+        kinds = {u.kind for u in kw.get("upstreams") or (up,) if u is not None}
         for key in ("secret", "connections"):
-            if key in kw and up is not None and up.kind == "gost":
+            if key in kw and "tunnel" not in kinds and "gost" in kinds:
                 raise ctx.error(k_given(key), _GOST_REFUSES[key].format(what="a gost:// upstream",
                                                                   cred="USER:PASS@ in the URL"))
-            if key in kw and (up is None or up.kind != "tunnel"):
+            if key in kw and "tunnel" not in kinds:
                 raise ctx.error(k_given(key), f"only applies with a tunnel:// upstream "
                                         f"(upstream is {str(up) if up else 'direct'})")
     if mode == "forward" and kw.get("upstream") is not None:

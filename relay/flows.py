@@ -75,6 +75,22 @@ def parse_request(text):
     return {"top": top, "sort": sort, "by_client": bool(args.get("by_client", False))}
 
 
+def row_value(row, sort):
+    """A data-path row's sort value (relay/datapath/flows.pxd _sort_value)."""
+    return row[3] + row[5] if sort == 0 else row[6] if sort == 1 else row[7]
+
+
+def balanced_rows(kids, names, n, sort, by_client, cap):
+    """The rows of several upstream cores (a BalancedUpstream's children): each flow row
+    with its child's name appended, the top n over all of them."""
+    rows = []
+    for kid, name in zip(kids, names):
+        got = kid.snapshot(n, sort, by_client, cap)
+        rows.extend(got if by_client else [r + (name,) for r in got])
+    rows.sort(key=lambda r: row_value(r, sort), reverse=True)
+    return rows[:n] if not by_client else rows
+
+
 def _addr(a):
     if a is None:
         return None
@@ -92,6 +108,8 @@ def row_dict(row, by_client):
     else:
         d["client"] = _addr(row[0])
         d["destination"] = _addr(row[1])
+        if len(row) > 8:                # through one of several upstreams: its name
+            d["upstream"] = row[8]
     return d
 
 

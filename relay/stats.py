@@ -21,6 +21,7 @@ COUNTERS = (
     "drop_bad_header",
     "drop_not_udp", "frag_reassembled", "frag_timeout", "frag_overlap", "frag_dropped_memory",
     "tun_icmp_sent", "tun_runs_in", "tun_runs_out",
+    "upstream_failover",
 )
 N_COUNTERS = len(COUNTERS)
 INDEX = {name: i for i, name in enumerate(COUNTERS)}
@@ -75,6 +76,8 @@ HELP = {
     "tun_icmp_sent": "tun: ICMP/ICMPv6 errors written into the TUN for errors on upstream sockets",
     "tun_runs_in": "tun: runs of datagrams read as one packet (UDP segmentation offload)",
     "tun_runs_out": "tun: runs of replies written as one packet (UDP segmentation offload)",
+    "upstream_failover": "flows moved from one upstream to another (away from one found "
+                         "down; with --balance hash also back to the client's own one)",
 }
 assert set(HELP) == set(COUNTERS)
 
@@ -85,6 +88,7 @@ class StatsRegion:
     def __init__(self, slots=256):
         self.slots = slots
         self.mem = mmap.mmap(-1, slots * SLOT_BYTES)
+        self.upstreams = UpstreamRegion(slots)     # several upstreams: health, flows
 
     def slot(self, i):
         """A writable memoryview (uint64 format) of slot i, for the data path."""
@@ -115,9 +119,10 @@ def _label(text):
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def prometheus(per_listener, clients=None):
-    """Prometheus text exposition of {listener_name: counters} and, when client groups
-    are configured, {listener_name: {group: group counters}} (relay.flows)."""
+def prometheus(per_listener, clients=None, upstreams=None):
+    """Prometheus text exposition of {listener_name: counters}; of ``clients``
+    ({listener: {group: group counters}}, relay.flows) when client groups are configured;
+    of ``upstreams`` ({listener: [{url, healthy, flows}]}, several upstreams) when given."""
     lines = []
     for name in COUNTERS:
         metric = f"relay_{name}" + ("" if name in GAUGES else "_total")
@@ -136,6 +141,17 @@ def prometheus(per_listener, clients=None):
                     for way in ("out", "in"):
                         lines.append(f'{metric}{{listener="{_label(listener)}",group="{_label(group)}",'
                                      f'direction="{way}"}} {c[f"{unit}_{way}"]}')
+    if upstreams:
+        for metric, key, text in (("relay_upstream_healthy", "healthy",
+                                   "1 while the upstream is healthy (several upstreams)"),
+                                  ("relay_upstream_flows", "flows", "flows on the upstream now")):
+            lines.append(f"# HELP {metric} {text}")
+            lines.append(f"# TYPE {metric} gauge")
+            for listener, ups in sorted(upstreams.items()):
+                for up in ups:
+                    labels = ",".join(f'{k}="{_label(v)}"' for k, v in
+                                      (("listener", listener), ("upstream", up["url"])))
+                    lines.append(f"{metric}{{{labels}}} {int(up[key])}")
     return "\n".join(lines) + "\n"
 
 
@@ -150,8 +166,57 @@ def total_groups(per_listener):
     return out
 
 
-def to_json(per_listener, clients=None):
-    body = {"listeners": per_listener, "total": total(per_listener.values())}
+def to_json(per_listener, clients=None, upstreams=None):
+    """The `stats` answer; ``clients``: the client groups' counters (relay.flows), when
+    groups are configured; ``upstreams``: {listener: [{url, healthy, flows}]} of the
+    listeners with several upstreams (Supervisor.upstream_health), when there are any."""
+    out = {"listeners": per_listener, "total": total(per_listener.values())}
     if clients:
-        body["clients"] = {"listeners": clients, "total": total_groups(clients)}
-    return json.dumps(body, indent=2, sort_keys=True)
+        out["clients"] = {"listeners": clients, "total": total_groups(clients)}
+    if upstreams:
+        out["upstreams"] = upstreams
+    return json.dumps(out, indent=2, sort_keys=True)
+
+
+# ---- several upstreams: health and flows per upstream, for `relay stats` ---------------
+MAX_UPSTREAMS = 16                  # relay/datapath/tunnel_balance.pxi MAX_UPSTREAMS
+UP_SLOT_BYTES = MAX_UPSTREAMS * 16  # per upstream: state (0 unknown, 1 down, 2 up), flows
+
+
+class UpstreamRegion:
+    """A shared anonymous mapping beside the counters: per (listener, worker) slot, the
+    health and flows of each of its upstreams, written by relay.services.health."""
+
+    def __init__(self, slots=256):
+        self.slots = slots
+        self.mem = mmap.mmap(-1, slots * UP_SLOT_BYTES)
+
+    def slot(self, i):
+        if not 0 <= i < self.slots:
+            raise IndexError(f"upstream slot {i} out of range 0-{self.slots - 1}")
+        return memoryview(self.mem)[i * UP_SLOT_BYTES:(i + 1) * UP_SLOT_BYTES].cast("Q")
+
+    def read(self, i):
+        v = struct.unpack_from(f"{2 * MAX_UPSTREAMS}Q", self.mem, i * UP_SLOT_BYTES)
+        return [(v[2 * j], v[2 * j + 1]) for j in range(MAX_UPSTREAMS)]
+
+    def clear(self, i):
+        self.mem[i * UP_SLOT_BYTES:(i + 1) * UP_SLOT_BYTES] = bytes(UP_SLOT_BYTES)
+
+
+def publish_upstreams(view, health, flows):
+    """Write one worker's view of its upstreams into its slot (UpstreamRegion.slot)."""
+    for j, (ok, n) in enumerate(zip(health, flows)):
+        view[2 * j + 1] = max(0, n)
+        view[2 * j] = 2 if ok else 1
+
+
+def upstream_summary(names, per_worker):
+    """[{url, healthy, flows}] of one listener from its workers' slots (UpstreamRegion.read):
+    healthy when every worker that reported says so; flows summed."""
+    out = []
+    for j, name in enumerate(names):
+        states = [w[j][0] for w in per_worker if w[j][0]]
+        out.append({"url": name, "healthy": bool(states) and all(s == 2 for s in states),
+                    "flows": sum(w[j][1] for w in per_worker)})
+    return out

@@ -116,6 +116,18 @@ class Supervisor:
             out[lc.name] = flows_mod.group_counters(groups, words)
         return out
 
+    def upstream_health(self):
+        """{listener name: [{url, healthy, flows}]} for the listeners with several upstreams
+        (what their workers published: relay/services/health.py)."""
+        out = {}
+        for lc in self.config.listeners:
+            if lc.balanced_upstreams():
+                base = self.slots[lc.name]
+                out[lc.name] = stats_mod.upstream_summary(
+                    [str(u) for u in lc.balanced_upstreams()],
+                    [self.stats.upstreams.read(base + i) for i in range(self.nworkers)])
+        return out
+
     def _retire_slots(self, index):
         """Keep a dead worker's counts (gauges excepted) and clear its slots for the next one."""
         for name, base in self.slots.items():
@@ -127,6 +139,7 @@ class Supervisor:
             words = self.retired_groups.get(name) or [0] * flows_mod.GROUP_WORDS
             self.retired_groups[name] = [a + b for a, b in zip(words, self.stats.read_groups(base + index))]
             self.stats.clear(base + index)
+            self.stats.upstreams.clear(base + index)
 
     # ---- listen addresses --------------------------------------------------------------
 
@@ -404,9 +417,11 @@ class Supervisor:
                     req = conn.recv(512).decode(errors="replace").strip() or "stats"
                     verb, _, rest = req.partition(" ")
                     if req == "stats":
-                        body = stats_mod.to_json(self.counters(), self.clients())
+                        body = stats_mod.to_json(self.counters(), self.clients(),
+                                                 self.upstream_health())
                     elif req == "metrics":
-                        body = stats_mod.prometheus(self.counters(), self.clients())
+                        body = stats_mod.prometheus(self.counters(), self.clients(),
+                                                    self.upstream_health())
                     elif verb == "flows":
                         try:
                             body = json.dumps(self.flows(flows_mod.parse_request(rest)))
@@ -442,7 +457,8 @@ class Supervisor:
             return
         from relay.metrics import MetricsServer
         self.metrics_server = MetricsServer(
-            addr, lambda: stats_mod.prometheus(self.counters(), self.clients()))
+            addr, lambda: stats_mod.prometheus(self.counters(), self.clients(),
+                                               self.upstream_health()))
 
     # ---- main loop -------------------------------------------------------------------
 

@@ -55,7 +55,9 @@ class Worker:
 
     def _start(self, lc):
         from relay.flows import compile_groups
-        ctx = WorkerContext(index=self.index, stats=self.stats.slot(self.slots[lc.name] + self.index),
+        slot = self.slots[lc.name] + self.index
+        ctx = WorkerContext(index=self.index, stats=self.stats.slot(slot),
+                            upstreams=self.stats.upstreams.slot(slot),
                             groups=compile_groups(self.config.global_.client_groups))
         svc = create_service(lc, ctx)
         rs = RunningService(lc, svc, ctx)

@@ -158,6 +158,15 @@ cdef class Socks5Upstream(UpstreamCore):
             self.st[counter] += 1
         return 0
 
+    cdef int c_forget(self, const sockaddr_any *client) except -1:
+        cdef akey_t k
+        cdef int32_t i
+        akey_from_sockaddr(client, &k)
+        i = table_find(&self.tab, &k)
+        if i >= 0:
+            self.flow_close(i, -1)
+        return 0
+
     cdef int c_send(self, const sockaddr_any *client, const sockaddr_any *dst,
                     const uint8_t *data, size_t n) except -1:
         cdef akey_t k

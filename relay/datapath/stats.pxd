@@ -45,4 +45,5 @@ cdef enum:
     C_TUN_ICMP_SENT           # ICMP errors written into the TUN
     C_TUN_RUNS_IN             # offload runs read
     C_TUN_RUNS_OUT            # offload runs written
+    C_UPSTREAM_FAILOVER       # flows moved from one upstream to another (several upstreams)
     N_COUNTERS

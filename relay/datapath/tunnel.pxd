@@ -6,6 +6,7 @@ from relay.datapath.addr cimport sockaddr_any
 from relay.datapath.sendq cimport sendq_t
 from relay.datapath.table cimport table_t, akey_t
 from relay.datapath.flows cimport groups_t
+from relay.datapath.outbind cimport outbind_t
 from relay.includes.system cimport mmsghdr, iovec, epoll_event
 
 # The wire constants (ATYP_*, E_* frame errors, MAX_PAYLOAD, MAX_FRAME_HEADER) come from
@@ -71,6 +72,8 @@ cdef class UpstreamCore:
     cdef int c_flush(self) except -1
     cdef int c_process(self) except -1
     cdef int c_tick(self, double now) except -1
+    # several upstreams: the flow of client moved to another upstream; end it here
+    cdef int c_forget(self, const sockaddr_any *client) except -1
 
 
 cdef struct cconn_t:             # one tunnel TCP connection of TunnelUpstream
@@ -172,3 +175,40 @@ cdef class Socks5Upstream(UpstreamCore):
     cdef int flow_close(self, int i, int counter) except -1
     cdef int flow_send_queue(self, int i) except -1
     cdef int flow_recv(self, int i) except -1
+
+
+from libc.stdint cimport int64_t
+
+cdef class BalancedUpstream(UpstreamCore):
+    # several upstreams (relay/datapath/tunnel_balance.pxi; pure twin: pure/balance.py)
+    cdef list kids               # the child cores, UpstreamCore each
+    cdef list names              # their URLs without credentials
+    cdef int nkids
+    cdef bint hashed             # --balance hash (else failover)
+    cdef uint8_t healthy[16]
+    cdef uint8_t by_conn[16]     # 1: also the child's own connection (multiplexed tunnel)
+    cdef uint8_t probe_ok[16]    # the last background check (set_health)
+    cdef uint64_t seeds[16]      # rendezvous (HRW) seeds, from the names
+    cdef int64_t nflows[16]      # flows on each upstream now
+    cdef uint8_t *cur            # by table entry: the upstream the flow uses
+    cdef uint8_t *own            # by table entry: its first choice (hash: the client's own)
+    cdef int max_flows
+    cdef int bal_pick(self, const akey_t *k, int *first) noexcept
+    cdef int bal_conn_health(self) except -1
+
+
+cdef class DirectUpstream(UpstreamCore):
+    # plain UDP as one of several upstreams (relay/datapath/direct_upstream.pxi)
+    cdef sockaddr_any *clients   # by table entry: the flow's client (its socket: tab.e[i].fd)
+    cdef int max_flows
+    cdef int family              # of the flow sockets (AF_INET6: dual stack)
+    cdef int batch
+    cdef int fd_ceiling
+    cdef object mark
+    cdef outbind_t ob            # --bind-interface / --source of its flow sockets
+    cdef uint8_t *scratch
+    cdef mmsghdr *rmsgs
+    cdef iovec *riovs
+    cdef sockaddr_any *rnames
+    cdef int dflow_close(self, int i, int counter) except -1
+    cdef int dflow_read(self, int i) except -1

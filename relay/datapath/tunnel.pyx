@@ -45,7 +45,7 @@ from relay.datapath.sendq cimport (
     sendq_t, sq_init, sq_free, sq_add, sq_flush, sq_full, sq_clear, sq_set_src,
 )
 from relay.datapath.outbind cimport (
-    outbind_t, outbind_init, outbind_device, outbind_src,
+    outbind_t, outbind_init, outbind_device, outbind_src, outbind_apply,
 )
 from relay.datapath.stats cimport (
     N_COUNTERS, C_UP_DATAGRAMS, C_UP_BYTES, C_DOWN_DATAGRAMS, C_DOWN_BYTES,
@@ -54,12 +54,13 @@ from relay.datapath.stats cimport (
     C_DROP_NO_ROUTE, C_DROP_DENIED, C_CONN_OPEN, C_CONN_REJECTED, C_CONN_RECONNECTS,
     C_FRAMES_BAD, C_QUEUE_DROPS, C_DROP_FOREIGN_PORT,
 )
+from relay.datapath.stats cimport C_UPSTREAM_FAILOVER
 
 from relay.datapath.flows cimport (
     flow_in, flow_out, group_of, groups_init, groups_free, table_rows, table_clients, ROWS_FLOWS_DST,
 )
 from relay import proto as _proto
-from relay.flows import check_group_words
+from relay.flows import balanced_rows, check_group_words
 from relay import resolver as _resolver
 from relay.net import sockopt as _sockopt
 from relay.loglimit import LogLimiter
@@ -195,3 +196,5 @@ include "tunnel_server.pxi"
 include "tunnel_upstream.pxi"
 include "socks5_upstream.pxi"
 include "socks5_relay.pxi"
+include "direct_upstream.pxi"
+include "tunnel_balance.pxi"

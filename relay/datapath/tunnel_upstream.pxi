@@ -43,6 +43,9 @@ cdef class UpstreamCore:
     cdef int c_tick(self, double now) except -1:
         return 0
 
+    cdef int c_forget(self, const sockaddr_any *client) except -1:
+        return 0
+
     # Python probes of the C interface (tests, tools); replies are collected in a list.
     def send(self, client, dst, data):
         """Queue one datagram of flow `client` for `dst` (flush() writes it)."""
@@ -54,6 +57,12 @@ cdef class UpstreamCore:
 
     def flush(self):
         self.c_flush()
+
+    def forget(self, client):
+        """End the flow of `client` (it moved to another upstream), counted nowhere."""
+        cdef sockaddr_any c
+        sockaddr_from_tuple(tuple(client), &c)
+        self.c_forget(&c)
 
     def process(self):
         self.c_process()
@@ -286,6 +295,15 @@ cdef class TunnelUpstream(UpstreamCore):
         self.st[C_ASSOC_OPEN] -= 1
         if counter >= 0:
             self.st[counter] += 1
+        return 0
+
+    cdef int c_forget(self, const sockaddr_any *client) except -1:
+        cdef akey_t k
+        cdef int32_t i
+        akey_from_sockaddr(client, &k)
+        i = table_find(&self.tab, &k)
+        if i >= 0:
+            self.flow_end(i, -1)
         return 0
 
     cdef int c_send(self, const sockaddr_any *client, const sockaddr_any *dst,

@@ -2,6 +2,7 @@
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass
@@ -11,6 +12,7 @@ class WorkerContext:
     stop: threading.Event = field(default_factory=threading.Event)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("relay"))
     reuseport: bool = True          # every worker binds its own SO_REUSEPORT listen socket
+    upstreams: Optional[memoryview] = None   # several upstreams: their health for `relay stats`
     groups: list = field(default_factory=list)   # client groups (relay.flows.compile_groups)
 
 
@@ -82,8 +84,8 @@ class Service:
         for row in rows:
             d = f.row_dict(row, by_client)
             if not by_client:
-                d.update(listener=self.cfg.name, worker=self.ctx.index,
-                         upstream=self.upstream_label())
+                d.update(listener=self.cfg.name, worker=self.ctx.index)
+                d.setdefault("upstream", self.upstream_label())
             out.append(d)
         return out, count
 

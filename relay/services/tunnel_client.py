@@ -4,6 +4,8 @@ UDP in on --listen, every datagram framed over TCP to a relay tunnel-server (mul
 or, with --gost, to a gost server (CMD 0xF3, one TCP connection per flow). The core is
 TunnelUpstream (the same one forward and redir use for --upstream tunnel:// and gost://),
 driven by the engine's forward loop; the pure twin puts its UdpFrontend in front instead.
+With several --server, one TunnelUpstream each behind a BalancedUpstream (--balance), as
+forward and redir do with several --upstream (docs/tunnel.md, "Several upstreams").
 """
 import logging
 import time
@@ -12,6 +14,7 @@ from relay import _select
 from relay.config import MAX_UPSTREAM_FLOWS
 from relay.net import sockopt
 from relay.services.base import Requests, Service
+from relay.services.redirect import balanced_core, make_health
 
 log = logging.getLogger("relay.tunnel")
 
@@ -27,12 +30,22 @@ class TunnelClientService(Service):
         t, native = _select.load("tunnel")
         timeout = cfg.timeout
         max_flows = min(cfg.max_associations, MAX_UPSTREAM_FLOWS)
-        self.upstream = t.TunnelUpstream(
-            cfg.server, secret=cfg.secret, connections=cfg.connections,
-            mark=sockopt.usable_mark(cfg.mark), stats=ctx.stats, timeout=timeout, max_flows=max_flows,
-            queue_limit=QUEUE_LIMIT, log=log, gost=cfg.gost, user=cfg.user,
-            password=cfg.password, port_timeouts=cfg.port_timeouts(), client_groups=ctx.groups,
-            outbound=cfg.outbound() or None)
+        kids = []
+        try:
+            for server in cfg.servers or (cfg.server,):    # several: one core each, balanced
+                kids.append(t.TunnelUpstream(
+                    server, secret=cfg.secret, connections=cfg.connections,
+                    mark=sockopt.usable_mark(cfg.mark), stats=ctx.stats, timeout=timeout,
+                    max_flows=max_flows, queue_limit=QUEUE_LIMIT, log=log, gost=cfg.gost,
+                    user=cfg.user, password=cfg.password, port_timeouts=cfg.port_timeouts(),
+                    client_groups=ctx.groups, outbound=cfg.outbound() or None))
+            self.upstream = kids[0] if not cfg.servers else \
+                balanced_core(t, cfg, ctx, kids, max_flows)
+        except BaseException:
+            for kid in kids:
+                kid.close()
+            raise
+        self.health = make_health(cfg, ctx, self.upstream)
         self.requests = Requests()
         self.usock = sockopt.udp_listen(cfg.listen, reuseport=ctx.reuseport)
         self.address = self.usock.getsockname()
@@ -55,6 +68,8 @@ class TunnelClientService(Service):
 
     def run(self):
         stop = self.ctx.stop
+        if self.health is not None:
+            self.health.start()
         while not stop.is_set():
             try:
                 if self.engine is not None:
@@ -75,6 +90,8 @@ class TunnelClientService(Service):
         return f"{kind}://{self.cfg.server[0]}:{self.cfg.server[1]}"
 
     def close(self):
+        if self.health is not None:
+            self.health.stop()
         if self.engine is not None:
             self.engine.close()
         if self.frontend is not None:

@@ -56,6 +56,8 @@ def test_example_file_loads():
         ("alice", "s3cr@t")
     assert not by["tunnel-out"].gost
     assert by["game-gost"].upstream == Upstream("gost", "203.0.113.10", 8444, "alice", "s3cr@t")
+    assert [u.kind for u in by["game-multi"].upstreams] == ["tunnel", "socks5"]
+    assert by["game-multi"].balance == "hash"
     assert by["socks"].user == "alice" and by["socks"].password == "s3cr@t"
     assert (by["tun"].dev, by["tun"].mtu, by["tun"].offload, by["tun"].listen) == \
         ("relay0", 1500, "auto", None)
@@ -217,6 +219,10 @@ def test_float_keys(mode, key, bad, reason):
 @pytest.mark.parametrize("bad, described", [(5, "integer 5"), (True, "boolean true"),
                                             (["x"], "array"), (1.5, "float 1.5")])
 def test_string_keys_refuse_other_types(mode, key, bad, described):
+    if key in ("upstream", "server") and isinstance(bad, list):    # several: each checked
+        assert err(one(mode, **{key: [5, "direct"]})) == \
+            f"relay.toml: listener[0].{key}[0]: expected a string, got integer 5"
+        return
     assert err(one(mode, **{key: bad})) == \
         f"relay.toml: listener[0].{key}: expected a string, got {described}"
 
@@ -537,3 +543,77 @@ def test_tun_keys_are_checked_naming_the_key():
                        'listener[0] "t"'
     assert err(one("tun", secret="x")).startswith(
         "relay.toml: listener[0].secret: only applies with a tunnel:// upstream")
+# --- several upstreams (--upstream repeated, --balance) -----------------------------------
+
+TWO = ["tunnel://127.0.0.1:8443", "socks5://u:p@[::1]:1080"]
+
+
+def test_several_upstreams_list_and_single_string():
+    lst = parse_config(one("forward", upstream=TWO, secret="k", balance="HASH")).listeners[0]
+    assert lst.upstreams == (Upstream("tunnel", "127.0.0.1", 8443),
+                             Upstream("socks5", "::1", 1080, "u", "p"))
+    assert lst.upstream == lst.upstreams[0] and lst.all_upstreams() == lst.upstreams
+    assert lst.balance == "hash" and lst.secret == "k"
+    assert lst.summary()["upstreams"] == ["tunnel://127.0.0.1:8443", "socks5://u:***@[::1]:1080"]
+    for value in ("tunnel://127.0.0.1:8443", ["tunnel://127.0.0.1:8443"]):
+        lst = parse_config(one("redir", upstream=value)).listeners[0]
+        assert lst.upstreams == () and lst.all_upstreams() == (lst.upstream,)
+        assert lst.balance == "failover"
+    assert parse_config(one("forward")).listeners[0].all_upstreams() == ()
+    lst = parse_config(one("forward", upstream=["tunnel://127.0.0.1:8443", "direct"],
+                           secret="k")).listeners[0]
+    assert [u.kind for u in lst.upstreams] == ["tunnel", "direct"]
+    assert lst.summary()["upstreams"] == ["tunnel://127.0.0.1:8443", "direct"]
+    # secret and connections go with the tunnel:// one of a mix with gost://
+    parse_config(one("forward", upstream=["gost://127.0.0.1:1", "tunnel://127.0.0.1:2"],
+                     secret="k", connections=2))
+
+
+@pytest.mark.parametrize("value,extra,key,reason", [
+    (["tunnel://127.0.0.1:1", "tunnel://127.0.0.1"], {}, "upstream[1]", "missing port"),
+    (["tunnel://127.0.0.1:1", 5], {}, "upstream[1]", "expected a string"),
+    (["direct", "tunnel://127.0.0.1:1", "direct"], {}, "upstream[2]", "direct is given twice"),
+    (["socks5://127.0.0.1:1", "socks5://127.0.0.1:1"], {}, "upstream[1]", "is given twice"),
+    ([], {}, "upstream", "expected 1-16 values, got 0"),
+    ([f"tunnel://127.0.0.1:{p}" for p in range(1, 18)], {}, "upstream", "got 17"),
+    ("tunnel://127.0.0.1:1", {"balance": "hash"}, "balance", "only applies with several"),
+    (TWO, {"balance": "random"}, "balance", "balance mode"),
+    (["gost://127.0.0.1:1", "socks5://127.0.0.1:2"], {"secret": "k"}, "secret",
+     "does not apply with a gost:// upstream"),
+])
+def test_several_upstreams_refused_naming_key(value, extra, key, reason):
+    msg = err(one("forward", upstream=value, **extra))
+    assert msg.startswith(f"relay.toml: listener[0].{key}: ") and reason in msg, msg
+
+
+def test_upstream_repeated_on_the_command_line():
+    from relay import cli
+    args = cli.build_parser().parse_args(
+        ["forward", "--listen", "127.0.0.1:7000", "--to", "198.51.100.2:53",
+         "--upstream", TWO[0], "--upstream", TWO[1], "--balance", "hash", "--secret", "k"])
+    lc = cli._listener_from_args(args, "forward")
+    assert lc["upstream"] == TWO and lc["balance"] == "hash"
+    lst = parse_config({"listener": [lc]}).listeners[0]
+    assert [str(u) for u in lst.upstreams] == ["tunnel://127.0.0.1:8443", "socks5://u:***@[::1]:1080"]
+    args = cli.build_parser().parse_args(
+        ["forward", "--listen", "127.0.0.1:7000", "--to", "198.51.100.2:53", "--upstream", TWO[0]])
+    assert cli._listener_from_args(args, "forward")["upstream"] == TWO[0]
+
+
+def test_tunnel_client_several_servers():
+    lst = parse_config(one("tunnel-client", server=["127.0.0.1:8443", "[::1]:8443"],
+                           balance="hash", secret="k")).listeners[0]
+    assert lst.server == ("127.0.0.1", 8443) and lst.servers == (("127.0.0.1", 8443), ("::1", 8443))
+    assert [str(u) for u in lst.balanced_upstreams()] == ["tunnel://127.0.0.1:8443",
+                                                          "tunnel://[::1]:8443"]
+    assert lst.summary()["servers"] == ["127.0.0.1:8443", "[::1]:8443"]
+    lst = parse_config(one("tunnel-client", server=["127.0.0.1:1", "127.0.0.1:2"], gost=True,
+                           user="u", password="p")).listeners[0]
+    assert [(u.kind, u.user, u.password) for u in lst.balanced_upstreams()] == [("gost", "u", "p")] * 2
+    assert parse_config(one("tunnel-client", server=["127.0.0.1:1"])).listeners[0].servers == ()
+    assert err(one("tunnel-client", server=["127.0.0.1:1", "127.0.0.1:1"])).startswith(
+        "relay.toml: listener[0].server[1]: 127.0.0.1:1 is given twice")
+    assert err(one("tunnel-client", server=["127.0.0.1:1", "127.0.0.1"])).startswith(
+        "relay.toml: listener[0].server[1]: missing port")
+    assert err(one("tunnel-client", balance="hash")).startswith(
+        "relay.toml: listener[0].balance: only applies with several upstreams (server = [")

@@ -131,6 +131,12 @@ class Socks5Upstream(UpstreamBase):
         if counter:
             self._count(counter)
 
+    def forget(self, client):
+        """End the association of client (it moved to another upstream), counted nowhere."""
+        a = self.assocs.get(canonical(client))
+        if a is not None:
+            self._close(a, None)
+
     def send(self, client, dst, data):
         data = bytes(data)
         if len(data) > MAX_PAYLOAD:

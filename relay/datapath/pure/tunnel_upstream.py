@@ -176,6 +176,11 @@ class TunnelUpstream(UpstreamBase):
         self._count("up_datagrams")
         self._count("up_bytes", len(data))
 
+    def forget(self, client):
+        """End the flow of client (it moved to another upstream), counted nowhere."""
+        if canonical(client) in self.flows:
+            self._end(canonical(client), None)
+
     def _new_flow(self, key, client):
         """A flow for client (the least recently used one evicted at the cap), or None
         when it is refused (counted)."""
@@ -211,7 +216,8 @@ class TunnelUpstream(UpstreamBase):
             self._close_sock(fl[1])
             fl[1].state = "down"
         self._count("assoc_open", -1)
-        self._count(counter)
+        if counter:
+            self._count(counter)
 
     def flush(self):
         for c in self._all_conns():
