@@ -464,9 +464,14 @@ def _get_upstreams(ctx, key, value):
     def one(where, text, _several):
         text = _get_str(ctx, where, text)
         try:
-            return parse_upstream(text, resolve=ctx.resolve)
+            up = parse_upstream(text, resolve=ctx.resolve)
         except ValueError as exc:
             raise ctx.error(where, str(exc)) from None
+        if up.bind_interface:
+            _get_interface(ctx, where + " (bind=)", up.bind_interface)
+        if up.source:
+            _get_sources(ctx, where + " (source=)", list(up.source))
+        return up
     ups = _get_several(ctx, key, value, one)
     if len(ups) == 1:
         return {"upstream": None if ups[0].kind == "direct" else ups[0]}

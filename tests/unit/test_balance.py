@@ -318,14 +318,14 @@ def test_stats_answer_and_table_show_upstreams():
     ups = stats.upstream_summary(names, [region.read(0), region.read(1)])
     assert ups == [{"url": names[0], "healthy": True, "flows": 4},
                    {"url": names[1], "healthy": False, "flows": 2}]   # one worker sees it down
-    data = json.loads(stats.to_json({"wan": dict.fromkeys(stats.COUNTERS, 0)}, {"wan": ups}))
+    data = json.loads(stats.to_json({"wan": dict.fromkeys(stats.COUNTERS, 0)}, upstreams={"wan": ups}))
     text = cli.upstreams_table(data)
     assert text.splitlines()[0] == "upstreams of wan:"
     assert "tunnel://192.0.2.1:8443" in text and "DOWN" in text.splitlines()[2]
     assert cli.upstreams_table(json.loads(stats.to_json({}))) == ""
     region.clear(0)
     assert stats.upstream_summary(names, [region.read(0)])[0]["healthy"] is False   # unknown
-    text = stats.prometheus({"wan": dict.fromkeys(stats.COUNTERS, 0)}, {"wan": ups})
+    text = stats.prometheus({"wan": dict.fromkeys(stats.COUNTERS, 0)}, upstreams={"wan": ups})
     assert 'relay_upstream_healthy{listener="wan",upstream="tunnel://192.0.2.1:8443"} 1' in text
     assert 'relay_upstream_flows{listener="wan",upstream="socks5://u:***@192.0.2.2:1080"} 2' in text
     assert "relay_upstream_healthy" not in stats.prometheus({"wan": dict.fromkeys(stats.COUNTERS, 0)})

@@ -366,3 +366,28 @@ def test_stats_table_and_rates_show_client_groups():
     assert lines[-2].split() == ["client", "group", "datagrams>", "bytes>", "datagrams<", "bytes<"]
     assert lines[-1].split() == ["lan", "100/s", "1,000/s", "100/s", "0/s"]
     assert cli.stats_table(b).splitlines()[-1].split() == ["lan", "300", "3000", "300", "0"]
+
+
+def test_flows_through_several_upstreams_name_each_flows_upstream(impl, core, upstream_cores,
+                                                                  servers, echo):
+    """A BalancedUpstream's rows come from the child carrying each flow, its name appended
+    (relay.flows.row_dict makes it the row's upstream)."""
+    kids = [upstream_cores("TunnelUpstream", servers["tunnel"], secret=SECRET)[0] for _ in range(2)]
+    names = ["tunnel://first:1", "tunnel://second:2"]
+    bal = core.BalancedUpstream(kids, names, balance="hash")
+    got = []
+    bal.collect_replies(got)
+    try:
+        clients = [(f"127.0.0.{i}", 9000 + i) for i in range(2, 12)]
+        for c in clients:
+            exchange(bal, got, c, echo.addr, [40])
+        rows = bal.snapshot(100, 0)
+        assert sorted(r[0] for r in rows) == sorted(clients)
+        assert {r[8] for r in rows} <= set(names) and all(r[2:6] == (1, 40, 1, 40) for r in rows)
+        for r in rows:          # the hash's choice for the client's address
+            assert r[8] == names[bal.order(r[0][0])[0]]
+        assert F.row_dict(rows[0], False)["upstream"] in names
+        assert len(bal.snapshot(3, 0)) == 3
+        assert sum(r[8] for r in bal.snapshot(100, 0, True)) == len(clients)
+    finally:
+        bal.close()
