@@ -2,7 +2,8 @@
 # CI, after the README's test command: the tests that need no root (every test not marked
 # `netns`: tests/unit, tests/bench and the interop tests with a peer on loopback) on
 # the oldest and the newest supported Python, each with the extensions compiled for it in
-# place (.venv-3.9, .venv-3.13: `pip install -e '.[test]'`); inside each run the tests
+# place (.venv-3.9, .venv-3.13: pyproject.toml's requirements, then `pip install -e .`
+# without an isolated build environment); inside each run the tests
 # parametrize over the compiled and the pure-Python implementation.
 #
 # The two runs go side by side (the tests wait on sockets and timers more than they
