@@ -9,9 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 here=$(pwd)
-# The packaging is what is checked here, not the code's speed: -O1 compiles in well under
-# half the time of the default -O3 (setup.py RELAY_OPT).
-export RELAY_OPT=-O1
+# The packaging is what is checked here, not the code's speed: -O0 compiles in a fraction
+# of the time of the default -O3 (setup.py RELAY_OPT).
+export RELAY_OPT=-O0
 . scripts/ci-common.sh      # OLDEST, NEWEST, find_python, isolate
 py_new=$(find_python "$NEWEST")
 py_old=$(find_python "$OLDEST")

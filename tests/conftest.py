@@ -18,9 +18,26 @@ from tests.support import Echo, Running, native_rawsender
 
 TESTS = pathlib.Path(__file__).resolve().parent
 KINDS = ("unit", "netns", "interop", "bench")
+SERIAL = ("run", "skip", "only")
 
 
-def pytest_collection_modifyitems(items):
+def pytest_addoption(parser):
+    parser.addoption(
+        "--serial", choices=SERIAL, default="run",
+        help="tests marked serial (they need the machine to themselves): run them with the "
+             "others (run, the default), leave them out (skip: a run of tests side by side, "
+             "pytest -n) or run only them (only). scripts/test runs the others side by side, "
+             "then these one at a time")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "serial: needs the machine to itself (a flood, a benchmark, a deadline or "
+                   "a reply window under a second): scripts/test runs it alone, after the "
+                   "tests that run side by side")
+
+
+def pytest_collection_modifyitems(config, items):
     """Every test that builds namespaces does it through the netns_available fixture
     (directly or through topo, slow_lo, ...): mark it `netns` from there, so that
     `-m "not netns"` selects exactly the tests that need no root and no namespace; every test
@@ -52,6 +69,14 @@ def pytest_collection_modifyitems(items):
             wrong.append(f"{item.nodeid}: marked interop: it belongs in tests/interop/")
     if wrong:
         raise pytest.UsageError("tests in the wrong folder for their kind:\n  " + "\n  ".join(wrong))
+    serial = config.getoption("serial")
+    if serial != "run":
+        keep = (serial == "only")
+        chosen = [item for item in items if bool(item.get_closest_marker("serial")) == keep]
+        if len(chosen) < len(items):
+            ids = {id(item) for item in chosen}
+            config.hook.pytest_deselected(items=[item for item in items if id(item) not in ids])
+            items[:] = chosen
 
 
 @pytest.fixture(scope="session")

@@ -120,35 +120,44 @@ def _setns(fd):
 
 
 class Topology:
-    """cli -- rtr -- srv. Use as a context manager, or call close()."""
+    """cli -- rtr -- srv. Use as a context manager, or call close().
+
+    Built with a few commands, not one per step: the sysctls of each namespace in one
+    ``sysctl`` run and its links, addresses and routes in one ``ip -n NAME -batch`` (a
+    topology costs about a tenth of what forty ``ip netns exec`` runs cost, and tests
+    running side by side build many)."""
 
     def __init__(self):
         tag = f"rl{os.getpid()}x{next(_counter)}"
         self.procs = []
         self.names = []
-        self.cli = self._add(f"{tag}-cli")
-        self.rtr = self._add(f"{tag}-rtr")
-        self.srv = self._add(f"{tag}-srv")
         try:
+            self.cli, self.rtr, self.srv = self._add(f"{tag}-cli", f"{tag}-rtr", f"{tag}-srv")
             self._wire()
         except BaseException:
             self.close()
             raise
 
-    def _add(self, name):
-        sh("ip", "netns", "add", name)
-        self.names.append(name)
-        ns = Netns(name, self)
-        ns.run("ip", "link", "set", "lo", "up")
-        # No duplicate address detection: addresses are usable at once.
-        for key in ("all", "default"):
-            ns.run("sysctl", "-qw", f"net.ipv6.conf.{key}.accept_dad=0")
-        return ns
+    def _add(self, *names):
+        for name in names:
+            sh("ip", "netns", "add", name)
+            self.names.append(name)
+        return [Netns(name, self) for name in names]
 
     def _wire(self):
         c, r, s = self.cli, self.rtr, self.srv
-        r.run("ip", "link", "add", "rtr0", "type", "veth", "peer", "name", "cli0", "netns", c.name)
-        r.run("ip", "link", "add", "rtr1", "type", "veth", "peer", "name", "srv0", "netns", s.name)
+        # No duplicate address detection (before the veths exist: "default" applies to new
+        # devices): addresses are usable at once. Reverse-path filtering would drop the
+        # spoofed replies in some setups.
+        common = [f"net.ipv6.conf.{key}.accept_dad=0" for key in ("all", "default")]
+        c.run("sysctl", "-qw", *common)
+        s.run("sysctl", "-qw", *common)
+        r.run("sysctl", "-qw", *common, "net.ipv4.ip_forward=1",
+              "net.ipv6.conf.all.forwarding=1")
+        for ns in (c, r, s):
+            ns.run("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", check=False)
+        batches = {c: [], r: [f"link add rtr0 type veth peer name cli0 netns {c.name}",
+                           f"link add rtr1 type veth peer name srv0 netns {s.name}"], s: []}
         for ns, dev, addrs in (
             (c, "cli0", [f"{CLI4}/24", f"{CLI6}/64"]),
             (r, "rtr0", [f"{RTR4_CLI}/24", f"{RTR6_CLI}/64"]),
@@ -156,18 +165,13 @@ class Topology:
             (s, "srv0", [f"{SRV4}/24", f"{SRV6}/64", f"{SRV4_B}/24", f"{SRV6_B}/64"]),
         ):
             for a in addrs:
-                extra = ["nodad"] if ":" in a else []
-                ns.run("ip", "addr", "add", a, "dev", dev, *extra)
-            ns.run("ip", "link", "set", dev, "up")
-        c.run("ip", "route", "add", "default", "via", RTR4_CLI)
-        c.run("ip", "-6", "route", "add", "default", "via", RTR6_CLI)
-        s.run("ip", "route", "add", "default", "via", RTR4_SRV)
-        s.run("ip", "-6", "route", "add", "default", "via", RTR6_SRV)
-        r.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        r.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-        for ns in (c, r, s):
-            # Reverse-path filtering would drop the spoofed replies in some setups.
-            ns.run("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", check=False)
+                batches[ns].append(f"addr add {a} dev {dev}" + (" nodad" if ":" in a else ""))
+            batches[ns].append(f"link set {dev} up")
+        # (a batch line takes no -6: the family of "default" comes from the gateway's)
+        batches[c] += [f"route add default via {RTR4_CLI}", f"route add default via {RTR6_CLI}"]
+        batches[s] += [f"route add default via {RTR4_SRV}", f"route add default via {RTR6_SRV}"]
+        for ns in (r, c, s):                # rtr first: it makes the veths of cli and srv
+            ip_batch(ns.name, ["link set lo up"] + batches[ns])
 
     def add_router_addresses(self):
         """RTR4_MORE and RTR6_MORE on rtr0, next to its first addresses."""
@@ -192,15 +196,15 @@ class Topology:
             for f in (p.stdout, p.stderr, p.stdin):
                 if f:
                     f.close()
-        for name in self.names:
-            # Processes still holding the namespace keep it alive: kill them too.
-            pids = sh("ip", "netns", "pids", name, check=False).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            sh("ip", "netns", "del", name, check=False)
+        # Processes still holding a namespace keep it alive: kill them too.
+        for pid in _pids_in(self.names):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.names:
+            sh("ip", "-force", "-batch", "-", check=False,
+               input="".join(f"netns del {name}\n" for name in self.names))
         self.names = []
 
     def __enter__(self):
@@ -208,6 +212,33 @@ class Topology:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _pids_in(names):
+    """The processes whose network namespace is one of the named ones (what ``ip netns
+    pids`` finds, for all of them in one pass over /proc)."""
+    want = set()
+    for name in names:
+        try:
+            st = os.stat(f"/run/netns/{name}")
+        except OSError:
+            continue
+        want.add((st.st_dev, st.st_ino))
+    pids = []
+    for entry in os.listdir("/proc") if want else ():
+        if entry.isdigit():
+            try:
+                st = os.stat(f"/proc/{entry}/ns/net")
+            except OSError:
+                continue                # gone meanwhile, or a kernel thread
+            if (st.st_dev, st.st_ino) in want:
+                pids.append(int(entry))
+    return pids
+
+
+def ip_batch(ns, lines):
+    """The ``ip`` commands ``lines`` (without the leading ``ip``) in namespace ns, one run."""
+    sh("ip", "-n", ns, "-batch", "-", input="".join(line + "\n" for line in lines))
 
 
 def wait_until(pred, timeout=10.0, interval=0.02, what="condition"):

@@ -3,6 +3,7 @@ thread, echo servers, raw tunnel clients, relays started in a namespace. Fixture
 these are in conftest.py; test modules import from here, never from each other."""
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -368,31 +369,68 @@ def native_rawsender():
     return RawSender
 
 
+PROBES = os.path.join(REPO, "build", "test-probes")
+
+
 @contextlib.contextmanager
 def compiled_probe(directory, name, source):
     """A small Cython module ``name`` compiled in ``directory`` from ``source`` against the
     checkout's .pxd helpers (inline C only, so a probe is how tests reach them); imported
-    while the context lasts."""
-    d = str(directory)
-    with open(os.path.join(d, name + ".pyx"), "w") as f:
-        f.write(source)
-    with open(os.path.join(d, "setup.py"), "w") as f:
-        f.write(textwrap.dedent(f'''
-            from setuptools import setup, Extension
-            from Cython.Build import cythonize
-            ext = Extension({name!r}, [{name + ".pyx"!r}],
-                            include_dirs=[{os.path.join(REPO, "relay", "includes")!r}, {REPO!r}])
-            setup(ext_modules=cythonize([ext], include_path=[{REPO!r}], language_level=3,
-                                        quiet=True), script_args=["build_ext", "--inplace", "-q"])
-        '''))
-    r = subprocess.run([sys.executable, "setup.py"], cwd=d, capture_output=True, text=True,
-                       timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    sys.path.insert(0, d)
+    while the context lasts.
+
+    A compile costs seconds of both cores, and tests running side by side (pytest -n, and
+    scripts/test's parts) would each make the same one: the module is kept in
+    build/test-probes/, named by a hash of everything it is made from (the source, every
+    .pxd, .pxi and .h in relay/, the interpreter, Cython), made by one process while the
+    others wait for it."""
+    import fcntl
+    import hashlib
+    import sysconfig
+    import Cython
+    setup_py = textwrap.dedent(f'''
+        from setuptools import setup, Extension
+        from Cython.Build import cythonize
+        ext = Extension({name!r}, [{name + ".pyx"!r}],
+                        include_dirs=[{os.path.join(REPO, "relay", "includes")!r}, {REPO!r}])
+        setup(ext_modules=cythonize([ext], include_path=[{REPO!r}], language_level=3,
+                                    quiet=True), script_args=["build_ext", "--inplace", "-q"])
+    ''')
+    h = hashlib.sha256()
+    for part in (source, setup_py, sys.version, sysconfig.get_config_var("EXT_SUFFIX"),
+                 Cython.__version__, os.environ.get("CC", ""), os.environ.get("CFLAGS", "")):
+        h.update(str(part).encode() + b"\0")
+    for root, dirs, files in sorted(os.walk(os.path.join(REPO, "relay"))):
+        dirs.sort()
+        for f in sorted(files):
+            if f.endswith((".pxd", ".pxi", ".h")):
+                with open(os.path.join(root, f), "rb") as fh:
+                    h.update(f.encode() + b"\0" + fh.read() + b"\0")
+    made = os.path.join(PROBES, f"{name}-{h.hexdigest()[:20]}")
+    os.makedirs(PROBES, exist_ok=True)
+    with open(made + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)        # one compile; the others wait, then reuse it
+        if not os.path.isdir(made):
+            d = str(directory)
+            with open(os.path.join(d, name + ".pyx"), "w") as f:
+                f.write(source)
+            with open(os.path.join(d, "setup.py"), "w") as f:
+                f.write(setup_py)
+            r = subprocess.run([sys.executable, "setup.py"], cwd=d, capture_output=True,
+                               text=True, timeout=240)
+            assert r.returncode == 0, r.stderr[-3000:]
+            staged = made + ".new"
+            shutil.rmtree(staged, ignore_errors=True)
+            os.makedirs(staged)
+            for f in os.listdir(d):
+                if f.startswith(name + ".") and f.endswith(".so"):
+                    shutil.copy2(os.path.join(d, f), staged)
+            os.rename(staged, made)             # whole or not at all
+    sys.path.insert(0, made)
     try:
         yield __import__(name)
     finally:
-        sys.path.remove(d)
+        sys.path.remove(made)
+
 
 
 def check_disguise_steps(kind, headers):

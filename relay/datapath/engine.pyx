@@ -54,7 +54,7 @@ from relay.datapath.table cimport (
 )
 from relay.datapath.stats cimport *
 from relay.datapath.flows cimport (
-    flow_in, flow_out, group_of, groups_init, groups_free, table_rows, table_clients,
+    flow_in, flow_out, group_of, groups_init, groups_free, table_snapshot,
     ROWS_FLOWS, ROWS_FLOWS_DST,
 )
 from relay.datapath.limits cimport fd_soft_limit, fd_reserved
@@ -364,14 +364,12 @@ cdef class Engine:
         from the thread that runs the engine, between run() calls (services/redirect.py)."""
         if self.closed:
             return []
-        if self.core is not None:
-            return self.core.snapshot(n, sort, by_client, clients_cap)
-        if by_client:
-            return table_clients(&self.assoc, sort, n, clients_cap, monotonic())
-        if self.mode == MODE_REDIR:
-            return table_rows(&self.assoc, sort, n, monotonic(), ROWS_FLOWS_DST)
-        to = sockaddr_to_tuple(&self.to_addr.sa)
-        return [(r[0], to) + r[2:] for r in table_rows(&self.assoc, sort, n, monotonic(), ROWS_FLOWS)]
+        rows = table_snapshot(&self.assoc, self.core, n, sort, by_client, clients_cap,
+                              monotonic(), ROWS_FLOWS_DST if self.mode == MODE_REDIR else ROWS_FLOWS)
+        if self.mode == MODE_REDIR or by_client or self.core is not None:
+            return rows
+        to = sockaddr_to_tuple(&self.to_addr.sa)       # forward: every flow goes to --to
+        return [(r[0], to) + r[2:] for r in rows]
 
     @property
     def associations(self):

@@ -259,3 +259,14 @@ cdef inline list table_clients(const table_t *t, int sort, int n, int cap, doubl
         return rows
     finally:
         table_free(&agg)
+
+
+cdef inline list table_snapshot(const table_t *t, object core, int n, int sort, bint by_client,
+                                int cap, double now, int kind):
+    """What a data path's snapshot() answers: its upstream core's rows when it has one,
+    else its own table's, as flows (of kind) or summed per client."""
+    if core is not None:
+        return core.snapshot(n, sort, by_client, cap)
+    if by_client:
+        return table_clients(t, sort, n, cap, now)
+    return table_rows(t, sort, n, now, kind)

@@ -39,7 +39,7 @@ from relay.datapath.sendq cimport sq_init, sq_free, sq_full, sq_add, sq_flush
 from relay.datapath.limits cimport fd_soft_limit, fd_reserved
 from relay.datapath.tunnel cimport UpstreamCore
 from relay.datapath.flows cimport (
-    flow_in, flow_out, group_of, groups_init, groups_free, table_rows, table_clients, ROWS_FLOWS_DST,
+    flow_in, flow_out, group_of, groups_init, groups_free, table_snapshot, ROWS_FLOWS_DST,
 )
 from relay.datapath.outbind cimport outbind_init, outbind_apply
 from relay.packet.checksum cimport csum_partial, csum_fold, csum_update16, udp_pseudo_sum
@@ -239,11 +239,8 @@ cdef class TunRelay:
         between run() calls, from the thread that runs them."""
         if self.closed:
             return []
-        if self.core is not None:
-            return self.core.snapshot(n, sort, by_client, clients_cap)
-        if by_client:
-            return table_clients(&self.assoc, sort, n, clients_cap, monotonic())
-        return table_rows(&self.assoc, sort, n, monotonic(), ROWS_FLOWS_DST)
+        return table_snapshot(&self.assoc, self.core, n, sort, by_client, clients_cap,
+                              monotonic(), ROWS_FLOWS_DST)
 
     def counters(self):
         from relay.stats import COUNTERS

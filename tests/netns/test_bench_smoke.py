@@ -17,6 +17,9 @@ REDIR = ["c-limit", "c-limit-gso", "kernel", "relay-raw-1w", "relay-raw-Nw", "re
          "relay-transparent-Nw", "python-loop", "asyncio-uvloop", "socat", "v2ray-dokodemo",
          "ss-redir"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# serial: the benchmark loads both cores for half a minute (tests beside it would lose their
+# reply windows, and its own peers their start-up deadlines)
+pytestmark = pytest.mark.serial
 
 
 @pytest.fixture(scope="module")

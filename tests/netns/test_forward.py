@@ -128,6 +128,7 @@ def test_too_big_for_the_upstream_family_is_counted(echo):
         assert relay.stats()["drop_too_big"] == 1
 
 
+@pytest.mark.serial            # each answer within 0.3 s, or it is counted as refused
 def test_descriptor_shortage_refuses_new_flows_and_keeps_old_ones(echo):
     """With a tiny RLIMIT_NOFILE, new flows beyond what fits are refused and counted;
     established flows keep working and nothing crashes."""

@@ -13,7 +13,9 @@ import pytest
 from tests.namespaces import CLI4, RTR4_CLI, SRV4, start_echo, wait_until
 from tests.relayproc import RelayProcess, relay_env, udp_roundtrip
 
-pytestmark = pytest.mark.netns
+# serial: floods of 100 000 flows, "nothing lost under load" and "a worker replaced within a
+# second": each needs the machine to itself (scripts/test runs these alone)
+pytestmark = [pytest.mark.netns, pytest.mark.serial]
 
 FLOWS = 100_000
 CAP = 10_000
