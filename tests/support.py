@@ -432,7 +432,6 @@ def compiled_probe(directory, name, source):
         sys.path.remove(made)
 
 
-
 def check_disguise_steps(kind, headers):
     """Consecutive disguise headers of one new sender (relay/proto/disguise.py) follow
     v2ray's counting: srtp and wechat-video numbers +1 each, dtls sequence from 0 with its
