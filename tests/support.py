@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import tempfile
 import threading
 import time
 
@@ -369,7 +370,9 @@ def native_rawsender():
     return RawSender
 
 
-PROBES = os.path.join(REPO, "build", "test-probes")
+# Outside the checkout: the tests run as root (through sudo for a user), and root-owned
+# files in a user's checkout would outlive their run (the user could not remove them).
+PROBES = os.path.join(tempfile.gettempdir(), f"relay-test-probes-{os.getuid()}")
 
 
 @contextlib.contextmanager
@@ -380,7 +383,7 @@ def compiled_probe(directory, name, source):
 
     A compile costs seconds of both cores, and tests running side by side (pytest -n, and
     scripts/test's parts) would each make the same one: the module is kept in
-    build/test-probes/, named by a hash of everything it is made from (the source, every
+    PROBES (outside the checkout), named by a hash of everything it is made from (the source, every
     .pxd, .pxi and .h in relay/, the interpreter, Cython), made by one process while the
     others wait for it."""
     import fcntl
@@ -406,7 +409,9 @@ def compiled_probe(directory, name, source):
                 with open(os.path.join(root, f), "rb") as fh:
                     h.update(f.encode() + b"\0" + fh.read() + b"\0")
     made = os.path.join(PROBES, f"{name}-{h.hexdigest()[:20]}")
-    os.makedirs(PROBES, exist_ok=True)
+    os.makedirs(PROBES, mode=0o700, exist_ok=True)
+    st = os.lstat(PROBES)
+    assert st.st_uid == os.getuid() and not os.path.islink(PROBES), f"{PROBES} is not ours"
     with open(made + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)        # one compile; the others wait, then reuse it
         if not os.path.isdir(made):
