@@ -134,7 +134,9 @@ def _check_scripts_root(root, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env={"PATH": with_sudo},
                        preexec_fn=as_nobody)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "sudo.args").read_text().split() == ["--", "/usr/bin/id", "-u"]
+    # (without bytecode: no root-owned __pycache__ in the user's checkout)
+    assert (tmp_path / "sudo.args").read_text().split() == [
+        "--", "env", "PYTHONDONTWRITEBYTECODE=1", "/usr/bin/id", "-u"]
     # not root, no sudo: a clear refusal
     r = subprocess.run(cmd, capture_output=True, text=True, env={"PATH": plain},
                        preexec_fn=as_nobody)
