@@ -27,7 +27,9 @@ N_COUNTERS = len(COUNTERS)
 INDEX = {name: i for i, name in enumerate(COUNTERS)}
 GAUGES = frozenset({"assoc_open", "transparent_open", "conn_open"})
 from relay.flows import GROUP_FIELDS, GROUP_WORDS   # noqa: E402  (after the names above)
-SLOT_BYTES = (N_COUNTERS + GROUP_WORDS) * 8
+# A whole number of 64-byte cache lines: neighbouring slots belong to different workers, and
+# a line shared across a boundary would bounce between their cores on every datagram.
+SLOT_BYTES = -(-(N_COUNTERS + GROUP_WORDS) * 8 // 64) * 64
 
 HELP = {
     "up_datagrams": "datagrams relayed from clients towards upstream",

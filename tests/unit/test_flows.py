@@ -391,3 +391,17 @@ def test_flows_through_several_upstreams_name_each_flows_upstream(impl, core, up
         assert sum(r[8] for r in bal.snapshot(100, 0, True)) == len(clients)
     finally:
         bal.close()
+
+
+def test_stats_slots_are_whole_cache_lines_with_the_group_words_after_the_counters():
+    """Each (listener, worker) slot starts on its own 64-byte line (no line shared by two
+    workers' slots) and holds the counters, then the client groups' words."""
+    from relay.flows import GROUP_WORDS
+    assert _stats.SLOT_BYTES % 64 == 0
+    assert _stats.SLOT_BYTES >= (_stats.N_COUNTERS + GROUP_WORDS) * 8
+    region = _stats.StatsRegion(2)
+    a, b = region.slot(0), region.slot(1)
+    a[_stats.N_COUNTERS + GROUP_WORDS - 1] = 7            # the last group word of slot 0
+    assert region.read_groups(0)[-1] == 7 and region.read(1)["up_datagrams"] == 0
+    b[0] = 3
+    assert region.read(1)["up_datagrams"] == 3 and not any(region.read_groups(1))
