@@ -75,41 +75,16 @@ static void usage(const char *msg)
     exit(2);
 }
 
-/* "1.2.3.4:5" or "[::1]:5" */
-static socklen_t parse_hostport(const char *s, struct sockaddr_storage *out)
+#include "hostport.h"
+
+/* A destination: parse_hostport's HOST:PORT, port 0 refused (nothing listens there). */
+static socklen_t parse_dest(const char *s, struct sockaddr_storage *out)
 {
-    char host[128];
     const char *colon = strrchr(s, ':');
-    if (!colon || colon == s || (size_t)(colon - s) >= sizeof host)
-        usage("address must be HOST:PORT or [V6]:PORT");
-    long port = strtol(colon + 1, NULL, 10);
-    if (port <= 0 || port > 65535)
+    long port = colon ? strtol(colon + 1, NULL, 10) : 0;
+    if (colon && (port <= 0 || port > 65535))
         usage("port must be 1-65535");
-    size_t len = (size_t)(colon - s);
-    if (s[0] == '[') {
-        if (len < 2 || s[len - 1] != ']')
-            usage("IPv6 address must be in brackets");
-        memcpy(host, s + 1, len - 2);
-        host[len - 2] = 0;
-    } else {
-        memcpy(host, s, len);
-        host[len] = 0;
-    }
-    memset(out, 0, sizeof *out);
-    struct sockaddr_in *a4 = (struct sockaddr_in *)out;
-    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)out;
-    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
-        a4->sin_family = AF_INET;
-        a4->sin_port = htons((uint16_t)port);
-        return sizeof *a4;
-    }
-    if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
-        a6->sin6_family = AF_INET6;
-        a6->sin6_port = htons((uint16_t)port);
-        return sizeof *a6;
-    }
-    usage("bad IP address");
-    return 0;
+    return parse_hostport(s, out);
 }
 
 static void raise_nofile(void)
@@ -221,7 +196,7 @@ static int tunnel_blast(const char *server_s, const struct sockaddr_storage *dst
                         long warmup, int marker, int sync)
 {
     struct sockaddr_storage srv;
-    socklen_t slen = parse_hostport(server_s, &srv);
+    socklen_t slen = parse_dest(server_s, &srv);
     int fd = socket(srv.ss_family, SOCK_STREAM, 0);
     if (fd < 0) die("socket");
     int one = 1, buf = 4 << 20;
@@ -317,7 +292,7 @@ int main(int argc, char **argv)
     if (warmup < 0 || warmup > 1000) usage("--warmup must be 0-1000");
 
     struct sockaddr_storage dst;
-    socklen_t dlen = parse_hostport(dst_s, &dst);
+    socklen_t dlen = parse_dest(dst_s, &dst);
     if (tunnel_s) {
         if (echo || gso) usage("--tunnel goes without --echo or --gso");
         if (size > 65535) usage("--size must be at most 65535 with --tunnel");

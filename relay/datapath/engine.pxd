@@ -130,7 +130,6 @@ cdef class Engine:
     cdef hdr_t hdr                # --header-out / --header-in (disguise.pxi)
 
 
-    cdef uint64_t *_stats_ptr(self, object mv) except NULL
     cdef void _free(self) noexcept
     cdef void _loop(self, int max_ms) noexcept nogil
     cdef void _sweep(self, double now) noexcept nogil

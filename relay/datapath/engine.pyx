@@ -58,17 +58,12 @@ from relay.datapath.flows cimport (
     ROWS_FLOWS, ROWS_FLOWS_DST,
 )
 from relay.datapath.limits cimport fd_soft_limit, fd_reserved
+from relay.datapath.clock cimport monotonic
 from relay.datapath.tunnel cimport UpstreamCore
 from relay.datapath.outbind cimport outbind_init, outbind_apply
 
 import os
 
-
-
-cdef inline double monotonic() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 cdef inline int wait_writable(int fd) noexcept nogil:
@@ -194,7 +189,7 @@ cdef class Engine:
             self.stats_ref = memoryview(stats).cast("B").cast("Q")
             if len(self.stats_ref) < N_COUNTERS or self.stats_ref.readonly:
                 raise ValueError(f"stats must be a writable buffer of {N_COUNTERS} uint64")
-            self.st = self._stats_ptr(self.stats_ref)
+            self.st = stats_ptr(self.stats_ref)
         from relay.flows import check_group_words
         check_group_words(client_groups, self.stats_ref)
         groups_init(&self.groups, client_groups, self.stats_ref, N_COUNTERS)
@@ -332,10 +327,6 @@ cdef class Engine:
                           else "upstream socket (--bind-interface, --source)"
                           if outbound else "upstream socket")
         close(fd)
-
-    cdef uint64_t *_stats_ptr(self, object mv) except NULL:
-        cdef uint64_t[::1] view = mv
-        return &view[0]
 
     # ---- control ---------------------------------------------------------------------
 

@@ -47,3 +47,9 @@ cdef enum:
     C_TUN_RUNS_OUT            # offload runs written
     C_UPSTREAM_FAILOVER       # flows moved from one upstream to another (several upstreams)
     N_COUNTERS
+
+
+cdef inline uint64_t *stats_ptr(object view) except NULL:
+    """The first counter of a writable uint64 memoryview (a stats slot)."""
+    cdef uint64_t[::1] mv = view
+    return &mv[0]

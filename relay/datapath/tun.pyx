@@ -37,6 +37,7 @@ from relay.datapath.table cimport (
 from relay.datapath.stats cimport *
 from relay.datapath.sendq cimport sq_init, sq_free, sq_full, sq_add, sq_flush
 from relay.datapath.limits cimport fd_soft_limit, fd_reserved
+from relay.datapath.clock cimport monotonic
 from relay.datapath.tunnel cimport UpstreamCore
 from relay.datapath.flows cimport (
     flow_in, flow_out, group_of, groups_init, groups_free, table_snapshot, ROWS_FLOWS_DST,
@@ -75,12 +76,6 @@ cdef enum:
     SO_EE_ORIGIN_ICMP6 = 3
 
 
-cdef inline double monotonic() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
 cdef inline int send_error_counter(int e) noexcept nogil:
     if e == EAGAIN or e == ENOBUFS:
         return C_DROP_BUFFER_FULL
@@ -91,11 +86,6 @@ cdef inline int send_error_counter(int e) noexcept nogil:
     if e == EACCES or e == EPERM:
         return C_DROP_PERMISSION
     return C_DROP_SEND_ERROR
-
-
-cdef uint64_t *_stats_ptr(object view):
-    cdef uint64_t[::1] mv = view
-    return &mv[0]
 
 
 include "tun_parse.pxi"
@@ -128,14 +118,7 @@ cdef class TunRelay:
                  client_groups=(), outbound=None):
         cdef epoll_event ev
         from relay.datapath.pure import tun_stack
-        if not 1 <= batch <= 1024:
-            raise ValueError(f"batch must be 1-1024, not {batch}")
-        if max_associations < 1:
-            raise ValueError("max_associations must be at least 1")
-        if timeout <= 0:
-            raise ValueError("timeouts must be positive")
-        if not 1280 <= mtu <= 65535:
-            raise ValueError(f"mtu must be 1280-65535, not {mtu}")
+        tun_stack.check_relay_args(batch, max_associations, timeout, mtu)
         self.fd, self.vnet, self.mtu, self.mark = tun_fd, vnet, mtu, <uint32_t>mark
         self.batch, self.up_family = batch, upstream_family
         if stats is None and core is not None:
@@ -147,7 +130,7 @@ cdef class TunRelay:
             self.stats_ref = memoryview(stats).cast("B").cast("Q")
             if len(self.stats_ref) < N_COUNTERS or self.stats_ref.readonly:
                 raise ValueError(f"stats must be a writable buffer of {N_COUNTERS} uint64")
-            self.st = _stats_ptr(self.stats_ref)
+            self.st = stats_ptr(self.stats_ref)
         from relay.flows import check_group_words
         check_group_words(client_groups, self.stats_ref)
         groups_init(&self.groups, client_groups, self.stats_ref, N_COUNTERS)

@@ -48,7 +48,7 @@ from relay.datapath.outbind cimport (
     outbind_t, outbind_init, outbind_device, outbind_src, outbind_apply,
 )
 from relay.datapath.stats cimport (
-    N_COUNTERS, C_UP_DATAGRAMS, C_UP_BYTES, C_DOWN_DATAGRAMS, C_DOWN_BYTES,
+    N_COUNTERS, stats_ptr, C_UP_DATAGRAMS, C_UP_BYTES, C_DOWN_DATAGRAMS, C_DOWN_BYTES,
     C_ASSOC_OPEN, C_ASSOC_CREATED, C_ASSOC_EXPIRED, C_ASSOC_EVICTED, C_ASSOC_REFUSED,
     C_DROP_MALFORMED, C_DROP_BUFFER_FULL, C_DROP_SEND_ERROR, C_DROP_TABLE_FULL, C_DROP_TOO_BIG,
     C_DROP_NO_ROUTE, C_DROP_DENIED, C_CONN_OPEN, C_CONN_REJECTED, C_CONN_RECONNECTS,
@@ -57,7 +57,7 @@ from relay.datapath.stats cimport (
 from relay.datapath.stats cimport C_UPSTREAM_FAILOVER
 
 from relay.datapath.flows cimport (
-    flow_in, flow_out, group_of, groups_init, groups_free, table_rows, table_clients, ROWS_FLOWS_DST,
+    flow_in, flow_out, group_of, groups_init, groups_free, table_snapshot, ROWS_FLOWS_DST,
 )
 from relay import proto as _proto
 from relay.flows import balanced_rows, check_group_words
@@ -169,11 +169,6 @@ cdef object _stats_view(object stats):
     if stats.readonly:
         raise ValueError("stats must be writable")
     return stats
-
-
-cdef uint64_t *_stats_ptr(object view):
-    cdef uint64_t[::1] mv = view
-    return &mv[0]
 
 
 cdef int epoll_set(int epfd, int op, int fd, uint32_t events, uint32_t kind,

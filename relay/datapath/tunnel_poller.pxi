@@ -18,7 +18,7 @@ cdef class Poller:
 
     def _init_stats(self, stats, log):
         self._stats_ref = _stats_view(stats)
-        self.st = _stats_ptr(self._stats_ref)
+        self.st = stats_ptr(self._stats_ref)
         self.log = log or DEF_LOG
         self.now = mono_now()
 

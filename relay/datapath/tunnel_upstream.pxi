@@ -10,7 +10,7 @@ cdef class UpstreamCore:
 
     def _init_stats(self, stats, log, client_groups=()):
         self._stats_ref = _stats_view(stats)
-        self.st = _stats_ptr(self._stats_ref)
+        self.st = stats_ptr(self._stats_ref)
         check_group_words(client_groups, self._stats_ref)
         groups_init(&self.groups, client_groups, self._stats_ref, N_COUNTERS)
         self.log = log or DEF_LOG
@@ -26,9 +26,8 @@ cdef class UpstreamCore:
     def snapshot(self, int n, int sort, bint by_client=False, int clients_cap=4096):
         """The top n flows by sort as relay.flows rows (the destination: the latest a
         flow sent to), or, by_client, summed per client address (see Engine.flows)."""
-        if by_client:
-            return table_clients(&self.tab, sort, n, clients_cap, mono_now())
-        return table_rows(&self.tab, sort, n, mono_now(), ROWS_FLOWS_DST)
+        return table_snapshot(&self.tab, None, n, sort, by_client, clients_cap, mono_now(),
+                              ROWS_FLOWS_DST)
 
     cdef int c_send(self, const sockaddr_any *client, const sockaddr_any *dst,
                     const uint8_t *data, size_t n) except -1:

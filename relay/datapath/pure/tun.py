@@ -75,14 +75,7 @@ class TunRelay(Poller):
                  max_associations=65536, batch=64, stats=None, log=None, core=None,
                  upstream_family=socket.AF_INET6, frag_memory=_stack.FRAG_MEMORY,
                  frag_timeout=_stack.FRAG_TIMEOUT, client_groups=(), outbound=None):
-        if not 1 <= batch <= 1024:
-            raise ValueError(f"batch must be 1-1024, not {batch}")
-        if max_associations < 1:
-            raise ValueError("max_associations must be at least 1")
-        if timeout <= 0:
-            raise ValueError("timeouts must be positive")
-        if not 1280 <= mtu <= 65535:
-            raise ValueError(f"mtu must be 1280-65535, not {mtu}")
+        _stack.check_relay_args(batch, max_associations, timeout, mtu)
         super().__init__(core.stats if (stats is None and core is not None) else stats, log)
         self.fd, self.vnet, self.mtu, self.mark = tun_fd, bool(vnet), mtu, mark
         self.groups = Groups(client_groups, self._stats)

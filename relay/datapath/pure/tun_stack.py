@@ -27,6 +27,18 @@ class BadPacket(ValueError):
     """A malformed packet; args[0] is the reason."""
 
 
+def check_relay_args(batch, max_associations, timeout, mtu):
+    """TunRelay's arguments, checked the same for the compiled and the pure one."""
+    if not 1 <= batch <= 1024:
+        raise ValueError(f"batch must be 1-1024, not {batch}")
+    if max_associations < 1:
+        raise ValueError("max_associations must be at least 1")
+    if timeout <= 0:
+        raise ValueError("timeouts must be positive")
+    if not 1280 <= mtu <= 65535:
+        raise ValueError(f"mtu must be 1280-65535, not {mtu}")
+
+
 def _sum16(b):
     return inet_checksum(b)
 
