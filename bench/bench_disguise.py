@@ -11,7 +11,7 @@ for KIND none (no header), wireguard (4 fixed bytes) and dtls (13 bytes, sequenc
 length fields written per datagram), alternating round by round; medians. The sink counts
 what B delivers: payloads without headers, so a datagram counts only when A added its
 header and B checked and stripped it. --gso: the load comes as UDP_SEGMENT runs and both
-relays run --gro (the header written per segment, one GSO send per run). Reported: the
+relays run --offload on (the header written per segment, one GSO send per run). Reported: the
 delivered rate and the relays' CPU per datagram, each as a ratio to "none".
 """
 import argparse
@@ -43,7 +43,7 @@ def start_pair(kind, sink_port, gro):
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                  start_new_session=True, env=dict(os.environ, PYTHONPATH=ROOT))
     common = ["--workers", "1", "--control", "", "--mark", "0", "--log-level", "error"]
-    common += ["--gro"] if gro else []
+    common += ["--offload", "on" if gro else "off"]
     out = [] if kind == "none" else ["--header-out", kind]
     inn = [] if kind == "none" else ["--header-in", kind]
     relay = [sys.executable, "-m", "relay", "forward"]
@@ -130,7 +130,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="rounds per point (default 3)")
     p.add_argument("--duration", type=float, default=1.0, help="seconds per run (default 1)")
     p.add_argument("--gso", action="store_true",
-                   help="UDP_SEGMENT runs as the load, --gro on both relays")
+                   help="UDP_SEGMENT runs as the load, --offload on on both relays (else off)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the rows as JSON")
     args = p.parse_args(argv)
     rows = run(args.rounds, args.duration, args.gso)

@@ -21,12 +21,12 @@ and sink on CPU 0, the stage under test alone on CPU 1:
     client:      blast -> UDP -> tunnel-client -> TCP -> sink --tunnel (counts the frames)
     server:      blast --tunnel (writes frames) -> TCP -> tunnel-server -> UDP -> sink
     forward:     blast -> relay forward -> sink                  (as shipped)
-    forward-gro: blast -> relay forward --gro -> sink
+    forward-gro: blast -> relay forward --offload on -> sink (forward: --offload off)
     tunnel:      blast -> tunnel-client -> tunnel-server -> sink  (both ends on CPU 1)
 
 The load is bench/c/blast.c --gso (runs of 64 datagrams per send, as the main harness
 offers): it saturates every stage, so each rate is that stage's capacity on one core.
-Receivers with UDP_GRO (tunnel-client, forward --gro) take the runs whole; the others get
+Receivers with UDP_GRO (tunnel-client, forward --offload on) take the runs whole; the others get
 them as single datagrams. --plain-load sends single datagrams instead (nothing to
 coalesce) at --rate (default 250,000/s, below every stage's capacity): the comparison is
 then the CPU each stage spends per datagram.
@@ -144,7 +144,7 @@ def start_chain(impl, sink_port, cpus=None, control=None):
                                      "--to", f"127.0.0.1:{sink_port}",
                                      "--workers", "1", "--control", "", "--mark", "0",
                                      "--log-level", "error"]
-                                    + (["--gro"] if impl == "forward-gro" else []), cpus),
+                                    + ["--offload", "on" if impl == "forward-gro" else "off"], cpus),
                              start_new_session=True, env=env, **quiet)
         return [a], udp_port
     else:
@@ -368,7 +368,7 @@ def run(quick=False, rounds=None, duration=None, log=print, stages=False, rate=0
                     rows.append(row)
                     log(f"  two-host tunnel (its slower end) / forward: "
                         f"{row['capacity_vs_forward']:.2f}"
-                        + (f", / forward --gro: {row['capacity_vs_forward_gro']:.2f}"
+                        + (f", / forward --offload on: {row['capacity_vs_forward_gro']:.2f}"
                            if "capacity_vs_forward_gro" in row else ""))
                 continue
             for other in ("socat", "forward"):

@@ -409,13 +409,16 @@ def relay_help(mode):
 
 def relay_offload_flags(mode="forward"):
     """(flags that turn the bulk path on, flags that turn it off), or None when
-    ``relay <mode> --help`` shows no such option. The bulk path is ``--gro`` (UDP_GRO in,
-    UDP_SEGMENT out; off unless given); a ``--no-gro`` is used for "off" when it exists."""
+    ``relay <mode> --help`` shows no such option. The bulk path (UDP_GRO in, runs as
+    UDP_SEGMENT sends out) is ``--offload on|off`` (default auto: on where the kernel has
+    it); a relay from before that option had ``--gro`` (off unless given)."""
     text, _ = relay_help(mode)
     opts = set(re.findall(r"--[a-z][a-z0-9-]*", text or ""))
+    if "--offload" in opts:
+        return ["--offload", "on"], ["--offload", "off"]
     if "--gro" not in opts:
         return None
-    return ["--gro"], (["--no-gro"] if "--no-gro" in opts else [])
+    return ["--gro"], []
 
 
 class Relay(Peer):
@@ -450,7 +453,7 @@ class Relay(Peer):
             return reason
         offload = getattr(cls, "opts", {}).get("offload")
         if offload is not None and relay_offload_flags(mode) is None:
-            return f"`relay {mode} --help` shows no bulk-path (--gro) option"
+            return f"`relay {mode} --help` shows no bulk-path (--offload) option"
         return None
 
     def _ports(self, listen):
@@ -525,19 +528,21 @@ class RelayTun(Relay):
 
 
 def relay_peers(mode, nworkers):
-    """The relay rows of a mode: 1 worker and N workers (and both reply ways for redir;
-    offload off and on for tun)."""
+    """The relay rows of a mode: 1 worker and N workers with the defaults (and both reply
+    ways for redir), and 1 worker with --offload off (tun: offload off and on)."""
     if mode == "tun":
         return [RelayTun.variant("relay-tun-plain-1w", workers=1, offload="off"),
                 RelayTun.variant("relay-tun-offload-1w", workers=1, offload="on"),
                 RelayTun.variant("relay-tun-offload-Nw", workers=nworkers, offload="on")]
     if mode == "forward":
         return [Relay.variant("relay-1w", workers=1),
-                Relay.variant("relay-Nw", workers=nworkers)]
+                Relay.variant("relay-Nw", workers=nworkers),
+                Relay.variant("relay-nooffload-1w", workers=1, offload=False)]
     out = []
     for reply in ("raw", "transparent"):
         out.append(Relay.variant(f"relay-{reply}-1w", workers=1, reply=reply))
         out.append(Relay.variant(f"relay-{reply}-Nw", workers=nworkers, reply=reply))
+    out.append(Relay.variant("relay-raw-nooffload-1w", workers=1, reply="raw", offload=False))
     return out
 
 

@@ -109,12 +109,19 @@ def _flow_options(p, mode):
          "before connect or send), one per family: 192.0.2.1,2001:db8::1", metavar="ADDR[,ADDR]")
 
 
+def _offload_option(g, mode):
+    _opt(g, mode, "--offload", "UDP segmentation offload. auto: where the kernel has it "
+         "(Linux 5.10+), datagrams that arrive coalesced (UDP_GRO) stay one buffer and each "
+         "run of one flow's equal-size datagrams leaves as one UDP_SEGMENT send; a path that "
+         "refuses such a send gets its datagrams one by one (offload_fallback counts it). "
+         "on: that or refuse to start. off: one datagram per message both ways (a link that "
+         "misbehaves under GSO)", choices=["auto", "on", "off"])
+
+
 def _upstream_options(p, mode):
     g = p.add_argument_group("upstream")
     if mode != "tun":
-        _opt(g, mode, "--gro", "bulk path: take coalesced datagrams from the kernel (UDP_GRO) "
-             "and pass each run on as one segmentation-offload send (UDP_SEGMENT)",
-             action="store_true")
+        _offload_option(g, mode)
     _opt(g, mode, "--upstream", "send through tunnel://HOST:PORT (relay tunnel-server), "
          "gost://[USER:PASS@]HOST:PORT (a gost server's UDP-over-TCP tunnel, one TCP connection "
          "per flow) or socks5://[USER:PASS@]HOST:PORT (SOCKS5 UDP ASSOCIATE) instead of "
@@ -518,6 +525,7 @@ def _add_tunnel_client(sub):
     _login_options(g, m, "with --gost: username for the server (RFC 1929)")
     _balance_option(g, m, "--server")
     _flow_options(p, m)
+    _offload_option(p.add_argument_group("listen side"), m)
     _runtime_options(p)
 
 

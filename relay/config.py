@@ -123,7 +123,6 @@ class ListenerConfig:
     transparent_cache: int = 1024
     transparent_idle: float = 30.0
     batch: int = 64
-    gro: bool = False                        # UDP_GRO in, GSO out (forward, redir)
     reject: tuple = ()                       # redir: ports answered with port unreachable
     header_out: Optional[str] = None         # forward: disguise header towards upstream
     header_in: Optional[str] = None          # forward: disguise header expected from clients
@@ -154,7 +153,8 @@ class ListenerConfig:
     dev: Optional[str] = None                # tun: the TUN device (created if missing)
     address: Optional[str] = None            # tun: its addresses, "198.18.0.1/30,fd00::1/126"
     mtu: Optional[int] = None                # tun: its MTU (None: the device's, 1500 when new)
-    offload: str = "auto"                    # tun: virtio-net header + UDP segmentation offload
+    offload: str = "auto"                    # UDP segmentation offload (relay.net.sockopt
+                                             # udp_offload; tun: the virtio-net header)
 
     def port_timeouts(self):
         """The per-destination-port idle timeouts, ((first, last, seconds), ...): the given
@@ -254,7 +254,6 @@ MODE_DEFAULTS = {
     "socks5": {"mark": 0},
     "tun": {"dev": "relay0"},
 }
-TUN_OFFLOAD = ("auto", "on", "off")     # relay/net/tundev.py OFFLOAD_MODES
 TUN_MTU = (1280, 65535)
 
 
@@ -294,12 +293,13 @@ _SECRET = {"secret", "secret_file"}
 _LOGIN = {"user", "password", "password_file"}
 _TUNNEL_UP = _SECRET | {"connections"}       # with a tunnel:// upstream
 MODE_KEYS = {
-    "forward": _COMMON | {"to", "upstream", "balance", "gro", "header_out", "header_in"} | _TUNNEL_UP,
+    "forward": _COMMON | {"to", "upstream", "balance", "offload", "header_out", "header_in"}
+    | _TUNNEL_UP,
     "redir": _COMMON | {"upstream", "balance", "reply", "transparent_cache", "transparent_idle",
-                        "gro", "reject"} | _TUNNEL_UP,
+                        "offload", "reject"} | _TUNNEL_UP,
     "tunnel-server": _COMMON | _SECRET | _LOGIN | {"allow", "deny", "allow_host", "insecure"},
     "tunnel-client": _COMMON | _SECRET | _LOGIN | {"to", "server", "balance", "connections",
-                                                   "gost"},
+                                                   "gost", "offload"},
     "socks5": _COMMON | _LOGIN | {"allow", "deny", "allow_host", "insecure", "strict_udp"},
     "tun": (_COMMON - {"listen"}) | {"upstream", "dev", "address", "mtu", "offload"} | _TUNNEL_UP,
 }
@@ -579,6 +579,11 @@ def _get_credential(ctx, key, value):
     return value
 
 
+# Keys of earlier versions, and what replaced them.
+RENAMED_KEYS = {"gro": 'now offload = "auto" (the default: on where the kernel has UDP GRO '
+                       'and GSO), "on" (gro = true) or "off" (one datagram per message)'}
+
+
 def _did_you_mean(key, known):
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f", did you mean \"{close[0]}\"?" if close else ""
@@ -590,6 +595,8 @@ def _check_keys(ctx, prefix, table, known):
             raise ctx.error(prefix or "(top level)", f"keys must be strings, got {_describe(key)}")
         if key not in known:
             path = f"{prefix}.{key}" if prefix else key
+            if key in RENAMED_KEYS:
+                raise ctx.error(path, f"unknown key: {RENAMED_KEYS[key]}")
             raise ctx.error(path, f"unknown key{_did_you_mean(key, known)} "
                                   f"(known: {', '.join(known)})")
 
@@ -666,6 +673,18 @@ def _on_host(ctx, key, check, value):
         check(value)
     except ValueError as exc:
         raise ctx.error(key, str(exc)) from None
+    return value
+
+
+def _get_offload(ctx, key, value, mode):
+    """auto, on or off; "on" for a UDP listener only where this kernel has UDP GSO and GRO
+    (tun's "on" is checked when the device is opened: it needs the TUN driver's offload)."""
+    value = _get_choice(ctx, key, value, sockopt.OFFLOAD_MODES, "offload mode")
+    if value == "on" and mode != "tun":
+        try:
+            sockopt.udp_offload("on")
+        except OSError as exc:
+            raise ctx.error(key, f"\"on\": {exc.strerror}") from None
     return value
 
 
@@ -765,8 +784,8 @@ def _parse_listener(ctx, index, table):
                                             0, MAX_TIMEOUT)
     if "batch" in table:
         kw["batch"] = _get_int(ctx, k("batch"), table["batch"], 1, MAX_BATCH)
-    if "gro" in table:
-        kw["gro"] = _get_bool(ctx, k("gro"), table["gro"])
+    if "offload" in table:
+        kw["offload"] = _get_offload(ctx, k("offload"), table["offload"], mode)
     if "reject" in table:
         kw["reject"] = _get_ports(ctx, k("reject"), table["reject"])
     for key in ("header_out", "header_in"):
@@ -869,9 +888,6 @@ def _parse_tun_keys(ctx, k, table, kw):
         kw["address"] = text
     if "mtu" in table:
         kw["mtu"] = _get_int(ctx, k("mtu"), table["mtu"], *TUN_MTU)
-    if "offload" in table:
-        kw["offload"] = _get_choice(ctx, k("offload"), table["offload"], TUN_OFFLOAD,
-                                    "offload mode")
 
 
 MAX_SECRET_FILE = 4096

@@ -338,7 +338,8 @@ def check_kernel_offload(f):
     udp = (socket.AF_INET, sockopt.SOL_UDP)
     return _options_check(
         [(*udp, sockopt.UDP_SEGMENT, "UDP_SEGMENT"), (*udp, sockopt.UDP_GRO, "UDP_GRO")],
-        "runs of datagrams cannot leave as one segmentation-offload send (--gro neither)",
+        "runs of datagrams cannot leave as one segmentation-offload send (--offload auto "
+        "stays off, --offload on is refused)",
         "Linux 5.0 or later (UDP_SEGMENT came in 4.18, UDP_GRO in 5.0)")
 
 

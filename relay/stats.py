@@ -21,7 +21,7 @@ COUNTERS = (
     "drop_bad_header",
     "drop_not_udp", "frag_reassembled", "frag_timeout", "frag_overlap", "frag_dropped_memory",
     "tun_icmp_sent", "tun_runs_in", "tun_runs_out",
-    "upstream_failover",
+    "upstream_failover", "offload_fallback",
 )
 N_COUNTERS = len(COUNTERS)
 INDEX = {name: i for i, name in enumerate(COUNTERS)}
@@ -80,6 +80,9 @@ HELP = {
     "tun_runs_out": "tun: runs of replies written as one packet (UDP segmentation offload)",
     "upstream_failover": "flows moved from one upstream to another (away from one found "
                          "down; with --balance hash also back to the client's own one)",
+    "offload_fallback": "segmentation-offload (GSO) sends the kernel refused (a device "
+                        "without checksum offload, a route with a smaller MTU), sent one "
+                        "datagram at a time instead",
 }
 assert set(HELP) == set(COUNTERS)
 

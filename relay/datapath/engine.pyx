@@ -130,7 +130,10 @@ cdef class Engine:
     IP(V6)_RECVORIGDSTADDR). The engine does not own it. ``stats`` is a writable
     memoryview of N_COUNTERS uint64 counters. ``reject`` (redir only, with a raw socket in
     either reply mode): original destination ports answered with an ICMP port unreachable
-    instead of relayed (reject.pxi).
+    instead of relayed (reject.pxi). ``gro``: UDP_GRO on the listen socket (and forward's
+    upstream sockets), each coalesced buffer passed on as one GSO send; ``gso``: runs of a
+    flow's equal-size datagrams joined into one GSO send (False: one datagram per message).
+    The listener's ``offload`` chooses both (relay.net.sockopt.udp_offload).
     """
 
     def __cinit__(self):
@@ -145,7 +148,8 @@ cdef class Engine:
                  int max_associations=65536, int transparent_cache=1024,
                  double transparent_idle=30.0, int batch=64, stats=None,
                  int upstream_family=AF_INET6, int listen_family=AF_INET6,
-                 UpstreamCore core=None, bint gro=False, port_timeouts=(), reject=(),
+                 UpstreamCore core=None, bint gro=False, bint gso=True, port_timeouts=(),
+                 reject=(),
                  client_groups=(), header_out=None, header_in=None, outbound=None):
         cdef epoll_event ev
         if mode not in ("forward", "redir"):
@@ -281,6 +285,8 @@ cdef class Engine:
         self.drops0 = self._socket_drops()
         one = 1
         self.gro = gro
+        if not gso:                     # --offload off: no run is ever coalesced
+            self.gso_max = 0
         if gro:
             if setsockopt(listen_fd, SOL_UDP, UDP_GRO, &one, sizeof(int)) < 0:
                 e = errno
@@ -877,6 +883,7 @@ cdef class Engine:
                     self.st[C_DROP_BUFFER_FULL] += _datagrams(m + done, n - done)
                     return
                 if msg_gso_size(&m[done].msg_hdr) and (e == EINVAL or e == EMSGSIZE or e == EIO):
+                    self.st[C_OFFLOAD_FALLBACK] += 1
                     if m[done].msg_hdr.msg_iovlen > 1:
                         # a route (MTU) that refuses this segment size, or a device without
                         # GSO (EIO): stop coalescing such runs

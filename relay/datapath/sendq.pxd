@@ -34,6 +34,7 @@ from relay.datapath.addr cimport sockaddr_any
 from relay.datapath.ring cimport msg_put_gso, msg_put_src_dev, msg_one_of, SRC_CTRL
 from relay.datapath.stats cimport (
     C_DROP_BUFFER_FULL, C_DROP_TOO_BIG, C_DROP_NO_ROUTE, C_DROP_SEND_ERROR, C_DROP_PERMISSION,
+    C_OFFLOAD_FALLBACK,
 )
 
 
@@ -265,6 +266,7 @@ cdef inline int sq_flush(sendq_t *q, uint64_t *st, int c_dg, int c_bytes) noexce
                 q.gso_max = 0
             elif q.seg[i] - 1 < q.gso_max:
                 q.gso_max = q.seg[i] - 1
+            st[C_OFFLOAD_FALLBACK] += 1
             _sq_one_by_one(q, i, st, c_dg, c_bytes)
         else:
             _sq_drop(st, e, q.msgs[i].msg_hdr.msg_iovlen)

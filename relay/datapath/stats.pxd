@@ -46,6 +46,7 @@ cdef enum:
     C_TUN_RUNS_IN             # offload runs read
     C_TUN_RUNS_OUT            # offload runs written
     C_UPSTREAM_FAILOVER       # flows moved from one upstream to another (several upstreams)
+    C_OFFLOAD_FALLBACK        # GSO sends the kernel refused, sent one datagram at a time
     N_COUNTERS
 
 

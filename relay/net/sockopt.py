@@ -267,6 +267,59 @@ def format_addr(addr):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# Segmentation offload of UDP (forward, redir, tunnel-client: UDP_GRO on receive, runs sent as
+# one UDP_SEGMENT message; tun: the virtio-net header, relay/net/tundev.py), one set of modes.
+OFFLOAD_MODES = ("auto", "on", "off")
+# "auto" takes UDP offload from this kernel on. UDP_SEGMENT came in 4.18 and UDP_GRO for
+# sockets in 5.0, and both had bugs fixed through the 5.x series (datagrams of a GRO run
+# delivered merged, GSO sends refused on some paths); 5.10 is the first long-term kernel
+# with the fixes. Older kernels keep one datagram per message unless "on" is asked for.
+OFFLOAD_KERNEL = (5, 10)
+
+
+def kernel_version(release=None):
+    """(major, minor) of ``release`` (default: this kernel's, os.uname), (0, 0) if unreadable."""
+    import os
+    import re
+    m = re.match(r"(\d+)\.(\d+)", release if release is not None else os.uname().release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def udp_offload_missing():
+    """What this kernel lacks of UDP segmentation offload ("UDP_SEGMENT", "UDP_GRO"), ()
+    when it has both (a probe socket asks for each)."""
+    missing = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.getsockopt(SOL_UDP, UDP_SEGMENT)
+        except OSError:
+            missing.append("UDP_SEGMENT")
+        try:
+            s.setsockopt(SOL_UDP, UDP_GRO, 1)
+        except OSError:
+            missing.append("UDP_GRO")
+    return tuple(missing)
+
+
+def udp_offload(mode, release=None):
+    """Whether a forward, redir or tunnel-client listener uses UDP segmentation offload
+    (GRO in, coalesced GSO sends out) for ``mode``: "off" never; "on" always, or OSError
+    naming what the kernel lacks; "auto" where the kernel has both and is OFFLOAD_KERNEL or
+    newer. A path that refuses a GSO send at run time (a device without checksum offload,
+    a route with a smaller MTU) gets its datagrams one by one, counted in offload_fallback."""
+    if mode not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {mode!r}")
+    if mode == "off":
+        return False
+    missing = udp_offload_missing()
+    if mode == "on":
+        if missing:
+            raise OSError(errno.EOPNOTSUPP, f"this kernel has no {' or '.join(missing)} "
+                                            "(UDP_SEGMENT came in Linux 4.18, UDP_GRO in 5.0)")
+        return True
+    return not missing and kernel_version(release) >= OFFLOAD_KERNEL
+
+
 def usable_mark(mark):
     """The SO_MARK to use, or None when it is 0 or cannot be set here (not root)."""
     if not mark:

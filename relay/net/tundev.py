@@ -14,6 +14,8 @@ import os
 import struct
 import subprocess
 
+from relay.net.sockopt import OFFLOAD_MODES
+
 TUN_PATH = "/dev/net/tun"
 IFNAMSIZ = 16
 TUNSETIFF = 0x400454CA          # _IOW('T', 202, int)
@@ -34,7 +36,6 @@ GSO_NONE = 0
 GSO_UDP_L4 = 5                  # VIRTIO_NET_HDR_GSO_UDP_L4: gso_size payload bytes per segment
 GSO_ECN = 0x80
 VNET = struct.Struct("<BBHHHH")
-OFFLOAD_MODES = ("auto", "on", "off")
 TXQUEUELEN = 4096               # packets the kernel queues for the relay (a new TUN has 500)
 
 log = logging.getLogger("relay")

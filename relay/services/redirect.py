@@ -48,13 +48,14 @@ class UdpService(Service):
                                               max_flows=upstream_flows(cfg), timeout=cfg.timeout)
                 return
             from relay.datapath.engine import Engine
+            offload = sockopt.udp_offload(cfg.offload)
             self.engine = Engine(
                 self.listen.fileno(), cfg.mode, to=cfg.to, raw4_fd=raw4, raw6_fd=raw6,
                 reply=cfg.reply, mark=cfg.mark, timeout=cfg.timeout,
                 max_associations=cfg.max_associations, transparent_cache=cfg.transparent_cache,
                 transparent_idle=cfg.transparent_idle, batch=cfg.batch, stats=ctx.stats,
                 upstream_family=up_family, listen_family=self.listen.family, core=self.core,
-                gro=cfg.gro, port_timeouts=cfg.port_timeouts(), reject=cfg.reject,
+                gro=offload, gso=offload, port_timeouts=cfg.port_timeouts(), reject=cfg.reject,
                 client_groups=ctx.groups, header_out=cfg.header_out, header_in=cfg.header_in,
                 outbound=cfg.outbound() or None,
             )

@@ -53,12 +53,14 @@ class TunnelClientService(Service):
         batch = min(cfg.batch, 256)
         if native:
             # The engine's forward loop with the tunnel as its upstream core: recvmmsg
-            # batches, UDP_GRO on the listen socket (coalesced receives are handed to the
+            # batches, with --offload UDP_GRO on the listen socket (coalesced receives handed to the
             # core as the datagrams they were), replies sendmmsg'd from the listen socket
             # (on a wildcard address, each from the address its client sent to).
             from relay.datapath.engine import Engine
+            offload = sockopt.udp_offload(cfg.offload)
             self.engine = Engine(self.usock.fileno(), "forward", to=tuple(cfg.to),
-                                 batch=batch, stats=ctx.stats, core=self.upstream, gro=True,
+                                 batch=batch, stats=ctx.stats, core=self.upstream, gro=offload,
+                                 gso=offload,
                                  listen_family=self.usock.family, timeout=timeout,
                                  max_associations=max_flows)
         else:

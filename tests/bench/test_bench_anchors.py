@@ -60,17 +60,27 @@ def _sink(tools, host, echo=False):
     return s, port
 
 
-def _wait_bound(port, host, timeout=5.0):
+def _start_forwarder(tools, host, sport):
+    """fwd_mmsg --gso on a free port, once its listen socket is bound. It prints nothing
+    when ready, so the port is probed; the bound is generous (CI runs two test runs beside
+    each other on 2 cores) and a forwarder that exited (its port taken between the probe
+    and its bind) is started again on another port, its error kept for the message."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket(fam, socket.SOCK_DGRAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                return
-        time.sleep(0.02)
-    raise AssertionError(f"nothing bound {host}:{port}")
+    errors = []
+    for _ in range(3):
+        fport = _free_port(host)
+        fwd = _Proc([tools["fwd_mmsg"], "--listen", _hp(host, fport), "--to", _hp(host, sport),
+                     "--gso"])
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline and fwd.p.poll() is None:
+            with socket.socket(fam, socket.SOCK_DGRAM) as s:
+                try:
+                    s.bind((host, fport))
+                except OSError:
+                    return fwd, fport
+            time.sleep(0.02)
+        errors.append(fwd.stop()[1].strip() or "still not bound after 30 s")
+    raise AssertionError(f"fwd_mmsg never bound on {host}: {errors}")
 
 
 # --- c-limit-gso: every segment arrives, both ways
@@ -81,11 +91,12 @@ def _wait_bound(port, host, timeout=5.0):
 @pytest.mark.parametrize("gso_load", [True, False], ids=["gso-load", "plain-load"])
 def test_gso_forwarder_moves_every_segment_both_ways(tools, host, gso_load):
     sink, sport = _sink(tools, host, echo=True)
-    fport = _free_port(host)
-    fwd = _Proc([tools["fwd_mmsg"], "--listen", _hp(host, fport), "--to", _hp(host, sport),
-                 "--gso"])
     try:
-        _wait_bound(fport, host)
+        fwd, fport = _start_forwarder(tools, host, sport)
+    except BaseException:
+        sink.stop()
+        raise
+    try:
         args = [tools["blast"], "--dst", _hp(host, fport), "--size", 300, "--flows", 2,
                 "--batch", 4, "--count", 2048, "--duration", 5, "--rate", 20000,
                 "--warmup", 1, "--echo"]

@@ -11,11 +11,11 @@ import pytest
 from tests.support import REPO
 
 
-FORWARD = ["c-limit", "c-limit-gso", "kernel", "relay-1w", "relay-Nw", "python-loop", "asyncio-uvloop", "socat",
-           "v2ray-dokodemo", "ss-tunnel"]
+FORWARD = ["c-limit", "c-limit-gso", "kernel", "relay-1w", "relay-Nw", "relay-nooffload-1w",
+           "python-loop", "asyncio-uvloop", "socat", "v2ray-dokodemo", "ss-tunnel"]
 REDIR = ["c-limit", "c-limit-gso", "kernel", "relay-raw-1w", "relay-raw-Nw", "relay-transparent-1w",
-         "relay-transparent-Nw", "python-loop", "asyncio-uvloop", "socat", "v2ray-dokodemo",
-         "ss-redir"]
+         "relay-transparent-Nw", "relay-raw-nooffload-1w", "python-loop", "asyncio-uvloop",
+         "socat", "v2ray-dokodemo", "ss-redir"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # serial: the benchmark loads both cores for half a minute (tests beside it would lose their
 # reply windows, and its own peers their start-up deadlines)

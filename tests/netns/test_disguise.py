@@ -4,7 +4,7 @@
                  -> rtr (capture on rtr1) ->
                  relay B (srv): forward --header-in KIND -> echo (srv)
 
-for every kind, over IPv4 and IPv6 between A and B, --gro on both. What crosses rtr is
+for every kind, over IPv4 and IPv6 between A and B, --offload on on both. What crosses rtr is
 captured (AF_PACKET, parsed with scapy) and checked against the layout of
 relay/proto/disguise.py, both ways; a datagram to B without a valid header is counted
 drop_bad_header. One topology and one pair of relays (a listener per kind and family)
@@ -30,7 +30,7 @@ FAMILIES = ("ipv4", "ipv6")
 
 def _listener(name, listen, to, **kw):
     lines = ["[[listener]]", f'name = "{name}"', 'mode = "forward"', f'listen = "{listen}"',
-             f'to = "{to}"', "gro = true", "workers = 1"]
+             f'to = "{to}"', 'offload = "on"', "workers = 1"]
     lines += [f'{k} = "{v}"' for k, v in kw.items()]
     return "\n".join(lines) + "\n"
 
@@ -172,9 +172,9 @@ def test_every_kind_carries_every_size_disguised_on_the_wire(pair, kind, fam):
 @pytest.mark.parametrize("fam", FAMILIES)
 @pytest.mark.parametrize("kind", H.KINDS)
 def test_gso_run_through_gro_on_both_relays(pair, kind, fam):
-    """A client's GSO send of 24 datagrams: A (--gro) takes it as one buffer and sends it on
+    """A client's GSO send of 24 datagrams: A (--offload on) takes it as one buffer and sends it on
     as one GSO send of 1000 + header byte segments, each with its own header (numbers
-    counting up); B (--gro) strips every segment's header; all 24 come back, in order."""
+    counting up); B (--offload on) strips every segment's header; all 24 come back, in order."""
     from relay import BatchSocket
     h = H.size(kind)
     c = pair.client(kind, fam)

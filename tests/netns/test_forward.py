@@ -218,12 +218,13 @@ def test_user_root_keeps_root(echo):
         assert psutil.Process(relay.worker_pids()[0]).uids().effective == 0
 
 
-@pytest.mark.parametrize("gro", [False, True])
-def test_bulk_path_gso_in_gro_through(echo, gro):
-    """A client sends 40 datagrams as one UDP_SEGMENT send; with --gro the relay takes them
-    coalesced and passes them on as one GSO send. Either way 40 datagrams arrive, in order."""
+@pytest.mark.parametrize("offload", ["off", "on", None])
+def test_bulk_path_gso_in_gro_through(echo, offload):
+    """A client sends 40 datagrams as one UDP_SEGMENT send; with offload (on, or auto: the
+    default) the relay takes them coalesced and passes them on as one GSO send, with
+    --offload off one by one. Either way 40 datagrams arrive, in order."""
     from relay import BatchSocket
-    extra = ["--gro"] if gro else []
+    extra = ["--offload", offload] if offload else []
     with start_forward(echo, f"{SRV4}:5000", *extra) as relay:
         c = echo.cli.socket(socket.AF_INET)
         c.connect((RTR4_CLI, 6000))
@@ -238,12 +239,12 @@ def test_bulk_path_gso_in_gro_through(echo, gro):
 
 @pytest.mark.parametrize("upstream", ["tunnel", "socks5"])
 def test_gro_through_an_upstream_core_keeps_datagrams_apart(topo, upstream):
-    """With --gro a coalesced receive holds many datagrams; a tunnel or SOCKS5 upstream
+    """With offload a coalesced receive holds many datagrams; a tunnel or SOCKS5 upstream
     must carry them as the datagrams they were (one frame each), never as one."""
     from relay import BatchSocket
     from tests.support import upstream_in_srv
     extra = upstream_in_srv(topo, upstream)
-    with start_forward(topo, f"{SRV4}:5000", "--gro", *extra) as relay:
+    with start_forward(topo, f"{SRV4}:5000", "--offload", "on", *extra) as relay:
         c = topo.cli.socket(socket.AF_INET)
         c.connect((RTR4_CLI, 6000))
         c.settimeout(3)
@@ -259,9 +260,10 @@ def test_gro_through_an_upstream_core_keeps_datagrams_apart(topo, upstream):
 
 @pytest.mark.parametrize("size", [64, 1400, 3000])
 def test_runs_of_equal_datagrams_arrive_intact_and_in_order(echo, size):
-    """Without --gro, a burst of equal-size datagrams from one client leaves the relay as
+    """A burst of equal-size datagrams, sent one by one from one client, leaves the relay as
     one GSO send (3000-byte segments exceed the 1500-byte MTU towards the server: the
-    kernel refuses that, and they go one by one). All arrive, in order, counted once."""
+    kernel refuses that, and they go one by one, counted in offload_fallback). All
+    arrive, in order, counted once."""
     from relay import BatchSocket
     with start_forward(echo, f"{SRV4}:5000") as relay:
         c = echo.cli.socket(socket.AF_INET)
@@ -279,7 +281,8 @@ def test_runs_of_equal_datagrams_arrive_intact_and_in_order(echo, size):
         assert got == sent
         relay.settled_stats(lambda st: st["up_datagrams"] == len(sent) + 1 == st["down_datagrams"]
                             and st["up_bytes"] == 4 + sum(map(len, sent))
-                            and st["drop_send_error"] == 0 and st["drop_too_big"] == 0)
+                            and st["drop_send_error"] == 0 and st["drop_too_big"] == 0
+                            and (st["offload_fallback"] > 0) == (size > 1500))
 
 
 def test_runs_of_replies_to_two_clients_stay_apart(echo):
@@ -305,8 +308,9 @@ def test_runs_of_replies_to_two_clients_stay_apart(echo):
         relay.settled_stats(lambda st: st["down_datagrams"] == st["up_datagrams"] == 122)
 
 
-@pytest.mark.parametrize("host,extra", [("[::]", ()), ("[::]", ("--gro",)), ("0.0.0.0", ())],
-                         ids=["dual-stack", "dual-stack-gro", "ipv4"])
+@pytest.mark.parametrize("host,extra", [("[::]", ("--offload", "off")), ("[::]", ()),
+                                        ("0.0.0.0", ())],
+                         ids=["dual-stack-no-offload", "dual-stack", "ipv4"])
 def test_wildcard_listener_replies_from_the_address_asked(echo, host, extra):
     """A router with three addresses of each family on its client side, the listener on
     the wildcard: whichever address a client asks, the reply comes from that address (the

@@ -201,7 +201,7 @@ def test_engine_flows_through_the_data_path_thread(forward, echo):
 
 def test_engine_counts_a_gro_buffer_as_its_datagrams(echo):
     pytest.importorskip("relay.datapath.engine", reason="the engine is compiled only")
-    s = Service(cfg("forward", listen=("127.0.0.1", free_udp_port()), to=echo.address, gro=True))
+    s = Service(cfg("forward", listen=("127.0.0.1", free_udp_port()), to=echo.address, offload="on"))
     try:
         c = client("127.0.0.2")
         listen = s.svc.listen.getsockname()

@@ -44,11 +44,11 @@ CASES = {
                 'mode = "forward"\nlisten = "[::]:5353"\nto = "198.51.100.2:53"'),
     "forward-all": (["forward", "--listen", "127.0.0.1:7000", "--to", "198.51.100.2:53",
                      "--timeout", "5", "--max-associations", "100", "--mark", "7", "--batch", "8",
-                     "--gro", "--upstream", "tunnel://198.51.100.9:8443", "--secret", "s",
+                     "--offload", "off", "--upstream", "tunnel://198.51.100.9:8443", "--secret", "s",
                      "--connections", "3", "--name", "dns"],
                     'name = "dns"\nmode = "forward"\nlisten = "127.0.0.1:7000"\n'
                     'to = "198.51.100.2:53"\ntimeout = 5\nmax_associations = 100\nmark = 7\n'
-                    'batch = 8\ngro = true\nupstream = "tunnel://198.51.100.9:8443"\n'
+                    'batch = 8\noffload = "off"\nupstream = "tunnel://198.51.100.9:8443"\n'
                     'secret = "s"\nconnections = 3'),
     "redir": (["redir", "--listen", "[::]:7000", "--reply", "transparent",
                "--transparent-cache", "9", "--transparent-idle", "3"],
@@ -62,10 +62,10 @@ CASES = {
                       'deny = ["198.51.100.7/32"]'),
     "tunnel-client": (["tunnel-client", "--listen", "127.0.0.1:5000", "--server",
                        "198.51.100.1:8443", "--to", "198.51.100.2:53", "--connections", "2",
-                       "--secret", "s"],
+                       "--secret", "s", "--offload", "off"],
                       'mode = "tunnel-client"\nlisten = "127.0.0.1:5000"\n'
                       'server = "198.51.100.1:8443"\nto = "198.51.100.2:53"\nconnections = 2\n'
-                      'secret = "s"'),
+                      'secret = "s"\noffload = "off"'),
     "tunnel-client-gost": (["tunnel-client", "--listen", "127.0.0.1:5000", "--server",
                             "198.51.100.1:8443", "--to", "198.51.100.2:53", "--gost",
                             "--username", "u", "--password", "p"],
