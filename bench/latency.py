@@ -8,7 +8,7 @@ datagrams, each with a sequence number and its CLOCK_MONOTONIC send time, to an 
     direct           no relay: the client talks to the sink itself, routed by mid's kernel
                      (IPv4 forwarding on in mid for this row only, off again after it)
     c-limit          bench/c/fwd_mmsg.c (redir: --tproxy --full-cone)
-    relay-1w         relay forward, 1 worker (redir: relay-raw-1w, relay redir --reply raw)
+    relay-1w         relay forward, 1 worker (redir: relay-raw-1w and relay-transparent-1w, the two reply ways)
     v2ray-dokodemo   v2ray dokodemo-door (where installed)
     ss-tunnel        ss-tunnel -> ss-server (forward) / ss-redir -> ss-server (redir)
 
@@ -42,10 +42,13 @@ Direct = peers.Direct
 
 
 def implementations(mode):
-    relay = (peers.Relay.variant("relay-1w", workers=1) if mode == "forward"
-             else peers.Relay.variant("relay-raw-1w", workers=1, reply="raw"))
+    if mode == "forward":
+        relays = [peers.Relay.variant("relay-1w", workers=1)]
+    else:                   # both reply ways: raw packets, or a transparent socket per source
+        relays = [peers.Relay.variant("relay-raw-1w", workers=1, reply="raw"),
+                  peers.Relay.variant("relay-transparent-1w", workers=1, reply="transparent")]
     ss = peers.SsTunnel if mode == "forward" else peers.SsRedir
-    return [Direct, peers.CLimit, relay, peers.V2rayDokodemo, ss]
+    return [Direct, peers.CLimit] + relays + [peers.V2rayDokodemo, ss]
 
 
 # ---------------------------------------------------------------------------------------

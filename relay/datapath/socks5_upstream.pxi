@@ -4,6 +4,7 @@ cdef enum:
     A_CONNECTING = 1
     A_HANDSHAKE = 2
     A_UP = 3
+    A_WAITING = 4             # no sockets yet: waits for one of the handshakes at once
     SOCKS_QUEUE = 65536 + 1024
 
 
@@ -11,6 +12,13 @@ cdef class Socks5Upstream(UpstreamCore):
     """SOCKS5 UDP ASSOCIATE client core: one association (TCP control connection + UDP
     socket) per client flow, so replies map back to their flow; datagrams wait in a small
     per-flow queue while the association is being set up.
+
+    At most ``handshakes`` associations are set up at once (SOCKS5_HANDSHAKES: a server
+    limits the handshakes of one address, relay socks5 to 16): a burst of new flows waits in
+    arrival order, without sockets, and each starts when one before it is up or has failed.
+    The queues of all flows not yet up hold at most ``queued_max`` bytes together
+    (SOCKS5_QUEUED; each at most queue_limit, allocated as datagrams come): the rest is
+    dropped and counted (queue_drops).
 
     At most max_flows associations (relay/datapath/table.pxd, like the engine's): a new
     client at the cap evicts the least recently used one (assoc_evicted: its TCP and UDP
@@ -20,7 +28,9 @@ cdef class Socks5Upstream(UpstreamCore):
 
     def __init__(self, server, user=None, password=None, mark=None, stats=None,
                  double timeout=60.0, int max_flows=1024, size_t queue_limit=SOCKS_QUEUE,
-                 int batch=32, log=None, port_timeouts=(), client_groups=(), outbound=None):
+                 int batch=32, log=None, port_timeouts=(), client_groups=(), outbound=None,
+                 handshakes=None, queued_max=None):
+        from relay.datapath.pure.common import SOCKS5_HANDSHAKES, SOCKS5_QUEUED
         if not 1 <= max_flows <= 65536:
             raise ValueError(f"max_flows must be 1-65536, got {max_flows}")
         if not 1 <= batch <= MAX_BATCH:
@@ -35,9 +45,15 @@ cdef class Socks5Upstream(UpstreamCore):
         self.max_flows = max_flows
         self.batch = batch
         self.hs = {}
+        self.handshakes = SOCKS5_HANDSHAKES if handshakes is None else handshakes
+        self.queued_max = SOCKS5_QUEUED if queued_max is None else queued_max
+        if self.handshakes < 1:
+            raise ValueError("handshakes must be at least 1")
+        self.loglim = LogLimiter(self.log)
         self.flows = <aflow_t *>calloc(max_flows, sizeof(aflow_t))
+        self.waiting = <uint64_t *>calloc(max_flows, sizeof(uint64_t))
         self.scratch = <uint8_t *>malloc(<size_t>batch * (DGRAM_SLOT + UDP_HDR_ROOM))
-        if self.flows == NULL or self.scratch == NULL:
+        if self.flows == NULL or self.scratch == NULL or self.waiting == NULL:
             raise MemoryError()
         table_new(&self.tab, max_flows)
         self.pclass = table_timeouts(&self.tab, timeout, port_timeouts)
@@ -54,6 +70,7 @@ cdef class Socks5Upstream(UpstreamCore):
                         close(self.flows[i].udp_fd)
                     free(self.flows[i].queue)
             free(self.flows)
+        free(self.waiting)
         free(self.scratch)
         table_free(&self.tab)
         sq_free(&self.sb)
@@ -70,12 +87,80 @@ cdef class Socks5Upstream(UpstreamCore):
     cdef int flow_open(self, const sockaddr_any *client, const akey_t *k,
                        const sockaddr_any *dst) except -2:
         """A new association for client (the least recently used one evicted at the cap):
-        its slot, or -1 when it is refused (counted)."""
+        its slot, or -1 when it is refused (counted). It connects at once while fewer than
+        ``handshakes`` others are being set up, else it waits its turn (start_waiting)."""
         cdef int32_t i
         cdef aflow_t *a
-        cdef uint8_t *queue
         if self.tab.count >= self.tab.cap:
             self.flow_close(self.tab.tail, C_ASSOC_EVICTED)
+        at_once = self.nstarting < self.handshakes and self.w_len == 0
+        socks = self._connect() if at_once else None
+        if at_once and socks is None:
+            self.st[C_ASSOC_REFUSED] += 1
+            return -1
+        i = table_insert(&self.tab, k, self.now)
+        set_flow_class(&self.tab, i, self.pclass, ntohs(dst.v4.sin_port))   # sin6_port: same place
+        self.tab.e[i].group = group_of(&self.groups, k)
+        a = &self.flows[i]
+        memset(a, 0, sizeof(aflow_t))
+        memcpy(&a.client, client, sizeof(sockaddr_any))
+        a.tcp_fd = a.udp_fd = -1
+        a.state = A_WAITING
+        self.gen += 1
+        a.gen = self.gen
+        self.st[C_ASSOC_CREATED] += 1
+        self.st[C_ASSOC_OPEN] += 1
+        if at_once:
+            self._attach(i, socks)
+            return i if self.tab.e[i].used else -1
+        if self.w_len == self.max_flows:
+            self._compact_waiting()
+        self.waiting[(self.w_head + self.w_len) % self.max_flows] = (<uint64_t>i << 32) | a.gen
+        self.w_len += 1
+        return i
+
+    cdef void _compact_waiting(self) noexcept:
+        """Drop the ring's entries of flows that ended while waiting (a full ring holds
+        some: at most max_flows flows wait at once)."""
+        cdef int j, n = 0
+        cdef uint64_t v
+        cdef uint32_t i
+        for j in range(self.w_len):
+            v = self.waiting[(self.w_head + j) % self.max_flows]
+            i = <uint32_t>(v >> 32)
+            if self.tab.e[i].used and self.flows[i].state == A_WAITING and \
+                    self.flows[i].gen == <uint32_t>(v & 0xffffffffu):
+                self.waiting[n] = v
+                n += 1
+        self.w_head = 0
+        self.w_len = n
+
+    cdef int start_waiting(self) except -1:
+        """Start waiting flows, oldest first, while fewer than ``handshakes`` are set up."""
+        cdef uint64_t v
+        cdef uint32_t i
+        while self.w_len and self.nstarting < self.handshakes:
+            v = self.waiting[self.w_head]
+            self.w_head = (self.w_head + 1) % self.max_flows
+            self.w_len -= 1
+            i = <uint32_t>(v >> 32)
+            if self.tab.e[i].used and self.flows[i].state == A_WAITING and \
+                    self.flows[i].gen == <uint32_t>(v & 0xffffffffu):
+                self.flow_start(i)
+        return 0
+
+    cdef int flow_start(self, int i) except -1:
+        """Waiting flow i's sockets and its connect (refused: the flow ends, counted)."""
+        socks = self._connect()
+        if socks is None:
+            self.flow_close(i, C_ASSOC_REFUSED)
+        else:
+            self._attach(i, socks)
+        return 0
+
+    cdef object _connect(self):
+        """(UDP socket, TCP socket connecting to the server) of a new association, or None
+        (out of descriptors, or the connect refused at once: logged)."""
         u = t = None
         try:
             u = flow_socket(self.family, socket.SOCK_DGRAM, self.fd_ceiling)
@@ -84,8 +169,7 @@ cdef class Socks5Upstream(UpstreamCore):
             if t is None:                     # out of descriptors
                 if u is not None:
                     u.close()
-                self.st[C_ASSOC_REFUSED] += 1
-                return -1
+                return None
             u.setblocking(False)
             v6 = self.family == socket.AF_INET6
             if self.mark:
@@ -99,41 +183,31 @@ cdef class Socks5Upstream(UpstreamCore):
             if err not in (0, _errno.EINPROGRESS):
                 raise OSError(err, os.strerror(err))
         except OSError as e:
-            self.log.warning("SOCKS5 association via %s:%s failed: %s", self.server[0],
-                             self.server[1], e)
+            self.loglim(logging.WARNING, "SOCKS5 association via %s:%s failed: %s",
+                        self.server[0], self.server[1], e)
             for sock in (u, t):
                 if sock is not None:
                     sock.close()
-            self.st[C_ASSOC_REFUSED] += 1
-            return -1
-        queue = <uint8_t *>malloc(self.queue_limit)
-        if queue == NULL:
-            u.close()
-            t.close()
-            self.st[C_ASSOC_REFUSED] += 1
-            return -1
-        i = table_insert(&self.tab, k, self.now)
-        set_flow_class(&self.tab, i, self.pclass, ntohs(dst.v4.sin_port))   # sin6_port: same place
-        self.tab.e[i].group = group_of(&self.groups, k)
-        a = &self.flows[i]
-        memset(a, 0, sizeof(aflow_t))
-        memcpy(&a.client, client, sizeof(sockaddr_any))
-        a.queue = queue
+            return None
+        return u, t
+
+    cdef int _attach(self, int i, socks) except -1:
+        """Flow i connecting with socks (from _connect)."""
+        cdef aflow_t *a = &self.flows[i]
+        u, t = socks
         a.deadline = self.now + CONNECT_TIMEOUT
         a.state = A_CONNECTING
+        self.nstarting += 1
         a.udp_fd = u.detach()
         a.tcp_fd = t.detach()
-        self.st[C_ASSOC_CREATED] += 1
-        self.st[C_ASSOC_OPEN] += 1
         try:
             epoll_set(self.epfd, EPOLL_CTL_ADD, a.tcp_fd, EPOLLIN | EPOLLOUT, KIND_TCP, i)
             epoll_set(self.epfd, EPOLL_CTL_ADD, a.udp_fd, EPOLLIN, KIND_UDP, i)
         except OSError as e:
-            self.log.warning("SOCKS5 association via %s:%s failed: %s", self.server[0],
-                             self.server[1], e)
+            self.loglim(logging.WARNING, "SOCKS5 association via %s:%s failed: %s",
+                        self.server[0], self.server[1], e)
             self.flow_close(i, C_ASSOC_REFUSED)
-            return -1
-        return i
+        return 0
 
     cdef int flow_close(self, int i, int counter) except -1:
         cdef aflow_t *a = &self.flows[i]
@@ -148,8 +222,13 @@ cdef class Socks5Upstream(UpstreamCore):
         if a.state == A_UP:
             self.st[C_CONN_OPEN] -= 1
             self.nup -= 1
+        elif a.state == A_CONNECTING or a.state == A_HANDSHAKE:
+            self.nstarting -= 1
+        self.queued -= a.qcap
         free(a.queue)
         a.queue = NULL
+        a.qcap = a.qlen = 0
+        a.state = 0
         a.tcp_fd = a.udp_fd = -1
         table_remove(&self.tab, i)
         self.hs.pop(i, None)
@@ -194,6 +273,9 @@ cdef class Socks5Upstream(UpstreamCore):
             if self.queue_limit - a.qlen < need:
                 self.st[C_QUEUE_DROPS] += 1
                 return 0
+            if a.qcap - a.qlen < need and self._queue_grow(a, a.qlen + need) < 0:
+                self.st[C_QUEUE_DROPS] += 1
+                return 0
             slot = a.queue + a.qlen
             hl = write_udp_req_hdr(slot + 4, dst)
             memcpy(slot + 4 + hl, data, n)
@@ -210,6 +292,24 @@ cdef class Socks5Upstream(UpstreamCore):
         sq_add(&self.sb, &a.relay, sa_len(&a.relay), slot, hl + n)
         self.st[C_UP_DATAGRAMS] += 1
         self.st[C_UP_BYTES] += n
+        return 0
+
+    cdef int _queue_grow(self, aflow_t *a, size_t want) noexcept:
+        """Room for want bytes in a's queue (doubling, at most queue_limit), within what all
+        queues may hold together; -1 when there is none."""
+        cdef size_t cap = a.qcap * 2 if a.qcap else 2048
+        cdef uint8_t *q
+        while cap < want:
+            cap *= 2
+        if cap > self.queue_limit:
+            cap = self.queue_limit
+        if self.queued - a.qcap + cap > self.queued_max:
+            return -1
+        q = <uint8_t *>realloc(a.queue, cap)
+        if q == NULL:
+            return -1
+        self.queued += cap - a.qcap
+        a.queue, a.qcap = q, cap
         return 0
 
     cdef int c_flush(self) except -1:
@@ -232,7 +332,8 @@ cdef class Socks5Upstream(UpstreamCore):
                 self.st[C_UP_DATAGRAMS] += 1
                 self.st[C_UP_BYTES] += ln - (10 if a.queue[pos + 4 + 3] == 1 else 22)
             pos += 4 + ln
-        a.qlen = 0
+        self.queued -= a.qcap
+        a.qlen = a.qcap = 0
         free(a.queue)
         a.queue = NULL
         return 0
@@ -245,8 +346,8 @@ cdef class Socks5Upstream(UpstreamCore):
         if a.state == A_CONNECTING:
             getsockopt(a.tcp_fd, SOL_SOCKET, SO_ERROR, &err, &elen)
             if err or events & (EPOLLERR | EPOLLHUP):
-                self.log.warning("SOCKS5 server %s:%s: %s", self.server[0], self.server[1],
-                                 os.strerror(err) if err else "connection failed")
+                self.loglim(logging.WARNING, "SOCKS5 server %s:%s: %s", self.server[0],
+                            self.server[1], os.strerror(err) if err else "connection failed")
                 self.flow_close(i, C_ASSOC_REFUSED)
                 return 0
             hs = _proto.ClientHandshake(cmd=_proto.CMD_UDP_ASSOCIATE,
@@ -280,17 +381,19 @@ cdef class Socks5Upstream(UpstreamCore):
         except BlockingIOError:
             return 0
         except (OSError, ValueError) as e:
-            self.log.warning("SOCKS5 UDP ASSOCIATE via %s:%s failed: %s", self.server[0],
-                             self.server[1], e)
+            self.loglim(logging.WARNING, "SOCKS5 UDP ASSOCIATE via %s:%s failed: %s",
+                        self.server[0], self.server[1], e)
             self.st[C_CONN_REJECTED] += 1
             self.flow_close(i, C_ASSOC_REFUSED)
             return 0
         del self.hs[i]
         memcpy(&a.relay, &relay, sizeof(sockaddr_any))
         a.state = A_UP
+        self.nstarting -= 1
         self.nup += 1
         self.st[C_CONN_OPEN] += 1
         self.flow_send_queue(i)
+        self.start_waiting()
         return 0
 
     cdef int flow_recv(self, int i) except -1:
@@ -375,9 +478,10 @@ cdef class Socks5Upstream(UpstreamCore):
             i = self.tab.head
             while i >= 0:
                 nxt = self.tab.e[i].next
-                if self.flows[i].state != A_UP and now > self.flows[i].deadline:
-                    self.log.warning("SOCKS5 association via %s:%s timed out", self.server[0],
-                                     self.server[1])
+                if (self.flows[i].state != A_UP and self.flows[i].state != A_WAITING
+                        and now > self.flows[i].deadline):
+                    self.loglim(logging.WARNING, "SOCKS5 association via %s:%s timed out",
+                                self.server[0], self.server[1])
                     self.flow_close(i, C_ASSOC_REFUSED)
                 i = nxt
         # idle expiry from the least recently used end: O(associations expired)
@@ -385,4 +489,6 @@ cdef class Socks5Upstream(UpstreamCore):
         while i >= 0:
             self.flow_close(i, C_ASSOC_EXPIRED)
             i = table_expired(&self.tab, now)
+        # the turns of handshakes that failed or timed out
+        self.start_waiting()
         return 0

@@ -146,15 +146,26 @@ cdef struct aflow_t:             # one SOCKS5 UDP association of Socks5Upstream 
     double deadline
     uint8_t *queue               # datagrams waiting for the association: [len(4) dst hdr data]
     size_t qlen
+    size_t qcap                  # bytes allocated for queue (grown as datagrams come)
     int tcp_fd
     int udp_fd
     int state
+    uint32_t gen                 # which flow of this slot a waiting-ring entry is for
 
 
 cdef class Socks5Upstream(UpstreamCore):
     cdef aflow_t *flows          # by table entry: flows[i] belongs to tab.e[i]
     cdef int max_flows
     cdef int nup                 # associations whose handshake is done
+    cdef int nstarting           # ... connecting or in their handshake (at most handshakes)
+    cdef int handshakes          # handshakes at once towards the server
+    cdef size_t queued           # queue bytes of every flow not up yet (at most queued_max)
+    cdef size_t queued_max
+    cdef uint32_t gen
+    cdef uint64_t *waiting       # ring of flows waiting for a handshake: slot << 32 | gen
+    cdef int w_head
+    cdef int w_len
+    cdef object loglim
     cdef int fd_ceiling          # flow sockets at or above are refused (relay/datapath/limits.pxd)
     cdef size_t queue_limit
     cdef double next_expiry
@@ -171,6 +182,12 @@ cdef class Socks5Upstream(UpstreamCore):
     cdef sendq_t sb
     cdef int flow_open(self, const sockaddr_any *client, const akey_t *k,
                        const sockaddr_any *dst) except -2
+    cdef int flow_start(self, int i) except -1
+    cdef object _connect(self)
+    cdef int _attach(self, int i, socks) except -1
+    cdef int start_waiting(self) except -1
+    cdef void _compact_waiting(self) noexcept
+    cdef int _queue_grow(self, aflow_t *a, size_t want) noexcept
     cdef int flow_handshake(self, int i, uint32_t events) except -1
     cdef int flow_close(self, int i, int counter) except -1
     cdef int flow_send_queue(self, int i) except -1

@@ -13,7 +13,7 @@ import socket
 import logging
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int16_t
-from libc.stdlib cimport malloc, calloc, free
+from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memmove
 from relay.includes.system cimport (
     errno, EAGAIN, EINTR, EMSGSIZE, ENETUNREACH, EHOSTUNREACH, EADDRNOTAVAIL, EPERM, EACCES,

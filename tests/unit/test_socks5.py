@@ -121,3 +121,79 @@ def test_socks5_refuses_open_proxy():
     from relay.services import socks5_server as mod
     with pytest.raises(ValueError, match="user"):
         mod.check_exposure(cfg("socks5", listen=("192.0.2.1", 1080)))
+
+
+def _connections_to(port):
+    import psutil
+    return [c for c in psutil.Process().net_connections(kind="tcp")
+            if c.raddr and c.raddr[1] == port]
+
+
+def _core(server, **kw):
+    """A Socks5Upstream of this test's implementation, its counters (name -> value)."""
+    from relay.stats import COUNTERS, INDEX
+    mem = memoryview(bytearray(8 * len(INDEX))).cast("Q")
+    up = _select.module("tunnel").Socks5Upstream(server.address, stats=mem, **kw)
+    return up, lambda: dict(zip(COUNTERS, mem))
+
+
+def _pump(up, done, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        up.process()
+        up.tick()
+        time.sleep(0.002)
+
+
+def test_socks5_upstream_sets_up_a_burst_of_flows_a_few_at_a_time(started, echo, impl):
+    """30 new flows at once: two handshakes at a time towards the server (relay socks5
+    refuses more than 16 of one address), the others wait without sockets; every flow gets
+    its association and its datagram through, nothing refused."""
+    server = socks5(started, allow=["127.0.0.0/8"])
+    up, counters = _core(server, handshakes=2)
+    got = []
+    up.collect_replies(got)
+    clients = [("192.0.2.%d" % i, 2000 + i) for i in range(1, 31)]
+    try:
+        for c in clients:
+            up.send(c, echo.addr, b"burst %s" % c[0].encode())
+        assert len(_connections_to(server.address[1])) == 2    # the rest wait their turn
+        assert up.flows_open == 30
+        _pump(up, lambda: len(got) == len(clients))
+        assert sorted(got) == sorted((c, echo.addr, b"burst %s" % c[0].encode())
+                                     for c in clients)
+        st = counters()
+        assert st["assoc_created"] == 30 and st["assoc_refused"] == 0
+        assert st["queue_drops"] == 0 and st["conn_open"] == 30
+        assert server.svc.relay.associations == 30
+    finally:
+        up.close()
+
+
+def test_socks5_upstream_bounds_what_waiting_flows_queue(started, echo, impl):
+    """The queues of flows not yet up hold at most queued_max bytes together: a burst of
+    new flows' datagrams beyond it is dropped and counted, the rest delivered."""
+    server = socks5(started, allow=["127.0.0.0/8"])
+    up, counters = _core(server, handshakes=1, queued_max=6000)
+    got = []
+    up.collect_replies(got)
+    clients = [("192.0.2.%d" % i, 3000 + i) for i in range(1, 21)]
+    try:
+        for c in clients:
+            up.send(c, echo.addr, bytes(1000))
+        st = counters()
+        dropped = st["queue_drops"]
+        assert 0 < dropped < len(clients)
+        _pump(up, lambda: counters()["conn_open"] == len(clients)      # every flow up in turn
+              and len(got) == len(clients) - dropped)
+        assert len(got) == len(clients) - dropped and all(g[2] == bytes(1000) for g in got)
+        assert counters()["assoc_refused"] == 0
+        # once up, a flow's datagrams go straight on: no queue, nothing dropped
+        for c in clients:
+            up.send(c, echo.addr, b"later")
+        up.flush()
+        _pump(up, lambda: len(got) == 2 * len(clients) - dropped)
+        assert sum(g[2] == b"later" for g in got) == len(clients)
+        assert counters()["queue_drops"] == dropped
+    finally:
+        up.close()

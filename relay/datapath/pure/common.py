@@ -22,6 +22,11 @@ RX_CAP = 135168
 SO_MARK = _sockopt.SO_MARK
 EPOLLIN, EPOLLOUT = _select.EPOLLIN, _select.EPOLLOUT
 BACKOFF_MIN, BACKOFF_MAX, CONNECT_TIMEOUT = 0.05, 2.0, 5.0
+# SOCKS5 upstream (both twins): handshakes at once towards one server (a server limits the
+# handshakes of one address: relay socks5 to 16), the other new flows wait their turn; and
+# the bytes all not-yet-associated flows may queue together (each at most 64 KiB).
+SOCKS5_HANDSHAKES = 8
+SOCKS5_QUEUED = 4 << 20
 
 
 def fd_ceiling():

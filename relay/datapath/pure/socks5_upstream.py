@@ -1,6 +1,7 @@
 """The SOCKS5 upstream core in pure Python (twin of relay.datapath.tunnel.Socks5Upstream)."""
 import collections
 import errno as _errno
+import logging
 import os
 import select as _select
 import socket
@@ -13,9 +14,10 @@ from relay.proto import (
 from relay.net.sockopt import flow_socket
 from relay.datapath.timeouts import ExpiryLists
 from relay.datapath.pure.common import (
-    CONNECT_TIMEOUT, EPOLLIN, EPOLLOUT, SO_MARK, canonical, fd_ceiling,
-    send_error_counter,
+    CONNECT_TIMEOUT, EPOLLIN, EPOLLOUT, SO_MARK, SOCKS5_HANDSHAKES, SOCKS5_QUEUED, canonical,
+    fd_ceiling, send_error_counter,
 )
+from relay.loglimit import LogLimiter
 from relay.datapath.pure.tunnel_upstream import UpstreamBase, resolve_server
 from relay.net import sockopt as _sockopt
 
@@ -31,12 +33,22 @@ class Socks5Upstream(UpstreamBase):
     At most ``max_flows`` associations in least recently used order: a new client at the
     cap evicts the oldest (assoc_evicted: its sockets closed, its queue dropped), idle ones
     expire from that end, and one whose socket lies within FD_RESERVE of the descriptor
-    limit is refused (assoc_refused)."""
+    limit is refused (assoc_refused). At most ``handshakes`` associations are set up at
+    once; later new flows wait in arrival order, without sockets; the queues of the flows
+    not up yet hold at most ``queued_max`` bytes together (the rest: queue_drops)."""
 
     def __init__(self, server, user=None, password=None, mark=None, stats=None, timeout=60.0,
                  max_flows=1024, queue_limit=65536 + 1024, batch=32, log=None, port_timeouts=(),
-                 client_groups=(), outbound=None):
+                 client_groups=(), outbound=None, handshakes=None, queued_max=None):
         super().__init__(stats, log, client_groups)
+        self.handshakes = SOCKS5_HANDSHAKES if handshakes is None else handshakes
+        self.queued_max = SOCKS5_QUEUED if queued_max is None else queued_max
+        if self.handshakes < 1:
+            raise ValueError("handshakes must be at least 1")
+        self.loglim = LogLimiter(self.log)
+        self.nstarting = 0          # associations connecting or in their handshake
+        self.queued = 0             # queue bytes of the flows not up yet
+        self.waiting = collections.deque()      # flows waiting for their handshake
         self.server = tuple(server)
         self.family, self.addr = resolve_server(self.server)
         self.user, self.password, self.mark, self.timeout = user, password, mark, timeout
@@ -59,9 +71,48 @@ class Socks5Upstream(UpstreamBase):
 
     def _open(self, key, client):
         """A new association for client (the least recently used one evicted at the cap),
-        or None when it is refused (counted)."""
+        or None when it is refused (counted): connecting at once while fewer than
+        ``handshakes`` are being set up, else waiting its turn."""
         if len(self.assocs) >= self.max_flows:
             self._close(next(iter(self.assocs.values())), "assoc_evicted")
+        at_once = self.nstarting < self.handshakes and not self.waiting
+        socks = self._connect() if at_once else None
+        if at_once and socks is None:
+            self._count("assoc_refused")
+            return None
+        a = _Assoc()
+        a.key, a.client, a.state, a.relay, a.queue, a.qbytes = key, client, "waiting", None, [], 0
+        a.last, a.deadline, a.hs, a.tcp, a.udp = self.now, 0.0, None, None, None
+        a.stat = self.groups.new(self.now, key)
+        self.assocs[key] = a
+        self._count("assoc_created")
+        self._count("assoc_open")
+        if at_once:
+            self._attach(a, socks)
+            return a if self.assocs.get(key) is a else None
+        if len(self.waiting) >= self.max_flows:     # drop the entries of flows that ended
+            self.waiting = collections.deque(w for w in self.waiting
+                                             if self.assocs.get(w.key) is w
+                                             and w.state == "waiting")
+        self.waiting.append(a)
+        return a
+
+    def _start_waiting(self):
+        while self.waiting and self.nstarting < self.handshakes:
+            a = self.waiting.popleft()
+            if self.assocs.get(a.key) is a and a.state == "waiting":
+                self._start(a)
+
+    def _start(self, a):
+        """Waiting association a's sockets and its connect (refused: it ends, counted)."""
+        socks = self._connect()
+        if socks is None:
+            return self._close(a, "assoc_refused")
+        self._attach(a, socks)
+
+    def _connect(self):
+        """(UDP socket, TCP socket connecting to the server) of a new association, or None
+        (out of descriptors, or the connect refused at once: logged)."""
         udp = tcp = None
         try:
             udp = flow_socket(self.family, socket.SOCK_DGRAM, self.fd_ceiling)
@@ -70,7 +121,6 @@ class Socks5Upstream(UpstreamBase):
             if tcp is None:                   # out of descriptors
                 if udp is not None:
                     udp.close()
-                self._count("assoc_refused")
                 return None
             udp.setblocking(False)
             v6 = self.family == socket.AF_INET6
@@ -85,29 +135,27 @@ class Socks5Upstream(UpstreamBase):
             if err not in (0, _errno.EINPROGRESS):
                 raise OSError(err, os.strerror(err))
         except OSError as e:
-            self.log.warning("SOCKS5 association via %s:%s failed: %s", *self.server[:2], e)
+            self.loglim(logging.WARNING, "SOCKS5 association via %s:%s failed: %s",
+                        *self.server[:2], e)
             for sock in (udp, tcp):
                 if sock is not None:
                     sock.close()
-            self._count("assoc_refused")
             return None
-        a = _Assoc()
-        a.key, a.client, a.state, a.relay, a.queue, a.qbytes = key, client, "connecting", None, [], 0
-        a.last, a.deadline, a.hs, a.tcp, a.udp = self.now, self.now + CONNECT_TIMEOUT, None, tcp, udp
-        a.stat = self.groups.new(self.now, key)
-        self.assocs[key] = a
-        self._count("assoc_created")
-        self._count("assoc_open")
+        return udp, tcp
+
+    def _attach(self, a, socks):
+        udp, tcp = socks
+        a.state, a.deadline, a.tcp, a.udp = "connecting", self.now + CONNECT_TIMEOUT, tcp, udp
+        self.nstarting += 1
         self.byfd[tcp.fileno()] = a
         self.byfd[udp.fileno()] = a
         try:
             self.ep.register(tcp.fileno(), EPOLLIN | EPOLLOUT)
             self.ep.register(udp.fileno(), EPOLLIN)
         except OSError as e:
-            self.log.warning("SOCKS5 association via %s:%s failed: %s", *self.server[:2], e)
+            self.loglim(logging.WARNING, "SOCKS5 association via %s:%s failed: %s",
+                        *self.server[:2], e)
             self._close(a, "assoc_refused")
-            return None
-        return a
 
     def _close(self, a, counter):
         if self.assocs.get(a.key) is not a:
@@ -127,6 +175,10 @@ class Socks5Upstream(UpstreamBase):
         if a.state == "up":
             self.nup -= 1
             self._count("conn_open", -1)
+        elif a.state in ("connecting", "handshake"):
+            self.nstarting -= 1
+        self.queued -= a.qbytes
+        a.queue, a.qbytes, a.state = [], 0, "closed"
         self._count("assoc_open", -1)
         if counter:
             self._count(counter)
@@ -155,11 +207,13 @@ class Socks5Upstream(UpstreamBase):
         self.groups.count_out(a.stat, canonical(dst), len(data))
         dgram = udp_header(dst[0], dst[1]) + data
         if a.state != "up":
-            if self.queue_limit - a.qbytes < len(dgram) + 4:
+            need = len(dgram) + 4
+            if self.queue_limit - a.qbytes < need or self.queued + need > self.queued_max:
                 self._count("queue_drops")
                 return
             a.queue.append((dgram, len(data)))
-            a.qbytes += len(dgram) + 4
+            a.qbytes += need
+            self.queued += need
             return
         self.pending.append((a.udp, dgram, a.relay))
         self._count("up_datagrams")
@@ -197,8 +251,8 @@ class Socks5Upstream(UpstreamBase):
         if a.state == "connecting":
             err = a.tcp.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err or ev & (_select.EPOLLERR | _select.EPOLLHUP):
-                self.log.warning("SOCKS5 server %s:%s: %s", *self.server[:2],
-                                 os.strerror(err) if err else "connection failed")
+                self.loglim(logging.WARNING, "SOCKS5 server %s:%s: %s", *self.server[:2],
+                            os.strerror(err) if err else "connection failed")
                 return self._close(a, "assoc_refused")
             a.hs = ClientHandshake(cmd=CMD_UDP_ASSOCIATE,
                                    host="::" if self.family == socket.AF_INET6 else "0.0.0.0",
@@ -228,10 +282,12 @@ class Socks5Upstream(UpstreamBase):
         except (BlockingIOError, InterruptedError):
             return
         except (OSError, ValueError) as e:
-            self.log.warning("SOCKS5 UDP ASSOCIATE via %s:%s failed: %s", *self.server[:2], e)
+            self.loglim(logging.WARNING, "SOCKS5 UDP ASSOCIATE via %s:%s failed: %s",
+                        *self.server[:2], e)
             self._count("conn_rejected")
             return self._close(a, "assoc_refused")
         a.relay, a.state, a.hs = relay[:2], "up", None
+        self.nstarting -= 1
         self.nup += 1
         self._count("conn_open")
         for dgram, n in a.queue:
@@ -241,7 +297,9 @@ class Socks5Upstream(UpstreamBase):
                 self._count("up_bytes", n)
             except OSError:
                 self._count("drop_send_error")
+        self.queued -= a.qbytes
         a.queue, a.qbytes = [], 0
+        self._start_waiting()
 
     def _recv(self, a):
         for _ in range(self.batch):
@@ -273,12 +331,16 @@ class Socks5Upstream(UpstreamBase):
         # associations still in their handshake time out (looked at while there are some)
         if len(self.assocs) > self.nup and now >= self.next_expiry:
             self.next_expiry = now + 0.5
-            for a in [a for a in self.assocs.values() if a.state != "up" and now > a.deadline]:
-                self.log.warning("SOCKS5 association via %s:%s timed out", *self.server[:2])
+            for a in [a for a in self.assocs.values()
+                      if a.state in ("connecting", "handshake") and now > a.deadline]:
+                self.loglim(logging.WARNING, "SOCKS5 association via %s:%s timed out",
+                            *self.server[:2])
                 self._close(a, "assoc_refused")
         # idle expiry from the least recently used end of each timeout class: O(expired)
         for key in self.expiry.expired(now):
             self._close(self.assocs[key], "assoc_expired")
+        # the turns of handshakes that failed or timed out
+        self._start_waiting()
 
     def close(self):
         for a in list(self.assocs.values()):
