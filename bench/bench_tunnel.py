@@ -21,7 +21,8 @@ and sink on CPU 0, the stage under test alone on CPU 1:
     client:      blast -> UDP -> tunnel-client -> TCP -> sink --tunnel (counts the frames)
     server:      blast --tunnel (writes frames) -> TCP -> tunnel-server -> UDP -> sink
     forward:     blast -> relay forward -> sink                  (as shipped)
-    forward-gro: blast -> relay forward --offload on -> sink (forward: --offload off)
+    forward-gro: blast -> relay forward --offload on -> sink (forward: the default, auto,
+                 which is the same path on a kernel with UDP GRO and GSO)
     tunnel:      blast -> tunnel-client -> tunnel-server -> sink  (both ends on CPU 1)
 
 The load is bench/c/blast.c --gso (runs of 64 datagrams per send, as the main harness
@@ -144,7 +145,7 @@ def start_chain(impl, sink_port, cpus=None, control=None):
                                      "--to", f"127.0.0.1:{sink_port}",
                                      "--workers", "1", "--control", "", "--mark", "0",
                                      "--log-level", "error"]
-                                    + ["--offload", "on" if impl == "forward-gro" else "off"], cpus),
+                                    + (["--offload", "on"] if impl == "forward-gro" else []), cpus),
                              start_new_session=True, env=env, **quiet)
         return [a], udp_port
     else:

@@ -78,14 +78,20 @@ def _extra_rows(extra):
     rows = [r for r in extra.get("rows", []) if isinstance(r, dict)]
     if not rows:
         return None
-    key = next((k for k in RATE_KEYS if all(isinstance(r.get(k), (int, float))
-                                            or isinstance(r.get(k), dict) for r in rows)), None)
+    if all(isinstance(r.get("p99_us"), (int, float)) for r in rows):
+        key = "p99_us"                  # the latency section: round-trip p99, not its rate
+    else:
+        key = next((k for k in RATE_KEYS if all(isinstance(r.get(k), (int, float))
+                                                or isinstance(r.get(k), dict) for r in rows)),
+                   None)
     if key is None:
         return None
     labels, values = [], []
     for r in rows:
         name = next((str(r[k]) for k in NAME_KEYS if k in r), "?")
         detail = [str(r["family"])] if "family" in r else []
+        if key == "p99_us":
+            detail = [str(r.get("mode", "")), f"{r.get('rate', '?')}/s"]
         if "size" in r:
             detail.append(f"{r['size']}B")
         if "flows" in r:
