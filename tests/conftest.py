@@ -31,6 +31,10 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    # The tests take the descriptors relay itself takes at start (the hard limit): a login
+    # shell or sudo often leaves the soft limit at 1024, below what the flood tests open.
+    from relay.privileges import raise_nofile_limit
+    raise_nofile_limit()
     config.addinivalue_line(
         "markers", "serial: needs the machine to itself (a flood, a benchmark, a deadline or "
                    "a reply window under a second): scripts/test runs it alone, after the "

@@ -121,7 +121,8 @@ cdef class Socks5Upstream(UpstreamCore):
 
     cdef void _compact_waiting(self) noexcept:
         """Drop the ring's entries of flows that ended while waiting (a full ring holds
-        some: at most max_flows flows wait at once)."""
+        some: at most max_flows flows wait at once). In ring order from the head, the n-th
+        kept entry goes to the n-th place, never past the one being read."""
         cdef int j, n = 0
         cdef uint64_t v
         cdef uint32_t i
@@ -130,9 +131,8 @@ cdef class Socks5Upstream(UpstreamCore):
             i = <uint32_t>(v >> 32)
             if self.tab.e[i].used and self.flows[i].state == A_WAITING and \
                     self.flows[i].gen == <uint32_t>(v & 0xffffffffu):
-                self.waiting[n] = v
+                self.waiting[(self.w_head + n) % self.max_flows] = v
                 n += 1
-        self.w_head = 0
         self.w_len = n
 
     cdef int start_waiting(self) except -1:

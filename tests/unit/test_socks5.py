@@ -197,3 +197,32 @@ def test_socks5_upstream_bounds_what_waiting_flows_queue(started, echo, impl):
         assert counters()["queue_drops"] == dropped
     finally:
         up.close()
+
+
+def test_socks5_upstream_waiting_flows_survive_evictions_around_the_ring(started, echo, impl):
+    """A cap of 4 flows and one handshake at a time: after three flows came up one after
+    the other (the waiting ring's head has moved on), a burst of six new clients evicts the
+    oldest each time, waiting ones too, so the ring fills with ended entries and is
+    compacted across its end; the four flows left all start in turn and get through."""
+    server = socks5(started, allow=["127.0.0.0/8"])
+    up, counters = _core(server, handshakes=1, max_flows=4)
+    got = []
+    up.collect_replies(got)
+    first = [("192.0.2.%d" % i, 4000 + i) for i in range(1, 4)]
+    burst = [("192.0.2.%d" % i, 4000 + i) for i in range(4, 10)]
+    try:
+        for c in first:
+            up.send(c, echo.addr, b"first")
+        _pump(up, lambda: len(got) == 3)
+        assert sorted(g[0] for g in got) == sorted(first)
+        for c in burst:
+            up.send(c, echo.addr, b"burst %s" % c[0].encode())
+        assert up.flows_open == 4
+        _pump(up, lambda: len(got) == 3 + 4)
+        assert sorted(got[3:]) == sorted((c, echo.addr, b"burst %s" % c[0].encode())
+                                         for c in burst[2:])
+        st = counters()
+        assert st["assoc_evicted"] == 5 and st["assoc_refused"] == 0
+        assert st["conn_open"] == 4
+    finally:
+        up.close()
