@@ -262,8 +262,9 @@ def test_gro_through_an_upstream_core_keeps_datagrams_apart(topo, upstream):
 def test_runs_of_equal_datagrams_arrive_intact_and_in_order(echo, size):
     """A burst of equal-size datagrams, sent one by one from one client, leaves the relay as
     one GSO send (3000-byte segments exceed the 1500-byte MTU towards the server: the
-    kernel refuses that, and they go one by one, counted in offload_fallback). All
-    arrive, in order, counted once."""
+    kernel refuses that, and they go one by one, counted in offload_fallback when the
+    relay had read them as one run; tests/netns/test_sendq.py counts that exactly). All
+    arrive, in order, counted once; sizes the route takes are never refused."""
     from relay import BatchSocket
     with start_forward(echo, f"{SRV4}:5000") as relay:
         c = echo.cli.socket(socket.AF_INET)
@@ -282,7 +283,7 @@ def test_runs_of_equal_datagrams_arrive_intact_and_in_order(echo, size):
         relay.settled_stats(lambda st: st["up_datagrams"] == len(sent) + 1 == st["down_datagrams"]
                             and st["up_bytes"] == 4 + sum(map(len, sent))
                             and st["drop_send_error"] == 0 and st["drop_too_big"] == 0
-                            and (st["offload_fallback"] > 0) == (size > 1500))
+                            and (size > 1500 or st["offload_fallback"] == 0))
 
 
 def test_runs_of_replies_to_two_clients_stay_apart(echo):
