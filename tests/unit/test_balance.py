@@ -295,9 +295,15 @@ def test_tunnel_client_with_two_servers(running):
     echo = Echo("127.0.0.1")
     client = running(cfg("tunnel-client", listen=("127.0.0.1", 0), server=addrs[0],
                          servers=addrs, to=echo.addr))
+    # A server whose connection is not up yet is not healthy: the first flow would go to B
+    # if A's connect finished later (a loaded machine). Both up first, then A is first.
+    from tests.namespaces import wait_until
+    wait_until(lambda: client.svc.upstream.connected == 2, 10, what="both tunnel connections up")
     c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         assert roundtrip(c, client.address, b"one") == b"one"
+        wait_until(lambda: servers[0].stats()["up_datagrams"] + servers[1].stats()["up_datagrams"],
+                   5, what="the datagram counted")
         assert servers[0].stats()["up_datagrams"] == 1 and servers[1].stats()["up_datagrams"] == 0
         servers[0].stop()
         assert roundtrip(c, client.address, b"two", timeout=1.0, tries=5) == b"two"
