@@ -119,18 +119,22 @@ cdef class Socks5Upstream(UpstreamCore):
         self.w_len += 1
         return i
 
+    cdef bint _still_waiting(self, uint64_t v) noexcept:
+        """Whether ring entry v (slot << 32 | gen) is a flow that is still waiting (not one
+        that ended while waiting, nor a later flow of the same slot)."""
+        cdef uint32_t i = <uint32_t>(v >> 32)
+        return (self.tab.e[i].used and self.flows[i].state == A_WAITING
+                and self.flows[i].gen == <uint32_t>(v & 0xffffffffu))
+
     cdef void _compact_waiting(self) noexcept:
         """Drop the ring's entries of flows that ended while waiting (a full ring holds
         some: at most max_flows flows wait at once). In ring order from the head, the n-th
         kept entry goes to the n-th place, never past the one being read."""
         cdef int j, n = 0
         cdef uint64_t v
-        cdef uint32_t i
         for j in range(self.w_len):
             v = self.waiting[(self.w_head + j) % self.max_flows]
-            i = <uint32_t>(v >> 32)
-            if self.tab.e[i].used and self.flows[i].state == A_WAITING and \
-                    self.flows[i].gen == <uint32_t>(v & 0xffffffffu):
+            if self._still_waiting(v):
                 self.waiting[(self.w_head + n) % self.max_flows] = v
                 n += 1
         self.w_len = n
@@ -138,15 +142,12 @@ cdef class Socks5Upstream(UpstreamCore):
     cdef int start_waiting(self) except -1:
         """Start waiting flows, oldest first, while fewer than ``handshakes`` are set up."""
         cdef uint64_t v
-        cdef uint32_t i
         while self.w_len and self.nstarting < self.handshakes:
             v = self.waiting[self.w_head]
             self.w_head = (self.w_head + 1) % self.max_flows
             self.w_len -= 1
-            i = <uint32_t>(v >> 32)
-            if self.tab.e[i].used and self.flows[i].state == A_WAITING and \
-                    self.flows[i].gen == <uint32_t>(v & 0xffffffffu):
-                self.flow_start(i)
+            if self._still_waiting(v):
+                self.flow_start(<int>(v >> 32))
         return 0
 
     cdef int flow_start(self, int i) except -1:

@@ -186,6 +186,7 @@ cdef class Socks5Upstream(UpstreamCore):
     cdef object _connect(self)
     cdef int _attach(self, int i, socks) except -1
     cdef int start_waiting(self) except -1
+    cdef bint _still_waiting(self, uint64_t v) noexcept
     cdef void _compact_waiting(self) noexcept
     cdef int _queue_grow(self, aflow_t *a, size_t want) noexcept
     cdef int flow_handshake(self, int i, uint32_t events) except -1
